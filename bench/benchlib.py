@@ -1,0 +1,113 @@
+"""Shared helpers for blockmirror's benchmarks: start servers, run fio, report ratios.
+
+Every benchmark measures blockmirror and its baseline side by side in the same
+run, interleaving them round by round, and reports medians and ratios: these
+machines are shared and noisy, so absolute figures alone mean little.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "blockmirror")
+
+
+def need(*tools):
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        sys.exit(f"missing tools: {', '.join(missing)} (run scripts/install-deps.sh)")
+
+
+def build_release():
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "blockmirror"], cwd=ROOT, check=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited early with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"{what} did not start listening on {port}")
+
+
+class Server:
+    """A server process exporting one file over NBD on loopback TCP."""
+
+    def __init__(self, name, argv, port, uri, cwd=None, admin_port=None):
+        self.name, self.port, self.uri = name, port, uri
+        self.admin_port = admin_port
+        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port, self.proc, name)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def blockmirror(workdir, image, size, extra=""):
+    port, admin = free_port(), free_port()
+    cfg = os.path.join(workdir, "bench-node.toml")
+    with open(cfg, "w") as f:
+        f.write(
+            f'node = "bench"\nadmin = "127.0.0.1:{admin}"\n\n[[volume]]\nname = "bench"\n'
+            f'path = "{image}"\nsize = {size}\nrole = "primary"\nnbd = "127.0.0.1:{port}"\n{extra}\n'
+        )
+    env_argv = [BIN, "serve", "--config", cfg]
+    return Server("blockmirror", env_argv, port, f"nbd://127.0.0.1:{port}/bench", admin_port=admin)
+
+
+def nbdkit(image):
+    port = free_port()
+    argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", image]
+    return Server("nbdkit-file", argv, port, f"nbd://127.0.0.1:{port}/")
+
+
+def qemu_nbd(image):
+    port = free_port()
+    argv = ["qemu-nbd", "-f", "raw", "-x", "bench", "-b", "127.0.0.1", "-p", str(port), "-t", "-e", "16",
+            "--discard=unmap", "--cache=writeback", image]
+    return Server("qemu-nbd", argv, port, f"nbd://127.0.0.1:{port}/bench")
+
+
+def fio(uri, rw, bs, iodepth, runtime, size, extra=()):
+    """Runs one fio job through its nbd engine; returns (iops, MiB/s)."""
+    argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+            f"--iodepth={iodepth}", f"--size={size}", f"--runtime={runtime}", "--time_based",
+            "--ramp_time=1", "--randrepeat=0", "--norandommap", "--output-format=json", *extra]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["write"] if "write" in rw else job["read"]
+    return side["iops"], side["bw_bytes"] / (1 << 20)
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def http_json(port, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return json.loads(r.read())

@@ -1,0 +1,13 @@
+//! The pure core of blockmirror: types and decisions with no I/O.
+//!
+//! Everything here is deterministic and tested without sockets or disks.
+//!
+//! - [`geometry`]: a volume's size and block sizes, and the range checks every
+//!   request goes through before it reaches a backend.
+//! - [`meta`]: the durable volume metadata record (identity, generation, clean flag).
+
+pub mod geometry;
+pub mod meta;
+
+pub use geometry::{Geometry, RangeError};
+pub use meta::{MetaError, VolumeMeta};

@@ -1,0 +1,352 @@
+//! The admin HTTP server (`GET /status`, `GET /metrics`) and the small client
+//! the CLI uses to talk to it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::status::NodeStatus;
+
+/// The `Content-Type` of `GET /metrics`: Prometheus text format 0.0.4.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// How long the client waits for a whole exchange with a node.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest response body the client accepts.
+pub const CLIENT_MAX_BODY: usize = 16 << 20;
+
+/// What the admin server shows. The node implements it; tests use fakes.
+pub trait AdminSource: Send + Sync + 'static {
+    /// The current `GET /status` document.
+    fn status(&self) -> NodeStatus;
+    /// The current `GET /metrics` text (Prometheus exposition format).
+    fn metrics(&self) -> String;
+}
+
+/// The admin routes, for callers that want to add their own before serving.
+pub fn router(source: Arc<dyn AdminSource>) -> Router {
+    Router::new()
+        .route("/status", get(get_status))
+        .route("/metrics", get(get_metrics))
+        .fallback(not_found)
+        .with_state(source)
+}
+
+/// Serves the admin API on `listener` until `shutdown` completes, then lets
+/// in-flight requests finish and returns.
+pub async fn serve(
+    listener: TcpListener,
+    source: Arc<dyn AdminSource>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(source))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn get_status(State(source): State<Arc<dyn AdminSource>>) -> Json<NodeStatus> {
+    Json(source.status())
+}
+
+async fn get_metrics(State(source): State<Arc<dyn AdminSource>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        source.metrics(),
+    )
+}
+
+async fn not_found() -> impl IntoResponse {
+    (StatusCode::NOT_FOUND, "not found\n")
+}
+
+// ---------------------------------------------------------------------------
+// Client.
+
+/// Why a request to a node's admin API failed. Each variant names the address.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminClientError {
+    #[error(
+        "admin API at {addr}: cannot connect: {source} (is `blockmirror serve` running there?)"
+    )]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin API at {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("admin API at {addr}: no answer within {}s", .timeout.as_secs())]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    /// The node answered with a non-success status; `body` is its text.
+    #[error("admin API at {addr}: {path}: HTTP {status}: {}", .body.trim())]
+    Status {
+        addr: SocketAddr,
+        path: String,
+        status: u16,
+        body: String,
+    },
+    #[error("admin API at {addr}: {path}: unexpected response: {source}")]
+    Decode {
+        addr: SocketAddr,
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A response from the admin API.
+#[derive(Debug, Clone)]
+pub struct AdminResponse {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+/// Sends one HTTP/1.1 request (`Connection: close`) to the admin API at
+/// `addr` and returns the response, whatever its status. A non-empty `body`
+/// is sent as JSON.
+pub async fn request(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> Result<AdminResponse, AdminClientError> {
+    match tokio::time::timeout(CLIENT_TIMEOUT, request_inner(addr, method, path, body)).await {
+        Ok(r) => r,
+        Err(_) => Err(AdminClientError::Timeout {
+            addr,
+            timeout: CLIENT_TIMEOUT,
+        }),
+    }
+}
+
+async fn request_inner(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> Result<AdminResponse, AdminClientError> {
+    let http =
+        |e: Box<dyn std::error::Error + Send + Sync>| AdminClientError::Http { addr, source: e };
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|source| AdminClientError::Connect { addr, source })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| http(e.into()))?;
+    // Drives the connection; aborted when this function returns.
+    let conn = AbortOnDrop(tokio::spawn(conn));
+
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, addr.to_string())
+        .header(header::CONNECTION, "close");
+    if !body.is_empty() {
+        req = req.header(header::CONTENT_TYPE, "application/json");
+    }
+    let req = req.body(Full::new(body)).map_err(|e| http(e.into()))?;
+    let resp = sender.send_request(req).await.map_err(|e| http(e.into()))?;
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = Limited::new(resp.into_body(), CLIENT_MAX_BODY)
+        .collect()
+        .await
+        .map_err(http)?
+        .to_bytes();
+    drop(conn);
+    Ok(AdminResponse {
+        status,
+        content_type,
+        body,
+    })
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// GETs `path` and returns the body of a 2xx response.
+async fn get_ok(addr: SocketAddr, path: &str) -> Result<Bytes, AdminClientError> {
+    let resp = request(addr, Method::GET, path, Bytes::new()).await?;
+    if !(200..300).contains(&resp.status) {
+        return Err(AdminClientError::Status {
+            addr,
+            path: path.to_string(),
+            status: resp.status,
+            body: String::from_utf8_lossy(&resp.body).into_owned(),
+        });
+    }
+    Ok(resp.body)
+}
+
+/// `GET /status` from the node whose admin API is at `addr`.
+pub async fn fetch_status(addr: SocketAddr) -> Result<NodeStatus, AdminClientError> {
+    let body = get_ok(addr, "/status").await?;
+    serde_json::from_slice(&body).map_err(|source| AdminClientError::Decode {
+        addr,
+        path: "/status".to_string(),
+        source,
+    })
+}
+
+/// `GET /metrics` from the node whose admin API is at `addr`.
+pub async fn fetch_metrics(addr: SocketAddr) -> Result<String, AdminClientError> {
+    let body = get_ok(addr, "/metrics").await?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{MirrorStatus, VolumeStatus};
+
+    struct Fake;
+
+    impl AdminSource for Fake {
+        fn status(&self) -> NodeStatus {
+            NodeStatus {
+                node: "site-a".into(),
+                volumes: vec![VolumeStatus {
+                    name: "db".into(),
+                    role: "primary".into(),
+                    size_bytes: 1 << 30,
+                    generation: "abc123".into(),
+                    nbd: "nbd://127.0.0.1:10809/db".into(),
+                    read_only: false,
+                    connections: 2,
+                    mirrors: vec![MirrorStatus {
+                        peer: "127.0.0.1:7701".into(),
+                        mode: "async".into(),
+                        connection: "connecting".into(),
+                        state: "degraded".into(),
+                        out_of_sync_bytes: 4096,
+                        lag_bytes: 0,
+                        lag_seconds: 1.5,
+                        resync_done_bytes: 0,
+                        resync_total_bytes: 0,
+                    }],
+                    primary: None,
+                }],
+            }
+        }
+
+        fn metrics(&self) -> String {
+            "# TYPE blockmirror_up gauge\nblockmirror_up 1\n".to_string()
+        }
+    }
+
+    /// Starts a server on an ephemeral port; returns its address, a shutdown
+    /// trigger and the server task.
+    async fn start() -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, Arc::new(Fake), async {
+            let _ = rx.await;
+        }));
+        (addr, tx, task)
+    }
+
+    #[tokio::test]
+    async fn status_metrics_and_not_found() {
+        let (addr, stop, task) = start().await;
+
+        let status = fetch_status(addr).await.unwrap();
+        assert_eq!(status, Fake.status());
+
+        let resp = request(addr, Method::GET, "/status", Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.content_type.as_deref(), Some("application/json"));
+
+        let resp = request(addr, Method::GET, "/metrics", Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 200);
+        let ct = resp.content_type.unwrap();
+        assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+        assert_eq!(resp.body, Fake.metrics().as_bytes());
+        assert_eq!(fetch_metrics(addr).await.unwrap(), Fake.metrics());
+
+        let resp = request(addr, Method::GET, "/nope", Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 404);
+        let e = get_ok(addr, "/nope").await.unwrap_err();
+        assert!(
+            matches!(e, AdminClientError::Status { status: 404, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains(&addr.to_string()), "{e}");
+
+        let resp = request(addr, Method::POST, "/status", Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 405);
+
+        stop.send(()).unwrap();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn connect_error_names_the_address() {
+        // Bind then drop, so nothing listens on the port.
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let e = fetch_status(addr).await.unwrap_err();
+        assert!(matches!(e, AdminClientError::Connect { .. }), "{e}");
+        assert!(e.to_string().contains(&addr.to_string()), "{e}");
+    }
+
+    #[tokio::test]
+    async fn non_json_status_is_a_decode_error() {
+        // A server that answers /status with something that is not NodeStatus.
+        let app = Router::new().route("/status", get(|| async { "not json" }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await
+        });
+        let e = fetch_status(addr).await.unwrap_err();
+        assert!(matches!(e, AdminClientError::Decode { .. }), "{e}");
+        tx.send(()).unwrap();
+        task.await.unwrap().unwrap();
+    }
+}

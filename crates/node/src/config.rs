@@ -1,0 +1,1040 @@
+//! The node config file (TOML), parsed into a validated [`NodeConfig`].
+//!
+//! Parsing has two steps: serde reads the file into `Raw*` structs that
+//! refuse unknown keys, then `validate` checks every value and the
+//! cross-field rules and builds the typed config. Every error names the file,
+//! the key (`volume[1].nbd`) and the reason.
+//!
+//! Features that are not built yet (mirror tables, `role = "mirror"`) are
+//! parsed like the rest and refused in validation with
+//! [`ConfigError::Unsupported`], so lifting them later only touches
+//! validation.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The admin address used when a config has no `admin` key, and by the CLI
+/// when there is no config in the current directory.
+pub const DEFAULT_ADMIN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7780);
+
+/// The config file the CLI looks for in the current directory.
+pub const DEFAULT_CONFIG_FILE: &str = "blockmirror.toml";
+
+/// Sizes must be a multiple of this many bytes.
+pub const SIZE_ALIGN: u64 = 512;
+
+const SIZE_EXAMPLES: &str = "examples: 1GiB, 512MiB, 4096";
+const ADDR_FORM: &str = "HOST:PORT, e.g. 127.0.0.1:7780";
+const NOT_YET_MIRRORING: &str = "mirroring is not yet supported in this version";
+
+/// A validated node config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// This node's name, unique in the deployment.
+    pub node: String,
+    /// The replication listener, if any.
+    pub listen: Option<SocketAddr>,
+    /// The admin HTTP address ([`DEFAULT_ADMIN_ADDR`] when the key is absent).
+    pub admin: SocketAddr,
+    /// The shared secret file, resolved against the config file's directory.
+    /// Not opened here.
+    pub secret_file: Option<PathBuf>,
+    /// At least one volume; names and NBD addresses are unique.
+    pub volumes: Vec<VolumeConfig>,
+    /// The config file this was read from.
+    pub path: PathBuf,
+}
+
+/// One `[[volume]]` table, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeConfig {
+    /// Non-empty, `[A-Za-z0-9_.-]`; also the NBD export name.
+    pub name: String,
+    /// Backing file or block device, resolved against the config file's directory.
+    pub path: PathBuf,
+    /// Size in bytes: non-zero and a multiple of [`SIZE_ALIGN`].
+    pub size: u64,
+    pub role: Role,
+    pub nbd: NbdListen,
+    pub consistency_group: Option<String>,
+    /// Open the backing store with O_DIRECT (key `direct_io`, default false).
+    pub direct_io: bool,
+    /// Export read-only even on a primary (key `read_only`, default false).
+    pub read_only: bool,
+}
+
+/// A volume's replication role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Primary,
+    Mirror,
+}
+
+impl Role {
+    /// The config and /status spelling: `primary` or `mirror`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Mirror => "mirror",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a volume's NBD export listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NbdListen {
+    Tcp(SocketAddr),
+    /// A Unix socket path, resolved against the config file's directory.
+    Unix(PathBuf),
+}
+
+impl NbdListen {
+    /// The NBD URI a client uses for export `name` on this listener, e.g.
+    /// `nbd://127.0.0.1:10809/db` or `nbd+unix:///db?socket=/run/db.sock`.
+    pub fn uri(&self, name: &str) -> String {
+        match self {
+            NbdListen::Tcp(addr) => format!("nbd://{addr}/{name}"),
+            NbdListen::Unix(path) => format!("nbd+unix:///{name}?socket={}", path.display()),
+        }
+    }
+}
+
+impl fmt::Display for NbdListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NbdListen::Tcp(addr) => write!(f, "{addr}"),
+            NbdListen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Why a config was refused. Each variant names the config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {}: cannot read: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, a wrong type or an unknown key; `message` is toml's,
+    /// with line and column.
+    #[error("config {}: {message}", .path.display())]
+    Syntax { path: PathBuf, message: String },
+    /// A value that parsed but is not acceptable.
+    #[error("config {}: {key}: {reason}", .path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+    /// A key for a feature this version does not have yet.
+    #[error("config {}: {key}: {reason}", .path.display())]
+    Unsupported {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// The config file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            ConfigError::Read { path, .. }
+            | ConfigError::Syntax { path, .. }
+            | ConfigError::Invalid { path, .. }
+            | ConfigError::Unsupported { path, .. } => path,
+        }
+    }
+
+    /// The offending key, for `Invalid` and `Unsupported`.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } | ConfigError::Unsupported { key, .. } => Some(key),
+            ConfigError::Read { .. } | ConfigError::Syntax { .. } => None,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        NodeConfig::parse(&text, path)
+    }
+
+    /// Parses and validates config `text`; `path` is where it came from (used
+    /// in errors and to resolve relative paths).
+    pub fn parse(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
+        let raw: RawNode = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        validate(raw, path)
+    }
+
+    /// The volume called `name`.
+    pub fn volume(&self, name: &str) -> Option<&VolumeConfig> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+}
+
+/// The admin address of `cwd/blockmirror.toml` if that file exists and is
+/// valid, else [`DEFAULT_ADMIN_ADDR`].
+pub fn default_admin_addr(cwd: &Path) -> SocketAddr {
+    let path = cwd.join(DEFAULT_CONFIG_FILE);
+    if !path.is_file() {
+        return DEFAULT_ADMIN_ADDR;
+    }
+    NodeConfig::load(&path)
+        .map(|c| c.admin)
+        .unwrap_or(DEFAULT_ADMIN_ADDR)
+}
+
+// ---------------------------------------------------------------------------
+// Raw, as written in the file.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    node: Option<String>,
+    listen: Option<String>,
+    admin: Option<String>,
+    secret_file: Option<String>,
+    #[serde(default)]
+    volume: Vec<RawVolume>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    name: Option<String>,
+    path: Option<String>,
+    size: Option<toml::Value>,
+    role: Option<String>,
+    nbd: Option<String>,
+    consistency_group: Option<String>,
+    #[serde(default)]
+    direct_io: bool,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    mirror: Vec<RawMirror>,
+}
+
+/// A `[[volume.mirror]]` table. Parsed so that its keys are checked, then
+/// refused in validation until mirroring exists.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read once mirroring is supported
+struct RawMirror {
+    peer: Option<String>,
+    mode: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Validation.
+
+/// Builds errors for one config file.
+struct Ctx<'a> {
+    path: &'a Path,
+    dir: PathBuf,
+}
+
+impl Ctx<'_> {
+    fn invalid(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn unsupported(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Unsupported {
+            path: self.path.to_path_buf(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn required<T>(&self, value: Option<T>, key: &str) -> Result<T, ConfigError> {
+        value.ok_or_else(|| self.invalid(key, "missing (required)"))
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        self.dir.join(p)
+    }
+}
+
+fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let cx = Ctx { path, dir };
+
+    let node = cx.required(raw.node, "node")?;
+    check_name(&node).map_err(|r| cx.invalid("node", r))?;
+
+    let listen = match raw.listen {
+        Some(s) => Some(parse_socket_addr(&s, ADDR_FORM).map_err(|r| cx.invalid("listen", r))?),
+        None => None,
+    };
+    let admin = match raw.admin {
+        Some(s) => parse_socket_addr(&s, ADDR_FORM).map_err(|r| cx.invalid("admin", r))?,
+        None => DEFAULT_ADMIN_ADDR,
+    };
+    let secret_file = match raw.secret_file {
+        Some(s) if s.is_empty() => return Err(cx.invalid("secret_file", "empty path")),
+        Some(s) => Some(cx.resolve(&s)),
+        None => None,
+    };
+
+    if raw.volume.is_empty() {
+        return Err(cx.invalid("volume", "at least one [[volume]] table is required"));
+    }
+
+    // TCP listeners seen so far, to refuse two sockets on one address.
+    let mut tcp: Vec<(String, SocketAddr)> = Vec::new();
+    if let Some(a) = listen {
+        tcp.push(("listen".to_string(), a));
+    }
+    let admin_clash = listen.filter(|l| tcp_conflict(*l, admin));
+    if admin_clash.is_some() {
+        return Err(cx.invalid("admin", format!("{admin} is also used by listen")));
+    }
+    tcp.push(("admin".to_string(), admin));
+
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut unix: HashMap<PathBuf, usize> = HashMap::new();
+    let mut paths: HashMap<PathBuf, usize> = HashMap::new();
+    let mut volumes = Vec::with_capacity(raw.volume.len());
+
+    for (i, rv) in raw.volume.into_iter().enumerate() {
+        let key = |k: &str| format!("volume[{i}].{k}");
+
+        let name = cx.required(rv.name, &key("name"))?;
+        check_name(&name).map_err(|r| cx.invalid(key("name"), r))?;
+        if let Some(j) = names.insert(name.clone(), i) {
+            return Err(cx.invalid(
+                key("name"),
+                format!("{name:?} is already the name of volume[{j}]"),
+            ));
+        }
+
+        let vpath = cx.required(rv.path, &key("path"))?;
+        if vpath.is_empty() {
+            return Err(cx.invalid(key("path"), "empty path"));
+        }
+        let vpath = cx.resolve(&vpath);
+        if let Some(j) = paths.insert(vpath.clone(), i) {
+            return Err(cx.invalid(
+                key("path"),
+                format!("{} is already the path of volume[{j}]", vpath.display()),
+            ));
+        }
+
+        let size = cx.required(rv.size, &key("size"))?;
+        let size = size_value(&size).map_err(|r| cx.invalid(key("size"), r))?;
+
+        let role = match rv.role.as_deref() {
+            None => return Err(cx.invalid(key("role"), "missing (required: primary or mirror)")),
+            Some("primary") => Role::Primary,
+            Some("mirror") => return Err(cx.unsupported(key("role"), NOT_YET_MIRRORING)),
+            Some(other) => {
+                return Err(cx.invalid(
+                    key("role"),
+                    format!("{other:?} is not a role (expected \"primary\" or \"mirror\")"),
+                ))
+            }
+        };
+
+        if !rv.mirror.is_empty() {
+            return Err(cx.unsupported(key("mirror"), NOT_YET_MIRRORING));
+        }
+
+        let nbd = cx.required(rv.nbd, &key("nbd"))?;
+        let nbd = parse_nbd(&nbd, &cx).map_err(|r| cx.invalid(key("nbd"), r))?;
+        match &nbd {
+            NbdListen::Tcp(a) => {
+                if let Some((other, _)) = tcp.iter().find(|(_, b)| tcp_conflict(*a, *b)) {
+                    return Err(cx.invalid(key("nbd"), format!("{a} is also used by {other}")));
+                }
+                tcp.push((key("nbd"), *a));
+            }
+            NbdListen::Unix(p) => {
+                if let Some(j) = unix.insert(p.clone(), i) {
+                    return Err(cx.invalid(
+                        key("nbd"),
+                        format!("unix:{} is also used by volume[{j}].nbd", p.display()),
+                    ));
+                }
+            }
+        }
+
+        let consistency_group = match rv.consistency_group {
+            Some(g) => {
+                check_name(&g).map_err(|r| cx.invalid(key("consistency_group"), r))?;
+                Some(g)
+            }
+            None => None,
+        };
+
+        volumes.push(VolumeConfig {
+            name,
+            path: vpath,
+            size,
+            role,
+            nbd,
+            consistency_group,
+            direct_io: rv.direct_io,
+            read_only: rv.read_only,
+        });
+    }
+
+    Ok(NodeConfig {
+        node,
+        listen,
+        admin,
+        secret_file,
+        volumes,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Names (node, volume, consistency group): non-empty, `[A-Za-z0-9_.-]`, at
+/// most 64 bytes.
+fn check_name(name: &str) -> Result<(), String> {
+    const MAX: usize = 64;
+    if name.is_empty() {
+        return Err("empty name".to_string());
+    }
+    if name.len() > MAX {
+        return Err(format!("{name:?} is longer than {MAX} characters"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "{name:?} contains {c:?} (allowed: letters, digits, '_', '.', '-')"
+        ));
+    }
+    Ok(())
+}
+
+/// `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`; a host name resolves to its first
+/// IPv4 address, else its first address.
+/// `expected` describes the accepted forms, for the error message.
+fn parse_socket_addr(s: &str, expected: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bad = || format!("{s:?} is not an address (expected {expected})");
+    // Only try name resolution for something shaped like host:port, so that
+    // garbage never reaches the resolver.
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty()
+        || port.parse::<u16>().is_err()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+    {
+        return Err(bad());
+    }
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {s:?}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+fn parse_nbd(s: &str, cx: &Ctx<'_>) -> Result<NbdListen, String> {
+    if let Some(p) = s.strip_prefix("unix:") {
+        if p.is_empty() {
+            return Err(format!("{s:?} has an empty socket path"));
+        }
+        return Ok(NbdListen::Unix(cx.resolve(p)));
+    }
+    parse_socket_addr(s, "HOST:PORT or unix:PATH, e.g. 127.0.0.1:10809").map(NbdListen::Tcp)
+}
+
+/// Whether two TCP listeners would fight over one port. Port 0 (any free
+/// port) never conflicts.
+fn tcp_conflict(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()
+}
+
+fn size_value(v: &toml::Value) -> Result<u64, String> {
+    let n = match v {
+        toml::Value::Integer(i) => {
+            u64::try_from(*i).map_err(|_| format!("{i} is negative ({SIZE_EXAMPLES})"))?
+        }
+        toml::Value::String(s) => parse_size(s)?,
+        other => {
+            return Err(format!(
+                "expected a size string or an integer, found a {} ({SIZE_EXAMPLES})",
+                other.type_str()
+            ))
+        }
+    };
+    if n == 0 {
+        return Err("must be greater than zero".to_string());
+    }
+    if n % SIZE_ALIGN != 0 {
+        return Err(format!("{n} bytes is not a multiple of {SIZE_ALIGN}"));
+    }
+    Ok(n)
+}
+
+/// Parses a human size: an integer or decimal number, optional spaces, and an
+/// optional unit. Binary units: `KiB MiB GiB TiB PiB` and the one-letter
+/// `K M G T P` (as qemu-img reads them); decimal units: `kB KB MB GB TB PB`;
+/// `B` or no unit is bytes. Units are case-insensitive. The result must be a
+/// whole number of bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size ({SIZE_EXAMPLES})");
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim_start();
+
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "p" | "pib" => 1 << 50,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "pb" => 1_000_000_000_000_000,
+        _ => return Err(bad()),
+    };
+
+    let (int, frac) = match num.split_once('.') {
+        Some((i, f)) => (i, f),
+        None => (num, ""),
+    };
+    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    if !frac.bytes().all(|b| b.is_ascii_digit()) || (num.contains('.') && frac.is_empty()) {
+        return Err(bad());
+    }
+    let too_large = || format!("{s:?} is too large");
+    let int: u64 = int.parse().map_err(|_| too_large())?;
+    let mut total = int.checked_mul(mult).ok_or_else(too_large)?;
+
+    // The fraction, exactly: frac_digits * mult / 10^len must be whole.
+    let frac = frac.trim_end_matches('0');
+    if !frac.is_empty() {
+        if frac.len() > 18 {
+            return Err(format!("{s:?} has too many decimal places"));
+        }
+        let digits: u128 = frac.parse().map_err(|_| bad())?;
+        let scale = 10u128.pow(frac.len() as u32);
+        let scaled = digits * u128::from(mult);
+        if scaled % scale != 0 {
+            return Err(format!("{s:?} is not a whole number of bytes"));
+        }
+        let part = u64::try_from(scaled / scale).map_err(|_| too_large())?;
+        total = total.checked_add(part).ok_or_else(too_large)?;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const P: &str = "/etc/blockmirror/node.toml";
+
+    fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::parse(text, Path::new(P))
+    }
+
+    fn err(text: &str) -> ConfigError {
+        match parse(text) {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => e,
+        }
+    }
+
+    /// Asserts the error names the file, `key` and contains `reason`.
+    fn assert_err(text: &str, key: &str, reason: &str) {
+        let e = err(text);
+        let msg = e.to_string();
+        assert_eq!(e.path(), Path::new(P), "{msg}");
+        assert_eq!(e.key(), Some(key), "{msg}");
+        assert!(
+            msg.starts_with(&format!("config {P}: {key}: ")),
+            "message {msg:?} should name file and key {key}"
+        );
+        assert!(
+            msg.contains(reason),
+            "message {msg:?} should contain {reason:?}"
+        );
+    }
+
+    const EXAMPLE: &str = r#"
+node = "site-a"                  # this node's name, unique in the deployment
+listen = "127.0.0.1:7700"        # replication listener: primaries connect to mirrors here
+admin = "127.0.0.1:7780"         # HTTP: GET /status (JSON), GET /metrics (Prometheus text)
+secret_file = "secret.key"       # shared secret that authenticates replication peers
+
+[[volume]]
+name = "db"
+path = "data/db.img"             # a file (created at `size` if missing) or a block device
+size = "1GiB"
+role = "primary"                 # primary | mirror
+nbd = "127.0.0.1:10809"          # NBD listen address (tcp) or "unix:PATH"; export name = volume name
+consistency_group = "app"        # optional
+"#;
+
+    /// One volume with `extra` lines appended to its table.
+    fn vol(extra: &str) -> String {
+        format!(
+            "node = \"n\"\n[[volume]]\nname = \"db\"\npath = \"db.img\"\nsize = \"1MiB\"\nrole = \"primary\"\nnbd = \"127.0.0.1:10809\"\n{extra}\n"
+        )
+    }
+
+    /// `vol` with key `k` replaced by `line`.
+    fn vol_with(k: &str, line: &str) -> String {
+        vol("")
+            .lines()
+            .map(|l| {
+                if l.starts_with(&format!("{k} =")) {
+                    line
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn contract_example_parses() {
+        let c = parse(EXAMPLE).expect("example parses");
+        assert_eq!(c.node, "site-a");
+        assert_eq!(c.listen, Some("127.0.0.1:7700".parse().unwrap()));
+        assert_eq!(c.admin, "127.0.0.1:7780".parse().unwrap());
+        assert_eq!(
+            c.secret_file,
+            Some(PathBuf::from("/etc/blockmirror/secret.key"))
+        );
+        assert_eq!(c.path, PathBuf::from(P));
+        assert_eq!(c.volumes.len(), 1);
+        let v = &c.volumes[0];
+        assert_eq!(v.name, "db");
+        assert_eq!(v.path, PathBuf::from("/etc/blockmirror/data/db.img"));
+        assert_eq!(v.size, 1 << 30);
+        assert_eq!(v.role, Role::Primary);
+        assert_eq!(v.nbd, NbdListen::Tcp("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(v.consistency_group.as_deref(), Some("app"));
+        assert!(!v.direct_io);
+        assert!(!v.read_only);
+        assert_eq!(v.nbd.uri(&v.name), "nbd://127.0.0.1:10809/db");
+        assert!(c.volume("db").is_some());
+    }
+
+    #[test]
+    fn example_with_mirror_table_is_refused_as_unsupported() {
+        let text =
+            format!("{EXAMPLE}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"sync\"\n");
+        let e = err(&text);
+        assert!(matches!(e, ConfigError::Unsupported { .. }), "{e}");
+        assert_err(&text, "volume[0].mirror", "mirroring is not yet supported");
+    }
+
+    #[test]
+    fn mirror_role_is_refused_as_unsupported() {
+        let text = vol_with("role", "role = \"mirror\"");
+        assert!(matches!(err(&text), ConfigError::Unsupported { .. }));
+        assert_err(&text, "volume[0].role", "not yet supported");
+    }
+
+    #[test]
+    fn mirror_table_unknown_key_is_a_syntax_error() {
+        let e = err(&vol("[[volume.mirror]]\npeer = \"a:1\"\nbogus = 1"));
+        assert!(matches!(e, ConfigError::Syntax { .. }));
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn optional_flags_and_defaults() {
+        let c = parse(&vol("direct_io = true\nread_only = true")).unwrap();
+        assert!(c.volumes[0].direct_io);
+        assert!(c.volumes[0].read_only);
+        assert_eq!(c.admin, DEFAULT_ADMIN_ADDR);
+        assert_eq!(c.listen, None);
+        assert_eq!(c.secret_file, None);
+    }
+
+    #[test]
+    fn unix_nbd_resolves_against_config_dir() {
+        let c = parse(&vol_with("nbd", "nbd = \"unix:run/db.sock\"")).unwrap();
+        let p = PathBuf::from("/etc/blockmirror/run/db.sock");
+        assert_eq!(c.volumes[0].nbd, NbdListen::Unix(p));
+        assert_eq!(
+            c.volumes[0].nbd.uri("db"),
+            "nbd+unix:///db?socket=/etc/blockmirror/run/db.sock"
+        );
+        let c = parse(&vol_with("nbd", "nbd = \"unix:/abs/db.sock\"")).unwrap();
+        assert_eq!(c.volumes[0].nbd, NbdListen::Unix("/abs/db.sock".into()));
+    }
+
+    #[test]
+    fn relative_config_path_resolves_against_dot() {
+        let c = NodeConfig::parse(&vol(""), Path::new("node.toml")).unwrap();
+        assert_eq!(c.volumes[0].path, PathBuf::from("./db.img"));
+    }
+
+    #[test]
+    fn hostnames_resolve() {
+        let c = parse(&vol_with("nbd", "nbd = \"localhost:10809\"")).unwrap();
+        match c.volumes[0].nbd {
+            NbdListen::Tcp(a) => {
+                assert!(a.ip().is_loopback(), "{a}");
+                assert_eq!(a.port(), 10809);
+            }
+            ref other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ipv6_addresses_parse() {
+        let c = parse(&vol_with("nbd", "nbd = \"[::1]:10809\"")).unwrap();
+        assert_eq!(
+            c.volumes[0].nbd,
+            NbdListen::Tcp("[::1]:10809".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        for (s, n) in [
+            ("4096", 4096),
+            ("1GiB", 1 << 30),
+            ("512MiB", 512 << 20),
+            ("512 MiB", 512 << 20),
+            ("1gib", 1 << 30),
+            ("1G", 1 << 30),
+            ("1K", 1024),
+            ("2TiB", 2 << 40),
+            ("1GB", 1_000_000_000),
+            ("1MB", 1_000_000),
+            ("1kB", 1000),
+            ("1.5GiB", 3 << 29),
+            ("0.5KiB", 512),
+            ("512B", 512),
+            ("1.0 MiB", 1 << 20),
+        ] {
+            assert_eq!(parse_size(s), Ok(n), "{s}");
+        }
+        for s in [
+            "",
+            "GiB",
+            "12XB",
+            "-1",
+            "1..5G",
+            "1.",
+            ".5G",
+            "1 2",
+            "1e3",
+            "0x10",
+            "1.3B",
+            "99999999999999999999",
+            "16384PiB",
+        ] {
+            assert!(parse_size(s).is_err(), "{s:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn integer_size() {
+        let c = parse(&vol_with("size", "size = 1048576")).unwrap();
+        assert_eq!(c.volumes[0].size, 1 << 20);
+    }
+
+    #[test]
+    fn size_errors() {
+        assert_err(
+            &vol_with("size", "size = \"12XB\""),
+            "volume[0].size",
+            "\"12XB\" is not a size (examples: 1GiB, 512MiB, 4096)",
+        );
+        assert_err(
+            &vol_with("size", "size = 0"),
+            "volume[0].size",
+            "greater than zero",
+        );
+        assert_err(
+            &vol_with("size", "size = \"0GiB\""),
+            "volume[0].size",
+            "greater than zero",
+        );
+        assert_err(
+            &vol_with("size", "size = 1000"),
+            "volume[0].size",
+            "multiple of 512",
+        );
+        assert_err(
+            &vol_with("size", "size = -512"),
+            "volume[0].size",
+            "negative",
+        );
+        assert_err(
+            &vol_with("size", "size = 1.5"),
+            "volume[0].size",
+            "found a float",
+        );
+        assert_err(
+            &vol_with("size", "size = \"1kB\""),
+            "volume[0].size",
+            "multiple of 512",
+        );
+    }
+
+    #[test]
+    fn missing_keys() {
+        assert_err("[[volume]]\nname = \"a\"", "node", "missing");
+        assert_err("node = \"n\"", "volume", "at least one");
+        for k in ["name", "path", "size", "role", "nbd"] {
+            let text = vol("")
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{k} =")))
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert_err(&text, &format!("volume[0].{k}"), "missing");
+        }
+    }
+
+    #[test]
+    fn bad_names() {
+        assert_err(&vol_with("name", "name = \"\""), "volume[0].name", "empty");
+        assert_err(&vol_with("name", "name = \"a/b\""), "volume[0].name", "'/'");
+        assert_err(&vol_with("name", "name = \"a b\""), "volume[0].name", "' '");
+        assert_err(
+            &vol("consistency_group = \"x y\""),
+            "volume[0].consistency_group",
+            "' '",
+        );
+        assert_err(
+            &vol("").replace("node = \"n\"", "node = \"\""),
+            "node",
+            "empty",
+        );
+        assert!(parse(&vol_with("name", "name = \"A-z_0.9\"")).is_ok());
+    }
+
+    #[test]
+    fn bad_role() {
+        assert_err(
+            &vol_with("role", "role = \"boss\""),
+            "volume[0].role",
+            "\"boss\" is not a role",
+        );
+    }
+
+    #[test]
+    fn bad_addresses() {
+        assert_err(
+            &format!("admin = \"nope\"\n{}", vol("")),
+            "admin",
+            "\"nope\" is not an address",
+        );
+        assert_err(
+            &format!("listen = \"1.2.3.4\"\n{}", vol("")),
+            "listen",
+            "not an address",
+        );
+        assert_err(
+            &format!("admin = \"127.0.0.1:99999\"\n{}", vol("")),
+            "admin",
+            "not an address",
+        );
+        assert_err(
+            &vol_with("nbd", "nbd = \"garbage\""),
+            "volume[0].nbd",
+            "\"garbage\" is not an address (expected HOST:PORT or unix:PATH",
+        );
+        assert_err(
+            &vol_with("nbd", "nbd = \"unix:\""),
+            "volume[0].nbd",
+            "empty socket path",
+        );
+        assert_err(
+            &vol_with("nbd", "nbd = \"no-such-host.invalid:1\""),
+            "volume[0].nbd",
+            "cannot resolve",
+        );
+    }
+
+    fn two_volumes(second: &str) -> String {
+        format!(
+            "{}\n[[volume]]\nname = \"b\"\npath = \"b.img\"\nsize = 512\nrole = \"primary\"\n{second}\n",
+            vol("")
+        )
+    }
+
+    #[test]
+    fn two_volumes_parse() {
+        let c = parse(&two_volumes("nbd = \"127.0.0.1:10810\"")).unwrap();
+        assert_eq!(c.volumes.len(), 2);
+        assert_eq!(c.volumes[1].size, 512);
+    }
+
+    #[test]
+    fn duplicates() {
+        assert_err(
+            &two_volumes("nbd = \"127.0.0.1:10810\"").replace("name = \"b\"", "name = \"db\""),
+            "volume[1].name",
+            "\"db\" is already the name of volume[0]",
+        );
+        assert_err(
+            &two_volumes("nbd = \"127.0.0.1:10809\""),
+            "volume[1].nbd",
+            "127.0.0.1:10809 is also used by volume[0].nbd",
+        );
+        assert_err(
+            &two_volumes("nbd = \"0.0.0.0:10809\""),
+            "volume[1].nbd",
+            "also used by volume[0].nbd",
+        );
+        assert_err(
+            &two_volumes("nbd = \"127.0.0.1:10810\"")
+                .replace("path = \"b.img\"", "path = \"./db.img\""),
+            "volume[1].path",
+            "already the path of volume[0]",
+        );
+        assert_err(
+            &format!("admin = \"127.0.0.1:10809\"\n{}", vol("")),
+            "volume[0].nbd",
+            "also used by admin",
+        );
+        assert_err(
+            &format!(
+                "admin = \"127.0.0.1:7700\"\nlisten = \"127.0.0.1:7700\"\n{}",
+                vol("")
+            ),
+            "admin",
+            "also used by listen",
+        );
+        let unix = vol_with("nbd", "nbd = \"unix:s.sock\"");
+        assert_err(
+            &format!(
+                "{unix}\n[[volume]]\nname = \"b\"\npath = \"b.img\"\nsize = 512\nrole = \"primary\"\nnbd = \"unix:/etc/blockmirror/s.sock\"\n"
+            ),
+            "volume[1].nbd",
+            "is also used by volume[0].nbd",
+        );
+        // Port 0 means "any free port" and never conflicts.
+        let zero = two_volumes("nbd = \"127.0.0.1:0\"").replace("127.0.0.1:10809", "127.0.0.1:0");
+        assert!(parse(&format!("admin = \"127.0.0.1:0\"\n{zero}")).is_ok());
+    }
+
+    #[test]
+    fn syntax_errors_keep_line_and_column() {
+        let e = err("node = \"n\"\n[[volume]]\nname = \n");
+        let msg = e.to_string();
+        assert!(matches!(e, ConfigError::Syntax { .. }));
+        assert!(msg.starts_with(&format!("config {P}: ")), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("column"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = err(&format!("colour = \"blue\"\n{}", vol("")));
+        assert!(matches!(e, ConfigError::Syntax { .. }));
+        assert!(e.to_string().contains("colour"), "{e}");
+        let e = err(&vol("sise = 1"));
+        assert!(e.to_string().contains("sise"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_are_refused() {
+        let e = err(&vol("read_only = \"yes\""));
+        assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+        let e = err("node = 5");
+        assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+    }
+
+    #[test]
+    fn load_reads_files_and_names_missing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, vol("")).unwrap();
+        let c = NodeConfig::load(&path).unwrap();
+        assert_eq!(c.volumes[0].path, dir.path().join("db.img"));
+        let missing = dir.path().join("missing.toml");
+        let e = NodeConfig::load(&missing).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+        assert!(e.to_string().contains("missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn default_admin_addr_reads_cwd_config() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(default_admin_addr(dir.path()), DEFAULT_ADMIN_ADDR);
+        let path = dir.path().join(DEFAULT_CONFIG_FILE);
+        std::fs::write(&path, "not toml [").unwrap();
+        assert_eq!(default_admin_addr(dir.path()), DEFAULT_ADMIN_ADDR);
+        std::fs::write(&path, format!("admin = \"127.0.0.1:9999\"\n{}", vol(""))).unwrap();
+        assert_eq!(
+            default_admin_addr(dir.path()),
+            "127.0.0.1:9999".parse().unwrap()
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(text in "\\PC*") {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn parse_never_panics_on_tomlish(
+            key in "(node|admin|listen|name|size|nbd|role|path|mirror)",
+            value in "(\"[ -9;-~]{0,20}\"|-?[0-9]{1,25}|true|\\[\\]|[0-9.]{1,6})",
+        ) {
+            let _ = parse(&format!("{key} = {value}\n"));
+            let _ = parse(&vol_with(&key, &format!("{key} = {value}")));
+        }
+
+        #[test]
+        fn parse_size_never_panics(s in "[0-9. kKmMgGtTpPiIbB]{0,30}") {
+            let _ = parse_size(&s);
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The blockmirror node: runs the volumes of one config file.
+//!
+//! - [`config`]: the TOML node config, parsed into a validated [`config::NodeConfig`].
+//! - [`volume`]: a volume (backend + geometry + metrics) exported over NBD.
+//! - [`meta_file`]: crash-safe storage of each volume's metadata record.
+//! - [`metrics`]: lock-free counters and histograms, rendered as Prometheus text.
+//! - [`status`]: the /status JSON model and its table rendering.
+//! - [`admin`]: the admin HTTP server (GET /status, GET /metrics).
+//! - [`node`]: starts everything for a config and shuts it down cleanly.
+
+pub mod admin;
+pub mod config;
+pub mod meta_file;
+pub mod metrics;
+pub mod node;
+pub mod status;
+pub mod volume;

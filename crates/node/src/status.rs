@@ -1,0 +1,373 @@
+//! The `GET /status` model (see CONTRACT.md) and its table for
+//! `blockmirror status`.
+//!
+//! Field names are part of the operator interface: add fields, never rename.
+//! Deserialisation ignores unknown fields and defaults missing optional ones,
+//! so an older CLI can read a newer node and the other way round.
+
+use serde::{Deserialize, Serialize};
+
+/// Everything `GET /status` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node's name from its config.
+    pub node: String,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+/// One volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    /// `primary` or `mirror`.
+    pub role: String,
+    pub size_bytes: u64,
+    /// The volume's current data generation, as hex.
+    pub generation: String,
+    /// The NBD URI clients connect to, e.g. `nbd://127.0.0.1:10809/db`.
+    pub nbd: String,
+    /// Whether the export refuses writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Open NBD client connections.
+    #[serde(default)]
+    pub connections: u64,
+    /// On a primary, one entry per configured mirror.
+    #[serde(default)]
+    pub mirrors: Vec<MirrorStatus>,
+    /// On a mirror, the primary that feeds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+}
+
+/// One replication link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MirrorStatus {
+    /// The peer's replication address.
+    pub peer: String,
+    /// `sync` or `async`.
+    pub mode: String,
+    /// `connected`, `connecting` or `disconnected`.
+    pub connection: String,
+    /// `in_sync`, `resyncing`, `degraded`, `suspended`, `inconsistent` or
+    /// `split_brain`.
+    pub state: String,
+    pub out_of_sync_bytes: u64,
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+    pub resync_done_bytes: u64,
+    pub resync_total_bytes: u64,
+}
+
+/// `bytes` in binary units with one decimal: `512 B`, `1.0 GiB`, `1.5 MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    // Move up while the rounded value would show as 1024.0 or more.
+    while value >= 1023.95 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// Left-aligned columns separated by two spaces, no trailing spaces.
+fn table(out: &mut String, indent: &str, rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::from(indent);
+        for (c, cell) in row.iter().enumerate() {
+            if c > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(cell);
+            if c + 1 < row.len() {
+                let pad = widths[c].saturating_sub(cell.chars().count());
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+}
+
+fn cells<const N: usize>(items: [&str; N]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// The human-readable form of `status` for `blockmirror status`: one table of
+/// volumes, then each volume's mirrors (or "no mirrors").
+pub fn render_table(status: &NodeStatus) -> String {
+    let mut out = format!("node {}\n\n", status.node);
+    if status.volumes.is_empty() {
+        out.push_str("no volumes\n");
+        return out;
+    }
+
+    let mut rows = vec![cells([
+        "VOLUME",
+        "ROLE",
+        "SIZE",
+        "ACCESS",
+        "CONNECTIONS",
+        "GENERATION",
+        "NBD",
+    ])];
+    for v in &status.volumes {
+        rows.push(vec![
+            v.name.clone(),
+            v.role.clone(),
+            human_bytes(v.size_bytes),
+            if v.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            }
+            .to_string(),
+            v.connections.to_string(),
+            v.generation.clone(),
+            v.nbd.clone(),
+        ]);
+    }
+    table(&mut out, "", &rows);
+
+    for v in &status.volumes {
+        out.push('\n');
+        match &v.primary {
+            Some(p) => out.push_str(&format!("{}: mirror of {p}", v.name)),
+            None => out.push_str(&format!("{}:", v.name)),
+        }
+        if v.mirrors.is_empty() {
+            out.push_str(if v.primary.is_some() {
+                "\n"
+            } else {
+                " no mirrors\n"
+            });
+            continue;
+        }
+        out.push('\n');
+        let mut rows = vec![cells([
+            "PEER",
+            "MODE",
+            "CONNECTION",
+            "STATE",
+            "OUT OF SYNC",
+            "LAG",
+            "RESYNC",
+        ])];
+        for m in &v.mirrors {
+            let resync = if m.resync_total_bytes == 0 {
+                "-".to_string()
+            } else {
+                let pct = m.resync_done_bytes as f64 * 100.0 / m.resync_total_bytes as f64;
+                format!(
+                    "{} / {} ({pct:.1}%)",
+                    human_bytes(m.resync_done_bytes),
+                    human_bytes(m.resync_total_bytes)
+                )
+            };
+            rows.push(vec![
+                m.peer.clone(),
+                m.mode.clone(),
+                m.connection.clone(),
+                m.state.clone(),
+                human_bytes(m.out_of_sync_bytes),
+                format!("{} / {:.1}s", human_bytes(m.lag_bytes), m.lag_seconds),
+                resync,
+            ]);
+        }
+        table(&mut out, "  ", &rows);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> NodeStatus {
+        NodeStatus {
+            node: "site-a".into(),
+            volumes: vec![
+                VolumeStatus {
+                    name: "db".into(),
+                    role: "primary".into(),
+                    size_bytes: 1 << 30,
+                    generation: "00000000deadbeef".into(),
+                    nbd: "nbd://127.0.0.1:10809/db".into(),
+                    read_only: false,
+                    connections: 3,
+                    mirrors: vec![MirrorStatus {
+                        peer: "127.0.0.1:7701".into(),
+                        mode: "sync".into(),
+                        connection: "connected".into(),
+                        state: "resyncing".into(),
+                        out_of_sync_bytes: 3 << 20,
+                        lag_bytes: 4096,
+                        lag_seconds: 0.5,
+                        resync_done_bytes: 1 << 20,
+                        resync_total_bytes: 4 << 20,
+                    }],
+                    primary: None,
+                },
+                VolumeStatus {
+                    name: "logs".into(),
+                    role: "primary".into(),
+                    size_bytes: 512 << 20,
+                    generation: "01".into(),
+                    nbd: "nbd+unix:///logs?socket=/run/logs.sock".into(),
+                    read_only: true,
+                    connections: 0,
+                    mirrors: vec![],
+                    primary: None,
+                },
+                VolumeStatus {
+                    name: "copy".into(),
+                    role: "mirror".into(),
+                    size_bytes: 4096,
+                    generation: "02".into(),
+                    nbd: "nbd://127.0.0.1:10811/copy".into(),
+                    read_only: true,
+                    connections: 1,
+                    mirrors: vec![],
+                    primary: Some("site-b".into()),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn json_roundtrips() {
+        let s = sample();
+        let json = serde_json::to_string(&s).unwrap();
+        let back: NodeStatus = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn json_field_names_follow_the_contract() {
+        let v = serde_json::to_value(sample()).unwrap();
+        let vol = &v["volumes"][0];
+        for k in [
+            "name",
+            "role",
+            "size_bytes",
+            "generation",
+            "nbd",
+            "read_only",
+            "connections",
+            "mirrors",
+        ] {
+            assert!(vol.get(k).is_some(), "missing {k}");
+        }
+        assert!(
+            vol.get("primary").is_none(),
+            "primary is skipped when absent"
+        );
+        assert_eq!(v["volumes"][2]["primary"], "site-b");
+        let m = &vol["mirrors"][0];
+        for k in [
+            "peer",
+            "mode",
+            "connection",
+            "state",
+            "out_of_sync_bytes",
+            "lag_bytes",
+            "lag_seconds",
+            "resync_done_bytes",
+            "resync_total_bytes",
+        ] {
+            assert!(m.get(k).is_some(), "missing mirror field {k}");
+        }
+        assert_eq!(m["lag_seconds"], 0.5);
+    }
+
+    #[test]
+    fn json_tolerates_unknown_and_missing_optional_fields() {
+        let json = r#"{"node":"n","future":1,"volumes":[{"name":"a","role":"primary",
+            "size_bytes":512,"generation":"1","nbd":"nbd://x/a","new_field":[1]}]}"#;
+        let s: NodeStatus = serde_json::from_str(json).unwrap();
+        assert_eq!(s.volumes[0].connections, 0);
+        assert!(s.volumes[0].mirrors.is_empty());
+        assert_eq!(s.volumes[0].primary, None);
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(1 << 30), "1.0 GiB");
+        assert_eq!(human_bytes((1 << 20) - 1), "1.0 MiB");
+        assert_eq!(human_bytes(512 << 20), "512.0 MiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+    }
+
+    #[test]
+    fn table_contains_the_values_aligned() {
+        let t = render_table(&sample());
+        for needle in [
+            "node site-a",
+            "db",
+            "primary",
+            "1.0 GiB",
+            "512.0 MiB",
+            "4.0 KiB",
+            "read-write",
+            "read-only",
+            "00000000deadbeef",
+            "nbd://127.0.0.1:10809/db",
+            "nbd+unix:///logs?socket=/run/logs.sock",
+            "127.0.0.1:7701",
+            "sync",
+            "connected",
+            "resyncing",
+            "3.0 MiB",
+            "4.0 KiB / 0.5s",
+            "1.0 MiB / 4.0 MiB (25.0%)",
+            "logs: no mirrors",
+            "copy: mirror of site-b",
+        ] {
+            assert!(t.contains(needle), "table lacks {needle:?}:\n{t}");
+        }
+        // Columns line up: every volume row starts its NBD column where the header's does.
+        let lines: Vec<&str> = t.lines().collect();
+        let header = lines.iter().find(|l| l.starts_with("VOLUME")).unwrap();
+        let col = header.find("NBD").unwrap();
+        for uri in [
+            "nbd://127.0.0.1:10809/db",
+            "nbd+unix:///logs",
+            "nbd://127.0.0.1:10811/copy",
+        ] {
+            let line = lines.iter().find(|l| l.contains(uri)).unwrap();
+            assert_eq!(line.find(uri), Some(col), "misaligned:\n{t}");
+        }
+        assert!(
+            t.lines().all(|l| l == l.trim_end()),
+            "trailing spaces:\n{t}"
+        );
+    }
+
+    #[test]
+    fn empty_node_table() {
+        let t = render_table(&NodeStatus {
+            node: "n".into(),
+            volumes: vec![],
+        });
+        assert!(t.contains("no volumes"));
+    }
+}
