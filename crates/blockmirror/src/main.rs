@@ -13,7 +13,11 @@ use blockmirror_node::node::Node;
 use blockmirror_node::{admin, status};
 
 #[derive(Parser)]
-#[command(name = "blockmirror", version, about = "Block-level remote mirroring over NBD")]
+#[command(
+    name = "blockmirror",
+    version,
+    about = "Block-level remote mirroring over NBD"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -158,7 +162,10 @@ nbd = "127.0.0.1:{nbd_port}"
     let running = Node::open(config)?.start(shutdown).await?;
     let uri = &running.endpoints.exports[0].1;
     let admin = running.endpoints.admin;
-    println!("blockmirror demo is running (config {}).", cfg_path.display());
+    println!(
+        "blockmirror demo is running (config {}).",
+        cfg_path.display()
+    );
     println!();
     println!("  primary  (read-write)  {uri}   {size_bytes} bytes");
     println!("  admin HTTP             http://{admin}/status   http://{admin}/metrics");

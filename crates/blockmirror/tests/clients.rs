@@ -23,7 +23,14 @@ fn nbdinfo_sees_size_flags_and_block_sizes() {
     assert_eq!(e["export-name"], "db");
     assert_eq!(e["export-size"], 64 * MIB);
     assert_eq!(e["is_read_only"], false);
-    for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_df"] {
+    for flag in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+        "can_df",
+    ] {
         assert_eq!(e[flag], true, "{flag} in {out}");
     }
     assert_eq!(e["block_size_minimum"], 512);
@@ -60,14 +67,24 @@ fn qemu_io_pattern_flush_discard_zero() {
         "write -P 0x11 -f 8M 4k", // FUA
         "flush",
     ]);
-    io(&["read -P 0xab 0 1M", "read -P 0xcd 4M 64k", "read -P 0x11 8M 4k"]);
+    io(&[
+        "read -P 0xab 0 1M",
+        "read -P 0xcd 4M 64k",
+        "read -P 0x11 8M 4k",
+    ]);
     io(&["discard 0 512k", "write -z 4M 64k", "flush"]);
-    io(&["read -P 0 0 512k", "read -P 0xab 512k 512k", "read -P 0 4M 64k"]);
+    io(&[
+        "read -P 0 0 512k",
+        "read -P 0xab 512k 512k",
+        "read -P 0 4M 64k",
+    ]);
     // The backing file holds exactly what qemu-io wrote.
     let img = std::fs::read(node.image()).unwrap();
     assert!(img[..512 * 1024].iter().all(|&b| b == 0));
     assert!(img[512 * 1024..MIB as usize].iter().all(|&b| b == 0xab));
-    assert!(img[8 * MIB as usize..8 * MIB as usize + 4096].iter().all(|&b| b == 0x11));
+    assert!(img[8 * MIB as usize..8 * MIB as usize + 4096]
+        .iter()
+        .all(|&b| b == 0x11));
 }
 
 #[test]
@@ -77,10 +94,20 @@ fn qemu_img_convert_and_nbdcopy_then_cmp() {
     let node = TestNode::start(&[VolumeSpec::new("db", 32 * MIB)]);
     let src = node.dir.path().join("random.raw");
     random_file(&src, 32 * MIB as usize, 42);
-    run_ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(node.uri()));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(node.uri()),
+    );
     run_ok(Command::new("cmp").arg(&src).arg(node.image()));
     // qemu-img compare reads it back over NBD.
-    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(node.uri()));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(node.uri()),
+    );
 
     // nbdcopy uses 4 connections (multi-conn) with 64 requests each.
     let src2 = node.dir.path().join("random2.raw");
@@ -114,7 +141,10 @@ fn fio_random_writes_with_verify() {
     let job = &v["jobs"][0];
     assert_eq!(job["error"], 0, "{out}");
     assert!(job["write"]["io_bytes"].as_u64().unwrap() >= 32 * MIB);
-    assert!(job["read"]["io_bytes"].as_u64().unwrap() >= 32 * MIB, "verify read everything back");
+    assert!(
+        job["read"]["io_bytes"].as_u64().unwrap() >= 32 * MIB,
+        "verify read everything back"
+    );
 }
 
 #[test]
@@ -154,8 +184,12 @@ fn concurrent_connections_on_disjoint_ranges() {
     for i in 0..6usize {
         let base = i * 8 * MIB as usize;
         assert_eq!(img[base], i as u8 + 1);
-        assert!(img[base + 4096..base + 4096 + 4 * MIB as usize].iter().all(|&b| b == 0x40 + i as u8));
-        assert!(img[base + 4096 + 4 * MIB as usize..base + 8 * MIB as usize].iter().all(|&b| b == i as u8 + 1));
+        assert!(img[base + 4096..base + 4096 + 4 * MIB as usize]
+            .iter()
+            .all(|&b| b == 0x40 + i as u8));
+        assert!(img[base + 4096 + 4 * MIB as usize..base + 8 * MIB as usize]
+            .iter()
+            .all(|&b| b == i as u8 + 1));
     }
     assert_eq!(node.status_json()["volumes"][0]["connections"], 0);
 }
@@ -169,8 +203,12 @@ fn read_only_export_refuses_writes_and_keeps_serving_reads() {
     let node = TestNode::start(&[spec]);
     // qemu sees READ_ONLY in the export flags and will not open it for writing.
     let out = run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 1 0 4k", node.uri()]));
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && text.contains("Permission denied"), "qemu-io said: {text}");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("Permission denied"),
+        "qemu-io said: {text}"
+    );
     // A client that sends the write anyway (libnbd with its own checks off) gets EPERM from the server.
     let script = format!(
         "import errno\nh.set_strict_mode(0)\nh.connect_uri({:?})\n\
@@ -181,9 +219,19 @@ fn read_only_export_refuses_writes_and_keeps_serving_reads() {
     );
     // nbdsh is `python3 -m nbd`; Debian's python3 has the module whatever python3 PATH finds.
     let out = run_ok(Command::new("/usr/bin/python3").args(["-m", "nbd", "-c", &script]));
-    assert!(out.contains("errno EPERM") && out.contains("read True"), "nbdsh said: {out}");
+    assert!(
+        out.contains("errno EPERM") && out.contains("read True"),
+        "nbdsh said: {out}"
+    );
     // Reads keep being served.
-    let out = run_ok(Command::new("qemu-io").args(["-f", "raw", "-r", "-c", "read -P 0 0 64k", node.uri()]));
+    let out = run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-r",
+        "-c",
+        "read -P 0 0 64k",
+        node.uri(),
+    ]));
     assert!(out.contains("read 65536/65536"), "{out}");
     assert!(node
         .metrics()
@@ -209,7 +257,15 @@ fn unix_socket_export() {
 fn status_metrics_and_cli() {
     require_tool("qemu-io");
     let node = TestNode::start(&[VolumeSpec::new("db", 16 * MIB)]);
-    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write 0 1M", "-c", "flush", node.uri()]));
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write 0 1M",
+        "-c",
+        "flush",
+        node.uri(),
+    ]));
     let st = node.status_json();
     let v = &st["volumes"][0];
     assert_eq!(st["node"], "test");
@@ -219,8 +275,13 @@ fn status_metrics_and_cli() {
     assert_eq!(v["mirrors"], serde_json::json!([]));
     assert!(v["generation"].as_str().unwrap().ends_with(":1"));
     let m = node.metrics();
-    assert!(m.contains("blockmirror_host_bytes_written_total{volume=\"db\"} 1048576"), "{m}");
-    assert!(m.contains("blockmirror_request_duration_seconds_bucket{volume=\"db\",cmd=\"write\",le=\"+Inf\"}"));
+    assert!(
+        m.contains("blockmirror_host_bytes_written_total{volume=\"db\"} 1048576"),
+        "{m}"
+    );
+    assert!(m.contains(
+        "blockmirror_request_duration_seconds_bucket{volume=\"db\",cmd=\"write\",le=\"+Inf\"}"
+    ));
     let flushes = m
         .lines()
         .find_map(|l| l.strip_prefix("blockmirror_requests_total{volume=\"db\",cmd=\"flush\"} "))
@@ -245,7 +306,11 @@ fn sigterm_finishes_requests_and_persists_metadata() {
     let generation = node.status_json()["volumes"][0]["generation"].clone();
     let status = node.stop_with("TERM");
     assert!(status.success(), "exit {status}: {}", node.log());
-    assert!(node.log().contains("volume closed cleanly"), "{}", node.log());
+    assert!(
+        node.log().contains("volume closed cleanly"),
+        "{}",
+        node.log()
+    );
     // Restart: same identity, data intact, no unclean-shutdown warning.
     node.spawn();
     assert_eq!(node.status_json()["volumes"][0]["generation"], generation);
@@ -254,9 +319,11 @@ fn sigterm_finishes_requests_and_persists_metadata() {
     // SIGKILL leaves it unclean, and the next start says so.
     node.stop_with("KILL");
     node.spawn();
-    wait_for("the unclean-shutdown warning", Duration::from_secs(10), || {
-        node.log().contains("not shut down cleanly").then_some(())
-    });
+    wait_for(
+        "the unclean-shutdown warning",
+        Duration::from_secs(10),
+        || node.log().contains("not shut down cleanly").then_some(()),
+    );
     let status = node.stop_with("INT");
     assert!(status.success());
 }
@@ -266,7 +333,10 @@ fn bad_config_names_file_key_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("size = \"12XB\"", "volume[0].size"),
-        ("size = \"1GiB\"\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"sync\"", "not yet supported"),
+        (
+            "size = \"1GiB\"\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"sync\"",
+            "not yet supported",
+        ),
         ("size = \"1GiB\"\ncolour = \"blue\"", "colour"),
     ];
     for (i, (extra, expect)) in cases.iter().enumerate() {
@@ -279,7 +349,10 @@ fn bad_config_names_file_key_and_reason() {
         let out = run(Command::new(BIN).args(["serve", "--config"]).arg(&cfg));
         assert_eq!(out.status.code(), Some(2));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(&format!("bad{i}.toml")), "names the file: {err}");
+        assert!(
+            err.contains(&format!("bad{i}.toml")),
+            "names the file: {err}"
+        );
         assert!(err.contains(expect), "expected {expect:?} in: {err}");
     }
 }

@@ -97,8 +97,12 @@ pub trait Export: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), Errno>> + Send;
     /// Every write already answered, on any connection, becomes durable.
     fn flush(&self) -> impl Future<Output = Result<(), Errno>> + Send;
-    fn trim(&self, offset: u64, len: u64, fua: bool)
-        -> impl Future<Output = Result<(), Errno>> + Send;
+    fn trim(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), Errno>> + Send;
     fn write_zeroes(
         &self,
         offset: u64,

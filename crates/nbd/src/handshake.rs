@@ -91,7 +91,10 @@ struct State {
 }
 
 /// Runs the server side of the handshake on `s`.
-pub async fn handshake<E, S>(s: &mut S, exports: &Exports<E>) -> Result<Negotiated<E>, HandshakeError>
+pub async fn handshake<E, S>(
+    s: &mut S,
+    exports: &Exports<E>,
+) -> Result<Negotiated<E>, HandshakeError>
 where
     E: Export,
     S: AsyncRead + AsyncWrite + Unpin,
@@ -151,7 +154,14 @@ where
             }
             OPT_LIST => {
                 if !payload.is_empty() {
-                    reply(s, &mut out, h.option, REP_ERR_INVALID, b"LIST takes no data").await?;
+                    reply(
+                        s,
+                        &mut out,
+                        h.option,
+                        REP_ERR_INVALID,
+                        b"LIST takes no data",
+                    )
+                    .await?;
                     continue;
                 }
                 for e in exports.iter() {
@@ -166,8 +176,14 @@ where
                 let req = match InfoRequest::decode(&payload) {
                     Ok(r) => r,
                     Err(e) => {
-                        reply(s, &mut out, h.option, REP_ERR_INVALID, e.to_string().as_bytes())
-                            .await?;
+                        reply(
+                            s,
+                            &mut out,
+                            h.option,
+                            REP_ERR_INVALID,
+                            e.to_string().as_bytes(),
+                        )
+                        .await?;
                         continue;
                     }
                 };
@@ -194,8 +210,14 @@ where
                         INFO_DESCRIPTION => {
                             let mut d = BytesMut::new();
                             d.put_u16(INFO_DESCRIPTION);
-                            let role = if e.read_only() { "read-only" } else { "read-write" };
-                            d.put_slice(format!("blockmirror volume {} ({role})", e.name()).as_bytes());
+                            let role = if e.read_only() {
+                                "read-only"
+                            } else {
+                                "read-write"
+                            };
+                            d.put_slice(
+                                format!("blockmirror volume {} ({role})", e.name()).as_bytes(),
+                            );
                             encode_option_reply(&mut out, h.option, REP_INFO, &d);
                         }
                         _ => {} // Unknown info requests are ignored, as the spec allows.
@@ -224,8 +246,14 @@ where
                 let req = match MetaContextRequest::decode(&payload) {
                     Ok(r) => r,
                     Err(e) => {
-                        reply(s, &mut out, h.option, REP_ERR_INVALID, e.to_string().as_bytes())
-                            .await?;
+                        reply(
+                            s,
+                            &mut out,
+                            h.option,
+                            REP_ERR_INVALID,
+                            e.to_string().as_bytes(),
+                        )
+                        .await?;
                         continue;
                     }
                 };
@@ -237,9 +265,8 @@ where
                 if set {
                     st.meta_export = None;
                 }
-                let wants_base = |q: &str| {
-                    q == BASE_ALLOCATION || (!set && (q == "base:" || q == "base"))
-                };
+                let wants_base =
+                    |q: &str| q == BASE_ALLOCATION || (!set && (q == "base:" || q == "base"));
                 let selected = if !set && req.queries.is_empty() {
                     true
                 } else {

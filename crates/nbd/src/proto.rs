@@ -211,12 +211,26 @@ pub struct Session {
 /// A validated command. Ranges are not yet checked against the export size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, len: u32, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Disconnect,
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    Cache { offset: u64, len: u32 },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u32,
+    },
     WriteZeroes {
         offset: u64,
         len: u32,
@@ -224,7 +238,11 @@ pub enum Command {
         may_trim: bool,
         fast: bool,
     },
-    BlockStatus { offset: u64, len: u32, req_one: bool },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
 }
 
 impl Command {

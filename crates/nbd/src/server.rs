@@ -223,7 +223,11 @@ pub async fn serve_connection<E: Export, S: SplitStream>(
     };
     let export = negotiated.export;
     let session = negotiated.session;
-    debug!(export = export.name(), structured = session.structured, "transmission");
+    debug!(
+        export = export.name(),
+        structured = session.structured,
+        "transmission"
+    );
     let (rd, wr) = stream.split();
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(writer_loop(wr, rx, session.structured));
@@ -326,8 +330,9 @@ impl<E: Export> Reader<E> {
                 if buf.len() < REQUEST_HEADER_LEN {
                     break REQUEST_HEADER_LEN;
                 }
-                let hb: &[u8; REQUEST_HEADER_LEN] =
-                    buf[..REQUEST_HEADER_LEN].try_into().expect("length checked");
+                let hb: &[u8; REQUEST_HEADER_LEN] = buf[..REQUEST_HEADER_LEN]
+                    .try_into()
+                    .expect("length checked");
                 let h = RequestHeader::decode(hb)?;
                 if h.has_payload() {
                     let len = h.len as usize;
@@ -408,7 +413,11 @@ impl<E: Export> Reader<E> {
             Err(_) => {
                 self.send_batch();
                 // The semaphores are never closed, so acquiring cannot fail.
-                self.requests.clone().acquire_owned().await.expect("never closed")
+                self.requests
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("never closed")
             }
         };
         let bytes = if bytes == 0 {
@@ -418,7 +427,11 @@ impl<E: Export> Reader<E> {
                 Ok(p) => p,
                 Err(_) => {
                     self.send_batch();
-                    self.bytes.clone().acquire_many_owned(bytes).await.expect("never closed")
+                    self.bytes
+                        .clone()
+                        .acquire_many_owned(bytes)
+                        .await
+                        .expect("never closed")
                 }
             })
         };
@@ -432,7 +445,8 @@ impl<E: Export> Reader<E> {
         let permits = self.permits(0).await;
         debug!(cookie = h.cookie, kind = h.kind, offset = h.offset, len = h.len, %errno, "request refused");
         if let Some(kind) = CmdKind::from_wire(h.kind) {
-            self.export.record(kind, 0, std::time::Duration::ZERO, false);
+            self.export
+                .record(kind, 0, std::time::Duration::ZERO, false);
         }
         self.batch.push(Reply {
             cookie: h.cookie,
@@ -479,7 +493,11 @@ impl<E: Export> Reader<E> {
                 let fut = Box::pin(async move { done(e.write(offset, data, fua).await) });
                 (CmdKind::Write, len, fut)
             }
-            Command::Flush => (CmdKind::Flush, 0, Box::pin(async move { done(e.flush().await) })),
+            Command::Flush => (
+                CmdKind::Flush,
+                0,
+                Box::pin(async move { done(e.flush().await) }),
+            ),
             Command::Trim { offset, len, fua } => {
                 if g.check(offset, u64::from(len)).is_err() {
                     self.reply_error(h, Errno::Inval).await;
@@ -546,7 +564,13 @@ impl<E: Export> Reader<E> {
     }
 
     /// Polls a request once inline; spawns it if it is not done yet.
-    fn run_request(&mut self, h: &RequestHeader, kind: CmdKind, mut fut: BoxFuture, permits: Permits) {
+    fn run_request(
+        &mut self,
+        h: &RequestHeader,
+        kind: CmdKind,
+        mut fut: BoxFuture,
+        permits: Permits,
+    ) {
         let started = Instant::now();
         let (cookie, cmd, offset) = (h.cookie, h.kind, h.offset);
         let payload = u64::from(h.len);
@@ -627,7 +651,13 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
 }
 
 /// Encodes a message's replies; returns the bytes added as separate segments.
-fn take(m: Message, structured: bool, hdr: &mut BytesMut, segs: &mut Vec<Bytes>, sent: &mut Vec<Reply>) -> usize {
+fn take(
+    m: Message,
+    structured: bool,
+    hdr: &mut BytesMut,
+    segs: &mut Vec<Bytes>,
+    sent: &mut Vec<Reply>,
+) -> usize {
     let mut added = 0;
     let mut one = |r: Reply| {
         added += encode_reply(&r, structured, hdr, segs);
@@ -688,7 +718,10 @@ fn encode_reply(r: &Reply, structured: bool, hdr: &mut BytesMut, segs: &mut Vec<
     }
 }
 
-async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, segs: &mut Vec<Bytes>) -> io::Result<()> {
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    segs: &mut Vec<Bytes>,
+) -> io::Result<()> {
     let mut first = 0;
     while first < segs.len() {
         let slices: Vec<IoSlice<'_>> = segs[first..]

@@ -189,7 +189,15 @@ impl Client {
         size_flags.expect("export info")
     }
 
-    async fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) {
+    async fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) {
         let mut b = BytesMut::new();
         RequestHeader {
             flags,
@@ -260,7 +268,8 @@ async fn handshake_haggling_and_bad_options() {
     c.option(OPT_INFO, &[0, 0, 0, 9, b'd']).await;
     assert_eq!(c.opt_reply().await.kind, REP_ERR_INVALID);
     // A huge option is refused without being buffered.
-    c.option(OPT_GO, &vec![0u8; (MAX_OPTION_LEN + 1) as usize]).await;
+    c.option(OPT_GO, &vec![0u8; (MAX_OPTION_LEN + 1) as usize])
+        .await;
     assert_eq!(c.opt_reply().await.kind, REP_ERR_TOO_BIG);
     // And GO still works afterwards.
     let (size, flags) = c.go("db").await;
@@ -306,16 +315,21 @@ async fn io_and_range_errors_keep_the_stream_in_step() {
     let (mut c, _srv) = Client::connect(MemExport::new("db", 1 << 20)).await;
     c.go_structured("db").await;
     let pattern = vec![0xabu8; 4096];
-    c.request(CMD_WRITE, CMD_FLAG_FUA, 1, 8192, 4096, &pattern).await;
+    c.request(CMD_WRITE, CMD_FLAG_FUA, 1, 8192, 4096, &pattern)
+        .await;
     assert_eq!(c.simple().await, (1, 0));
     // Structured read: one OFFSET_DATA chunk with DONE.
     c.request(CMD_READ, 0, 2, 8192, 4096, &[]).await;
     let (flags, kind, cookie, d) = c.chunk().await;
-    assert_eq!((flags, kind, cookie), (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 2));
+    assert_eq!(
+        (flags, kind, cookie),
+        (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 2)
+    );
     assert_eq!(u64::from_be_bytes(d[..8].try_into().unwrap()), 8192);
     assert_eq!(&d[8..], &pattern[..]);
     // Write past the end: ENOSPC, payload skipped.
-    c.request(CMD_WRITE, 0, 3, (1 << 20) - 512, 4096, &pattern).await;
+    c.request(CMD_WRITE, 0, 3, (1 << 20) - 512, 4096, &pattern)
+        .await;
     assert_eq!(c.simple().await, (3, Errno::NoSpc.code()));
     // Oversized write length: EINVAL, payload skipped, no huge allocation.
     let big = vec![0x11u8; (32 << 20) + 4096];
@@ -324,8 +338,14 @@ async fn io_and_range_errors_keep_the_stream_in_step() {
     // Read past the end and zero-length read: structured EINVAL.
     c.request(CMD_READ, 0, 5, 1 << 20, 512, &[]).await;
     let (flags, kind, cookie, d) = c.chunk().await;
-    assert_eq!((flags, kind, cookie), (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 5));
-    assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), Errno::Inval.code());
+    assert_eq!(
+        (flags, kind, cookie),
+        (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 5)
+    );
+    assert_eq!(
+        u32::from_be_bytes(d[..4].try_into().unwrap()),
+        Errno::Inval.code()
+    );
     c.request(CMD_READ, 0, 6, 0, 0, &[]).await;
     assert_eq!(c.chunk().await.1, REPLY_TYPE_ERROR);
     // Unknown command and a bad flag: EINVAL.
@@ -339,15 +359,20 @@ async fn io_and_range_errors_keep_the_stream_in_step() {
     c.request(CMD_TRIM, 0, 10, 1 << 20, 512, &[]).await;
     assert_eq!(c.simple().await, (10, Errno::Inval.code()));
     // Write zeroes, then read back zeroes.
-    c.request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 11, 8192, 4096, &[]).await;
+    c.request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 11, 8192, 4096, &[])
+        .await;
     assert_eq!(c.simple().await, (11, 0));
     c.request(CMD_READ, 0, 12, 8192, 4096, &[]).await;
     let d = c.chunk().await.3;
     assert!(d[8..].iter().all(|&b| b == 0));
     // Block status with REQ_ONE: exactly one extent.
-    c.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 13, 0, 65536, &[]).await;
+    c.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 13, 0, 65536, &[])
+        .await;
     let (flags, kind, cookie, d) = c.chunk().await;
-    assert_eq!((flags, kind, cookie), (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 13));
+    assert_eq!(
+        (flags, kind, cookie),
+        (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 13)
+    );
     assert_eq!(d.len(), 4 + 8);
     c.request(CMD_BLOCK_STATUS, 0, 14, 0, 65536, &[]).await;
     assert_eq!(c.chunk().await.3.len(), 4 + 16);
@@ -356,7 +381,11 @@ async fn io_and_range_errors_keep_the_stream_in_step() {
     assert_eq!(c.simple().await, (15, 0));
     c.request(CMD_DISC, 0, 16, 0, 0, &[]).await;
     let mut b = [0u8; 1];
-    assert_eq!(c.s.read(&mut b).await.unwrap(), 0, "server closes after DISC");
+    assert_eq!(
+        c.s.read(&mut b).await.unwrap(),
+        0,
+        "server closes after DISC"
+    );
 }
 
 #[tokio::test]

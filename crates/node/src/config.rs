@@ -562,10 +562,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         let digits: u128 = frac.parse().map_err(|_| bad())?;
         let scale = 10u128.pow(frac.len() as u32);
         let scaled = digits * u128::from(mult);
-        if scaled % scale != 0 {
+        let whole = scaled / scale;
+        if whole * scale != scaled {
             return Err(format!("{s:?} is not a whole number of bytes"));
         }
-        let part = u64::try_from(scaled / scale).map_err(|_| too_large())?;
+        let part = u64::try_from(whole).map_err(|_| too_large())?;
         total = total.checked_add(part).ok_or_else(too_large)?;
     }
     Ok(total)

@@ -25,7 +25,9 @@ pub enum MetaFileError {
         #[source]
         source: MetaError,
     },
-    #[error("metadata {path} is for a volume of {recorded} bytes, but the config says {configured}")]
+    #[error(
+        "metadata {path} is for a volume of {recorded} bytes, but the config says {configured}"
+    )]
     SizeMismatch {
         path: PathBuf,
         recorded: u64,

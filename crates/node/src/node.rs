@@ -127,11 +127,13 @@ impl Node {
                 NbdListen::Tcp(a) => ListenAddr::Tcp(*a),
                 NbdListen::Unix(p) => ListenAddr::Unix(p.clone()),
             };
-            let listener = Listener::bind(&addr).await.map_err(|source| NodeError::Bind {
-                what: format!("volume {} NBD", v.volume.name()),
-                addr: v.nbd.to_string(),
-                source,
-            })?;
+            let listener = Listener::bind(&addr)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    what: format!("volume {} NBD", v.volume.name()),
+                    addr: v.nbd.to_string(),
+                    source,
+                })?;
             let uri = match listener.local_addr() {
                 Ok(ListenAddr::Tcp(a)) => NbdListen::Tcp(a).uri(v.volume.name()),
                 _ => v.nbd.uri(v.volume.name()),

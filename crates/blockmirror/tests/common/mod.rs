@@ -49,10 +49,8 @@ pub fn require_tool(tool: &str) {
 
 /// Runs a command, returning its output; panics with stderr if it cannot start.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    out
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// Runs a command that must succeed; returns stdout.
@@ -224,10 +222,9 @@ impl TestNode {
         let _ = Command::new("kill")
             .args([format!("-{signal}"), child.id().to_string()])
             .status();
-        let status = wait_for("the node to exit", Duration::from_secs(30), || {
+        wait_for("the node to exit", Duration::from_secs(30), || {
             child.try_wait().unwrap()
-        });
-        status
+        })
     }
 }
 
