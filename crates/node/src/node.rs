@@ -80,6 +80,12 @@ impl Node {
         let state_dir = state_dir(&config);
         let mut volumes = Vec::new();
         for vc in &config.volumes {
+            if let Some(parent) = vc.path.parent() {
+                std::fs::create_dir_all(parent).map_err(|source| NodeError::Io {
+                    what: format!("volume {}: creating {}", vc.name, parent.display()),
+                    source,
+                })?;
+            }
             let opts = FileOptions {
                 path: vc.path.clone(),
                 size: vc.size,

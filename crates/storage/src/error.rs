@@ -31,15 +31,29 @@ impl std::fmt::Display for Op {
 }
 
 /// A backend I/O failure.
+///
+/// Its message includes the cause, so it is not also reported as `source()`
+/// (error reporters would print the cause twice).
 #[derive(Debug, Error)]
-#[error("volume {volume}: {op} at offset {offset} length {len}: {source}")]
 pub struct StorageError {
     pub volume: String,
     pub op: Op,
     pub offset: u64,
     pub len: u64,
-    #[source]
-    pub source: io::Error,
+    pub cause: io::Error,
+}
+
+impl std::fmt::Display for StorageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.op {
+            Op::Open => write!(f, "volume {}: open: {}", self.volume, self.cause),
+            op => write!(
+                f,
+                "volume {}: {op} at offset {} length {}: {}",
+                self.volume, self.offset, self.len, self.cause
+            ),
+        }
+    }
 }
 
 impl StorageError {
@@ -49,13 +63,13 @@ impl StorageError {
             op,
             offset,
             len,
-            source,
+            cause: source,
         }
     }
 
     /// The OS error number, or EIO when the error has none.
     pub fn errno(&self) -> i32 {
-        self.source
+        self.cause
             .raw_os_error()
             .unwrap_or(rustix::io::Errno::IO.raw_os_error())
     }

@@ -719,7 +719,7 @@ mod tests {
         o.direct = true;
         match FileBackend::open("vd", &o) {
             Ok(b) => Some(b),
-            Err(e) if e.source.kind() == io::ErrorKind::InvalidInput => {
+            Err(e) if e.cause.kind() == io::ErrorKind::InvalidInput => {
                 println!("skipping: O_DIRECT unsupported here: {e}");
                 None
             }
@@ -779,7 +779,7 @@ mod tests {
         o.create = false;
         let e = FileBackend::open("vol", &o).unwrap_err();
         assert_eq!(e.op, Op::Open);
-        assert_eq!(e.source.kind(), io::ErrorKind::NotFound);
+        assert_eq!(e.cause.kind(), io::ErrorKind::NotFound);
         assert!(e.to_string().contains("missing"), "{e}");
 
         let e = FileBackend::open("vol", &opts(dir.path(), 4096)).unwrap_err();

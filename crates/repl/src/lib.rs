@@ -1,0 +1,37 @@
+//! blockmirror's replication link: what a primary and its mirrors say to each
+//! other, byte for byte.
+//!
+//! - [`frame`]: the wire format. A 40-byte header (magic `BMRP`, version,
+//!   kind, flags, request id, offset, length, payload length, payload crc32c,
+//!   header crc32c) and a payload. Two layers: [`RawHeader`] decodes bytes and
+//!   judges only magic, version and header checksum; [`Frame`] is a validated
+//!   message. [`FrameDecoder`] cuts frames out of a byte buffer, checking each
+//!   header before it waits for (or allocates) the payload.
+//! - [`handshake`]: the start of a link. The primary says which volume it
+//!   serves; the mirror checks it has a big enough volume of that name; each
+//!   side proves knowledge of the shared secret with an HMAC over both nonces
+//!   and both hellos ([`connect`] on the primary, [`accept`] on the mirror).
+//! - [`link`]: buffered frame I/O for the rest of the link's life:
+//!   [`FrameReader`] (clean EOF between frames is `None`; EOF inside a frame
+//!   is an error) and [`FrameWriter`] (small frames coalesce into one buffer,
+//!   write data goes out as its own iovec without a copy).
+//!
+//! After the handshake the link carries `Write`, `Trim`, `WriteZeroes` and
+//! `Flush` requests from the primary, each with a request id that the mirror
+//! echoes in an `Ack` or a `Nack`; `Ping`/`Pong` measure liveness; `Error` is
+//! fatal and is the last frame its sender writes.
+
+#![forbid(unsafe_code)]
+
+pub mod frame;
+pub mod handshake;
+pub mod link;
+
+pub use frame::{
+    ErrorCode, Frame, FrameDecoder, Kind, RawHeader, WireError, FLAG_FUA, FLAG_NO_TRIM,
+    HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA, VERSION,
+};
+pub use handshake::{
+    accept, connect, AuthFailure, HandshakeError, NodeHello, PeerInfo, VolumeIdentity,
+};
+pub use link::{FrameReader, FrameWriter, LinkError};
