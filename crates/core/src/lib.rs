@@ -4,10 +4,12 @@
 //!
 //! - [`geometry`]: a volume's size and block sizes, and the range checks every
 //!   request goes through before it reaches a backend.
+//! - [`rangelock`]: range locks that keep overlapping writes in one order on disk and on the link.
 //! - [`meta`]: the durable volume metadata record (identity, generation, clean flag).
 
 pub mod geometry;
 pub mod meta;
+pub mod rangelock;
 
 pub use geometry::{Geometry, RangeError};
 pub use meta::{MetaError, VolumeMeta};

@@ -5,15 +5,15 @@
 //! cross-field rules and builds the typed config. Every error names the file,
 //! the key (`volume[1].nbd`) and the reason.
 //!
-//! Features that are not built yet (mirror tables, `role = "mirror"`) are
-//! parsed like the rest and refused in validation with
-//! [`ConfigError::Unsupported`], so lifting them later only touches
-//! validation.
+//! Features that are not built yet (`mode = "async"`) are parsed like the
+//! rest and refused in validation with [`ConfigError::Unsupported`], so
+//! lifting them later only touches validation.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -29,7 +29,12 @@ pub const SIZE_ALIGN: u64 = 512;
 
 const SIZE_EXAMPLES: &str = "examples: 1GiB, 512MiB, 4096";
 const ADDR_FORM: &str = "HOST:PORT, e.g. 127.0.0.1:7780";
-const NOT_YET_MIRRORING: &str = "mirroring is not yet supported in this version";
+const NOT_YET_ASYNC: &str =
+    "async mirroring is not yet supported in this version (use mode = \"sync\")";
+/// Default for `mirror_timeout`.
+pub const DEFAULT_MIRROR_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for `bitmap_granularity`.
+pub const DEFAULT_BITMAP_GRANULARITY: u64 = 64 * 1024;
 
 /// A validated node config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +70,49 @@ pub struct VolumeConfig {
     pub direct_io: bool,
     /// Export read-only even on a primary (key `read_only`, default false).
     pub read_only: bool,
+    /// On a primary: where its changes are mirrored (`[[volume.mirror]]`).
+    pub mirrors: Vec<MirrorConfig>,
+    /// What a mirror failure does to host writes (key `on_mirror_failure`).
+    pub on_mirror_failure: FailurePolicy,
+    /// A mirror request unanswered this long fails the link (key `mirror_timeout`, default 5s).
+    pub mirror_timeout: Duration,
+    /// Granularity of the out-of-sync bitmap (key `bitmap_granularity`, default 64KiB).
+    pub bitmap_granularity: u64,
+}
+
+/// One `[[volume.mirror]]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// The mirror node's `listen` address, as written (host:port).
+    pub peer: String,
+    /// The resolved address.
+    pub addr: SocketAddr,
+    pub mode: MirrorMode,
+}
+
+/// How a mirror follows its primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorMode {
+    /// The host's write completes only when the mirror has it.
+    Sync,
+}
+
+impl MirrorMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorMode::Sync => "sync",
+        }
+    }
+}
+
+/// What a failed mirror does to host writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// The mirror is marked degraded; host writes go on and are recorded in
+    /// the out-of-sync bitmap for a later resync.
+    Degrade,
+    /// Host writes fail with EIO until the mirror is back (RPO zero).
+    Fence,
 }
 
 /// A volume's replication role.
@@ -234,13 +282,14 @@ struct RawVolume {
     read_only: bool,
     #[serde(default)]
     mirror: Vec<RawMirror>,
+    on_mirror_failure: Option<String>,
+    mirror_timeout: Option<String>,
+    bitmap_granularity: Option<toml::Value>,
 }
 
-/// A `[[volume.mirror]]` table. Parsed so that its keys are checked, then
-/// refused in validation until mirroring exists.
+/// A `[[volume.mirror]]` table.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // read once mirroring is supported
 struct RawMirror {
     peer: Option<String>,
     mode: Option<String>,
@@ -355,7 +404,7 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
         let role = match rv.role.as_deref() {
             None => return Err(cx.invalid(key("role"), "missing (required: primary or mirror)")),
             Some("primary") => Role::Primary,
-            Some("mirror") => return Err(cx.unsupported(key("role"), NOT_YET_MIRRORING)),
+            Some("mirror") => Role::Mirror,
             Some(other) => {
                 return Err(cx.invalid(
                     key("role"),
@@ -364,9 +413,69 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             }
         };
 
-        if !rv.mirror.is_empty() {
-            return Err(cx.unsupported(key("mirror"), NOT_YET_MIRRORING));
+        let mut mirrors = Vec::with_capacity(rv.mirror.len());
+        if role == Role::Mirror && !rv.mirror.is_empty() {
+            return Err(cx.invalid(
+                key("mirror"),
+                "a mirror volume cannot have mirrors of its own (cascading is not supported)",
+            ));
         }
+        for (m, rm) in rv.mirror.into_iter().enumerate() {
+            let mkey = |k: &str| format!("volume[{i}].mirror[{m}].{k}");
+            let peer = cx.required(rm.peer, &mkey("peer"))?;
+            let addr =
+                parse_socket_addr(&peer, ADDR_FORM).map_err(|r| cx.invalid(mkey("peer"), r))?;
+            if mirrors.iter().any(|x: &MirrorConfig| x.addr == addr) {
+                return Err(cx.invalid(mkey("peer"), format!("{peer} is listed twice")));
+            }
+            let mode = match rm.mode.as_deref() {
+                None | Some("sync") => MirrorMode::Sync,
+                Some("async") => return Err(cx.unsupported(mkey("mode"), NOT_YET_ASYNC)),
+                Some(other) => {
+                    return Err(cx.invalid(
+                        mkey("mode"),
+                        format!("{other:?} is not a mode (expected \"sync\" or \"async\")"),
+                    ))
+                }
+            };
+            mirrors.push(MirrorConfig { peer, addr, mode });
+        }
+        let on_mirror_failure = match rv.on_mirror_failure.as_deref() {
+            None | Some("degrade") => FailurePolicy::Degrade,
+            Some("fence") => FailurePolicy::Fence,
+            Some(other) => {
+                return Err(cx.invalid(
+                    key("on_mirror_failure"),
+                    format!("{other:?} is not a policy (expected \"degrade\" or \"fence\")"),
+                ))
+            }
+        };
+        let mirror_timeout = match rv.mirror_timeout.as_deref() {
+            None => DEFAULT_MIRROR_TIMEOUT,
+            Some(t) => match humantime::parse_duration(t) {
+                Ok(d) if d >= Duration::from_millis(10) => d,
+                Ok(_) => return Err(cx.invalid(key("mirror_timeout"), "must be at least 10ms")),
+                Err(e) => {
+                    return Err(cx.invalid(
+                        key("mirror_timeout"),
+                        format!("{t:?} is not a duration ({e}; examples: 5s, 500ms)"),
+                    ))
+                }
+            },
+        };
+        let bitmap_granularity = match &rv.bitmap_granularity {
+            None => DEFAULT_BITMAP_GRANULARITY,
+            Some(v) => {
+                let g = size_value(v).map_err(|r| cx.invalid(key("bitmap_granularity"), r))?;
+                if !g.is_power_of_two() || g < 4096 {
+                    return Err(cx.invalid(
+                        key("bitmap_granularity"),
+                        format!("{g} is not a power of two of at least 4096"),
+                    ));
+                }
+                g
+            }
+        };
 
         let nbd = cx.required(rv.nbd, &key("nbd"))?;
         let nbd = parse_nbd(&nbd, &cx).map_err(|r| cx.invalid(key("nbd"), r))?;
@@ -403,8 +512,28 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             nbd,
             consistency_group,
             direct_io: rv.direct_io,
-            read_only: rv.read_only,
+            read_only: rv.read_only || role == Role::Mirror,
+            mirrors,
+            on_mirror_failure,
+            mirror_timeout,
+            bitmap_granularity,
         });
+    }
+
+    let replicating = volumes
+        .iter()
+        .any(|v| v.role == Role::Mirror || !v.mirrors.is_empty());
+    if replicating && secret_file.is_none() {
+        return Err(cx.invalid(
+            "secret_file",
+            "missing: required when a volume has mirrors or is a mirror (the shared secret authenticates replication links)",
+        ));
+    }
+    if volumes.iter().any(|v| v.role == Role::Mirror) && listen.is_none() {
+        return Err(cx.invalid(
+            "listen",
+            "missing: required when a volume has role = \"mirror\" (primaries connect to it)",
+        ));
     }
 
     Ok(NodeConfig {
@@ -669,19 +798,77 @@ consistency_group = "app"        # optional
     }
 
     #[test]
-    fn example_with_mirror_table_is_refused_as_unsupported() {
+    fn contract_example_with_mirror_table_parses() {
         let text =
             format!("{EXAMPLE}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"sync\"\n");
-        let e = err(&text);
-        assert!(matches!(e, ConfigError::Unsupported { .. }), "{e}");
-        assert_err(&text, "volume[0].mirror", "mirroring is not yet supported");
+        let c = NodeConfig::parse(&text, Path::new("/etc/bm/node.toml")).unwrap();
+        let v = &c.volumes[0];
+        assert_eq!(v.mirrors.len(), 1);
+        assert_eq!(v.mirrors[0].mode, MirrorMode::Sync);
+        assert_eq!(v.mirrors[0].addr, "127.0.0.1:7701".parse().unwrap());
+        assert_eq!(v.on_mirror_failure, FailurePolicy::Degrade);
+        assert_eq!(v.mirror_timeout, DEFAULT_MIRROR_TIMEOUT);
+        assert_eq!(v.bitmap_granularity, 64 * 1024);
+        // Async is not built yet.
+        let text =
+            format!("{EXAMPLE}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"async\"\n");
+        assert!(matches!(err(&text), ConfigError::Unsupported { .. }));
+        assert_err(&text, "volume[0].mirror[0].mode", "not yet supported");
     }
 
     #[test]
-    fn mirror_role_is_refused_as_unsupported() {
+    fn mirror_settings_are_checked() {
+        let base = "secret_file = \"s\"\n";
+        let with = |extra: &str| format!("{base}{}", vol(extra));
+        let ok = NodeConfig::parse(
+            &with("on_mirror_failure = \"fence\"\nmirror_timeout = \"250ms\"\nbitmap_granularity = \"1MiB\"\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\""),
+            Path::new("n.toml"),
+        )
+        .unwrap();
+        let v = &ok.volumes[0];
+        assert_eq!(v.on_mirror_failure, FailurePolicy::Fence);
+        assert_eq!(v.mirror_timeout, Duration::from_millis(250));
+        assert_eq!(v.bitmap_granularity, 1 << 20);
+        assert_err(
+            &with("on_mirror_failure = \"panic\""),
+            "volume[0].on_mirror_failure",
+            "not a policy",
+        );
+        assert_err(
+            &with("mirror_timeout = \"soon\""),
+            "volume[0].mirror_timeout",
+            "not a duration",
+        );
+        assert_err(
+            &with("bitmap_granularity = 4608"),
+            "volume[0].bitmap_granularity",
+            "power of two",
+        );
+        assert_err(
+            &with("[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\""),
+            "volume[0].mirror[1].peer",
+            "listed twice",
+        );
+        // Mirrors need the shared secret.
+        assert_err(
+            &vol("[[volume.mirror]]\npeer = \"127.0.0.1:7701\""),
+            "secret_file",
+            "required",
+        );
+    }
+
+    #[test]
+    fn mirror_role_needs_listen_and_secret_and_is_read_only() {
         let text = vol_with("role", "role = \"mirror\"");
-        assert!(matches!(err(&text), ConfigError::Unsupported { .. }));
-        assert_err(&text, "volume[0].role", "not yet supported");
+        assert_err(&text, "secret_file", "required");
+        let text = format!("secret_file = \"s\"\n{text}");
+        assert_err(&text, "listen", "required");
+        let text = format!("listen = \"127.0.0.1:7701\"\n{text}");
+        let c = NodeConfig::parse(&text, Path::new("n.toml")).unwrap();
+        assert_eq!(c.volumes[0].role, Role::Mirror);
+        assert!(c.volumes[0].read_only, "a mirror's export is read-only");
+        let cascade = format!("{text}[[volume.mirror]]\npeer = \"127.0.0.1:7702\"\n");
+        assert_err(&cascade, "volume[0].mirror", "cannot have mirrors");
     }
 
     #[test]
