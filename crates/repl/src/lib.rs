@@ -28,8 +28,8 @@ pub mod handshake;
 pub mod link;
 
 pub use frame::{
-    ErrorCode, Frame, FrameDecoder, Kind, RawHeader, WireError, FLAG_FUA, FLAG_NO_TRIM,
-    HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA, VERSION,
+    encode_write_header, ErrorCode, Frame, FrameDecoder, Kind, RawHeader, WireError, FLAG_FUA,
+    FLAG_NO_TRIM, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA, VERSION,
 };
 pub use handshake::{
     accept, connect, AuthFailure, HandshakeError, NodeHello, PeerInfo, VolumeIdentity,

@@ -1,0 +1,1327 @@
+//! Replication frames: byte layout, raw header, validated frames, decoder.
+//!
+//! Every frame is a 40-byte header followed by `payload_len` bytes of
+//! payload. All integers are big-endian.
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `0x424D5250` ("BMRP") |
+//! | 4 | 1 | version (1) |
+//! | 5 | 1 | kind (see [`Kind`]) |
+//! | 6 | 2 | flags ([`FLAG_FUA`], [`FLAG_NO_TRIM`]; which are allowed depends on the kind) |
+//! | 8 | 8 | id: the request id; 0 for handshake frames |
+//! | 16 | 8 | offset: byte offset of a Write, Trim or WriteZeroes; 0 otherwise |
+//! | 24 | 4 | len: bytes written, trimmed or zeroed; the payload length for frames with a payload; 0 otherwise |
+//! | 28 | 4 | payload_len |
+//! | 32 | 4 | payload crc32c |
+//! | 36 | 4 | header crc32c, over bytes 0..36 |
+//!
+//! | kind | code | id | flags | payload |
+//! |---|---|---|---|---|
+//! | Hello | 1 | 0 | none | handshake message, <= [`MAX_CONTROL_PAYLOAD`] |
+//! | Challenge | 2 | 0 | none | handshake message |
+//! | Auth | 3 | 0 | none | handshake message |
+//! | Welcome | 4 | 0 | none | handshake message |
+//! | Write | 16 | request | FUA | the data, <= [`MAX_DATA`], `len` equals it |
+//! | Trim | 17 | request | FUA | none |
+//! | WriteZeroes | 18 | request | FUA, NO_TRIM | none |
+//! | Flush | 19 | request | none | none |
+//! | Ack | 32 | echoed | none | none |
+//! | Nack | 33 | echoed | none | u32 errno, then a UTF-8 message |
+//! | Error | 34 | request or 0 | none | u32 [`ErrorCode`], then a UTF-8 message; fatal |
+//! | Ping | 48 | any | none | none |
+//! | Pong | 49 | echoed | none | none |
+//!
+//! Fields a kind does not use must be zero, so each frame has exactly one
+//! encoding. Decoding is two steps: [`RawHeader::decode`] judges magic,
+//! version and header checksum; [`RawHeader::validate`] judges the kind, its
+//! flags, its fields and its payload length against the kind's limit, all
+//! before the payload is read, so a forged length never makes the receiver
+//! allocate. [`Frame::from_parts`] then checks the payload checksum and
+//! parses the payload.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use thiserror::Error;
+
+/// "BMRP": the first four bytes of every frame.
+pub const MAGIC: u32 = 0x424D_5250;
+/// The protocol version this build speaks.
+pub const VERSION: u8 = 1;
+/// Size of the fixed frame header.
+pub const HEADER_LEN: usize = 40;
+/// Largest Write payload: the NBD front end's largest request (32 MiB), so
+/// one host write is at most one frame.
+pub const MAX_DATA: u32 = 32 * 1024 * 1024;
+/// Largest payload of a handshake, Nack or Error frame.
+pub const MAX_CONTROL_PAYLOAD: u32 = 64 * 1024;
+
+/// Write, Trim, WriteZeroes: durable on the mirror before the Ack.
+pub const FLAG_FUA: u16 = 1 << 0;
+/// WriteZeroes: the mirror must allocate the zeroed range, not punch a hole.
+pub const FLAG_NO_TRIM: u16 = 1 << 1;
+
+/// Bytes of the header covered by the header checksum.
+const HEADER_CRC_SPAN: usize = HEADER_LEN - 4;
+/// Bytes of a Nack or Error payload before its message.
+const CODE_LEN: usize = 4;
+
+/// A frame's kind: the byte at offset 5.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Hello = 1,
+    Challenge = 2,
+    Auth = 3,
+    Welcome = 4,
+    Write = 16,
+    Trim = 17,
+    WriteZeroes = 18,
+    Flush = 19,
+    Ack = 32,
+    Nack = 33,
+    Error = 34,
+    Ping = 48,
+    Pong = 49,
+}
+
+/// How a kind uses the header's id, offset and len fields and its payload.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// id, offset and len are all zero; payload_len = 0.
+    Bare { id_zero: bool },
+    /// offset zero; len = payload_len <= max.
+    Control { id_zero: bool },
+    /// offset and len are a range; payload_len = 0.
+    Range,
+    /// offset is a range start; len = payload_len <= MAX_DATA.
+    Data,
+}
+
+impl Kind {
+    /// Every kind, in code order.
+    pub const ALL: [Kind; 13] = [
+        Kind::Hello,
+        Kind::Challenge,
+        Kind::Auth,
+        Kind::Welcome,
+        Kind::Write,
+        Kind::Trim,
+        Kind::WriteZeroes,
+        Kind::Flush,
+        Kind::Ack,
+        Kind::Nack,
+        Kind::Error,
+        Kind::Ping,
+        Kind::Pong,
+    ];
+
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_code(code: u8) -> Option<Kind> {
+        Kind::ALL.iter().copied().find(|k| k.code() == code)
+    }
+
+    /// True for the four kinds exchanged before the link carries requests.
+    pub fn is_handshake(self) -> bool {
+        matches!(
+            self,
+            Kind::Hello | Kind::Challenge | Kind::Auth | Kind::Welcome
+        )
+    }
+
+    /// The flags a frame of this kind may carry.
+    pub fn allowed_flags(self) -> u16 {
+        match self {
+            Kind::Write | Kind::Trim => FLAG_FUA,
+            Kind::WriteZeroes => FLAG_FUA | FLAG_NO_TRIM,
+            _ => 0,
+        }
+    }
+
+    /// The largest payload a frame of this kind may carry.
+    pub fn max_payload(self) -> u32 {
+        match self.shape() {
+            Shape::Data => MAX_DATA,
+            Shape::Control { .. } => MAX_CONTROL_PAYLOAD,
+            Shape::Bare { .. } | Shape::Range => 0,
+        }
+    }
+
+    fn shape(self) -> Shape {
+        match self {
+            Kind::Hello | Kind::Challenge | Kind::Auth | Kind::Welcome => {
+                Shape::Control { id_zero: true }
+            }
+            Kind::Nack | Kind::Error => Shape::Control { id_zero: false },
+            Kind::Write => Shape::Data,
+            Kind::Trim | Kind::WriteZeroes => Shape::Range,
+            Kind::Flush | Kind::Ack | Kind::Ping | Kind::Pong => Shape::Bare { id_zero: false },
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Hello => "Hello",
+            Kind::Challenge => "Challenge",
+            Kind::Auth => "Auth",
+            Kind::Welcome => "Welcome",
+            Kind::Write => "Write",
+            Kind::Trim => "Trim",
+            Kind::WriteZeroes => "WriteZeroes",
+            Kind::Flush => "Flush",
+            Kind::Ack => "Ack",
+            Kind::Nack => "Nack",
+            Kind::Error => "Error",
+            Kind::Ping => "Ping",
+            Kind::Pong => "Pong",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a peer ends the link (the code of an Error frame). Codes this build
+/// does not know are kept as [`ErrorCode::Unknown`], so a newer peer's
+/// reason is still reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The peer broke the protocol (malformed or unexpected frame).
+    Protocol,
+    /// The handshake's proof did not verify.
+    AuthFailed,
+    /// The mirror has no volume of the requested name.
+    UnknownVolume,
+    /// The mirror's volume is smaller than the primary's.
+    MirrorTooSmall,
+    /// No room for another link or job (a full job table).
+    Busy,
+    /// The sender is shutting down.
+    ShuttingDown,
+    /// The sender hit an internal error.
+    Internal,
+    Unknown(u32),
+}
+
+impl ErrorCode {
+    pub fn code(self) -> u32 {
+        match self {
+            ErrorCode::Protocol => 1,
+            ErrorCode::AuthFailed => 2,
+            ErrorCode::UnknownVolume => 3,
+            ErrorCode::MirrorTooSmall => 4,
+            ErrorCode::Busy => 5,
+            ErrorCode::ShuttingDown => 6,
+            ErrorCode::Internal => 7,
+            ErrorCode::Unknown(c) => c,
+        }
+    }
+
+    pub fn from_code(code: u32) -> ErrorCode {
+        match code {
+            1 => ErrorCode::Protocol,
+            2 => ErrorCode::AuthFailed,
+            3 => ErrorCode::UnknownVolume,
+            4 => ErrorCode::MirrorTooSmall,
+            5 => ErrorCode::Busy,
+            6 => ErrorCode::ShuttingDown,
+            7 => ErrorCode::Internal,
+            c => ErrorCode::Unknown(c),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ErrorCode::Protocol => f.write_str("protocol error"),
+            ErrorCode::AuthFailed => f.write_str("authentication failed"),
+            ErrorCode::UnknownVolume => f.write_str("unknown volume"),
+            ErrorCode::MirrorTooSmall => f.write_str("mirror too small"),
+            ErrorCode::Busy => f.write_str("busy"),
+            ErrorCode::ShuttingDown => f.write_str("shutting down"),
+            ErrorCode::Internal => f.write_str("internal error"),
+            ErrorCode::Unknown(c) => write!(f, "error code {c}"),
+        }
+    }
+}
+
+/// A frame that cannot be accepted. Every variant ends the link: the stream
+/// can no longer be trusted to be in step with the peer.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum WireError {
+    #[error("bad frame magic {0:#010x} (expected {MAGIC:#010x})")]
+    BadMagic(u32),
+    #[error("unsupported replication protocol version {0} (this build speaks {VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("frame header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    HeaderChecksum { stored: u32, computed: u32 },
+    #[error("{kind} frame {id}: payload checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    PayloadChecksum {
+        id: u64,
+        kind: Kind,
+        stored: u32,
+        computed: u32,
+    },
+    #[error("unknown frame kind {kind} (id {id})")]
+    UnknownKind { kind: u8, id: u64 },
+    #[error("{kind} frame {id}: flags {flags:#06x} not allowed (allowed {allowed:#06x})")]
+    BadFlags {
+        kind: Kind,
+        id: u64,
+        flags: u16,
+        allowed: u16,
+    },
+    #[error("{kind} frame {id}: payload of {len} bytes exceeds {max}")]
+    PayloadTooLarge {
+        kind: Kind,
+        id: u64,
+        len: u32,
+        max: u32,
+    },
+    #[error("{kind} frame {id}: length {len} does not match payload length {payload_len}")]
+    LengthMismatch {
+        kind: Kind,
+        id: u64,
+        len: u32,
+        payload_len: u32,
+    },
+    #[error("{kind} frame {id}: unused field {field} must be zero, is {value}")]
+    NonZeroField {
+        kind: Kind,
+        id: u64,
+        field: &'static str,
+        value: u64,
+    },
+    #[error("{kind} frame {id}: range of {len} bytes at offset {offset} overflows")]
+    RangeOverflow {
+        kind: Kind,
+        id: u64,
+        offset: u64,
+        len: u32,
+    },
+    #[error("{kind} frame {id}: malformed payload: {reason}")]
+    Malformed { kind: Kind, id: u64, reason: String },
+}
+
+/// A frame header exactly as it was on the wire, with a good magic, version
+/// and header checksum. Nothing else about it is judged yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawHeader {
+    pub kind: u8,
+    pub flags: u16,
+    pub id: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub payload_len: u32,
+    pub payload_crc: u32,
+}
+
+impl RawHeader {
+    /// Decodes a 40-byte header; judges magic, then version, then the header
+    /// checksum.
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, WireError> {
+        let u32_at = |o: usize| u32::from_be_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_be_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        let magic = u32_at(0);
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        if b[4] != VERSION {
+            return Err(WireError::UnsupportedVersion(b[4]));
+        }
+        let stored = u32_at(HEADER_CRC_SPAN);
+        let computed = crc32c::crc32c(&b[..HEADER_CRC_SPAN]);
+        if stored != computed {
+            return Err(WireError::HeaderChecksum { stored, computed });
+        }
+        Ok(Self {
+            kind: b[5],
+            flags: u16::from_be_bytes([b[6], b[7]]),
+            id: u64_at(8),
+            offset: u64_at(16),
+            len: u32_at(24),
+            payload_len: u32_at(28),
+            payload_crc: u32_at(32),
+        })
+    }
+
+    /// The header's 40 bytes, with magic, version and header checksum.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+        b[4] = VERSION;
+        b[5] = self.kind;
+        b[6..8].copy_from_slice(&self.flags.to_be_bytes());
+        b[8..16].copy_from_slice(&self.id.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.len.to_be_bytes());
+        b[28..32].copy_from_slice(&self.payload_len.to_be_bytes());
+        b[32..36].copy_from_slice(&self.payload_crc.to_be_bytes());
+        let crc = crc32c::crc32c(&b[..HEADER_CRC_SPAN]);
+        b[HEADER_CRC_SPAN..].copy_from_slice(&crc.to_be_bytes());
+        b
+    }
+
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.put_slice(&self.to_bytes());
+    }
+
+    /// Judges everything the header alone can tell: the kind, its flags, its
+    /// unused fields, its range, and its payload length against the kind's
+    /// limit. Passing this bounds the payload the caller must read.
+    pub fn validate(&self) -> Result<Kind, WireError> {
+        let id = self.id;
+        let kind = Kind::from_code(self.kind).ok_or(WireError::UnknownKind {
+            kind: self.kind,
+            id,
+        })?;
+        let allowed = kind.allowed_flags();
+        if self.flags & !allowed != 0 {
+            return Err(WireError::BadFlags {
+                kind,
+                id,
+                flags: self.flags,
+                allowed,
+            });
+        }
+        let max = kind.max_payload();
+        if self.payload_len > max {
+            return Err(WireError::PayloadTooLarge {
+                kind,
+                id,
+                len: self.payload_len,
+                max,
+            });
+        }
+        let zero = |field: &'static str, value: u64| {
+            if value == 0 {
+                Ok(())
+            } else {
+                Err(WireError::NonZeroField {
+                    kind,
+                    id,
+                    field,
+                    value,
+                })
+            }
+        };
+        let len_is_payload = || {
+            if self.len == self.payload_len {
+                Ok(())
+            } else {
+                Err(WireError::LengthMismatch {
+                    kind,
+                    id,
+                    len: self.len,
+                    payload_len: self.payload_len,
+                })
+            }
+        };
+        let range = || {
+            if self.offset.checked_add(u64::from(self.len)).is_some() {
+                Ok(())
+            } else {
+                Err(WireError::RangeOverflow {
+                    kind,
+                    id,
+                    offset: self.offset,
+                    len: self.len,
+                })
+            }
+        };
+        match kind.shape() {
+            Shape::Bare { id_zero } => {
+                if id_zero {
+                    zero("id", id)?;
+                }
+                zero("offset", self.offset)?;
+                zero("len", u64::from(self.len))?;
+            }
+            Shape::Control { id_zero } => {
+                if id_zero {
+                    zero("id", id)?;
+                }
+                zero("offset", self.offset)?;
+                len_is_payload()?;
+            }
+            Shape::Range => range()?,
+            Shape::Data => {
+                len_is_payload()?;
+                range()?;
+            }
+        }
+        Ok(kind)
+    }
+}
+
+/// A validated replication message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Handshake messages; [`crate::handshake`] owns their payloads.
+    Hello {
+        payload: Bytes,
+    },
+    Challenge {
+        payload: Bytes,
+    },
+    Auth {
+        payload: Bytes,
+    },
+    Welcome {
+        payload: Bytes,
+    },
+    /// Write `data` at `offset`.
+    Write {
+        id: u64,
+        offset: u64,
+        fua: bool,
+        data: Bytes,
+    },
+    /// Discard `len` bytes at `offset`.
+    Trim {
+        id: u64,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    /// Zero `len` bytes at `offset`; `may_trim` is false when the sender set
+    /// NO_TRIM (the range must stay allocated).
+    WriteZeroes {
+        id: u64,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        may_trim: bool,
+    },
+    /// Make every acknowledged operation durable.
+    Flush {
+        id: u64,
+    },
+    /// Request `id` completed.
+    Ack {
+        id: u64,
+    },
+    /// Request `id` failed with `errno` (an NBD error number).
+    Nack {
+        id: u64,
+        errno: u32,
+        message: String,
+    },
+    /// Fatal: the sender closes the link after this frame. `id` names the
+    /// request that caused it, or is 0.
+    Error {
+        id: u64,
+        code: ErrorCode,
+        message: String,
+    },
+    Ping {
+        id: u64,
+    },
+    Pong {
+        id: u64,
+    },
+}
+
+impl Frame {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Frame::Hello { .. } => Kind::Hello,
+            Frame::Challenge { .. } => Kind::Challenge,
+            Frame::Auth { .. } => Kind::Auth,
+            Frame::Welcome { .. } => Kind::Welcome,
+            Frame::Write { .. } => Kind::Write,
+            Frame::Trim { .. } => Kind::Trim,
+            Frame::WriteZeroes { .. } => Kind::WriteZeroes,
+            Frame::Flush { .. } => Kind::Flush,
+            Frame::Ack { .. } => Kind::Ack,
+            Frame::Nack { .. } => Kind::Nack,
+            Frame::Error { .. } => Kind::Error,
+            Frame::Ping { .. } => Kind::Ping,
+            Frame::Pong { .. } => Kind::Pong,
+        }
+    }
+
+    /// The request id (0 for handshake frames).
+    pub fn id(&self) -> u64 {
+        match self {
+            Frame::Hello { .. }
+            | Frame::Challenge { .. }
+            | Frame::Auth { .. }
+            | Frame::Welcome { .. } => 0,
+            Frame::Write { id, .. }
+            | Frame::Trim { id, .. }
+            | Frame::WriteZeroes { id, .. }
+            | Frame::Flush { id }
+            | Frame::Ack { id }
+            | Frame::Nack { id, .. }
+            | Frame::Error { id, .. }
+            | Frame::Ping { id }
+            | Frame::Pong { id } => *id,
+        }
+    }
+
+    /// Builds a frame from a header and its payload: validates the header,
+    /// checks the payload's length and checksum, and parses it.
+    pub fn from_parts(h: &RawHeader, payload: Bytes) -> Result<Frame, WireError> {
+        let kind = h.validate()?;
+        Frame::build(kind, h, payload)
+    }
+
+    /// [`Frame::from_parts`] for a header already validated as `kind`.
+    fn build(kind: Kind, h: &RawHeader, payload: Bytes) -> Result<Frame, WireError> {
+        let id = h.id;
+        if payload.len() != h.payload_len as usize {
+            return Err(WireError::Malformed {
+                kind,
+                id,
+                reason: format!(
+                    "payload is {} bytes, header says {}",
+                    payload.len(),
+                    h.payload_len
+                ),
+            });
+        }
+        let computed = crc32c::crc32c(&payload);
+        if computed != h.payload_crc {
+            return Err(WireError::PayloadChecksum {
+                id,
+                kind,
+                stored: h.payload_crc,
+                computed,
+            });
+        }
+        let fua = h.flags & FLAG_FUA != 0;
+        let (offset, len) = (h.offset, h.len);
+        Ok(match kind {
+            Kind::Hello => Frame::Hello { payload },
+            Kind::Challenge => Frame::Challenge { payload },
+            Kind::Auth => Frame::Auth { payload },
+            Kind::Welcome => Frame::Welcome { payload },
+            Kind::Write => Frame::Write {
+                id,
+                offset,
+                fua,
+                data: payload,
+            },
+            Kind::Trim => Frame::Trim {
+                id,
+                offset,
+                len,
+                fua,
+            },
+            Kind::WriteZeroes => Frame::WriteZeroes {
+                id,
+                offset,
+                len,
+                fua,
+                may_trim: h.flags & FLAG_NO_TRIM == 0,
+            },
+            Kind::Flush => Frame::Flush { id },
+            Kind::Ack => Frame::Ack { id },
+            Kind::Nack => {
+                let (errno, message) = code_and_message(kind, id, &payload)?;
+                Frame::Nack { id, errno, message }
+            }
+            Kind::Error => {
+                let (code, message) = code_and_message(kind, id, &payload)?;
+                Frame::Error {
+                    id,
+                    code: ErrorCode::from_code(code),
+                    message,
+                }
+            }
+            Kind::Ping => Frame::Ping { id },
+            Kind::Pong => Frame::Pong { id },
+        })
+    }
+
+    /// Appends the encoded frame to `out`. A Nack or Error message longer
+    /// than the control payload limit is cut at a character boundary.
+    ///
+    /// # Panics
+    ///
+    /// If a Write's data exceeds [`MAX_DATA`] or a handshake payload exceeds
+    /// [`MAX_CONTROL_PAYLOAD`]: the sender must split writes (the NBD front
+    /// end already caps requests at the same size), and handshake messages
+    /// are a few hundred bytes.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let bare = |kind: Kind, id: u64| RawHeader {
+            kind: kind.code(),
+            flags: 0,
+            id,
+            offset: 0,
+            len: 0,
+            payload_len: 0,
+            payload_crc: crc32c::crc32c(&[]),
+        };
+        match self {
+            Frame::Hello { payload }
+            | Frame::Challenge { payload }
+            | Frame::Auth { payload }
+            | Frame::Welcome { payload } => {
+                assert!(
+                    payload.len() <= MAX_CONTROL_PAYLOAD as usize,
+                    "{} payload of {} bytes exceeds {MAX_CONTROL_PAYLOAD}",
+                    self.kind(),
+                    payload.len()
+                );
+                let n = payload.len() as u32;
+                RawHeader {
+                    kind: self.kind().code(),
+                    flags: 0,
+                    id: 0,
+                    offset: 0,
+                    len: n,
+                    payload_len: n,
+                    payload_crc: crc32c::crc32c(payload),
+                }
+                .encode(out);
+                out.put_slice(payload);
+            }
+            Frame::Write {
+                id,
+                offset,
+                fua,
+                data,
+            } => {
+                encode_write_header(*id, *offset, *fua, data, out);
+                out.put_slice(data);
+            }
+            Frame::Trim {
+                id,
+                offset,
+                len,
+                fua,
+            } => RawHeader {
+                flags: if *fua { FLAG_FUA } else { 0 },
+                offset: *offset,
+                len: *len,
+                ..bare(Kind::Trim, *id)
+            }
+            .encode(out),
+            Frame::WriteZeroes {
+                id,
+                offset,
+                len,
+                fua,
+                may_trim,
+            } => RawHeader {
+                flags: (if *fua { FLAG_FUA } else { 0 })
+                    | (if *may_trim { 0 } else { FLAG_NO_TRIM }),
+                offset: *offset,
+                len: *len,
+                ..bare(Kind::WriteZeroes, *id)
+            }
+            .encode(out),
+            Frame::Flush { id } => bare(Kind::Flush, *id).encode(out),
+            Frame::Ack { id } => bare(Kind::Ack, *id).encode(out),
+            Frame::Ping { id } => bare(Kind::Ping, *id).encode(out),
+            Frame::Pong { id } => bare(Kind::Pong, *id).encode(out),
+            Frame::Nack { id, errno, message } => {
+                encode_code_and_message(Kind::Nack, *id, *errno, message, out)
+            }
+            Frame::Error { id, code, message } => {
+                encode_code_and_message(Kind::Error, *id, code.code(), message, out)
+            }
+        }
+    }
+}
+
+/// Appends the header of a Write frame carrying `data`; the caller sends
+/// `data` itself right after it (as a separate iovec, without copying).
+///
+/// # Panics
+///
+/// If `data` is longer than [`MAX_DATA`] (see [`Frame::encode`]), or the
+/// range overflows u64.
+pub fn encode_write_header(id: u64, offset: u64, fua: bool, data: &[u8], out: &mut BytesMut) {
+    assert!(
+        data.len() <= MAX_DATA as usize,
+        "write of {} bytes exceeds MAX_DATA ({MAX_DATA})",
+        data.len()
+    );
+    let n = data.len() as u32;
+    assert!(
+        offset.checked_add(u64::from(n)).is_some(),
+        "write of {n} bytes at offset {offset} overflows"
+    );
+    RawHeader {
+        kind: Kind::Write.code(),
+        flags: if fua { FLAG_FUA } else { 0 },
+        id,
+        offset,
+        len: n,
+        payload_len: n,
+        payload_crc: crc32c::crc32c(data),
+    }
+    .encode(out);
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character
+/// boundary.
+fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn encode_code_and_message(kind: Kind, id: u64, code: u32, message: &str, out: &mut BytesMut) {
+    let message = clip(message, MAX_CONTROL_PAYLOAD as usize - CODE_LEN);
+    let n = (CODE_LEN + message.len()) as u32;
+    let code = code.to_be_bytes();
+    let mut crc = crc32c::crc32c(&code);
+    crc = crc32c::crc32c_append(crc, message.as_bytes());
+    RawHeader {
+        kind: kind.code(),
+        flags: 0,
+        id,
+        offset: 0,
+        len: n,
+        payload_len: n,
+        payload_crc: crc,
+    }
+    .encode(out);
+    out.put_slice(&code);
+    out.put_slice(message.as_bytes());
+}
+
+fn code_and_message(kind: Kind, id: u64, payload: &[u8]) -> Result<(u32, String), WireError> {
+    let malformed = |reason: String| WireError::Malformed { kind, id, reason };
+    if payload.len() < CODE_LEN {
+        return Err(malformed(format!(
+            "payload of {} bytes is shorter than its {CODE_LEN}-byte code",
+            payload.len()
+        )));
+    }
+    let (code, message) = payload.split_at(CODE_LEN);
+    let code = u32::from_be_bytes(code.try_into().expect("4 bytes"));
+    let message = std::str::from_utf8(message)
+        .map_err(|e| malformed(format!("message is not UTF-8: {e}")))?;
+    Ok((code, message.to_owned()))
+}
+
+/// Cuts frames out of a byte stream's buffer.
+///
+/// Bound to one stream: it remembers a header whose payload has not fully
+/// arrived. After an error the stream is out of step and must be closed.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    /// A validated header whose payload is still arriving (its 40 bytes are
+    /// already consumed from the buffer).
+    pending: Option<(RawHeader, Kind)>,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes the next whole frame from the front of `buf`.
+    ///
+    /// Returns `Ok(None)` while the frame is incomplete: that is a normal
+    /// state, the caller reads more and calls again. The header is checked
+    /// as soon as its 40 bytes are in, before the payload is waited for; a
+    /// header that passes reserves room in `buf` for exactly its (bounded)
+    /// payload. The payload is taken without copying (`split_to().freeze()`).
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+        let (h, kind) = match self.pending {
+            Some(p) => p,
+            None => {
+                let Some(head) = buf.get(..HEADER_LEN) else {
+                    return Ok(None);
+                };
+                let h = RawHeader::decode(head.try_into().expect("HEADER_LEN bytes"))?;
+                let kind = h.validate()?;
+                buf.advance(HEADER_LEN);
+                self.pending = Some((h, kind));
+                (h, kind)
+            }
+        };
+        let need = h.payload_len as usize;
+        if buf.len() < need {
+            buf.reserve(need - buf.len());
+            return Ok(None);
+        }
+        self.pending = None;
+        let payload = buf.split_to(need).freeze();
+        Frame::build(kind, &h, payload).map(Some)
+    }
+
+    /// True when a frame has been started (its header consumed) but not
+    /// finished: EOF now would cut a frame.
+    pub fn is_mid_frame(&self) -> bool {
+        self.pending.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    fn bytes(max: usize) -> impl Strategy<Value = Bytes> {
+        vec(any::<u8>(), 0..=max).prop_map(Bytes::from)
+    }
+
+    /// Every kind of frame, with small payloads.
+    fn frame() -> impl Strategy<Value = Frame> {
+        let range = (any::<u64>(), any::<u32>()).prop_filter("range fits u64", |(o, l)| {
+            o.checked_add(u64::from(*l)).is_some()
+        });
+        prop_oneof![
+            bytes(300).prop_map(|payload| Frame::Hello { payload }),
+            bytes(300).prop_map(|payload| Frame::Challenge { payload }),
+            bytes(64).prop_map(|payload| Frame::Auth { payload }),
+            bytes(16).prop_map(|payload| Frame::Welcome { payload }),
+            (any::<u64>(), 0..u64::MAX / 2, any::<bool>(), bytes(600)).prop_map(
+                |(id, offset, fua, data)| Frame::Write {
+                    id,
+                    offset,
+                    fua,
+                    data
+                }
+            ),
+            (any::<u64>(), range.clone(), any::<bool>()).prop_map(|(id, (offset, len), fua)| {
+                Frame::Trim {
+                    id,
+                    offset,
+                    len,
+                    fua,
+                }
+            }),
+            (any::<u64>(), range, any::<bool>(), any::<bool>()).prop_map(
+                |(id, (offset, len), fua, may_trim)| Frame::WriteZeroes {
+                    id,
+                    offset,
+                    len,
+                    fua,
+                    may_trim
+                }
+            ),
+            any::<u64>().prop_map(|id| Frame::Flush { id }),
+            any::<u64>().prop_map(|id| Frame::Ack { id }),
+            (any::<u64>(), any::<u32>(), ".{0,40}")
+                .prop_map(|(id, errno, message)| { Frame::Nack { id, errno, message } }),
+            (any::<u64>(), any::<u32>(), ".{0,40}").prop_map(|(id, code, message)| {
+                Frame::Error {
+                    id,
+                    code: ErrorCode::from_code(code),
+                    message,
+                }
+            }),
+            any::<u64>().prop_map(|id| Frame::Ping { id }),
+            any::<u64>().prop_map(|id| Frame::Pong { id }),
+        ]
+    }
+
+    fn encoded(f: &Frame) -> BytesMut {
+        let mut b = BytesMut::new();
+        f.encode(&mut b);
+        b
+    }
+
+    fn decode_all(mut b: BytesMut) -> Result<Option<Frame>, WireError> {
+        FrameDecoder::new().decode(&mut b)
+    }
+
+    /// A header with a valid checksum and whatever fields the test wants.
+    fn header_bytes(h: RawHeader) -> BytesMut {
+        let mut b = BytesMut::new();
+        h.encode(&mut b);
+        b
+    }
+
+    proptest! {
+        #[test]
+        fn every_frame_roundtrips(f in frame()) {
+            let mut b = encoded(&f);
+            let len = b.len();
+            let mut d = FrameDecoder::new();
+            prop_assert_eq!(d.decode(&mut b), Ok(Some(f.clone())));
+            prop_assert!(b.is_empty(), "decoder left {} of {} bytes", b.len(), len);
+            prop_assert!(!d.is_mid_frame());
+        }
+
+        /// Several frames back to back come out one by one, in order.
+        #[test]
+        fn frame_sequences_roundtrip(fs in vec(frame(), 0..8)) {
+            let mut b = BytesMut::new();
+            for f in &fs {
+                f.encode(&mut b);
+            }
+            let mut d = FrameDecoder::new();
+            for f in &fs {
+                prop_assert_eq!(d.decode(&mut b), Ok(Some(f.clone())));
+            }
+            prop_assert_eq!(d.decode(&mut b), Ok(None));
+        }
+
+        /// Every single-bit flip anywhere in a frame is refused (magic,
+        /// version, header checksum or payload checksum), never decoded.
+        #[test]
+        fn every_bit_flip_is_detected(f in frame()) {
+            let good = encoded(&f);
+            for bit in 0..good.len() * 8 {
+                let mut b = good.clone();
+                b[bit / 8] ^= 1 << (bit % 8);
+                let r = decode_all(b);
+                prop_assert!(
+                    matches!(
+                        r,
+                        Err(WireError::BadMagic(_)
+                            | WireError::UnsupportedVersion(_)
+                            | WireError::HeaderChecksum { .. }
+                            | WireError::PayloadChecksum { .. })
+                    ),
+                    "flipping bit {} of {:?} gave {:?}", bit, f.kind(), r
+                );
+            }
+        }
+
+        /// A frame cut anywhere decodes to None (incomplete) until its last
+        /// byte arrives, fed one byte at a time.
+        #[test]
+        fn truncated_frames_are_incomplete(f in frame()) {
+            let all = encoded(&f);
+            let mut d = FrameDecoder::new();
+            let mut b = BytesMut::new();
+            for (i, byte) in all.iter().enumerate() {
+                b.put_u8(*byte);
+                let r = d.decode(&mut b);
+                if i + 1 < all.len() {
+                    prop_assert_eq!(r, Ok(None), "byte {} of {}", i, all.len());
+                } else {
+                    prop_assert_eq!(r, Ok(Some(f.clone())));
+                }
+            }
+        }
+
+        /// Arbitrary bytes never panic and never make the decoder reserve
+        /// more than its limits.
+        #[test]
+        fn arbitrary_bytes_never_panic(data in vec(any::<u8>(), 0..512)) {
+            let mut b = BytesMut::from(&data[..]);
+            let mut d = FrameDecoder::new();
+            while let Ok(Some(_)) = d.decode(&mut b) {}
+            // Random bytes never carry a valid header checksum, so nothing
+            // may be reserved beyond what was handed in.
+            prop_assert!(b.capacity() <= data.len());
+        }
+
+        /// Headers with valid checksums and arbitrary fields: the decoder
+        /// refuses or waits, and waits only for a payload within the kind's
+        /// limit; what it reserves is bounded by that limit.
+        #[test]
+        fn arbitrary_valid_headers_respect_limits(
+            kind in any::<u8>(), flags in any::<u16>(), id in any::<u64>(), offset in any::<u64>(),
+            len in any::<u32>(), payload_len in any::<u32>(), payload_crc in any::<u32>(),
+            tail in vec(any::<u8>(), 0..64),
+        ) {
+            let h = RawHeader { kind, flags, id, offset, len, payload_len, payload_crc };
+            let mut b = header_bytes(h);
+            b.put_slice(&tail);
+            let mut d = FrameDecoder::new();
+            match d.decode(&mut b) {
+                Ok(None) => {
+                    let k = Kind::from_code(kind).expect("a known kind");
+                    prop_assert!(payload_len <= k.max_payload());
+                    prop_assert!(payload_len as usize > tail.len());
+                    prop_assert!(b.capacity() <= 2 * k.max_payload() as usize + HEADER_LEN + 64);
+                }
+                Ok(Some(f)) => prop_assert!(payload_len as usize <= tail.len(), "{:?}", f),
+                Err(_) => {}
+            }
+        }
+
+        #[test]
+        fn error_codes_roundtrip(c in any::<u32>()) {
+            prop_assert_eq!(ErrorCode::from_code(c).code(), c);
+        }
+    }
+
+    #[test]
+    fn oversized_payload_is_refused_before_any_allocation() {
+        for kind in Kind::ALL {
+            let max = kind.max_payload();
+            let h = RawHeader {
+                kind: kind.code(),
+                flags: 0,
+                id: 0,
+                offset: 0,
+                len: u32::MAX,
+                payload_len: u32::MAX,
+                payload_crc: 0,
+            };
+            let mut b = header_bytes(h);
+            let cap = b.capacity();
+            assert_eq!(
+                FrameDecoder::new().decode(&mut b),
+                Err(WireError::PayloadTooLarge {
+                    kind,
+                    id: 0,
+                    len: u32::MAX,
+                    max
+                })
+            );
+            assert_eq!(b.capacity(), cap, "{kind}: buffer grew");
+            assert_eq!(b.len(), HEADER_LEN, "{kind}: header consumed");
+        }
+        // One past the Write limit, with len matching.
+        let h = RawHeader {
+            kind: Kind::Write.code(),
+            flags: 0,
+            id: 9,
+            offset: 0,
+            len: MAX_DATA + 1,
+            payload_len: MAX_DATA + 1,
+            payload_crc: 0,
+        };
+        assert!(matches!(
+            decode_all(header_bytes(h)),
+            Err(WireError::PayloadTooLarge { id: 9, .. })
+        ));
+    }
+
+    #[test]
+    fn forged_ack_with_wrong_header_crc_is_refused() {
+        let mut b = encoded(&Frame::Ack { id: 42 });
+        // Forge: change the id to another in-flight request, keep the old crc.
+        b[8..16].copy_from_slice(&7u64.to_be_bytes());
+        assert!(matches!(
+            decode_all(b.clone()),
+            Err(WireError::HeaderChecksum { .. })
+        ));
+        // Forge a header from scratch with a made-up crc.
+        let mut raw = RawHeader {
+            kind: Kind::Ack.code(),
+            flags: 0,
+            id: 7,
+            offset: 0,
+            len: 0,
+            payload_len: 0,
+            payload_crc: 0,
+        }
+        .to_bytes();
+        raw[36..40].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+        assert!(matches!(
+            decode_all(BytesMut::from(&raw[..])),
+            Err(WireError::HeaderChecksum {
+                stored: 0xdead_beef,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn header_errors_are_specific() {
+        let ack = encoded(&Frame::Ack { id: 1 });
+        let mut b = ack.clone();
+        b[0] = b'X';
+        assert!(matches!(decode_all(b), Err(WireError::BadMagic(_))));
+        let mut b = ack.clone();
+        b[4] = 2;
+        assert_eq!(decode_all(b), Err(WireError::UnsupportedVersion(2)));
+
+        let base = RawHeader {
+            kind: Kind::Ack.code(),
+            flags: 0,
+            id: 5,
+            offset: 0,
+            len: 0,
+            payload_len: 0,
+            payload_crc: 0,
+        };
+        let check = |h: RawHeader| decode_all(header_bytes(h));
+        assert_eq!(
+            check(RawHeader { kind: 99, ..base }),
+            Err(WireError::UnknownKind { kind: 99, id: 5 })
+        );
+        assert_eq!(
+            check(RawHeader {
+                flags: FLAG_FUA,
+                ..base
+            }),
+            Err(WireError::BadFlags {
+                kind: Kind::Ack,
+                id: 5,
+                flags: FLAG_FUA,
+                allowed: 0
+            })
+        );
+        assert_eq!(
+            check(RawHeader {
+                kind: Kind::Write.code(),
+                flags: FLAG_NO_TRIM,
+                ..base
+            }),
+            Err(WireError::BadFlags {
+                kind: Kind::Write,
+                id: 5,
+                flags: FLAG_NO_TRIM,
+                allowed: FLAG_FUA
+            })
+        );
+        assert_eq!(
+            check(RawHeader {
+                offset: 4096,
+                ..base
+            }),
+            Err(WireError::NonZeroField {
+                kind: Kind::Ack,
+                id: 5,
+                field: "offset",
+                value: 4096
+            })
+        );
+        assert_eq!(
+            check(RawHeader {
+                kind: Kind::Hello.code(),
+                ..base
+            }),
+            Err(WireError::NonZeroField {
+                kind: Kind::Hello,
+                id: 5,
+                field: "id",
+                value: 5
+            })
+        );
+        assert_eq!(
+            check(RawHeader {
+                kind: Kind::Write.code(),
+                len: 4096,
+                payload_len: 512,
+                ..base
+            }),
+            Err(WireError::LengthMismatch {
+                kind: Kind::Write,
+                id: 5,
+                len: 4096,
+                payload_len: 512
+            })
+        );
+        assert_eq!(
+            check(RawHeader {
+                kind: Kind::Trim.code(),
+                offset: u64::MAX,
+                len: 1,
+                ..base
+            }),
+            Err(WireError::RangeOverflow {
+                kind: Kind::Trim,
+                id: 5,
+                offset: u64::MAX,
+                len: 1
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_control_payloads() {
+        // A Nack too short for its errno, and one with a non-UTF-8 message.
+        for payload in [&b"\0\0"[..], &b"\0\0\0\x05\xff\xfe"[..]] {
+            let n = payload.len() as u32;
+            let h = RawHeader {
+                kind: Kind::Nack.code(),
+                flags: 0,
+                id: 3,
+                offset: 0,
+                len: n,
+                payload_len: n,
+                payload_crc: crc32c::crc32c(payload),
+            };
+            let mut b = header_bytes(h);
+            b.put_slice(payload);
+            assert!(matches!(
+                decode_all(b),
+                Err(WireError::Malformed {
+                    kind: Kind::Nack,
+                    id: 3,
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
+    fn long_messages_are_clipped_on_a_char_boundary() {
+        let message = "é".repeat(MAX_CONTROL_PAYLOAD as usize);
+        let b = encoded(&Frame::Error {
+            id: 0,
+            code: ErrorCode::Internal,
+            message,
+        });
+        match decode_all(b) {
+            Ok(Some(Frame::Error { message, .. })) => {
+                assert!(message.len() <= MAX_CONTROL_PAYLOAD as usize - CODE_LEN);
+                assert!(message.len() >= MAX_CONTROL_PAYLOAD as usize - CODE_LEN - 1);
+                assert!(message.chars().all(|c| c == 'é'));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn write_header_then_data_equals_encode() {
+        let data = Bytes::from(vec![0xa5; 8192]);
+        let f = Frame::Write {
+            id: 11,
+            offset: 1 << 20,
+            fua: true,
+            data: data.clone(),
+        };
+        let mut split = BytesMut::new();
+        encode_write_header(11, 1 << 20, true, &data, &mut split);
+        assert_eq!(split.len(), HEADER_LEN);
+        split.put_slice(&data);
+        assert_eq!(split, encoded(&f));
+    }
+
+    #[test]
+    fn payload_is_taken_without_copying() {
+        let mut b = encoded(&Frame::Write {
+            id: 1,
+            offset: 0,
+            fua: false,
+            data: Bytes::from(vec![7u8; 4096]),
+        });
+        let start = b.as_ptr() as usize;
+        match FrameDecoder::new().decode(&mut b) {
+            Ok(Some(Frame::Write { data, .. })) => {
+                assert_eq!(data.as_ptr() as usize, start + HEADER_LEN);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn max_size_write_roundtrips() {
+        let data = Bytes::from(vec![1u8; MAX_DATA as usize]);
+        let f = Frame::Write {
+            id: 1,
+            offset: 0,
+            fua: false,
+            data,
+        };
+        assert_eq!(decode_all(encoded(&f)), Ok(Some(f)));
+    }
+
+    #[test]
+    fn kind_codes_roundtrip() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_code(k.code()), Some(k));
+        }
+        assert_eq!(Kind::from_code(0), None);
+    }
+}
