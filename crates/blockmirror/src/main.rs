@@ -148,52 +148,93 @@ fn free_port(preferred: u16) -> Result<u16> {
 }
 
 async fn demo(dir: &Path, size: &str, mode: Option<&str>) -> Result<()> {
-    if let Some(mode) = mode {
-        bail!("--mode {mode}: mirroring is not yet supported in this version; run `blockmirror demo` without --mode for a standalone primary");
+    match mode {
+        None | Some("sync") => {}
+        Some("async") => bail!(
+            "--mode async: async mirroring is not yet supported in this version; use --mode sync"
+        ),
+        Some(other) => bail!("--mode {other}: expected sync or async"),
     }
     let size_bytes = config::parse_size(size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
-    let nbd_port = free_port(10809)?;
-    let admin_port = free_port(7780)?;
-    let text = format!(
-        r#"# blockmirror demo: a standalone primary on loopback.
+    let secret = dir.join("secret.key");
+    if !secret.exists() {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("random secret: {e}"))?;
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&secret, hex + "\n")
+            .with_context(|| format!("writing {}", secret.display()))?;
+    }
+    let (p_nbd, p_admin) = (free_port(10809)?, free_port(7780)?);
+    let (m_nbd, m_admin, m_listen) = (free_port(10810)?, free_port(7781)?, free_port(7701)?);
+    let mirror_text = format!(
+        r#"# blockmirror demo: the mirror node (site B).
+node = "demo-mirror"
+listen = "127.0.0.1:{m_listen}"
+admin = "127.0.0.1:{m_admin}"
+secret_file = "secret.key"
+
+[[volume]]
+name = "demo"
+path = "mirror/demo.img"
+size = "{size}"
+role = "mirror"
+nbd = "127.0.0.1:{m_nbd}"
+"#
+    );
+    let primary_text = format!(
+        r#"# blockmirror demo: the primary node (site A), mirrored synchronously to site B.
 node = "demo-primary"
-admin = "127.0.0.1:{admin_port}"
+admin = "127.0.0.1:{p_admin}"
+secret_file = "secret.key"
 
 [[volume]]
 name = "demo"
 path = "primary/demo.img"
 size = "{size}"
 role = "primary"
-nbd = "127.0.0.1:{nbd_port}"
+nbd = "127.0.0.1:{p_nbd}"
+
+[[volume.mirror]]
+peer = "127.0.0.1:{m_listen}"
+mode = "sync"
 "#
     );
-    let cfg_path = dir.join("primary.toml");
-    std::fs::write(&cfg_path, text).with_context(|| format!("writing {}", cfg_path.display()))?;
-    let config = NodeConfig::load(&cfg_path)?;
+    let m_cfg = dir.join("mirror.toml");
+    let p_cfg = dir.join("primary.toml");
+    std::fs::write(&m_cfg, mirror_text).with_context(|| format!("writing {}", m_cfg.display()))?;
+    std::fs::write(&p_cfg, primary_text).with_context(|| format!("writing {}", p_cfg.display()))?;
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
-    let running = Node::open(config)?.start(shutdown).await?;
-    let uri = &running.endpoints.exports[0].1;
-    let admin = running.endpoints.admin;
+    let mirror = Node::open(NodeConfig::load(&m_cfg)?)?
+        .start(shutdown.clone())
+        .await?;
+    let primary = Node::open(NodeConfig::load(&p_cfg)?)?
+        .start(shutdown)
+        .await?;
+    let uri = &primary.endpoints.exports[0].1;
+    let muri = &mirror.endpoints.exports[0].1;
+    let (pa, ma) = (primary.endpoints.admin, mirror.endpoints.admin);
     println!(
-        "blockmirror demo is running (config {}).",
-        cfg_path.display()
+        "blockmirror demo is running: a primary and a sync mirror on loopback ({}).",
+        dir.display()
     );
     println!();
-    println!("  primary  (read-write)  {uri}   {size_bytes} bytes");
-    println!("  admin HTTP             http://{admin}/status   http://{admin}/metrics");
+    println!("  primary  (read-write)  {uri}   {size_bytes} bytes   admin http://{pa}/status");
+    println!("  mirror   (read-only)   {muri}   admin http://{ma}/status");
     println!();
     println!("Try:");
     println!("  nbdinfo {uri}");
-    println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
+    println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c flush {uri}");
+    println!("  qemu-io -f raw -r -c 'read -P 0xab 0 1M' {muri}      # the mirror has it");
     println!("  fio --name=w --ioengine=nbd --uri={uri} --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based");
-    println!("  blockmirror status --admin {admin}");
+    println!("  blockmirror status --admin {pa}");
     println!();
-    println!("Mirroring to a second node arrives with the synchronous mirroring feature.");
     println!("Press Ctrl-C to stop.");
-    running.wait().await?;
+    let (a, b) = tokio::join!(primary.wait(), mirror.wait());
+    a?;
+    b?;
     Ok(())
 }
 

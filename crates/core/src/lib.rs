@@ -7,6 +7,8 @@
 //! - [`rangelock`]: range locks that keep overlapping writes in one order on disk and on the link.
 //! - [`meta`]: the durable volume metadata record (identity, generation, clean flag).
 
+pub mod activity;
+pub mod bitmap;
 pub mod geometry;
 pub mod meta;
 pub mod rangelock;

@@ -6,6 +6,7 @@
 //! - [`metrics`]: lock-free counters and histograms, rendered as Prometheus text.
 //! - [`status`]: the /status JSON model and its table rendering.
 //! - [`admin`]: the admin HTTP server (GET /status, GET /metrics).
+//! - [`replication`]: the primary's write path to its mirrors, and the mirror's receiver.
 //! - [`node`]: starts everything for a config and shuts it down cleanly.
 
 pub mod admin;
@@ -13,5 +14,7 @@ pub mod config;
 pub mod meta_file;
 pub mod metrics;
 pub mod node;
+pub mod oos_store;
+pub mod replication;
 pub mod status;
 pub mod volume;

@@ -18,11 +18,19 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use std::collections::HashMap;
+
+use blockmirror_core::bitmap::Bitmap;
+use blockmirror_repl::{NodeHello, VolumeIdentity};
+
 use crate::admin::{self, AdminSource};
-use crate::config::{NbdListen, NodeConfig};
+use crate::config::{NbdListen, NodeConfig, Role};
 use crate::meta_file::{self, MetaFileError};
-use crate::metrics;
-use crate::status::{NodeStatus, VolumeStatus};
+use crate::metrics::{self, MetricType};
+use crate::replication::link::LinkContext;
+use crate::replication::receiver::{self, MirrorTarget};
+use crate::replication::{MirrorLink, RangeLocks, Replicator};
+use crate::status::{MirrorStatus, NodeStatus, VolumeStatus};
 use crate::volume::Volume;
 
 #[derive(Debug, Error)]
@@ -51,12 +59,45 @@ struct OpenVolume {
     nbd: NbdListen,
     meta_path: PathBuf,
     meta: VolumeMeta,
+    /// On a mirror volume: what the replication receiver applies to.
+    target: Option<Arc<MirrorTarget>>,
 }
 
 /// A node whose volumes are open but not yet served.
 pub struct Node {
     config: NodeConfig,
     volumes: Vec<OpenVolume>,
+    secret: Option<Arc<[u8]>>,
+}
+
+fn identity(name: &str, meta: &VolumeMeta) -> VolumeIdentity {
+    VolumeIdentity {
+        name: name.to_owned(),
+        volume_id: meta.volume_id,
+        size: meta.size,
+        generation: meta.generation,
+    }
+}
+
+/// Reads the shared secret: the file's bytes, without trailing whitespace.
+fn read_secret(path: &std::path::Path) -> Result<Arc<[u8]>, NodeError> {
+    let raw = std::fs::read(path).map_err(|source| NodeError::Io {
+        what: format!("reading secret_file {}", path.display()),
+        source,
+    })?;
+    let end = raw
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
+    if end < 16 {
+        return Err(NodeError::Io {
+            what: format!("secret_file {}", path.display()),
+            source: std::io::Error::other(
+                "the secret must be at least 16 bytes (32 random bytes recommended)",
+            ),
+        });
+    }
+    Ok(Arc::from(&raw[..end]))
 }
 
 /// Where a running node's volumes and admin server can be reached.
@@ -78,6 +119,7 @@ impl Node {
     /// Opens every volume's backend and metadata.
     pub fn open(config: NodeConfig) -> Result<Node, NodeError> {
         let state_dir = state_dir(&config);
+        let secret = config.secret_file.as_deref().map(read_secret).transpose()?;
         let mut volumes = Vec::new();
         for vc in &config.volumes {
             if let Some(parent) = vc.path.parent() {
@@ -106,21 +148,60 @@ impl Node {
                 meta.clean = false;
                 meta_file::store(&meta_path, &meta)?;
             }
+            let replicator = if vc.mirrors.is_empty() {
+                None
+            } else {
+                let mut links = Vec::new();
+                for m in &vc.mirrors {
+                    // Until the out-of-sync bitmap is persisted, a mirror is
+                    // assumed to lack everything at start: a full copy.
+                    let mut bm =
+                        Bitmap::new(vc.size, vc.bitmap_granularity).map_err(|e| NodeError::Io {
+                            what: format!("volume {} bitmap", vc.name),
+                            source: std::io::Error::other(e.to_string()),
+                        })?;
+                    bm.mark_all();
+                    links.push(Arc::new(MirrorLink::new(
+                        &vc.name,
+                        m,
+                        vc.mirror_timeout,
+                        bm,
+                    )));
+                }
+                Some(Arc::new(Replicator {
+                    links,
+                    locks: RangeLocks::new(),
+                    policy: vc.on_mirror_failure,
+                }))
+            };
+            let target = (vc.role == Role::Mirror).then(|| {
+                Arc::new(MirrorTarget::new(
+                    &vc.name,
+                    identity(&vc.name, &meta),
+                    backend.clone(),
+                ))
+            });
             let volume = Arc::new(Volume::new(
                 &vc.name,
                 vc.role,
                 backend,
                 vc.read_only,
-                meta.generation_string(),
+                meta,
+                replicator,
             ));
             volumes.push(OpenVolume {
                 volume,
                 nbd: vc.nbd.clone(),
                 meta_path,
                 meta,
+                target,
             });
         }
-        Ok(Node { config, volumes })
+        Ok(Node {
+            config,
+            volumes,
+            secret,
+        })
     }
 
     /// Binds every listener and starts serving; `shutdown` stops it all.
@@ -166,13 +247,71 @@ impl Node {
             let exports = Arc::new(Exports::new([volume]));
             tasks.spawn(blockmirror_nbd::serve(listener, exports, sd));
         }
+
+        // Mirror volumes: the replication listener.
+        let targets: HashMap<String, Arc<MirrorTarget>> = self
+            .volumes
+            .iter()
+            .filter_map(|v| v.target.clone().map(|t| (t.name.clone(), t)))
+            .collect();
+        if !targets.is_empty() {
+            let addr = self.config.listen.expect("validated: mirrors need listen");
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    what: "replication".into(),
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            info!(%addr, volumes = targets.len(), "accepting replication links");
+            let secret = self
+                .secret
+                .clone()
+                .expect("validated: mirrors need a secret");
+            tasks.spawn(receiver::serve(
+                l,
+                self.config.node.clone(),
+                secret,
+                Arc::new(targets),
+                shutdown.clone(),
+            ));
+        }
+        // Primary volumes: one task per mirror link.
+        for v in &self.volumes {
+            let Some(r) = v.volume.replicator() else {
+                continue;
+            };
+            let ctx = LinkContext {
+                secret: self
+                    .secret
+                    .clone()
+                    .expect("validated: mirrors need a secret"),
+                hello: NodeHello {
+                    node: self.config.node.clone(),
+                    volume: identity(v.volume.name(), &v.meta),
+                },
+                backend: v.volume.backend().clone(),
+                locks: r.locks.clone(),
+            };
+            for link in &r.links {
+                let (link, ctx, sd) = (link.clone(), ctx.clone(), shutdown.clone());
+                tasks.spawn(async move {
+                    link.run(ctx, sd).await;
+                    Ok(())
+                });
+            }
+        }
         let source = Arc::new(StatusSource {
             node: self.config.node.clone(),
             volumes: self
                 .volumes
                 .iter()
                 .zip(&exports)
-                .map(|(v, (_, uri))| (v.volume.clone(), uri.clone()))
+                .map(|(v, (_, uri))| Served {
+                    volume: v.volume.clone(),
+                    uri: uri.clone(),
+                    target: v.target.clone(),
+                })
                 .collect(),
         });
         let sd = shutdown.clone();
@@ -246,9 +385,16 @@ pub fn state_dir(config: &NodeConfig) -> PathBuf {
     dir.join(format!("state-{}", config.node))
 }
 
+/// A served volume as the admin server sees it.
+struct Served {
+    volume: Arc<Volume>,
+    uri: String,
+    target: Option<Arc<MirrorTarget>>,
+}
+
 struct StatusSource {
     node: String,
-    volumes: Vec<(Arc<Volume>, String)>,
+    volumes: Vec<Served>,
 }
 
 impl AdminSource for StatusSource {
@@ -258,24 +404,141 @@ impl AdminSource for StatusSource {
             volumes: self
                 .volumes
                 .iter()
-                .map(|(v, uri)| VolumeStatus {
-                    name: v.name().to_owned(),
-                    role: v.role().as_str().to_owned(),
-                    size_bytes: v.metrics().size_bytes(),
-                    generation: v.generation().to_owned(),
-                    nbd: uri.clone(),
-                    read_only: v.read_only(),
-                    connections: v.metrics().connections(),
-                    mirrors: Vec::new(),
-                    primary: None,
-                })
+                .map(
+                    |Served {
+                         volume: v,
+                         uri,
+                         target,
+                     }| VolumeStatus {
+                        name: v.name().to_owned(),
+                        role: v.role().as_str().to_owned(),
+                        size_bytes: v.metrics().size_bytes(),
+                        generation: v.generation(),
+                        nbd: uri.clone(),
+                        read_only: v.read_only(),
+                        connections: v.metrics().connections(),
+                        mirrors: v
+                            .replicator()
+                            .map(|r| {
+                                r.links
+                                    .iter()
+                                    .map(|l| {
+                                        let s = l.snapshot();
+                                        MirrorStatus {
+                                            peer: s.peer,
+                                            mode: s.mode.as_str().into(),
+                                            connection: s.connection.as_str().into(),
+                                            state: s.state.as_str().into(),
+                                            out_of_sync_bytes: s.out_of_sync_bytes,
+                                            lag_bytes: 0,
+                                            lag_seconds: 0.0,
+                                            resync_done_bytes: s.resync_done,
+                                            resync_total_bytes: s.resync_total,
+                                        }
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                        primary: target.as_ref().and_then(|t| t.primary()),
+                    },
+                )
                 .collect(),
         }
     }
 
     fn metrics(&self) -> String {
         let all: Vec<&metrics::VolumeMetrics> =
-            self.volumes.iter().map(|(v, _)| v.metrics()).collect();
-        metrics::render_all(&all)
+            self.volumes.iter().map(|s| s.volume.metrics()).collect();
+        let mut out = metrics::render_all(&all);
+        render_link_metrics(&mut out, &self.volumes);
+        out
+    }
+}
+
+/// Per-mirror families, labelled by volume and peer.
+fn render_link_metrics(out: &mut String, volumes: &[Served]) {
+    use std::sync::atomic::Ordering::Relaxed;
+    type Get = fn(&MirrorLink, &crate::replication::link::LinkSnapshot) -> f64;
+    let families: [(&str, MetricType, &str, Get); 8] = [
+        (
+            "blockmirror_replicated_bytes_total",
+            MetricType::Counter,
+            "Bytes of host writes acknowledged by the mirror.",
+            |l, _| l.counters.bytes_replicated.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_replicated_requests_total",
+            MetricType::Counter,
+            "Requests acknowledged by the mirror.",
+            |l, _| l.counters.requests_acked.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_out_of_sync_bytes",
+            MetricType::Gauge,
+            "Bytes marked in the mirror's out-of-sync bitmap.",
+            |_, s| s.out_of_sync_bytes as f64,
+        ),
+        (
+            "blockmirror_link_reconnects_total",
+            MetricType::Counter,
+            "Times the mirror link connected again after a failure.",
+            |l, _| l.counters.reconnects.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_link_failures_total",
+            MetricType::Counter,
+            "Times the mirror link failed (error, close or timeout).",
+            |l, _| l.counters.failures.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_resync_bytes_total",
+            MetricType::Counter,
+            "Bytes copied to the mirror to bring it back in sync.",
+            |l, _| l.counters.resync_bytes.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_mirror_inflight_requests",
+            MetricType::Gauge,
+            "Requests sent to the mirror and not yet acknowledged.",
+            |_, s| s.inflight as f64,
+        ),
+        (
+            "blockmirror_mirror_oldest_request_seconds",
+            MetricType::Gauge,
+            "Age of the oldest unacknowledged mirror request (the watchdog's view).",
+            |_, s| s.oldest_inflight.map_or(0.0, |d| d.as_secs_f64()),
+        ),
+    ];
+    let links: Vec<(&str, &Arc<MirrorLink>)> = volumes
+        .iter()
+        .filter_map(|s| s.volume.replicator().map(|r| (s.volume.name(), r)))
+        .flat_map(|(name, r)| r.links.iter().map(move |l| (name, l)))
+        .collect();
+    if links.is_empty() {
+        return;
+    }
+    let snaps: Vec<_> = links.iter().map(|(_, l)| l.snapshot()).collect();
+    for (name, kind, help, get) in families {
+        metrics::write_header(out, name, kind, help);
+        for ((vol, l), s) in links.iter().zip(&snaps) {
+            metrics::write_sample(out, name, &[("volume", vol), ("peer", &l.peer)], get(l, s));
+        }
+    }
+    metrics::write_header(
+        out,
+        "blockmirror_mirror_state",
+        MetricType::Gauge,
+        "1 for the mirror's current state.",
+    );
+    for ((vol, l), s) in links.iter().zip(&snaps) {
+        for st in ["in_sync", "resyncing", "degraded"] {
+            let v = u8::from(s.state.as_str() == st);
+            metrics::write_sample(
+                out,
+                "blockmirror_mirror_state",
+                &[("volume", vol), ("peer", &l.peer), ("state", st)],
+                v,
+            );
+        }
     }
 }

@@ -18,6 +18,8 @@ use tracing::warn;
 
 use crate::config::Role;
 use crate::metrics::VolumeMetrics;
+use crate::replication::{MirrorOp, Replicator};
+use blockmirror_core::VolumeMeta;
 
 /// A served volume.
 pub struct Volume {
@@ -28,7 +30,8 @@ pub struct Volume {
     read_only: bool,
     fast: bool,
     metrics: VolumeMetrics,
-    generation: String,
+    meta: VolumeMeta,
+    replicator: Option<Arc<Replicator>>,
 }
 
 impl Volume {
@@ -37,7 +40,8 @@ impl Volume {
         role: Role,
         backend: Arc<dyn Backend>,
         read_only: bool,
-        generation: String,
+        meta: VolumeMeta,
+        replicator: Option<Arc<Replicator>>,
     ) -> Self {
         let size = backend.size();
         let metrics = VolumeMetrics::new(name);
@@ -50,8 +54,17 @@ impl Volume {
             size,
             read_only,
             metrics,
-            generation,
+            meta,
+            replicator,
         }
+    }
+
+    pub fn meta(&self) -> &VolumeMeta {
+        &self.meta
+    }
+
+    pub fn replicator(&self) -> Option<&Arc<Replicator>> {
+        self.replicator.as_ref()
     }
 
     pub fn role(&self) -> Role {
@@ -62,8 +75,8 @@ impl Volume {
         &self.metrics
     }
 
-    pub fn generation(&self) -> &str {
-        &self.generation
+    pub fn generation(&self) -> String {
+        self.meta.generation_string()
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -99,6 +112,44 @@ impl Volume {
     }
 }
 
+impl Volume {
+    async fn local_write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Errno> {
+        if self.fast && !fua {
+            return self
+                .backend
+                .write_at(&data, offset, false)
+                .map_err(|e| self.fail(e));
+        }
+        self.blocking(move |b| b.write_at(&data, offset, fua)).await
+    }
+
+    async fn local_trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {
+        self.blocking(move |b| {
+            b.trim(offset, len)?;
+            if fua {
+                b.flush()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn local_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> Result<(), Errno> {
+        self.blocking(move |b| b.write_zeroes(offset, len, may_trim, fua))
+            .await
+    }
+
+    async fn local_flush(&self) -> Result<(), Errno> {
+        self.blocking(|b| b.flush()).await
+    }
+}
+
 impl Export for Volume {
     fn name(&self) -> &str {
         &self.name
@@ -130,28 +181,39 @@ impl Export for Volume {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Errno> {
-        if self.fast && !fua {
-            return self
-                .backend
-                .write_at(&data, offset, false)
-                .map_err(|e| self.fail(e));
+        match &self.replicator {
+            None => self.local_write(offset, data, fua).await,
+            Some(r) => {
+                let op = MirrorOp::Write {
+                    offset,
+                    data: data.clone(),
+                    fua,
+                };
+                r.replicate(op, || self.local_write(offset, data, fua))
+                    .await
+            }
         }
-        self.blocking(move |b| b.write_at(&data, offset, fua)).await
     }
 
     async fn flush(&self) -> Result<(), Errno> {
-        self.blocking(|b| b.flush()).await
+        match &self.replicator {
+            None => self.local_flush().await,
+            Some(r) => r.flush(|| self.local_flush()).await,
+        }
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {
-        self.blocking(move |b| {
-            b.trim(offset, len)?;
-            if fua {
-                b.flush()?;
+        match &self.replicator {
+            None => self.local_trim(offset, len, fua).await,
+            Some(r) => {
+                let op = MirrorOp::Trim {
+                    offset,
+                    len: len as u32,
+                    fua,
+                };
+                r.replicate(op, || self.local_trim(offset, len, fua)).await
             }
-            Ok(())
-        })
-        .await
+        }
     }
 
     async fn write_zeroes(
@@ -161,8 +223,19 @@ impl Export for Volume {
         may_trim: bool,
         fua: bool,
     ) -> Result<(), Errno> {
-        self.blocking(move |b| b.write_zeroes(offset, len, may_trim, fua))
-            .await
+        match &self.replicator {
+            None => self.local_zeroes(offset, len, may_trim, fua).await,
+            Some(r) => {
+                let op = MirrorOp::WriteZeroes {
+                    offset,
+                    len: len as u32,
+                    fua,
+                    may_trim,
+                };
+                r.replicate(op, || self.local_zeroes(offset, len, may_trim, fua))
+                    .await
+            }
+        }
     }
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, Errno> {

@@ -112,7 +112,7 @@ fn open_file(dir: &tempfile::TempDir, direct: bool) -> Option<FileBackend> {
     o.direct = direct;
     match FileBackend::open("model", &o) {
         Ok(b) => Some(b),
-        Err(e) if direct && e.source.kind() == std::io::ErrorKind::InvalidInput => {
+        Err(e) if direct && e.cause.kind() == std::io::ErrorKind::InvalidInput => {
             println!("skipping: O_DIRECT unsupported here: {e}");
             None
         }

@@ -1,0 +1,777 @@
+//! The primary's side of one mirror: its connection, its requests in flight,
+//! its out-of-sync bitmap and its state.
+//!
+//! Seed 004's write detour, per mirror: [`MirrorLink::prepare`] creates the
+//! mirror request before the local I/O starts; [`Prepared::send`] sends it
+//! only once the local I/O succeeded (or [`Prepared::abandon`] marks the
+//! region instead); the caller then waits for the acknowledgement.
+//!
+//! A link has a connection epoch. Every request belongs to the epoch it was
+//! sent in; when the connection fails, every request of that epoch fails at
+//! once and its region is marked out of sync, and acknowledgements of an
+//! older epoch can never be mistaken for new ones (request ids also never
+//! repeat). A watchdog fails the connection when a request has been
+//! outstanding longer than the mirror timeout (seed 004's monitor).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use blockmirror_core::bitmap::Bitmap;
+use blockmirror_repl::{Frame, FrameReader, FrameWriter, NodeHello};
+use blockmirror_storage::Backend;
+use bytes::{Bytes, BytesMut};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::locks::RangeLocks;
+use crate::config::{MirrorConfig, MirrorMode};
+
+/// How long connecting plus the handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Catch-up copies this much per request.
+const CATCH_UP_CHUNK: u64 = 1024 * 1024;
+/// Catch-up requests in flight at once.
+const CATCH_UP_WINDOW: usize = 8;
+
+/// The connection, as /status spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connection {
+    Connected,
+    Connecting,
+    Disconnected,
+}
+
+impl Connection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Connection::Connected => "connected",
+            Connection::Connecting => "connecting",
+            Connection::Disconnected => "disconnected",
+        }
+    }
+}
+
+/// The mirror's data state, as /status spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncState {
+    InSync,
+    Resyncing,
+    Degraded,
+}
+
+impl SyncState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncState::InSync => "in_sync",
+            SyncState::Resyncing => "resyncing",
+            SyncState::Degraded => "degraded",
+        }
+    }
+}
+
+/// What a mirror operation does.
+#[derive(Debug, Clone)]
+pub enum MirrorOp {
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+        may_trim: bool,
+    },
+    Flush,
+}
+
+impl MirrorOp {
+    /// The byte range the operation changes (empty for FLUSH).
+    pub fn range(&self) -> (u64, u64) {
+        match self {
+            MirrorOp::Write { offset, data, .. } => (*offset, data.len() as u64),
+            MirrorOp::Trim { offset, len, .. } | MirrorOp::WriteZeroes { offset, len, .. } => {
+                (*offset, u64::from(*len))
+            }
+            MirrorOp::Flush => (0, 0),
+        }
+    }
+
+    fn frame(&self, id: u64) -> Frame {
+        match self.clone() {
+            MirrorOp::Write { offset, data, fua } => Frame::Write {
+                id,
+                offset,
+                fua,
+                data,
+            },
+            MirrorOp::Trim { offset, len, fua } => Frame::Trim {
+                id,
+                offset,
+                len,
+                fua,
+            },
+            MirrorOp::WriteZeroes {
+                offset,
+                len,
+                fua,
+                may_trim,
+            } => Frame::WriteZeroes {
+                id,
+                offset,
+                len,
+                fua,
+                may_trim,
+            },
+            MirrorOp::Flush => Frame::Flush { id },
+        }
+    }
+}
+
+/// Why a mirror did not take a request.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("mirror {peer}: {reason}")]
+pub struct MirrorFailure {
+    pub peer: String,
+    pub reason: String,
+}
+
+struct Pending {
+    offset: u64,
+    len: u64,
+    bytes: u64,
+    sent: Option<Instant>,
+    done: oneshot::Sender<Result<(), MirrorFailure>>,
+}
+
+struct Shared {
+    connection: Connection,
+    state: SyncState,
+    epoch: u64,
+    /// The sender task's queue while connected.
+    tx: Option<mpsc::UnboundedSender<(u64, Frame)>>,
+    /// Cancels the current connection's tasks.
+    conn_cancel: Option<CancellationToken>,
+    inflight: BTreeMap<u64, Pending>,
+    bitmap: Bitmap,
+    peer_node: Option<String>,
+    resync_done: u64,
+    resync_total: u64,
+    last_error: Option<String>,
+}
+
+/// Counters for /metrics.
+#[derive(Default)]
+pub struct LinkCounters {
+    pub bytes_replicated: AtomicU64,
+    pub requests_acked: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub failures: AtomicU64,
+    pub resync_bytes: AtomicU64,
+}
+
+/// A point-in-time view of a link, for /status and /metrics.
+#[derive(Debug, Clone)]
+pub struct LinkSnapshot {
+    pub peer: String,
+    pub mode: MirrorMode,
+    pub connection: Connection,
+    pub state: SyncState,
+    pub peer_node: Option<String>,
+    pub out_of_sync_bytes: u64,
+    pub inflight: usize,
+    pub oldest_inflight: Option<Duration>,
+    pub resync_done: u64,
+    pub resync_total: u64,
+    pub last_error: Option<String>,
+}
+
+/// One mirror of one primary volume.
+pub struct MirrorLink {
+    pub peer: String,
+    addr: SocketAddr,
+    pub mode: MirrorMode,
+    volume: String,
+    timeout: Duration,
+    next_id: AtomicU64,
+    shared: Mutex<Shared>,
+    pub counters: LinkCounters,
+}
+
+/// A mirror request created before the local I/O.
+pub enum Prepared {
+    /// Registered on a live connection; not yet sent.
+    Live {
+        id: u64,
+        epoch: u64,
+        rx: oneshot::Receiver<Result<(), MirrorFailure>>,
+    },
+    /// The mirror is not reachable: the region was marked out of sync.
+    Marked,
+}
+
+/// A request sent (or marked), to be waited for.
+pub enum Sent {
+    Waiting(oneshot::Receiver<Result<(), MirrorFailure>>),
+    Marked,
+}
+
+impl MirrorLink {
+    /// A link that starts disconnected with every region marked: a mirror
+    /// is assumed to lack everything until a copy proves otherwise.
+    pub fn new(volume: &str, cfg: &MirrorConfig, timeout: Duration, bitmap: Bitmap) -> Self {
+        Self {
+            peer: cfg.peer.clone(),
+            addr: cfg.addr,
+            mode: cfg.mode,
+            volume: volume.to_owned(),
+            timeout,
+            next_id: AtomicU64::new(1),
+            shared: Mutex::new(Shared {
+                connection: Connection::Disconnected,
+                state: SyncState::Degraded,
+                epoch: 0,
+                tx: None,
+                conn_cancel: None,
+                inflight: BTreeMap::new(),
+                bitmap,
+                peer_node: None,
+                resync_done: 0,
+                resync_total: 0,
+                last_error: None,
+            }),
+            counters: LinkCounters::default(),
+        }
+    }
+
+    fn shared(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().expect("mirror link state poisoned")
+    }
+
+    /// True when host writes reach this mirror now.
+    pub fn is_live(&self) -> bool {
+        self.shared().tx.is_some()
+    }
+
+    /// Creates the mirror request for `[offset, offset+len)` before the local
+    /// I/O starts. On a link that is down, marks the region instead.
+    pub fn prepare(&self, offset: u64, len: u64) -> Prepared {
+        let mut sh = self.shared();
+        if sh.tx.is_none() {
+            sh.bitmap.mark(offset, len);
+            return Prepared::Marked;
+        }
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let (done, rx) = oneshot::channel();
+        let epoch = sh.epoch;
+        sh.inflight.insert(
+            id,
+            Pending {
+                offset,
+                len,
+                bytes: 0,
+                sent: None,
+                done,
+            },
+        );
+        Prepared::Live { id, epoch, rx }
+    }
+
+    /// Registers a FLUSH on a live link; None when the link is away.
+    pub fn prepare_flush(&self) -> Option<Prepared> {
+        match self.prepare_live(0, 0) {
+            p @ Prepared::Live { .. } => Some(p),
+            Prepared::Marked => None,
+        }
+    }
+
+    /// Like [`MirrorLink::prepare`], but never marks.
+    fn prepare_live(&self, offset: u64, len: u64) -> Prepared {
+        if !self.is_live() {
+            return Prepared::Marked;
+        }
+        self.prepare(offset, len)
+    }
+
+    /// Sends a prepared request (the local I/O succeeded).
+    pub fn send(&self, p: Prepared, op: &MirrorOp) -> Sent {
+        let (id, epoch, rx) = match p {
+            Prepared::Marked => return Sent::Marked,
+            Prepared::Live { id, epoch, rx } => (id, epoch, rx),
+        };
+        let mut sh = self.shared();
+        if sh.epoch == epoch {
+            if let (Some(tx), Some(p)) = (sh.tx.clone(), sh.inflight.get_mut(&id)) {
+                p.sent = Some(Instant::now());
+                if let MirrorOp::Write { data, .. } = op {
+                    p.bytes = data.len() as u64;
+                }
+                if tx.send((id, op.frame(id))).is_ok() {
+                    return Sent::Waiting(rx);
+                }
+            }
+        }
+        // The connection failed between prepare and send: its failure
+        // already marked the region (the entry was in flight) or will not
+        // see it, so mark it here too.
+        let (off, len) = op.range();
+        sh.bitmap.mark(off, len);
+        sh.inflight.remove(&id);
+        Sent::Marked
+    }
+
+    /// The local I/O failed: nothing is sent, and the region is marked,
+    /// since the local disk may now differ from the mirror.
+    pub fn abandon(&self, p: Prepared, offset: u64, len: u64) {
+        let mut sh = self.shared();
+        if let Prepared::Live { id, .. } = p {
+            sh.inflight.remove(&id);
+        }
+        sh.bitmap.mark(offset, len);
+    }
+
+    /// Waits for a sent request. The watchdog bounds the wait.
+    pub async fn wait(&self, s: Sent) -> Result<(), MirrorFailure> {
+        match s {
+            Sent::Marked => Err(self.failure("not connected; change recorded for resync")),
+            Sent::Waiting(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err(self.failure("request dropped"))),
+        }
+    }
+
+    fn failure(&self, reason: impl Into<String>) -> MirrorFailure {
+        MirrorFailure {
+            peer: self.peer.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Fails the connection of `epoch`: every request in flight fails and
+    /// its region is marked; the link is degraded until it reconnects and
+    /// catches up.
+    pub fn fail(&self, epoch: u64, reason: &str) {
+        let mut sh = self.shared();
+        if sh.epoch != epoch || sh.tx.is_none() {
+            return;
+        }
+        warn!(volume = %self.volume, peer = %self.peer, %reason, inflight = sh.inflight.len(), "mirror link failed; degraded");
+        self.counters.failures.fetch_add(1, Relaxed);
+        sh.tx = None;
+        if let Some(c) = sh.conn_cancel.take() {
+            c.cancel();
+        }
+        sh.epoch += 1;
+        sh.connection = Connection::Disconnected;
+        sh.state = SyncState::Degraded;
+        sh.last_error = Some(reason.to_owned());
+        let inflight = std::mem::take(&mut sh.inflight);
+        for (_, p) in inflight {
+            sh.bitmap.mark(p.offset, p.len);
+            let _ = p.done.send(Err(self.failure(reason)));
+        }
+    }
+
+    fn acked(&self, id: u64, epoch: u64) {
+        let mut sh = self.shared();
+        if sh.epoch != epoch {
+            return;
+        }
+        if let Some(p) = sh.inflight.remove(&id) {
+            self.counters.requests_acked.fetch_add(1, Relaxed);
+            self.counters.bytes_replicated.fetch_add(p.bytes, Relaxed);
+            let _ = p.done.send(Ok(()));
+        } else {
+            debug!(volume = %self.volume, peer = %self.peer, id, "acknowledgement for no request in flight; ignored");
+        }
+    }
+
+    /// Marks a region out of sync (the caller knows the mirror may lack it).
+    pub fn mark(&self, offset: u64, len: u64) {
+        self.shared().bitmap.mark(offset, len);
+    }
+
+    pub fn snapshot(&self) -> LinkSnapshot {
+        let sh = self.shared();
+        let now = Instant::now();
+        let oldest = sh
+            .inflight
+            .values()
+            .filter_map(|p| p.sent)
+            .min()
+            .map(|t| now.saturating_duration_since(t));
+        LinkSnapshot {
+            peer: self.peer.clone(),
+            mode: self.mode,
+            connection: sh.connection,
+            state: sh.state,
+            peer_node: sh.peer_node.clone(),
+            out_of_sync_bytes: sh.bitmap.dirty_bytes(),
+            inflight: sh.inflight.len(),
+            oldest_inflight: oldest,
+            resync_done: sh.resync_done,
+            resync_total: sh.resync_total,
+            last_error: sh.last_error.clone(),
+        }
+    }
+
+    /// A copy of the out-of-sync bitmap (for persisting it).
+    pub fn bitmap(&self) -> Bitmap {
+        self.shared().bitmap.clone()
+    }
+
+    /// Connects, reconnects with backoff, catches up, until `shutdown`.
+    pub async fn run(self: Arc<Self>, ctx: LinkContext, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        let mut first = true;
+        let mut quiet = false;
+        loop {
+            self.shared().connection = Connection::Connecting;
+            let started = Instant::now();
+            match self.connect(&ctx).await {
+                Ok((stream, peer_node)) => {
+                    if !first {
+                        self.counters.reconnects.fetch_add(1, Relaxed);
+                    }
+                    first = false;
+                    quiet = false;
+                    info!(volume = %self.volume, peer = %self.peer, peer_node = %peer_node, "mirror link connected");
+                    self.clone()
+                        .serve_connection(stream, peer_node, &ctx, &shutdown)
+                        .await;
+                }
+                Err(e) => {
+                    let mut sh = self.shared();
+                    sh.connection = Connection::Disconnected;
+                    sh.last_error = Some(e.clone());
+                    drop(sh);
+                    if quiet {
+                        debug!(volume = %self.volume, peer = %self.peer, error = %e, "mirror link connect failed");
+                    } else {
+                        warn!(volume = %self.volume, peer = %self.peer, error = %e, "mirror link connect failed; retrying with backoff");
+                        quiet = true;
+                    }
+                }
+            }
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if started.elapsed() > BACKOFF_MAX * 2 {
+                backoff = BACKOFF_MIN; // It had been up for a while: retry quickly.
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        let epoch = self.shared().epoch;
+        self.fail(epoch, "node shutting down");
+    }
+
+    async fn connect(&self, ctx: &LinkContext) -> Result<(TcpStream, String), String> {
+        let attempt = async {
+            let mut s = TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| format!("connect {}: {e}", self.addr))?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
+            let peer = blockmirror_repl::connect(&mut s, &ctx.secret, &ctx.hello)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((s, peer.node))
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| Err(format!("no handshake within {CONNECT_TIMEOUT:?}")))
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer_node: String,
+        ctx: &LinkContext,
+        shutdown: &CancellationToken,
+    ) {
+        let (rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cancel = shutdown.child_token();
+        let epoch = {
+            let mut sh = self.shared();
+            sh.epoch += 1;
+            sh.tx = Some(tx);
+            sh.conn_cancel = Some(cancel.clone());
+            sh.connection = Connection::Connected;
+            sh.peer_node = Some(peer_node);
+            sh.last_error = None;
+            sh.state = if sh.bitmap.is_clear() {
+                SyncState::InSync
+            } else {
+                SyncState::Resyncing
+            };
+            sh.epoch
+        };
+        let sender = tokio::spawn(sender_loop(FrameWriter::new(wr), rx, cancel.clone()));
+        let catch_up = tokio::spawn(self.clone().catch_up(epoch, ctx.clone(), cancel.clone()));
+        let watchdog = tokio::spawn(self.clone().watchdog(epoch, cancel.clone()));
+        let reason = self.receive(FrameReader::new(rd), epoch, &cancel).await;
+        self.fail(epoch, &reason);
+        cancel.cancel();
+        let _ = sender.await;
+        let _ = catch_up.await;
+        let _ = watchdog.await;
+    }
+
+    /// Reads acknowledgements until the connection ends; returns why it ended.
+    async fn receive(
+        &self,
+        mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        epoch: u64,
+        cancel: &CancellationToken,
+    ) -> String {
+        loop {
+            let frame = tokio::select! {
+                _ = cancel.cancelled() => return "connection closed".into(),
+                f = reader.next() => f,
+            };
+            match frame {
+                Ok(Some(Frame::Ack { id })) => self.acked(id, epoch),
+                Ok(Some(Frame::Nack { id, errno, message })) => {
+                    return format!("mirror failed request {id} with errno {errno}: {message}");
+                }
+                Ok(Some(Frame::Error { code, message, .. })) => {
+                    return format!("mirror closed the link: {code:?}: {message}");
+                }
+                Ok(Some(Frame::Pong { .. })) => {}
+                Ok(Some(f)) => return format!("unexpected {:?} frame from the mirror", f.kind()),
+                Ok(None) => return "mirror closed the connection".into(),
+                Err(e) => return e.to_string(),
+            }
+        }
+    }
+
+    /// Fails the connection when a request has waited longer than the
+    /// timeout; warns when one has waited half of it.
+    async fn watchdog(self: Arc<Self>, epoch: u64, cancel: CancellationToken) {
+        let tick = (self.timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        let mut warned = 0u64;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let (oldest, id) = {
+                let sh = self.shared();
+                let now = Instant::now();
+                match sh
+                    .inflight
+                    .iter()
+                    .filter_map(|(id, p)| p.sent.map(|t| (now.saturating_duration_since(t), *id)))
+                    .max()
+                {
+                    Some(x) => x,
+                    None => continue,
+                }
+            };
+            if oldest >= self.timeout {
+                self.fail(
+                    epoch,
+                    &format!(
+                        "request {id} unanswered for {} ms (mirror_timeout)",
+                        oldest.as_millis()
+                    ),
+                );
+                return;
+            }
+            if oldest >= self.timeout / 2 && id != warned {
+                warned = id;
+                warn!(volume = %self.volume, peer = %self.peer, id, waited_ms = oldest.as_millis() as u64, "mirror request outstanding long");
+            }
+        }
+    }
+
+    /// Copies every marked region to the mirror, then declares it in sync.
+    ///
+    /// Each chunk holds its range lock from the local read until the mirror
+    /// acknowledged it, so a host write to the same bytes cannot slip between
+    /// the copy and the clearing of its bits.
+    async fn catch_up(self: Arc<Self>, epoch: u64, ctx: LinkContext, cancel: CancellationToken) {
+        let total = self.shared().bitmap.dirty_bytes();
+        if total == 0 {
+            return;
+        }
+        {
+            let mut sh = self.shared();
+            sh.resync_total = total;
+            sh.resync_done = 0;
+        }
+        info!(volume = %self.volume, peer = %self.peer, bytes = total, "catching up: copying out-of-sync regions");
+        let started = Instant::now();
+        let mut window = tokio::task::JoinSet::new();
+        let mut cursor = 0u64;
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            let next = {
+                let sh = self.shared();
+                next_run(&sh.bitmap, cursor, CATCH_UP_CHUNK)
+            };
+            let Some((off, len)) = next else {
+                // Wait for what is in flight, then look again from the start:
+                // regions marked meanwhile are copied too.
+                while window.join_next().await.is_some() {}
+                if cancel.is_cancelled() {
+                    return;
+                }
+                let mut sh = self.shared();
+                if sh.epoch != epoch {
+                    return;
+                }
+                if sh.bitmap.is_clear() {
+                    sh.state = SyncState::InSync;
+                    sh.resync_done = sh.resync_total;
+                    drop(sh);
+                    info!(volume = %self.volume, peer = %self.peer, bytes = total,
+                        ms = started.elapsed().as_millis() as u64, "mirror in sync");
+                    return;
+                }
+                drop(sh);
+                cursor = 0;
+                continue;
+            };
+            cursor = off + len;
+            while window.len() >= CATCH_UP_WINDOW {
+                window.join_next().await;
+            }
+            let link = self.clone();
+            let ctx = ctx.clone();
+            window.spawn(async move { link.copy_chunk(epoch, &ctx, off, len).await });
+        }
+    }
+
+    async fn copy_chunk(&self, epoch: u64, ctx: &LinkContext, off: u64, len: u64) {
+        let guard = ctx.locks.lock(off, len).await;
+        let backend = ctx.backend.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = BytesMut::zeroed(len as usize);
+            backend.read_at(&mut buf, off).map(|()| buf.freeze())
+        })
+        .await;
+        let data = match read {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                warn!(error = %e, "catch-up read failed; region stays marked");
+                return;
+            }
+            Err(_) => return,
+        };
+        let op = if data.iter().all(|&b| b == 0) {
+            MirrorOp::WriteZeroes {
+                offset: off,
+                len: len as u32,
+                fua: false,
+                may_trim: true,
+            }
+        } else {
+            MirrorOp::Write {
+                offset: off,
+                data,
+                fua: false,
+            }
+        };
+        let p = self.prepare_for_epoch(epoch, off, len);
+        let Some(p) = p else { return };
+        let sent = self.send(p, &op);
+        if self.wait(sent).await.is_ok() {
+            let mut sh = self.shared();
+            if sh.epoch == epoch {
+                sh.bitmap.clear(off, len);
+                sh.resync_done += len;
+                self.counters.resync_bytes.fetch_add(len, Relaxed);
+            }
+        }
+        drop(guard);
+    }
+
+    /// Like `prepare`, but only on the given connection and without marking.
+    fn prepare_for_epoch(&self, epoch: u64, offset: u64, len: u64) -> Option<Prepared> {
+        let sh = self.shared();
+        if sh.epoch != epoch || sh.tx.is_none() {
+            return None;
+        }
+        drop(sh);
+        match self.prepare(offset, len) {
+            Prepared::Live { id, epoch: e, rx } if e == epoch => {
+                Some(Prepared::Live { id, epoch, rx })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The first run of marked bytes at or after `from` (region-aligned), at
+/// most `max` long (rounded to whole regions).
+fn next_run(b: &Bitmap, from: u64, max: u64) -> Option<(u64, u64)> {
+    if from >= b.volume_size() {
+        return None;
+    }
+    let g = b.granularity();
+    let max = max.max(g) / g * g;
+    let region = b.next_dirty(b.region_of(from))?;
+    let start = region * g;
+    let end_region = b.next_clean(region).unwrap_or(b.regions());
+    let end = (end_region * g).min(start + max).min(b.volume_size());
+    Some((start, end - start))
+}
+
+/// What a link needs from its volume and node.
+#[derive(Clone)]
+pub struct LinkContext {
+    pub secret: Arc<[u8]>,
+    pub hello: NodeHello,
+    pub backend: Arc<dyn Backend>,
+    pub locks: RangeLocks,
+}
+
+async fn sender_loop(
+    mut w: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut rx: mpsc::UnboundedReceiver<(u64, Frame)>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return,
+            f = rx.recv() => f,
+        };
+        let Some((_, f)) = first else { return };
+        w.queue(&f);
+        while w.buffered() < 4 << 20 {
+            match rx.try_recv() {
+                Ok((_, f)) => w.queue(&f),
+                Err(_) => break,
+            }
+        }
+        let flushed = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = w.flush() => r,
+        };
+        if flushed.is_err() {
+            // The receiver sees the broken connection and fails the epoch.
+            cancel.cancel();
+            return;
+        }
+    }
+}

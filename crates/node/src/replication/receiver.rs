@@ -1,0 +1,324 @@
+//! The mirror's side: the replication listener, and the loop that applies
+//! what the authenticated primary sends.
+//!
+//! Only an authenticated primary changes a mirror volume (its NBD export is
+//! read-only). One primary at a time feeds a volume: a second connection for
+//! a volume that is already fed is refused with an Error frame.
+//!
+//! Operations are applied one after another, in the order they arrive: the
+//! primary sends overlapping writes in the order it applied them locally, so
+//! this keeps both images equal. Acknowledgements are batched by a writer
+//! task. (A parallel apply engine is a later step.)
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockmirror_repl::{ErrorCode, Frame, FrameReader, FrameWriter, VolumeIdentity};
+use blockmirror_storage::{Backend, StorageError};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A mirror volume as the receiver sees it.
+pub struct MirrorTarget {
+    pub name: String,
+    pub identity: VolumeIdentity,
+    pub backend: Arc<dyn Backend>,
+    /// The primary node feeding it now.
+    pub primary: Mutex<Option<String>>,
+    pub applied_bytes: AtomicU64,
+    pub applied_ops: AtomicU64,
+}
+
+impl MirrorTarget {
+    pub fn new(name: &str, identity: VolumeIdentity, backend: Arc<dyn Backend>) -> Self {
+        Self {
+            name: name.to_owned(),
+            identity,
+            backend,
+            primary: Mutex::new(None),
+            applied_bytes: AtomicU64::new(0),
+            applied_ops: AtomicU64::new(0),
+        }
+    }
+
+    pub fn primary(&self) -> Option<String> {
+        self.primary.lock().expect("poisoned").clone()
+    }
+}
+
+/// Accepts replication links until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    node: String,
+    secret: Arc<[u8]>,
+    targets: Arc<HashMap<String, Arc<MirrorTarget>>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let tracker = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "replication accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (node, secret, targets, shutdown) = (
+            node.clone(),
+            secret.clone(),
+            targets.clone(),
+            shutdown.clone(),
+        );
+        tracker.spawn(async move {
+            handle(stream, peer.to_string(), &node, &secret, &targets, shutdown).await;
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    peer: String,
+    node: &str,
+    secret: &[u8],
+    targets: &HashMap<String, Arc<MirrorTarget>>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let lookup = |name: &str| targets.get(name).map(|t| t.identity.clone());
+    let hs = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        blockmirror_repl::accept(&mut stream, secret, node, lookup),
+    )
+    .await;
+    let (primary, volume) = match hs {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            warn!(%peer, error = %e, "replication peer refused");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, "replication peer refused: no handshake within {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    let Some(target) = targets.get(&volume.name).cloned() else {
+        return;
+    };
+    let busy = {
+        let mut p = target.primary.lock().expect("poisoned");
+        match p.as_ref() {
+            Some(current) => Some(format!(
+                "volume {} is already fed by primary {current}",
+                target.name
+            )),
+            None => {
+                *p = Some(primary.node.clone());
+                None
+            }
+        }
+    };
+    if let Some(msg) = busy {
+        {
+            warn!(%peer, primary = %primary.node, "{msg}; refusing the second link");
+            let mut w = FrameWriter::new(stream);
+            let _ = w
+                .send(&Frame::Error {
+                    id: 0,
+                    code: ErrorCode::Busy,
+                    message: msg,
+                })
+                .await;
+            return;
+        }
+    }
+    info!(volume = %target.name, primary = %primary.node, %peer, "replication link up");
+    let reason = apply_loop(stream, &target, shutdown).await;
+    *target.primary.lock().expect("poisoned") = None;
+    info!(volume = %target.name, primary = %primary.node, %reason, "replication link down");
+}
+
+/// Applies frames until the link ends; returns why it ended.
+async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationToken) -> String {
+    let (rd, wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd);
+    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
+    let writer = tokio::spawn(ack_writer(FrameWriter::new(wr), rx));
+    let size = t.identity.size;
+    let reason = loop {
+        let frame = tokio::select! {
+            _ = shutdown.cancelled() => break "mirror node shutting down".to_string(),
+            f = reader.next() => f,
+        };
+        let frame = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => break "primary closed the link".into(),
+            Err(e) => {
+                // Corrupted or truncated: nothing of this frame was applied.
+                warn!(volume = %t.name, error = %e, "closing replication link");
+                let _ = tx.send(Frame::Error {
+                    id: 0,
+                    code: ErrorCode::Protocol,
+                    message: e.to_string(),
+                });
+                break e.to_string();
+            }
+        };
+        let reply = match frame {
+            Frame::Write {
+                id,
+                offset,
+                fua,
+                data,
+            } => {
+                let len = data.len() as u64;
+                reply(id, in_range(offset, len, size), || {
+                    apply(t, move |b| b.write_at(&data, offset, fua), !fua)
+                })
+                .await
+                .inspect(|_| {
+                    t.applied_bytes.fetch_add(len, Relaxed);
+                })
+            }
+            Frame::Trim {
+                id,
+                offset,
+                len,
+                fua,
+            } => {
+                reply(id, in_range(offset, u64::from(len), size), || {
+                    apply(
+                        t,
+                        move |b| {
+                            b.trim(offset, u64::from(len))?;
+                            if fua {
+                                b.flush()?;
+                            }
+                            Ok(())
+                        },
+                        false,
+                    )
+                })
+                .await
+            }
+            Frame::WriteZeroes {
+                id,
+                offset,
+                len,
+                fua,
+                may_trim,
+            } => {
+                reply(id, in_range(offset, u64::from(len), size), || {
+                    apply(
+                        t,
+                        move |b| b.write_zeroes(offset, u64::from(len), may_trim, fua),
+                        false,
+                    )
+                })
+                .await
+            }
+            Frame::Flush { id } => reply(id, Ok(()), || apply(t, |b| b.flush(), false)).await,
+            Frame::Ping { id } => Ok(Frame::Pong { id }),
+            f => {
+                let msg = format!("unexpected {:?} frame on an established link", f.kind());
+                let _ = tx.send(Frame::Error {
+                    id: f.id(),
+                    code: ErrorCode::Protocol,
+                    message: msg.clone(),
+                });
+                break msg;
+            }
+        };
+        t.applied_ops.fetch_add(1, Relaxed);
+        let frame = reply.unwrap_or_else(|nack| nack);
+        if tx.send(frame).is_err() {
+            break "primary went away".into();
+        }
+    };
+    drop(tx);
+    let _ = writer.await;
+    reason
+}
+
+fn in_range(offset: u64, len: u64, size: u64) -> Result<(), String> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(format!("range {offset}+{len} past the end ({size})")),
+    }
+}
+
+/// Runs `op` after the range check; Ack on success, Nack with the errno otherwise.
+async fn reply<F, Fut>(id: u64, range: Result<(), String>, op: F) -> Result<Frame, Frame>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StorageError>>,
+{
+    if let Err(message) = range {
+        return Err(Frame::Nack {
+            id,
+            errno: 22,
+            message,
+        });
+    }
+    match op().await {
+        Ok(()) => Ok(Frame::Ack { id }),
+        Err(e) => {
+            warn!(error = %e, "mirror apply failed");
+            Err(Frame::Nack {
+                id,
+                errno: if e.is_no_space() { 28 } else { 5 },
+                message: e.to_string(),
+            })
+        }
+    }
+}
+
+/// Runs a backend call inline when it is cheap, else on the blocking pool.
+async fn apply<F>(t: &MirrorTarget, f: F, inline_ok: bool) -> Result<(), StorageError>
+where
+    F: FnOnce(&dyn Backend) -> Result<(), StorageError> + Send + 'static,
+{
+    if inline_ok && t.backend.is_fast() {
+        return f(t.backend.as_ref());
+    }
+    let b = t.backend.clone();
+    match tokio::task::spawn_blocking(move || f(b.as_ref())).await {
+        Ok(r) => r,
+        Err(e) => Err(StorageError::new(
+            &t.name,
+            blockmirror_storage::Op::Write,
+            0,
+            0,
+            std::io::Error::other(e.to_string()),
+        )),
+    }
+}
+
+async fn ack_writer(
+    mut w: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut rx: mpsc::UnboundedReceiver<Frame>,
+) {
+    while let Some(f) = rx.recv().await {
+        w.queue(&f);
+        while let Ok(f) = rx.try_recv() {
+            w.queue(&f);
+        }
+        if let Err(e) = w.flush().await {
+            debug!(error = %e, "ack writer stopped");
+            return;
+        }
+    }
+}
