@@ -343,6 +343,8 @@ impl ActivityLog {
 
         // A new transaction: this write's missing extents, then wanted ones
         // as room allows, evicting least recently used idle extents.
+        let active = &self.active;
+        self.wanted.retain(|e| !active.contains_key(e));
         let mut idle: Vec<(u64, u64)> = self
             .active
             .iter()
@@ -358,7 +360,7 @@ impl ActivityLog {
         added.extend(
             self.wanted
                 .iter()
-                .filter(|e| !self.active.contains_key(e) && !span.contains(e))
+                .filter(|e| !span.contains(e))
                 .take(room - missing.len())
                 .copied()
                 .collect::<Vec<_>>(),

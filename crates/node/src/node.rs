@@ -20,13 +20,14 @@ use tracing::{info, warn};
 
 use std::collections::HashMap;
 
-use blockmirror_core::bitmap::Bitmap;
+use blockmirror_core::activity::{ActivityLog, DEFAULT_CAPACITY, DEFAULT_EXTENT_SIZE};
 use blockmirror_repl::{NodeHello, VolumeIdentity};
 
 use crate::admin::{self, AdminSource};
 use crate::config::{NbdListen, NodeConfig, Role};
 use crate::meta_file::{self, MetaFileError};
 use crate::metrics::{self, MetricType};
+use crate::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
 use crate::replication::link::LinkContext;
 use crate::replication::receiver::{self, MirrorTarget};
 use crate::replication::{MirrorLink, RangeLocks, Replicator};
@@ -39,6 +40,8 @@ pub enum NodeError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Meta(#[from] MetaFileError),
+    #[error(transparent)]
+    MirrorState(#[from] OosStoreError),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind {
         what: String,
@@ -153,19 +156,41 @@ impl Node {
             } else {
                 let mut links = Vec::new();
                 for m in &vc.mirrors {
-                    // Until the out-of-sync bitmap is persisted, a mirror is
-                    // assumed to lack everything at start: a full copy.
-                    let mut bm =
-                        Bitmap::new(vc.size, vc.bitmap_granularity).map_err(|e| NodeError::Io {
-                            what: format!("volume {} bitmap", vc.name),
-                            source: std::io::Error::other(e.to_string()),
-                        })?;
-                    bm.mark_all();
+                    let (store, recovery) = OosStore::open(
+                        &state_dir,
+                        &vc.name,
+                        &m.peer,
+                        vc.size,
+                        vc.bitmap_granularity,
+                        DEFAULT_EXTENT_SIZE,
+                    )?;
+                    let oos = recovery.bitmap.dirty_bytes();
+                    match &recovery.outcome {
+                        RecoveryOutcome::Clean => {
+                            info!(volume = %vc.name, peer = %m.peer, out_of_sync = oos, "mirror state recovered")
+                        }
+                        RecoveryOutcome::New => {
+                            info!(volume = %vc.name, peer = %m.peer, "new mirror: the whole volume will be copied")
+                        }
+                        RecoveryOutcome::Crash { replayed_extents } => warn!(
+                            volume = %vc.name, peer = %m.peer, replayed_extents, out_of_sync = oos,
+                            "last run did not shut down cleanly: active extents marked for resync"
+                        ),
+                        RecoveryOutcome::FullResync(why) => warn!(
+                            volume = %vc.name, peer = %m.peer, reason = ?why,
+                            "mirror state unusable: the whole volume will be copied"
+                        ),
+                    }
+                    let al = ActivityLog::new(DEFAULT_EXTENT_SIZE, DEFAULT_CAPACITY)
+                        .expect("default activity log settings are valid");
                     links.push(Arc::new(MirrorLink::new(
                         &vc.name,
                         m,
                         vc.mirror_timeout,
-                        bm,
+                        recovery.bitmap,
+                        al,
+                        Arc::new(store),
+                        backend.clone(),
                     )));
                 }
                 Some(Arc::new(Replicator {
@@ -294,10 +319,17 @@ impl Node {
                 locks: r.locks.clone(),
             };
             for link in &r.links {
-                let (link, ctx, sd) = (link.clone(), ctx.clone(), shutdown.clone());
+                let (l, ctx, sd) = (link.clone(), ctx.clone(), shutdown.clone());
                 tasks.spawn(async move {
-                    link.run(ctx, sd).await;
+                    l.run(ctx, sd).await;
                     Ok(())
+                });
+                tasks.spawn({
+                    let (link, sd) = (link.clone(), shutdown.clone());
+                    async move {
+                        link.persist_periodically(sd).await;
+                        Ok(())
+                    }
                 });
             }
         }
@@ -362,6 +394,21 @@ impl Running {
                         std::io::Error::other(e),
                     ))
                 });
+            if flushed.is_ok() {
+                for link in v
+                    .volume
+                    .replicator()
+                    .map(|r| r.links.clone())
+                    .unwrap_or_default()
+                {
+                    let closed = tokio::task::spawn_blocking(move || link.close_clean()).await;
+                    match closed {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!(error = %e, "mirror state not closed cleanly"),
+                        Err(e) => warn!(error = %e, "mirror state not closed cleanly"),
+                    }
+                }
+            }
             match flushed {
                 Ok(()) => {
                     v.meta.clean = true;

@@ -466,7 +466,6 @@ impl Files {
 
 /// The valid record with the highest sequence number and its slot, or why
 /// each slot is invalid.
-#[allow(clippy::type_complexity)]
 fn newest_record(
     file: &[u8],
 ) -> Result<(u64, ActivityRecord), (ActivityRecordError, ActivityRecordError)> {

@@ -19,6 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use std::collections::VecDeque;
+
+use blockmirror_core::activity::{ActivityError, ActivityLog, Begin};
 use blockmirror_core::bitmap::Bitmap;
 use blockmirror_repl::{Frame, FrameReader, FrameWriter, NodeHello};
 use blockmirror_storage::Backend;
@@ -30,6 +33,13 @@ use tracing::{debug, info, warn};
 
 use super::locks::RangeLocks;
 use crate::config::{MirrorConfig, MirrorMode};
+use crate::oos_store::OosStore;
+
+/// The live link asks the mirror to flush this often when it has written
+/// since the last flush, so that what a mirror crash can lose stays small.
+const PERIODIC_FLUSH: Duration = Duration::from_secs(1);
+/// The bitmap is stored this often when it changed.
+const BITMAP_STORE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long connecting plus the handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -153,6 +163,7 @@ struct Pending {
     offset: u64,
     len: u64,
     bytes: u64,
+    flush: bool,
     sent: Option<Instant>,
     done: oneshot::Sender<Result<(), MirrorFailure>>,
 }
@@ -166,7 +177,18 @@ struct Shared {
     /// Cancels the current connection's tasks.
     conn_cancel: Option<CancellationToken>,
     inflight: BTreeMap<u64, Pending>,
+    /// What the mirror may lack. Persisted lazily; the activity log covers
+    /// the regions marked since the last store.
     bitmap: Bitmap,
+    /// `bitmap.changes()` when it was last stored.
+    stored_changes: u64,
+    /// The extents where writes may be in flight (durable before they start).
+    al: ActivityLog,
+    /// Regions the mirror acknowledged since the last FLUSH was sent: lost
+    /// if the mirror crashes before it flushes, so marked if the link fails.
+    unflushed: Bitmap,
+    /// The same for FLUSHes sent and not yet acknowledged, by request id.
+    flushing: VecDeque<(u64, Bitmap)>,
     peer_node: Option<String>,
     resync_done: u64,
     resync_total: u64,
@@ -208,7 +230,24 @@ pub struct MirrorLink {
     timeout: Duration,
     next_id: AtomicU64,
     shared: Mutex<Shared>,
+    /// Wakes writes waiting on the activity log.
+    al_wake: tokio::sync::Notify,
+    store: Arc<OosStore>,
+    /// The primary's own backend: made durable before an activity-log
+    /// eviction, so an evicted extent holds nothing the local disk could lose.
+    local: Arc<dyn Backend>,
     pub counters: LinkCounters,
+}
+
+/// Why a write could not be protected by the activity log.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("volume {volume}, mirror {peer}: recording the write's extent failed: {reason}")]
+    Store {
+        volume: String,
+        peer: String,
+        reason: String,
+    },
 }
 
 /// A mirror request created before the local I/O.
@@ -230,9 +269,20 @@ pub enum Sent {
 }
 
 impl MirrorLink {
-    /// A link that starts disconnected with every region marked: a mirror
-    /// is assumed to lack everything until a copy proves otherwise.
-    pub fn new(volume: &str, cfg: &MirrorConfig, timeout: Duration, bitmap: Bitmap) -> Self {
+    /// A link that starts disconnected, with the bitmap recovered from its
+    /// store (everything, for a new mirror).
+    pub fn new(
+        volume: &str,
+        cfg: &MirrorConfig,
+        timeout: Duration,
+        bitmap: Bitmap,
+        al: ActivityLog,
+        store: Arc<OosStore>,
+        local: Arc<dyn Backend>,
+    ) -> Self {
+        let unflushed = Bitmap::new(bitmap.volume_size(), bitmap.granularity())
+            .expect("same shape as a valid bitmap");
+        let stored_changes = bitmap.changes();
         Self {
             peer: cfg.peer.clone(),
             addr: cfg.addr,
@@ -248,13 +298,181 @@ impl MirrorLink {
                 conn_cancel: None,
                 inflight: BTreeMap::new(),
                 bitmap,
+                stored_changes,
+                al,
+                unflushed,
+                flushing: VecDeque::new(),
                 peer_node: None,
                 resync_done: 0,
                 resync_total: 0,
                 last_error: None,
             }),
             counters: LinkCounters::default(),
+            al_wake: tokio::sync::Notify::new(),
+            store,
+            local,
         }
+    }
+
+    /// Makes sure the extents of `[offset, offset+len)` are durably active
+    /// before a write there starts (DRBD's activity log). Usually nothing to
+    /// do; otherwise one small synchronous metadata write, shared by the
+    /// writes batched with it. Every successful call is paired with
+    /// [`MirrorLink::end`].
+    pub async fn activate(&self, offset: u64, len: u64) -> Result<(), ActivateError> {
+        loop {
+            let notified = self.al_wake.notified();
+            tokio::pin!(notified);
+            // Decide under the lock; act (wait, store) after releasing it.
+            enum Next {
+                Ready,
+                Wait,
+                Commit(blockmirror_core::activity::Transaction, Option<Bitmap>),
+                StoreBitmap(Bitmap),
+                Fail(String),
+            }
+            let next = {
+                let mut sh = self.shared();
+                match sh.al.begin(offset, len) {
+                    Ok(Begin::Ready) => Next::Ready,
+                    Ok(Begin::Wait(_)) => {
+                        notified.as_mut().enable();
+                        Next::Wait
+                    }
+                    Ok(Begin::NeedsCommit(tx)) => {
+                        // Marks made while an evicted extent was active are
+                        // covered only by the log: store the bitmap first.
+                        let bitmap = (!tx.evicted().is_empty()
+                            && sh.bitmap.changes() != sh.stored_changes)
+                            .then(|| sh.bitmap.clone());
+                        Next::Commit(tx, bitmap)
+                    }
+                    Err(ActivityError::SpanTooLarge { .. }) => {
+                        // A huge TRIM or zeroing: record it in the bitmap
+                        // durably instead; the resync after a crash copies it.
+                        sh.bitmap.mark(offset, len);
+                        Next::StoreBitmap(sh.bitmap.clone())
+                    }
+                    Err(e) => Next::Fail(e.to_string()),
+                }
+            };
+            let (tx, bitmap) = match next {
+                Next::Ready => return Ok(()),
+                Next::Wait => {
+                    notified.await;
+                    continue;
+                }
+                Next::StoreBitmap(bm) => return self.store_bitmap_now(bm).await,
+                Next::Fail(reason) => return Err(self.store_error(reason)),
+                Next::Commit(tx, bitmap) => (tx, bitmap),
+            };
+            let evicting = !tx.evicted().is_empty();
+            let (store, local) = (self.store.clone(), self.local.clone());
+            let changes = bitmap.as_ref().map(Bitmap::changes);
+            let joined = tokio::task::spawn_blocking(move || {
+                let r = (|| {
+                    if evicting {
+                        local.flush().map_err(|e| e.to_string())?;
+                    }
+                    if let Some(bm) = &bitmap {
+                        store.store_bitmap(bm).map_err(|e| e.to_string())?;
+                    }
+                    store.commit_activity(&tx).map_err(|e| e.to_string())
+                })();
+                (tx, r)
+            })
+            .await;
+            let mut sh = self.shared();
+            let outcome = match joined {
+                Ok((tx, Ok(()))) => {
+                    if let Some(c) = changes {
+                        sh.stored_changes = sh.stored_changes.max(c);
+                    }
+                    sh.al
+                        .committed(tx)
+                        .map_err(|e| self.store_error(e.to_string()))
+                }
+                Ok((tx, Err(reason))) => {
+                    warn!(volume = %self.volume, peer = %self.peer, %reason, "activity log commit failed");
+                    let _ = sh.al.abort(tx);
+                    Err(self.store_error(reason))
+                }
+                Err(join) => Err(self.store_error(join.to_string())),
+            };
+            drop(sh);
+            self.al_wake.notify_waiters();
+            return outcome;
+        }
+    }
+
+    /// The write that [`MirrorLink::activate`] let through is complete here:
+    /// acknowledged by the mirror, or recorded in the bitmap.
+    pub fn end(&self, offset: u64, len: u64) {
+        let freed = {
+            let mut sh = self.shared();
+            match sh.al.end(offset, len) {
+                Ok(freed) => freed,
+                Err(ActivityError::SpanTooLarge { .. }) => false,
+                Err(e) => {
+                    warn!(volume = %self.volume, peer = %self.peer, error = %e, "activity log end");
+                    false
+                }
+            }
+        };
+        if freed {
+            self.al_wake.notify_waiters();
+        }
+    }
+
+    fn store_error(&self, reason: String) -> ActivateError {
+        ActivateError::Store {
+            volume: self.volume.clone(),
+            peer: self.peer.clone(),
+            reason,
+        }
+    }
+
+    async fn store_bitmap_now(&self, bm: Bitmap) -> Result<(), ActivateError> {
+        let store = self.store.clone();
+        let changes = bm.changes();
+        let r =
+            tokio::task::spawn_blocking(move || store.store_bitmap(&bm).map_err(|e| e.to_string()))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+        match r {
+            Ok(()) => {
+                let mut sh = self.shared();
+                sh.stored_changes = sh.stored_changes.max(changes);
+                Ok(())
+            }
+            Err(reason) => Err(self.store_error(reason)),
+        }
+    }
+
+    /// Stores the bitmap if it changed since the last store.
+    pub async fn persist_bitmap(&self) -> Result<(), ActivateError> {
+        let bm = {
+            let sh = self.shared();
+            if sh.bitmap.changes() == sh.stored_changes {
+                return Ok(());
+            }
+            sh.bitmap.clone()
+        };
+        self.store_bitmap_now(bm).await
+    }
+
+    /// At a clean shutdown, after every write ended: stores the bitmap and
+    /// a clean record, so the next start needs no crash recovery.
+    pub fn close_clean(&self) -> Result<(), ActivateError> {
+        let sh = self.shared();
+        if !sh.al.is_idle() {
+            return Err(self.store_error("writes still in flight at shutdown".into()));
+        }
+        let bm = sh.bitmap.clone();
+        drop(sh);
+        self.store
+            .mark_clean_shutdown(&bm)
+            .map_err(|e| self.store_error(e.to_string()))
     }
 
     fn shared(&self) -> MutexGuard<'_, Shared> {
@@ -283,6 +501,7 @@ impl MirrorLink {
                 offset,
                 len,
                 bytes: 0,
+                flush: false,
                 sent: None,
                 done,
             },
@@ -290,12 +509,23 @@ impl MirrorLink {
         Prepared::Live { id, epoch, rx }
     }
 
-    /// Registers a FLUSH on a live link; None when the link is away.
+    /// Registers a FLUSH on a live link; None when the link is away. What
+    /// the mirror acknowledged so far is covered by this FLUSH once it is
+    /// acknowledged in turn.
     pub fn prepare_flush(&self) -> Option<Prepared> {
-        match self.prepare_live(0, 0) {
-            p @ Prepared::Live { .. } => Some(p),
-            Prepared::Marked => None,
+        let p = self.prepare_live(0, 0);
+        let Prepared::Live { id, .. } = &p else {
+            return None;
+        };
+        let mut sh = self.shared();
+        if let Some(pending) = sh.inflight.get_mut(id) {
+            pending.flush = true;
         }
+        let fresh = Bitmap::new(sh.bitmap.volume_size(), sh.bitmap.granularity())
+            .expect("same shape as a valid bitmap");
+        let covered = std::mem::replace(&mut sh.unflushed, fresh);
+        sh.flushing.push_back((*id, covered));
+        Some(p)
     }
 
     /// Like [`MirrorLink::prepare`], but never marks.
@@ -383,6 +613,14 @@ impl MirrorLink {
             sh.bitmap.mark(p.offset, p.len);
             let _ = p.done.send(Err(self.failure(reason)));
         }
+        // Acknowledged but perhaps not durable on the mirror.
+        let fresh = Bitmap::new(sh.bitmap.volume_size(), sh.bitmap.granularity())
+            .expect("same shape as a valid bitmap");
+        let unflushed = std::mem::replace(&mut sh.unflushed, fresh);
+        let flushing = std::mem::take(&mut sh.flushing);
+        for b in std::iter::once(&unflushed).chain(flushing.iter().map(|(_, b)| b)) {
+            sh.bitmap.union_with(b).expect("same shape");
+        }
     }
 
     fn acked(&self, id: u64, epoch: u64) {
@@ -393,6 +631,13 @@ impl MirrorLink {
         if let Some(p) = sh.inflight.remove(&id) {
             self.counters.requests_acked.fetch_add(1, Relaxed);
             self.counters.bytes_replicated.fetch_add(p.bytes, Relaxed);
+            if p.flush {
+                while sh.flushing.front().is_some_and(|(fid, _)| *fid <= id) {
+                    sh.flushing.pop_front();
+                }
+            } else if p.len > 0 {
+                sh.unflushed.mark(p.offset, p.len);
+            }
             let _ = p.done.send(Ok(()));
         } else {
             debug!(volume = %self.volume, peer = %self.peer, id, "acknowledgement for no request in flight; ignored");
@@ -526,12 +771,14 @@ impl MirrorLink {
         let sender = tokio::spawn(sender_loop(FrameWriter::new(wr), rx, cancel.clone()));
         let catch_up = tokio::spawn(self.clone().catch_up(epoch, ctx.clone(), cancel.clone()));
         let watchdog = tokio::spawn(self.clone().watchdog(epoch, cancel.clone()));
+        let flusher = tokio::spawn(self.clone().periodic_flush(cancel.clone()));
         let reason = self.receive(FrameReader::new(rd), epoch, &cancel).await;
         self.fail(epoch, &reason);
         cancel.cancel();
         let _ = sender.await;
         let _ = catch_up.await;
         let _ = watchdog.await;
+        let _ = flusher.await;
     }
 
     /// Reads acknowledgements until the connection ends; returns why it ended.
@@ -558,6 +805,37 @@ impl MirrorLink {
                 Ok(Some(f)) => return format!("unexpected {:?} frame from the mirror", f.kind()),
                 Ok(None) => return "mirror closed the connection".into(),
                 Err(e) => return e.to_string(),
+            }
+        }
+    }
+
+    /// Asks the mirror to flush when it acknowledged writes since the last
+    /// flush, so that what a mirror crash can lose stays a second's worth.
+    async fn periodic_flush(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(PERIODIC_FLUSH) => {}
+            }
+            if self.shared().unflushed.is_clear() {
+                continue;
+            }
+            if let Some(p) = self.prepare_flush() {
+                let sent = self.send(p, &MirrorOp::Flush);
+                let _ = self.wait(sent).await;
+            }
+        }
+    }
+
+    /// Stores the bitmap every few seconds when it changed, until `shutdown`.
+    pub async fn persist_periodically(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(BITMAP_STORE_INTERVAL) => {}
+            }
+            if let Err(e) = self.persist_bitmap().await {
+                warn!(error = %e, "storing the out-of-sync bitmap failed");
             }
         }
     }

@@ -10,7 +10,9 @@
 //!
 //! 1. With `on_mirror_failure = "fence"` and a mirror away, refuse (EIO)
 //!    before anything is written: nothing lands that the mirror lacks.
-//! 2. Lock the byte range (overlapping writes queue in arrival order).
+//! 2. Lock the byte range (overlapping writes queue in arrival order), and
+//!    make sure its extents are durably active in each mirror's activity log
+//!    (after a crash, those extents are resynced).
 //! 3. Create each mirror's request (registered, not sent); a mirror that is
 //!    away has the region marked in its bitmap instead.
 //! 4. Run the local I/O. If it fails, nothing is sent, every mirror marks the
@@ -29,7 +31,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use blockmirror_nbd::Errno;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::config::FailurePolicy;
 pub use link::{MirrorLink, MirrorOp};
@@ -55,10 +57,20 @@ impl Replicator {
         }
         let (offset, len) = op.range();
         let guard = self.locks.lock(offset, len).await;
+        for (i, l) in self.links.iter().enumerate() {
+            if let Err(e) = l.activate(offset, len).await {
+                warn!(error = %e, "write refused: it could not be recorded for resync");
+                for done in &self.links[..i] {
+                    done.end(offset, len);
+                }
+                return Err(Errno::Io);
+            }
+        }
         let prepared: Vec<_> = self.links.iter().map(|l| l.prepare(offset, len)).collect();
         if let Err(e) = local().await {
             for (l, p) in self.links.iter().zip(prepared) {
                 l.abandon(p, offset, len);
+                l.end(offset, len);
             }
             return Err(e);
         }
@@ -69,7 +81,11 @@ impl Replicator {
             .map(|(l, p)| l.send(p, &op))
             .collect();
         drop(guard);
-        self.wait_all(sent).await
+        let result = self.wait_all(sent).await;
+        for l in &self.links {
+            l.end(offset, len);
+        }
+        result
     }
 
     /// FLUSH: durable locally (by `local`) and on every live mirror.
