@@ -12,6 +12,13 @@ use blockmirror_node::config::{self, NodeConfig};
 use blockmirror_node::node::Node;
 use blockmirror_node::{admin, status};
 
+/// mimalloc keeps large buffers (1 MiB request payloads) for reuse instead of
+/// mapping and unmapping them per request as glibc's malloc does above its
+/// mmap threshold: page faults and page zeroing were ~8% of a 1 MiB write
+/// profile. See docs/BENCHMARKS.md.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "blockmirror",

@@ -9,6 +9,12 @@
 //! primary sends overlapping writes in the order it applied them locally, so
 //! this keeps both images equal. Acknowledgements are batched by a writer
 //! task. (A parallel apply engine is a later step.)
+//!
+//! Durability never holds the queue up: a FLUSH covers what was applied
+//! before it, so its fdatasync runs in the background while later writes
+//! are applied, and its acknowledgement goes out when the sync returns. A
+//! FUA write is applied in order like any other, then acknowledged after a
+//! background sync.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -185,13 +191,24 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                 data,
             } => {
                 let len = data.len() as u64;
-                reply(id, in_range(offset, len, size), || {
-                    apply(t, move |b| b.write_at(&data, offset, fua), !fua)
+                let applied = reply(id, in_range(offset, len, size), || {
+                    apply(t, move |b| b.write_at(&data, offset, false), true)
                 })
-                .await
-                .inspect(|_| {
+                .await;
+                if applied.is_ok() {
                     t.applied_bytes.fetch_add(len, Relaxed);
-                })
+                    if fua {
+                        background_flush(t, id, tx.clone());
+                        t.applied_ops.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                }
+                applied
+            }
+            Frame::Flush { id } => {
+                background_flush(t, id, tx.clone());
+                t.applied_ops.fetch_add(1, Relaxed);
+                continue;
             }
             Frame::Trim {
                 id,
@@ -230,7 +247,6 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                 })
                 .await
             }
-            Frame::Flush { id } => reply(id, Ok(()), || apply(t, |b| b.flush(), false)).await,
             Frame::Ping { id } => Ok(Frame::Pong { id }),
             f => {
                 let msg = format!("unexpected {:?} frame on an established link", f.kind());
@@ -251,6 +267,32 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
     drop(tx);
     let _ = writer.await;
     reason
+}
+
+/// Makes everything applied so far durable without holding up what comes
+/// next; acknowledges request `id` when done.
+fn background_flush(t: &MirrorTarget, id: u64, tx: mpsc::UnboundedSender<Frame>) {
+    let b = t.backend.clone();
+    tokio::spawn(async move {
+        let r = tokio::task::spawn_blocking(move || b.flush()).await;
+        let frame = match r {
+            Ok(Ok(())) => Frame::Ack { id },
+            Ok(Err(e)) => {
+                warn!(error = %e, "mirror flush failed");
+                Frame::Nack {
+                    id,
+                    errno: 5,
+                    message: e.to_string(),
+                }
+            }
+            Err(e) => Frame::Nack {
+                id,
+                errno: 5,
+                message: e.to_string(),
+            },
+        };
+        let _ = tx.send(frame);
+    });
 }
 
 fn in_range(offset: u64, len: u64, size: u64) -> Result<(), String> {
