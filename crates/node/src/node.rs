@@ -28,6 +28,7 @@ use crate::config::{NbdListen, NodeConfig, Role};
 use crate::meta_file::{self, MetaFileError};
 use crate::metrics::{self, MetricType};
 use crate::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
+use crate::replication::group::SiteGroup;
 use crate::replication::link::LinkContext;
 use crate::replication::receiver::{self, MirrorTarget};
 use crate::replication::{MirrorLink, RangeLocks, Replicator};
@@ -221,6 +222,23 @@ impl Node {
                 meta,
                 target,
             });
+        }
+        // Consistency groups: the links of a group's volumes to one site.
+        let mut groups: HashMap<(String, SocketAddr), Arc<SiteGroup>> = HashMap::new();
+        for (vc, v) in config.volumes.iter().zip(&volumes) {
+            let (Some(name), Some(r)) = (&vc.consistency_group, v.volume.replicator()) else {
+                continue;
+            };
+            for (m, link) in vc.mirrors.iter().zip(&r.links) {
+                let g = groups
+                    .entry((name.clone(), m.addr))
+                    .or_insert_with(|| SiteGroup::new(name, m.addr));
+                let idx = g.join(link);
+                link.set_group(g.clone(), idx);
+            }
+        }
+        for g in groups.values() {
+            info!(group = %g.name, site = %g.site, volumes = g.size(), "consistency group");
         }
         Ok(Node {
             config,

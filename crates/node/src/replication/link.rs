@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::group::SiteGroup;
 use super::locks::RangeLocks;
 use crate::config::{MirrorConfig, MirrorMode};
 use crate::oos_store::OosStore;
@@ -233,6 +234,8 @@ pub struct MirrorLink {
     /// Wakes writes waiting on the activity log.
     al_wake: tokio::sync::Notify,
     store: Arc<OosStore>,
+    /// This link's consistency group at its site, if the volume has one.
+    group: std::sync::OnceLock<(Arc<SiteGroup>, usize)>,
     /// The primary's own backend: made durable before an activity-log
     /// eviction, so an evicted extent holds nothing the local disk could lose.
     local: Arc<dyn Backend>,
@@ -309,6 +312,7 @@ impl MirrorLink {
             }),
             counters: LinkCounters::default(),
             al_wake: tokio::sync::Notify::new(),
+            group: std::sync::OnceLock::new(),
             store,
             local,
         }
@@ -594,33 +598,67 @@ impl MirrorLink {
     /// its region is marked; the link is degraded until it reconnects and
     /// catches up.
     pub fn fail(&self, epoch: u64, reason: &str) {
-        let mut sh = self.shared();
-        if sh.epoch != epoch || sh.tx.is_none() {
-            return;
+        self.fail_inner(Some(epoch), reason, true);
+    }
+
+    /// A sibling in this link's consistency group lost its mirror: cut this
+    /// link too (whatever its epoch), without propagating further.
+    pub fn suspend_for_group(&self, reason: &str) {
+        self.fail_inner(None, reason, false);
+    }
+
+    fn fail_inner(&self, epoch: Option<u64>, reason: &str, propagate: bool) {
+        let inflight = {
+            let mut sh = self.shared();
+            if epoch.is_some_and(|e| e != sh.epoch) || sh.conn_cancel.is_none() {
+                return;
+            }
+            if let Some(c) = sh.conn_cancel.take() {
+                c.cancel();
+            }
+            sh.epoch += 1;
+            sh.connection = Connection::Disconnected;
+            sh.last_error = Some(reason.to_owned());
+            if sh.tx.take().is_none() {
+                // Connected but not yet live (waiting for its group): nothing
+                // was sent on this connection.
+                return;
+            }
+            warn!(volume = %self.volume, peer = %self.peer, %reason, inflight = sh.inflight.len(), "mirror link failed; degraded");
+            self.counters.failures.fetch_add(1, Relaxed);
+            sh.state = SyncState::Degraded;
+            let inflight = std::mem::take(&mut sh.inflight);
+            for p in inflight.values() {
+                sh.bitmap.mark(p.offset, p.len);
+            }
+            // Acknowledged but perhaps not durable on the mirror.
+            let fresh = Bitmap::new(sh.bitmap.volume_size(), sh.bitmap.granularity())
+                .expect("same shape as a valid bitmap");
+            let unflushed = std::mem::replace(&mut sh.unflushed, fresh);
+            let flushing = std::mem::take(&mut sh.flushing);
+            for b in std::iter::once(&unflushed).chain(flushing.iter().map(|(_, b)| b)) {
+                sh.bitmap.union_with(b).expect("same shape");
+            }
+            inflight
+        };
+        // The group is cut before any failed write is answered to the host:
+        // no write that depends on one of these can reach the site.
+        if propagate {
+            if let Some((group, idx)) = self.group.get() {
+                group.suspend(
+                    *idx,
+                    &format!("volume {} lost its mirror: {reason}", self.volume),
+                );
+            }
         }
-        warn!(volume = %self.volume, peer = %self.peer, %reason, inflight = sh.inflight.len(), "mirror link failed; degraded");
-        self.counters.failures.fetch_add(1, Relaxed);
-        sh.tx = None;
-        if let Some(c) = sh.conn_cancel.take() {
-            c.cancel();
-        }
-        sh.epoch += 1;
-        sh.connection = Connection::Disconnected;
-        sh.state = SyncState::Degraded;
-        sh.last_error = Some(reason.to_owned());
-        let inflight = std::mem::take(&mut sh.inflight);
         for (_, p) in inflight {
-            sh.bitmap.mark(p.offset, p.len);
             let _ = p.done.send(Err(self.failure(reason)));
         }
-        // Acknowledged but perhaps not durable on the mirror.
-        let fresh = Bitmap::new(sh.bitmap.volume_size(), sh.bitmap.granularity())
-            .expect("same shape as a valid bitmap");
-        let unflushed = std::mem::replace(&mut sh.unflushed, fresh);
-        let flushing = std::mem::take(&mut sh.flushing);
-        for b in std::iter::once(&unflushed).chain(flushing.iter().map(|(_, b)| b)) {
-            sh.bitmap.union_with(b).expect("same shape");
-        }
+    }
+
+    /// Puts this link in a consistency group (once, before it runs).
+    pub fn set_group(&self, group: Arc<SiteGroup>, idx: usize) {
+        let _ = self.group.set((group, idx));
     }
 
     fn acked(&self, id: u64, epoch: u64) {
@@ -756,18 +794,39 @@ impl MirrorLink {
         let epoch = {
             let mut sh = self.shared();
             sh.epoch += 1;
-            sh.tx = Some(tx);
             sh.conn_cancel = Some(cancel.clone());
             sh.connection = Connection::Connected;
             sh.peer_node = Some(peer_node);
             sh.last_error = None;
+            sh.epoch
+        };
+        // A group member goes live only when every member is connected.
+        if let Some((group, idx)) = self.group.get() {
+            let arrived = tokio::select! {
+                r = group.arrive(*idx) => r.is_ok(),
+                _ = cancel.cancelled() => false,
+            };
+            if !arrived {
+                let mut sh = self.shared();
+                if sh.epoch == epoch {
+                    sh.conn_cancel = None;
+                    sh.connection = Connection::Disconnected;
+                }
+                return;
+            }
+        }
+        {
+            let mut sh = self.shared();
+            if sh.epoch != epoch || cancel.is_cancelled() {
+                return;
+            }
+            sh.tx = Some(tx);
             sh.state = if sh.bitmap.is_clear() {
                 SyncState::InSync
             } else {
                 SyncState::Resyncing
             };
-            sh.epoch
-        };
+        }
         let sender = tokio::spawn(sender_loop(FrameWriter::new(wr), rx, cancel.clone()));
         let catch_up = tokio::spawn(self.clone().catch_up(epoch, ctx.clone(), cancel.clone()));
         let watchdog = tokio::spawn(self.clone().watchdog(epoch, cancel.clone()));

@@ -2,6 +2,7 @@
 //! receiver.
 //!
 //! - [`locks`]: async range locks (overlapping writes in one order).
+//! - [`group`]: consistency groups (suspend together, resume together).
 //! - [`link`]: one mirror of a primary volume (connection, requests in
 //!   flight, out-of-sync bitmap, catch-up, watchdog).
 //! - [`receiver`]: the mirror side (listener, authentication, apply).
@@ -23,6 +24,7 @@
 //!    degraded; the host's request succeeds ("degrade") or fails with EIO
 //!    ("fence").
 
+pub mod group;
 pub mod link;
 pub mod locks;
 pub mod receiver;

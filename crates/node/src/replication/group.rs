@@ -1,0 +1,132 @@
+//! Consistency groups: volumes that must fail over together keep one point
+//! in time at each mirror site (DESIGN.md guarantee 7; seed 004's "all
+//! mirrors disassociated together").
+//!
+//! The links of a group's volumes to one site form a [`SiteGroup`]. Two rules:
+//!
+//! - **Suspend together.** When one member's link fails, every sibling link
+//!   to that site is cut *before* the failed member's pending writes are
+//!   answered to the host. A host that waits for write A before issuing a
+//!   dependent write B therefore sees A complete only after B can no longer
+//!   reach the site: the site never holds B without A.
+//! - **Resume together.** After its handshake a member waits at a barrier
+//!   until every member is connected; only then do all go live. While one
+//!   member is away, the others stay suspended (their writes are recorded in
+//!   their bitmaps), so the site is not fed a mix of old and new.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::watch;
+
+use super::link::MirrorLink;
+
+/// The links of one consistency group to one mirror site.
+pub struct SiteGroup {
+    pub name: String,
+    pub site: SocketAddr,
+    members: Mutex<Vec<Weak<MirrorLink>>>,
+    barrier: Mutex<Barrier>,
+    /// Bumped whenever the barrier opens or is reset, to wake waiters.
+    changed: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Barrier {
+    generation: u64,
+    arrived: Vec<bool>,
+    open: bool,
+}
+
+/// Why a member did not get through the barrier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BarrierReset;
+
+impl SiteGroup {
+    pub fn new(name: &str, site: SocketAddr) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.to_owned(),
+            site,
+            members: Mutex::new(Vec::new()),
+            barrier: Mutex::new(Barrier::default()),
+            changed: watch::channel(0).0,
+        })
+    }
+
+    /// Adds a member; returns its index.
+    pub fn join(&self, link: &Arc<MirrorLink>) -> usize {
+        let mut m = self.members.lock().expect("poisoned");
+        m.push(Arc::downgrade(link));
+        self.barrier.lock().expect("poisoned").arrived.push(false);
+        m.len() - 1
+    }
+
+    pub fn size(&self) -> usize {
+        self.members.lock().expect("poisoned").len()
+    }
+
+    /// Member `idx` is connected and ready: waits until every member is,
+    /// then returns. Fails when the group is reset meanwhile (a member
+    /// failed): the caller drops its connection and tries again.
+    pub async fn arrive(&self, idx: usize) -> Result<(), BarrierReset> {
+        let mut rx = self.changed.subscribe();
+        let generation = {
+            let mut b = self.barrier.lock().expect("poisoned");
+            b.arrived[idx] = true;
+            if !b.open && b.arrived.iter().all(|&a| a) {
+                b.open = true;
+                b.generation += 1;
+                self.changed.send_replace(b.generation);
+                return Ok(());
+            }
+            if b.open {
+                // Opened already (this member reconnected alone after a
+                // reset that did not involve it): nothing to wait for.
+                return Ok(());
+            }
+            b.generation
+        };
+        loop {
+            if rx.changed().await.is_err() {
+                return Err(BarrierReset);
+            }
+            let b = self.barrier.lock().expect("poisoned");
+            if b.generation != generation {
+                return if b.open && b.arrived[idx] {
+                    Ok(())
+                } else {
+                    Err(BarrierReset)
+                };
+            }
+        }
+    }
+
+    /// Member `origin` failed: closes the barrier and cuts every other
+    /// member's link. Returns once they are all cut.
+    pub fn suspend(&self, origin: usize, reason: &str) {
+        {
+            let mut b = self.barrier.lock().expect("poisoned");
+            let was_open = b.open;
+            b.open = false;
+            b.arrived.iter_mut().for_each(|a| *a = false);
+            b.generation += 1;
+            self.changed.send_replace(b.generation);
+            if !was_open {
+                // Not live: nothing was being sent to the site.
+            }
+        }
+        let members: Vec<Arc<MirrorLink>> = self
+            .members
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let why = format!("consistency group {}: {reason}", self.name);
+        for (i, m) in members.iter().enumerate() {
+            if i != origin {
+                m.suspend_for_group(&why);
+            }
+        }
+    }
+}
