@@ -499,6 +499,12 @@ impl AdminSource for StatusSource {
                                             lag_seconds: 0.0,
                                             resync_done_bytes: s.resync_done,
                                             resync_total_bytes: s.resync_total,
+                                            peer_node: s.peer_node,
+                                            inflight_requests: s.inflight as u64,
+                                            oldest_request_ms: s
+                                                .oldest_inflight
+                                                .map_or(0, |d| d.as_millis() as u64),
+                                            last_error: s.last_error,
                                         }
                                     })
                                     .collect()

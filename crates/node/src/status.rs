@@ -57,6 +57,18 @@ pub struct MirrorStatus {
     pub lag_seconds: f64,
     pub resync_done_bytes: u64,
     pub resync_total_bytes: u64,
+    /// The mirror node's name, once a handshake told it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_node: Option<String>,
+    /// Requests sent and not yet acknowledged (seed 004's monitor).
+    #[serde(default)]
+    pub inflight_requests: u64,
+    /// Age of the oldest of them, in milliseconds.
+    #[serde(default)]
+    pub oldest_request_ms: u64,
+    /// Why the link last failed or could not connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// `bytes` in binary units with one decimal: `512 B`, `1.0 GiB`, `1.5 MiB`.
@@ -220,6 +232,10 @@ mod tests {
                         lag_seconds: 0.5,
                         resync_done_bytes: 1 << 20,
                         resync_total_bytes: 4 << 20,
+                        peer_node: None,
+                        inflight_requests: 0,
+                        oldest_request_ms: 0,
+                        last_error: None,
                     }],
                     primary: None,
                 },
