@@ -107,6 +107,8 @@ pub enum MirrorOp {
         may_trim: bool,
     },
     Flush,
+    /// A liveness probe on an idle link (answered by Pong).
+    Ping,
 }
 
 impl MirrorOp {
@@ -117,7 +119,7 @@ impl MirrorOp {
             MirrorOp::Trim { offset, len, .. } | MirrorOp::WriteZeroes { offset, len, .. } => {
                 (*offset, u64::from(*len))
             }
-            MirrorOp::Flush => (0, 0),
+            MirrorOp::Flush | MirrorOp::Ping => (0, 0),
         }
     }
 
@@ -148,6 +150,7 @@ impl MirrorOp {
                 may_trim,
             },
             MirrorOp::Flush => Frame::Flush { id },
+            MirrorOp::Ping => Frame::Ping { id },
         }
     }
 }
@@ -667,7 +670,10 @@ impl MirrorLink {
             return;
         }
         if let Some(p) = sh.inflight.remove(&id) {
-            self.counters.requests_acked.fetch_add(1, Relaxed);
+            if p.flush || p.len > 0 {
+                // Not a liveness probe.
+                self.counters.requests_acked.fetch_add(1, Relaxed);
+            }
             self.counters.bytes_replicated.fetch_add(p.bytes, Relaxed);
             if p.flush {
                 while sh.flushing.front().is_some_and(|(fid, _)| *fid <= id) {
@@ -860,7 +866,7 @@ impl MirrorLink {
                 Ok(Some(Frame::Error { code, message, .. })) => {
                     return format!("mirror closed the link: {code:?}: {message}");
                 }
-                Ok(Some(Frame::Pong { .. })) => {}
+                Ok(Some(Frame::Pong { id })) => self.acked(id, epoch),
                 Ok(Some(f)) => return format!("unexpected {:?} frame from the mirror", f.kind()),
                 Ok(None) => return "mirror closed the connection".into(),
                 Err(e) => return e.to_string(),
@@ -909,7 +915,7 @@ impl MirrorLink {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(tick) => {}
             }
-            let (oldest, id) = {
+            let probe = {
                 let sh = self.shared();
                 let now = Instant::now();
                 match sh
@@ -918,8 +924,22 @@ impl MirrorLink {
                     .filter_map(|(id, p)| p.sent.map(|t| (now.saturating_duration_since(t), *id)))
                     .max()
                 {
-                    Some(x) => x,
-                    None => continue,
+                    Some(x) => Err(x),
+                    None => Ok(()),
+                }
+            };
+            let (oldest, id) = match probe {
+                Err(x) => x,
+                Ok(()) => {
+                    // Idle: probe, so a dead peer is noticed before a host
+                    // write has to wait for it. The probe is a request like
+                    // any other: unanswered, it trips this watchdog.
+                    if let p @ Prepared::Live { .. } = self.prepare_live(0, 0) {
+                        if let Sent::Waiting(rx) = self.send(p, &MirrorOp::Ping) {
+                            drop(rx);
+                        }
+                    }
+                    continue;
                 }
             };
             if oldest >= self.timeout {

@@ -2,8 +2,12 @@
 //! what the authenticated primary sends.
 //!
 //! Only an authenticated primary changes a mirror volume (its NBD export is
-//! read-only). One primary at a time feeds a volume: a second connection for
-//! a volume that is already fed is refused with an Error frame.
+//! read-only). One primary at a time feeds a volume: a link from another
+//! primary node while one is connected is refused with an Error frame. A new
+//! link from the *same* primary replaces the old one (which may be a
+//! half-open leftover of a partition): the old apply loop is cancelled and
+//! the new one starts only after it has stopped, so no frame of the old
+//! link can be applied after one of the new.
 //!
 //! Operations are applied one after another, in the order they arrive: the
 //! primary sends overlapping writes in the order it applied them locally, so
@@ -36,8 +40,12 @@ pub struct MirrorTarget {
     pub name: String,
     pub identity: VolumeIdentity,
     pub backend: Arc<dyn Backend>,
-    /// The primary node feeding it now.
-    pub primary: Mutex<Option<String>>,
+    /// The link feeding it now: primary node, connection number, and what
+    /// cancels that link.
+    current: Mutex<Option<(String, u64, CancellationToken)>>,
+    next_conn: AtomicU64,
+    /// Held by the running apply loop: one at a time, strictly.
+    apply_slot: Arc<tokio::sync::Semaphore>,
     pub applied_bytes: AtomicU64,
     pub applied_ops: AtomicU64,
 }
@@ -48,14 +56,20 @@ impl MirrorTarget {
             name: name.to_owned(),
             identity,
             backend,
-            primary: Mutex::new(None),
+            current: Mutex::new(None),
+            next_conn: AtomicU64::new(1),
+            apply_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             applied_bytes: AtomicU64::new(0),
             applied_ops: AtomicU64::new(0),
         }
     }
 
     pub fn primary(&self) -> Option<String> {
-        self.primary.lock().expect("poisoned").clone()
+        self.current
+            .lock()
+            .expect("poisoned")
+            .as_ref()
+            .map(|(node, _, _)| node.clone())
     }
 }
 
@@ -124,36 +138,52 @@ async fn handle(
     let Some(target) = targets.get(&volume.name).cloned() else {
         return;
     };
+    let conn = target.next_conn.fetch_add(1, Relaxed);
+    let token = shutdown.child_token();
     let busy = {
-        let mut p = target.primary.lock().expect("poisoned");
-        match p.as_ref() {
-            Some(current) => Some(format!(
-                "volume {} is already fed by primary {current}",
+        let mut current = target.current.lock().expect("poisoned");
+        match current.as_ref() {
+            Some((node, _, _)) if *node != primary.node => Some(format!(
+                "volume {} is already fed by primary {node}",
                 target.name
             )),
-            None => {
-                *p = Some(primary.node.clone());
+            other => {
+                if let Some((_, old, old_token)) = other {
+                    info!(volume = %target.name, primary = %primary.node, old_link = old,
+                        "a new link from the same primary replaces the old one");
+                    old_token.cancel();
+                }
+                *current = Some((primary.node.clone(), conn, token.clone()));
                 None
             }
         }
     };
     if let Some(msg) = busy {
-        {
-            warn!(%peer, primary = %primary.node, "{msg}; refusing the second link");
-            let mut w = FrameWriter::new(stream);
-            let _ = w
-                .send(&Frame::Error {
-                    id: 0,
-                    code: ErrorCode::Busy,
-                    message: msg,
-                })
-                .await;
-            return;
+        warn!(%peer, primary = %primary.node, "{msg}; refusing the second link");
+        let mut w = FrameWriter::new(stream);
+        let _ = w
+            .send(&Frame::Error {
+                id: 0,
+                code: ErrorCode::Busy,
+                message: msg,
+            })
+            .await;
+        return;
+    }
+    // Wait until a replaced link's apply loop has stopped.
+    let slot = tokio::select! {
+        p = target.apply_slot.clone().acquire_owned() => p.expect("never closed"),
+        _ = token.cancelled() => return,
+    };
+    info!(volume = %target.name, primary = %primary.node, %peer, "replication link up");
+    let reason = apply_loop(stream, &target, token).await;
+    drop(slot);
+    {
+        let mut current = target.current.lock().expect("poisoned");
+        if current.as_ref().is_some_and(|(_, c, _)| *c == conn) {
+            *current = None;
         }
     }
-    info!(volume = %target.name, primary = %primary.node, %peer, "replication link up");
-    let reason = apply_loop(stream, &target, shutdown).await;
-    *target.primary.lock().expect("poisoned") = None;
     info!(volume = %target.name, primary = %primary.node, %reason, "replication link down");
 }
 
@@ -166,7 +196,7 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
     let size = t.identity.size;
     let reason = loop {
         let frame = tokio::select! {
-            _ = shutdown.cancelled() => break "mirror node shutting down".to_string(),
+            _ = shutdown.cancelled() => break "link closed (replaced, or the node is shutting down)".to_string(),
             f = reader.next() => f,
         };
         let frame = match frame {
