@@ -118,3 +118,87 @@ def median(xs):
 def http_json(port, path):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
         return json.loads(r.read())
+
+
+# --- Added for bench/mirror.py (a primary and its mirror as two nodes). ---
+
+
+def target_dir():
+    """Where cargo puts its output: $CARGO_TARGET_DIR if set, else ROOT/target."""
+    return os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+
+
+def release_bin():
+    """The release `blockmirror` binary that build_release() made (honours CARGO_TARGET_DIR)."""
+    return os.path.join(target_dir(), "release", "blockmirror")
+
+
+def serve_node(cfg, nbd_port, admin_port, export, name):
+    """Starts `blockmirror serve --config cfg`; returns a Server once NBD and admin listen."""
+    srv = Server(name, [release_bin(), "serve", "--config", cfg], nbd_port,
+                 f"nbd://127.0.0.1:{nbd_port}/{export}", admin_port=admin_port)
+    wait_port(admin_port, srv.proc, name)
+    return srv
+
+
+def wait_for(what, pred, timeout=60.0):
+    """Polls pred() until it returns a true value; exits with a message on timeout."""
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+    sys.exit(f"timed out after {timeout}s waiting for {what}")
+
+
+def fio_job(uri, rw, bs, iodepth, runtime, size, extra=()):
+    """Like fio(), but returns fio's whole JSON job record (latencies, percentiles)."""
+    argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+            f"--iodepth={iodepth}", f"--size={size}", f"--runtime={runtime}", "--time_based",
+            "--ramp_time=1", "--randrepeat=0", "--norandommap", "--output-format=json", *extra]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return json.loads(out[out.index("{"):])["jobs"][0]
+
+
+_ECHO_SERVER = r"""
+import socket, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", 0))
+l.listen(1)
+print(l.getsockname()[1], flush=True)
+c, _ = l.accept()
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while True:
+    b = c.recv(64)
+    if not b:
+        break
+    c.sendall(b)
+"""
+
+
+def loopback_rtt_us(n=10000):
+    """Median round trip of a 1-byte ping-pong over loopback TCP (TCP_NODELAY) between
+    this process and a child process, in microseconds: the floor that a synchronous
+    mirror on loopback adds to every write."""
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(echo.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(200):  # warm up
+                s.sendall(b"x")
+                s.recv(64)
+            rtts = []
+            for _ in range(n):
+                t0 = time.perf_counter_ns()
+                s.sendall(b"x")
+                s.recv(64)
+                rtts.append(time.perf_counter_ns() - t0)
+        return statistics.median(rtts) / 1000.0
+    finally:
+        echo.kill()
+        echo.wait()

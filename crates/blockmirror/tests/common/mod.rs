@@ -115,6 +115,8 @@ pub struct TestNode {
     pub admin: SocketAddr,
     pub uris: Vec<String>,
     pub images: Vec<PathBuf>,
+    /// A command the node is started under (e.g. `ip netns exec NS`); empty: none.
+    pub launcher: Vec<String>,
     child: Option<Child>,
 }
 
@@ -158,6 +160,7 @@ impl TestNode {
             admin,
             uris,
             images,
+            launcher: Vec::new(),
             child: None,
         };
         node.spawn();
@@ -167,7 +170,15 @@ impl TestNode {
     /// Starts the process (again) and waits until its admin server answers.
     pub fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("node.log")).unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match self.launcher.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
@@ -250,4 +261,324 @@ pub fn random_file(path: &Path, len: usize, seed: u64) {
         chunk.copy_from_slice(&b[..chunk.len()]);
     }
     std::fs::write(path, data).unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Mirrored pairs: a mirror node and a primary node that replicates to it.
+
+/// The volume name every pair uses (also its NBD export name).
+pub const PAIR_VOLUME: &str = "vol";
+
+/// Sums every sample of metric `name` (any labels) in a Prometheus text body;
+/// None when there is no such sample.
+pub fn metric(body: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in body.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        let v: f64 = rest
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("unparsable sample: {line}"));
+        *found.get_or_insert(0.0) += v;
+    }
+    found
+}
+
+/// A secret of 64 hex characters, different on every call.
+pub fn new_secret() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut x = t ^ (u64::from(std::process::id()) << 32) ^ N.fetch_add(1, Ordering::Relaxed);
+    (0..8)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            format!("{:08x}", x as u32)
+        })
+        .collect()
+}
+
+/// Builds a [`Pair`]: options first, then [`PairBuilder::start`].
+pub struct PairBuilder {
+    size: u64,
+    primary_volume_extra: String,
+    wrong_secret: bool,
+    wait_in_sync: bool,
+    mirror_ip: String,
+    mirror_launcher: Vec<String>,
+    mirror_timeout: String,
+}
+
+impl PairBuilder {
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            primary_volume_extra: String::new(),
+            wrong_secret: false,
+            wait_in_sync: true,
+            mirror_ip: "127.0.0.1".into(),
+            mirror_launcher: Vec::new(),
+            mirror_timeout: "1s".into(),
+        }
+    }
+
+    /// Extra keys for the primary's `[[volume]]` table (e.g. `on_mirror_failure = "fence"`).
+    pub fn primary_volume(mut self, extra: &str) -> Self {
+        self.primary_volume_extra += extra;
+        self.primary_volume_extra.push('\n');
+        self
+    }
+
+    /// The primary's `mirror_timeout` (default "1s", to keep tests quick).
+    pub fn mirror_timeout(mut self, t: &str) -> Self {
+        self.mirror_timeout = t.into();
+        self
+    }
+
+    /// Give the primary a secret that differs from the mirror's.
+    pub fn wrong_secret(mut self) -> Self {
+        self.wrong_secret = true;
+        self
+    }
+
+    /// Return once both nodes answer, without waiting for the mirror to be in sync.
+    pub fn no_wait(mut self) -> Self {
+        self.wait_in_sync = false;
+        self
+    }
+
+    /// Run the mirror node under `launcher` (e.g. `ip netns exec NS`), with
+    /// every listener (replication, admin, NBD) on `ip`.
+    pub fn mirror_at(mut self, ip: &str, launcher: &[&str]) -> Self {
+        self.mirror_ip = ip.into();
+        self.mirror_launcher = launcher.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Starts the mirror node, then the primary node, and (unless
+    /// [`PairBuilder::no_wait`]) waits until the mirror is connected and in sync.
+    pub fn start(self) -> Pair {
+        let secret = new_secret();
+        let ip = &self.mirror_ip;
+        // Ports on another address than loopback (a namespace's) are free
+        // there whatever this namespace uses; pick them the same way anyway.
+        let m_listen: SocketAddr = format!("{ip}:{}", free_port()).parse().unwrap();
+        let m_admin: SocketAddr = format!("{ip}:{}", free_port()).parse().unwrap();
+        let m_nbd: SocketAddr = format!("{ip}:{}", free_port()).parse().unwrap();
+        let mdir = tempfile::tempdir().unwrap();
+        std::fs::write(mdir.path().join("secret.key"), format!("{secret}\n")).unwrap();
+        let mimg = mdir.path().join(format!("{PAIR_VOLUME}.img"));
+        let mtext = format!(
+            "node = \"mirror\"\nlisten = \"{m_listen}\"\nadmin = \"{m_admin}\"\nsecret_file = \"secret.key\"\n\n\
+             [[volume]]\nname = \"{PAIR_VOLUME}\"\npath = \"{}\"\nsize = {}\nrole = \"mirror\"\nnbd = \"{m_nbd}\"\n",
+            mimg.display(),
+            self.size
+        );
+        let mirror = TestNode::from_config(
+            mdir,
+            &mtext,
+            m_admin,
+            vec![format!("nbd://{m_nbd}/{PAIR_VOLUME}")],
+            vec![mimg],
+            self.mirror_launcher.clone(),
+        );
+
+        let p_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let p_nbd = format!("127.0.0.1:{}", free_port());
+        let pdir = tempfile::tempdir().unwrap();
+        let psecret = if self.wrong_secret {
+            new_secret()
+        } else {
+            secret
+        };
+        std::fs::write(pdir.path().join("secret.key"), format!("{psecret}\n")).unwrap();
+        let pimg = pdir.path().join(format!("{PAIR_VOLUME}.img"));
+        let ptext = format!(
+            "node = \"primary\"\nadmin = \"{p_admin}\"\nsecret_file = \"secret.key\"\n\n\
+             [[volume]]\nname = \"{PAIR_VOLUME}\"\npath = \"{}\"\nsize = {}\nrole = \"primary\"\nnbd = \"{p_nbd}\"\n\
+             mirror_timeout = \"{}\"\n{}\n[[volume.mirror]]\npeer = \"{m_listen}\"\nmode = \"sync\"\n",
+            pimg.display(),
+            self.size,
+            self.mirror_timeout,
+            self.primary_volume_extra
+        );
+        let primary = TestNode::from_config(
+            pdir,
+            &ptext,
+            p_admin,
+            vec![format!("nbd://{p_nbd}/{PAIR_VOLUME}")],
+            vec![pimg],
+            Vec::new(),
+        );
+        let pair = Pair {
+            mirror,
+            primary,
+            mirror_listen: m_listen,
+        };
+        if self.wait_in_sync {
+            pair.wait_in_sync(Duration::from_secs(30));
+        }
+        pair
+    }
+}
+
+/// A primary node mirroring one volume ([`PAIR_VOLUME`]) synchronously to a mirror node.
+pub struct Pair {
+    // Field order is drop order: the primary stops first.
+    pub primary: TestNode,
+    pub mirror: TestNode,
+    /// The mirror node's replication listener.
+    pub mirror_listen: SocketAddr,
+}
+
+impl Pair {
+    /// The primary's /status entry for its mirror.
+    pub fn link(&self) -> serde_json::Value {
+        self.primary.status_json()["volumes"][0]["mirrors"][0].clone()
+    }
+
+    /// Both nodes' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "--- primary node.log ---\n{}\n--- mirror node.log ---\n{}",
+            self.primary.all_logs(),
+            self.mirror.all_logs()
+        )
+    }
+
+    /// Polls the primary's view of the link until `pred` holds; returns that
+    /// view. On timeout, panics with the last view and both logs.
+    pub fn wait_link(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let link = self.link();
+            if pred(&link) {
+                return link;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for the mirror link to be {what}; last: {link}\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::park_timeout(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the link is connected, in sync, with nothing out of sync,
+    /// and the mirror names the primary as its feeder.
+    pub fn wait_in_sync(&self, timeout: Duration) {
+        self.wait_link("connected and in_sync", timeout, |l| {
+            l["connection"] == "connected" && l["state"] == "in_sync" && l["out_of_sync_bytes"] == 0
+        });
+        let st = self.mirror.status_json();
+        assert_eq!(st["volumes"][0]["role"], "mirror", "{st}");
+        assert_eq!(st["volumes"][0]["primary"], "primary", "{st}");
+    }
+
+    /// A metric of the primary (summed over labels); 0 when absent.
+    pub fn primary_metric(&self, name: &str) -> f64 {
+        metric(&self.primary.metrics(), name).unwrap_or(0.0)
+    }
+
+    /// A FLUSH from a real client (qemu-io) on the primary.
+    pub fn flush_primary(&self) {
+        let out =
+            run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "flush", self.primary.uri()]));
+        assert!(!out.contains("failed"), "qemu-io flush: {out}");
+    }
+
+    /// `cmp` of the two backing files: they must be byte-identical.
+    pub fn assert_images_identical(&self) {
+        let out = run(Command::new("cmp")
+            .arg(self.primary.image())
+            .arg(self.mirror.image()));
+        assert!(
+            out.status.success(),
+            "primary and mirror images differ: {}{}\nlink: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.link(),
+            self.logs()
+        );
+    }
+}
+
+impl TestNode {
+    /// A node from a config text written into `dir` (as `node.toml`), started under `launcher`.
+    pub fn from_config(
+        dir: tempfile::TempDir,
+        text: &str,
+        admin: SocketAddr,
+        uris: Vec<String>,
+        images: Vec<PathBuf>,
+        launcher: Vec<String>,
+    ) -> TestNode {
+        let config = dir.path().join("node.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut node = TestNode {
+            dir,
+            config,
+            admin,
+            uris,
+            images,
+            launcher,
+            child: None,
+        };
+        node.spawn();
+        node
+    }
+
+    /// Starts the process again after it stopped, keeping the earlier run's
+    /// log in `node.log.1`, `node.log.2`, ...
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart: the node is still running");
+        let log = self.dir.path().join("node.log");
+        let n = (1..)
+            .find(|i| !self.dir.path().join(format!("node.log.{i}")).exists())
+            .unwrap();
+        let _ = std::fs::rename(&log, self.dir.path().join(format!("node.log.{n}")));
+        self.spawn();
+    }
+
+    /// The logs of every run, oldest first.
+    pub fn all_logs(&self) -> String {
+        let mut out = String::new();
+        for i in 1.. {
+            match std::fs::read_to_string(self.dir.path().join(format!("node.log.{i}"))) {
+                Ok(t) => out += &format!("[run {i}]\n{t}"),
+                Err(_) => break,
+            }
+        }
+        out + &self.log()
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
 }

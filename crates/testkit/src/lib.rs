@@ -1,0 +1,20 @@
+//! blockmirror-testkit: tools that tests and operators use to check what a
+//! mirror holds.
+//!
+//! The history checker answers one question: after a crash, does the mirror
+//! hold every write that the primary promised it had?
+//!
+//! - [`history`]: the self-describing block format, the history log (each
+//!   write and flush, when it was issued and when it was answered, in one
+//!   logical clock), and the checker that compares a log with an image.
+//! - [`nbd`]: a minimal blocking NBD client (fixed newstyle, NBD_OPT_GO,
+//!   simple replies) built on `blockmirror_nbd::proto`.
+//! - [`writer`]: the history writer: pipelined 4 KiB block writes with
+//!   periodic FLUSHes against an NBD export, recorded as it goes.
+//!
+//! The `blockmirror-testkit` binary wraps these as `history write` and
+//! `history check`; integration tests call the library in-process.
+
+pub mod history;
+pub mod nbd;
+pub mod writer;
