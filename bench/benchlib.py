@@ -17,7 +17,6 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "blockmirror")
 
 
 def need(*tools):
@@ -83,7 +82,7 @@ def blockmirror(workdir, image, size, extra=""):
             f'node = "bench"\nadmin = "127.0.0.1:{admin}"\n\n[[volume]]\nname = "bench"\n'
             f'path = "{image}"\nsize = {size}\nrole = "primary"\nnbd = "127.0.0.1:{port}"\n{extra}\n'
         )
-    env_argv = [BIN, "serve", "--config", cfg]
+    env_argv = [release_bin(), "serve", "--config", cfg]
     return Server("blockmirror", env_argv, port, f"nbd://127.0.0.1:{port}/bench", admin_port=admin)
 
 
