@@ -6,12 +6,17 @@
 //!   request goes through before it reaches a backend.
 //! - [`rangelock`]: range locks that keep overlapping writes in one order on disk and on the link.
 //! - [`meta`]: the durable volume metadata record (identity, generation, clean flag).
+//! - [`scheduler`]: the mirror's parallel apply scheduler: range groups, task mini-queues and
+//!   overlap counters, so overlapping operations apply in arrival order and others in parallel.
+//! - [`sequencer`]: releases a write's subtasks, prepared out of order, to the link in order.
 
 pub mod activity;
 pub mod bitmap;
 pub mod geometry;
 pub mod meta;
 pub mod rangelock;
+pub mod scheduler;
+pub mod sequencer;
 
 pub use geometry::{Geometry, RangeError};
 pub use meta::{MetaError, VolumeMeta};
