@@ -20,19 +20,6 @@ import tempfile
 import benchlib as b
 
 
-def drop_caches():
-    """Starts every run from the same page-cache state. Measured on this
-    kernel: after large sequential I/O the page cache holds large folios, and
-    a 4 KiB write into one costs several times more (51k vs 77k IOPS on the
-    same file); without this, whichever server runs after a 1M job loses."""
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-        return True
-    except OSError:
-        return False
-
 WORKLOADS = [
     # name, rw, bs, iodepth
     ("4k randwrite QD32", "randwrite", "4k", 32),
@@ -75,7 +62,7 @@ def main():
         for r in range(args.rounds):
             for wname, rw, bs, qd in workloads:
                 for sname, start in starters.items():
-                    if not drop_caches() and r == 0:
+                    if not b.drop_caches() and r == 0:
                         print("  (cannot drop the page cache: not root; runs may differ in cache state)")
                     if "read" in rw:
                         # Reads measure the server, not the disk: every server

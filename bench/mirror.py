@@ -35,18 +35,6 @@ CONFIGS = ["standalone", "mirrored"]
 VOLUME = "bench"
 
 
-def drop_caches():
-    """Starts every fio run from the same page-cache state (as root; see
-    bench/frontend.py: 4 KiB writes into large folios left by big I/O cost
-    several times more). Returns False when not allowed."""
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-        return True
-    except OSError:
-        return False
-
 
 def secret(path):
     with open(path, "w") as f:
@@ -116,7 +104,7 @@ def main():
                 primary, servers = start_config(kind, workdir, seed, size_bytes)
                 try:
                     for wname, rw, bs, qd, _ in workloads:
-                        if not drop_caches() and r == 0 and kind == CONFIGS[0]:
+                        if not b.drop_caches() and r == 0 and kind == CONFIGS[0]:
                             print("  (not root: page cache not dropped between runs)")
                         cpu0 = [s.cpu_seconds() for s in servers]
                         job = b.fio_job(primary.uri, rw, bs, qd, args.runtime, args.size)

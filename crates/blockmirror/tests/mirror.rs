@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use blockmirror_testkit::history::{self, Require};
@@ -31,38 +31,6 @@ fn qemu_io_with(opts: &[&str], uri: &str, cmds: &[&str]) -> (bool, String) {
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
-}
-
-/// A time-based 4 KiB random-write load (QD 32) over the first 32 MiB.
-fn fio_load(uri: &str, seconds: u32) -> Child {
-    Command::new("fio")
-        .args([
-            "--name=load",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=32",
-            "--size=32M",
-            "--time_based",
-            &format!("--runtime={seconds}"),
-            "--randrepeat=0",
-            "--norandommap",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start fio")
-}
-
-/// Waits for fio to exit and asserts it succeeded (every write answered OK).
-fn fio_finish(child: Child) -> String {
-    let out = child.wait_with_output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "fio failed ({}):\n{text}", out.status);
-    assert!(text.contains("err= 0"), "fio reported errors:\n{text}");
-    text
 }
 
 fn still_running(c: &mut Child) -> bool {

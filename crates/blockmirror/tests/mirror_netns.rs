@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -138,27 +138,6 @@ impl Drop for Netns {
             "4000",
         ]);
     }
-}
-
-fn fio_load(uri: &str, seconds: u32) -> Child {
-    Command::new("fio")
-        .args([
-            "--name=load",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=32",
-            "--size=32M",
-            "--time_based",
-            &format!("--runtime={seconds}"),
-            "--randrepeat=0",
-            "--norandommap",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start fio")
 }
 
 /// A namespace with a mirror node in it and a primary here, in sync; None

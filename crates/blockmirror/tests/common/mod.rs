@@ -582,3 +582,35 @@ impl TestNode {
         }
     }
 }
+
+/// A time-based 4 KiB random-write load (QD 32) over the first 32 MiB.
+pub fn fio_load(uri: &str, seconds: u32) -> Child {
+    Command::new("fio")
+        .args([
+            "--name=load",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=32M",
+            "--time_based",
+            &format!("--runtime={seconds}"),
+            "--randrepeat=0",
+            "--norandommap",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fio")
+}
+
+/// Waits for fio to exit and asserts it succeeded (every write answered OK).
+pub fn fio_finish(child: Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fio failed ({}):\n{text}", out.status);
+    assert!(text.contains("err= 0"), "fio reported errors:\n{text}");
+    text
+}
