@@ -88,6 +88,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The next frame if one is already complete in the buffer; never reads.
+    /// Lets a caller handle everything one read brought before it replies.
+    pub fn next_buffered(&mut self) -> Result<Option<Frame>, LinkError> {
+        Ok(self.decoder.decode(&mut self.buf)?)
+    }
+
     pub fn get_ref(&self) -> &R {
         &self.inner
     }
@@ -397,6 +403,28 @@ mod tests {
         }
         writer.await.unwrap();
         assert!(r.next().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn next_buffered_decodes_what_one_read_brought_and_never_reads() {
+        let frames = some_frames();
+        let mut all = BytesMut::new();
+        for f in &frames {
+            f.encode(&mut all);
+        }
+        // Everything arrives at once; the peer stays open.
+        let (a, mut b) = tokio::io::duplex(all.len() * 2);
+        b.write_all(&all).await.unwrap();
+        let mut r = FrameReader::new(a);
+        assert!(r.next_buffered().unwrap().is_none(), "nothing read yet");
+        let mut got = vec![r.next().await.unwrap().unwrap()];
+        while let Some(f) = r.next_buffered().unwrap() {
+            got.push(f);
+        }
+        assert_eq!(got, frames);
+        // Nothing more buffered, and it returned without waiting on the open peer.
+        assert!(r.next_buffered().unwrap().is_none());
+        drop(b);
     }
 
     #[tokio::test]

@@ -664,27 +664,37 @@ impl MirrorLink {
         let _ = self.group.set((group, idx));
     }
 
-    fn acked(&self, id: u64, epoch: u64) {
-        let mut sh = self.shared();
-        if sh.epoch != epoch {
-            return;
-        }
-        if let Some(p) = sh.inflight.remove(&id) {
-            if p.flush || p.len > 0 {
-                // Not a liveness probe.
-                self.counters.requests_acked.fetch_add(1, Relaxed);
+    /// Settles acknowledged requests under one lock, then completes their
+    /// waiters outside it.
+    fn acked(&self, ids: &[u64], epoch: u64) {
+        let mut done = Vec::with_capacity(ids.len());
+        {
+            let mut sh = self.shared();
+            if sh.epoch != epoch {
+                return;
             }
-            self.counters.bytes_replicated.fetch_add(p.bytes, Relaxed);
-            if p.flush {
-                while sh.flushing.front().is_some_and(|(fid, _)| *fid <= id) {
-                    sh.flushing.pop_front();
+            for &id in ids {
+                let Some(p) = sh.inflight.remove(&id) else {
+                    debug!(volume = %self.volume, peer = %self.peer, id, "acknowledgement for no request in flight; ignored");
+                    continue;
+                };
+                if p.flush || p.len > 0 {
+                    // Not a liveness probe.
+                    self.counters.requests_acked.fetch_add(1, Relaxed);
                 }
-            } else if p.len > 0 {
-                sh.unflushed.mark(p.offset, p.len);
+                self.counters.bytes_replicated.fetch_add(p.bytes, Relaxed);
+                if p.flush {
+                    while sh.flushing.front().is_some_and(|(fid, _)| *fid <= id) {
+                        sh.flushing.pop_front();
+                    }
+                } else if p.len > 0 {
+                    sh.unflushed.mark(p.offset, p.len);
+                }
+                done.push(p.done);
             }
-            let _ = p.done.send(Ok(()));
-        } else {
-            debug!(volume = %self.volume, peer = %self.peer, id, "acknowledgement for no request in flight; ignored");
+        }
+        for d in done {
+            let _ = d.send(Ok(()));
         }
     }
 
@@ -853,25 +863,39 @@ impl MirrorLink {
         epoch: u64,
         cancel: &CancellationToken,
     ) -> String {
-        loop {
-            let frame = tokio::select! {
-                _ = cancel.cancelled() => return "connection closed".into(),
-                f = reader.next() => f,
+        // Acknowledgements that one read brought are settled together.
+        let mut ids: Vec<u64> = Vec::new();
+        let reason = loop {
+            let frame = match reader.next_buffered() {
+                Ok(Some(f)) => Ok(Some(f)),
+                Ok(None) => {
+                    if !ids.is_empty() {
+                        self.acked(&ids, epoch);
+                        ids.clear();
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => break "connection closed".into(),
+                        f = reader.next() => f,
+                    }
+                }
+                Err(e) => Err(e),
             };
             match frame {
-                Ok(Some(Frame::Ack { id })) => self.acked(id, epoch),
+                Ok(Some(Frame::Ack { id })) | Ok(Some(Frame::Pong { id })) => ids.push(id),
                 Ok(Some(Frame::Nack { id, errno, message })) => {
-                    return format!("mirror failed request {id} with errno {errno}: {message}");
+                    break format!("mirror failed request {id} with errno {errno}: {message}");
                 }
                 Ok(Some(Frame::Error { code, message, .. })) => {
-                    return format!("mirror closed the link: {code:?}: {message}");
+                    break format!("mirror closed the link: {code:?}: {message}");
                 }
-                Ok(Some(Frame::Pong { id })) => self.acked(id, epoch),
-                Ok(Some(f)) => return format!("unexpected {:?} frame from the mirror", f.kind()),
-                Ok(None) => return "mirror closed the connection".into(),
-                Err(e) => return e.to_string(),
+                Ok(Some(f)) => break format!("unexpected {:?} frame from the mirror", f.kind()),
+                Ok(None) => break "mirror closed the connection".into(),
+                Err(e) => break e.to_string(),
             }
-        }
+        };
+        // What was acknowledged before the link ended is on the mirror.
+        self.acked(&ids, epoch);
+        reason
     }
 
     /// Asks the mirror to flush when it acknowledged writes since the last

@@ -191,13 +191,24 @@ async fn handle(
 async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationToken) -> String {
     let (rd, wr) = stream.into_split();
     let mut reader = FrameReader::new(rd);
-    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<Frame>>();
     let writer = tokio::spawn(ack_writer(FrameWriter::new(wr), rx));
     let size = t.identity.size;
+    // Replies to everything one read brought, sent to the writer together.
+    let mut acks: Vec<Frame> = Vec::new();
     let reason = loop {
-        let frame = tokio::select! {
-            _ = shutdown.cancelled() => break "link closed (replaced, or the node is shutting down)".to_string(),
-            f = reader.next() => f,
+        let frame = match reader.next_buffered() {
+            Ok(Some(f)) => Ok(Some(f)),
+            Ok(None) => {
+                if !acks.is_empty() && tx.send(std::mem::take(&mut acks)).is_err() {
+                    break "primary went away".into();
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break "link closed (replaced, or the node is shutting down)".to_string(),
+                    f = reader.next() => f,
+                }
+            }
+            Err(e) => Err(e),
         };
         let frame = match frame {
             Ok(Some(f)) => f,
@@ -205,7 +216,7 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
             Err(e) => {
                 // Corrupted or truncated: nothing of this frame was applied.
                 warn!(volume = %t.name, error = %e, "closing replication link");
-                let _ = tx.send(Frame::Error {
+                acks.push(Frame::Error {
                     id: 0,
                     code: ErrorCode::Protocol,
                     message: e.to_string(),
@@ -280,7 +291,7 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
             Frame::Ping { id } => Ok(Frame::Pong { id }),
             f => {
                 let msg = format!("unexpected {:?} frame on an established link", f.kind());
-                let _ = tx.send(Frame::Error {
+                acks.push(Frame::Error {
                     id: f.id(),
                     code: ErrorCode::Protocol,
                     message: msg.clone(),
@@ -289,11 +300,14 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
             }
         };
         t.applied_ops.fetch_add(1, Relaxed);
-        let frame = reply.unwrap_or_else(|nack| nack);
-        if tx.send(frame).is_err() {
+        acks.push(reply.unwrap_or_else(|nack| nack));
+        if acks.len() >= 256 && tx.send(std::mem::take(&mut acks)).is_err() {
             break "primary went away".into();
         }
     };
+    if !acks.is_empty() {
+        let _ = tx.send(acks);
+    }
     drop(tx);
     let _ = writer.await;
     reason
@@ -301,7 +315,7 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
 
 /// Makes everything applied so far durable without holding up what comes
 /// next; acknowledges request `id` when done.
-fn background_flush(t: &MirrorTarget, id: u64, tx: mpsc::UnboundedSender<Frame>) {
+fn background_flush(t: &MirrorTarget, id: u64, tx: mpsc::UnboundedSender<Vec<Frame>>) {
     let b = t.backend.clone();
     tokio::spawn(async move {
         let r = tokio::task::spawn_blocking(move || b.flush()).await;
@@ -321,7 +335,7 @@ fn background_flush(t: &MirrorTarget, id: u64, tx: mpsc::UnboundedSender<Frame>)
                 message: e.to_string(),
             },
         };
-        let _ = tx.send(frame);
+        let _ = tx.send(vec![frame]);
     });
 }
 
@@ -381,12 +395,12 @@ where
 
 async fn ack_writer(
     mut w: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Frame>>,
 ) {
-    while let Some(f) = rx.recv().await {
-        w.queue(&f);
-        while let Ok(f) = rx.try_recv() {
-            w.queue(&f);
+    while let Some(batch) = rx.recv().await {
+        batch.iter().for_each(|f| w.queue(f));
+        while let Ok(batch) = rx.try_recv() {
+            batch.iter().for_each(|f| w.queue(f));
         }
         if let Err(e) = w.flush().await {
             debug!(error = %e, "ack writer stopped");
