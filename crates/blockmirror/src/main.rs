@@ -38,7 +38,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Start a demo node on loopback and print how to use it.
+    /// Start a primary and a sync mirror on loopback and print how to use them.
     Demo {
         /// Where the demo's configs and images live.
         #[arg(long, default_value = "./blockmirror-demo")]
@@ -46,7 +46,7 @@ enum Command {
         /// Volume size (e.g. 1GiB, 256MiB).
         #[arg(long, default_value = "1GiB")]
         size: String,
-        /// Mirror mode (sync | async). Mirroring is not built yet.
+        /// Mirror mode: sync (async is not built yet).
         #[arg(long)]
         mode: Option<String>,
     },
