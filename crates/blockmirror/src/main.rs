@@ -212,13 +212,16 @@ mode = "sync"
     let p_cfg = dir.join("primary.toml");
     std::fs::write(&m_cfg, mirror_text).with_context(|| format!("writing {}", m_cfg.display()))?;
     std::fs::write(&p_cfg, primary_text).with_context(|| format!("writing {}", p_cfg.display()))?;
-    let shutdown = CancellationToken::new();
-    cancel_on_signals(shutdown.clone())?;
+    // Ctrl-C stops the primary first, then the mirror, as an operator would:
+    // the primary's links close cleanly instead of seeing their mirror vanish.
+    let stop_primary = CancellationToken::new();
+    let stop_mirror = CancellationToken::new();
+    cancel_on_signals(stop_primary.clone())?;
     let mirror = Node::open(NodeConfig::load(&m_cfg)?)?
-        .start(shutdown.clone())
+        .start(stop_mirror.clone())
         .await?;
     let primary = Node::open(NodeConfig::load(&p_cfg)?)?
-        .start(shutdown)
+        .start(stop_primary)
         .await?;
     let uri = &primary.endpoints.exports[0].1;
     let muri = &mirror.endpoints.exports[0].1;
@@ -239,9 +242,11 @@ mode = "sync"
     println!("  blockmirror status --admin {pa}");
     println!();
     println!("Press Ctrl-C to stop.");
-    let (a, b) = tokio::join!(primary.wait(), mirror.wait());
-    a?;
-    b?;
+    let primary_result = primary.wait().await;
+    stop_mirror.cancel();
+    let mirror_result = mirror.wait().await;
+    primary_result?;
+    mirror_result?;
     Ok(())
 }
 

@@ -601,16 +601,22 @@ impl MirrorLink {
     /// its region is marked; the link is degraded until it reconnects and
     /// catches up.
     pub fn fail(&self, epoch: u64, reason: &str) {
-        self.fail_inner(Some(epoch), reason, true);
+        self.fail_inner(Some(epoch), reason, true, false);
     }
 
     /// A sibling in this link's consistency group lost its mirror: cut this
     /// link too (whatever its epoch), without propagating further.
     pub fn suspend_for_group(&self, reason: &str) {
-        self.fail_inner(None, reason, false);
+        self.fail_inner(None, reason, false, false);
     }
 
-    fn fail_inner(&self, epoch: Option<u64>, reason: &str, propagate: bool) {
+    /// The node is shutting down: the link closes as a failure would (its
+    /// requests fail and are marked), but that is expected, not reported.
+    fn close_for_shutdown(&self, epoch: u64) {
+        self.fail_inner(Some(epoch), "node shutting down", false, true);
+    }
+
+    fn fail_inner(&self, epoch: Option<u64>, reason: &str, propagate: bool, expected: bool) {
         let inflight = {
             let mut sh = self.shared();
             if epoch.is_some_and(|e| e != sh.epoch) || sh.conn_cancel.is_none() {
@@ -627,8 +633,12 @@ impl MirrorLink {
                 // was sent on this connection.
                 return;
             }
-            warn!(volume = %self.volume, peer = %self.peer, %reason, inflight = sh.inflight.len(), "mirror link failed; degraded");
-            self.counters.failures.fetch_add(1, Relaxed);
+            if expected {
+                info!(volume = %self.volume, peer = %self.peer, inflight = sh.inflight.len(), "mirror link closed: node shutting down");
+            } else {
+                warn!(volume = %self.volume, peer = %self.peer, %reason, inflight = sh.inflight.len(), "mirror link failed; degraded");
+                self.counters.failures.fetch_add(1, Relaxed);
+            }
             sh.state = SyncState::Degraded;
             let inflight = std::mem::take(&mut sh.inflight);
             for p in inflight.values() {
@@ -778,7 +788,7 @@ impl MirrorLink {
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
         let epoch = self.shared().epoch;
-        self.fail(epoch, "node shutting down");
+        self.close_for_shutdown(epoch);
     }
 
     async fn connect(&self, ctx: &LinkContext) -> Result<(TcpStream, String), String> {
@@ -848,7 +858,11 @@ impl MirrorLink {
         let watchdog = tokio::spawn(self.clone().watchdog(epoch, cancel.clone()));
         let flusher = tokio::spawn(self.clone().periodic_flush(cancel.clone()));
         let reason = self.receive(FrameReader::new(rd), epoch, &cancel).await;
-        self.fail(epoch, &reason);
+        if shutdown.is_cancelled() {
+            self.close_for_shutdown(epoch);
+        } else {
+            self.fail(epoch, &reason);
+        }
         cancel.cancel();
         let _ = sender.await;
         let _ = catch_up.await;
