@@ -116,6 +116,10 @@ pub struct Endpoints {
 pub struct Running {
     pub endpoints: Endpoints,
     tasks: JoinSet<std::io::Result<()>>,
+    /// The mirror links: stopped only after the servers, so that a last
+    /// FLUSH can reach every mirror.
+    link_tasks: JoinSet<()>,
+    link_stop: CancellationToken,
     volumes: Vec<OpenVolume>,
 }
 
@@ -320,6 +324,8 @@ impl Node {
             ));
         }
         // Primary volumes: one task per mirror link.
+        let mut link_tasks = JoinSet::new();
+        let link_stop = CancellationToken::new();
         for v in &self.volumes {
             let Some(r) = v.volume.replicator() else {
                 continue;
@@ -337,18 +343,10 @@ impl Node {
                 locks: r.locks.clone(),
             };
             for link in &r.links {
-                let (l, ctx, sd) = (link.clone(), ctx.clone(), shutdown.clone());
-                tasks.spawn(async move {
-                    l.run(ctx, sd).await;
-                    Ok(())
-                });
-                tasks.spawn({
-                    let (link, sd) = (link.clone(), shutdown.clone());
-                    async move {
-                        link.persist_periodically(sd).await;
-                        Ok(())
-                    }
-                });
+                let (l, ctx, sd) = (link.clone(), ctx.clone(), link_stop.clone());
+                link_tasks.spawn(async move { l.run(ctx, sd).await });
+                let (l, sd) = (link.clone(), link_stop.clone());
+                link_tasks.spawn(async move { l.persist_periodically(sd).await });
             }
         }
         let source = Arc::new(StatusSource {
@@ -379,6 +377,8 @@ impl Node {
                 exports,
             },
             tasks,
+            link_tasks,
+            link_stop,
             volumes: self.volumes,
         })
     }
@@ -399,6 +399,18 @@ impl Running {
                 });
             }
         }
+        // No host I/O any more: one last FLUSH to every live mirror, so what
+        // they acknowledged is durable there and the next start copies
+        // nothing; then close the links.
+        for v in &self.volumes {
+            if let Some(r) = v.volume.replicator() {
+                if r.flush(|| async { Ok(()) }).await.is_err() {
+                    warn!(volume = %v.volume.name(), "final mirror flush failed");
+                }
+            }
+        }
+        self.link_stop.cancel();
+        while self.link_tasks.join_next().await.is_some() {}
         for v in &mut self.volumes {
             let backend = v.volume.backend().clone();
             let flushed = tokio::task::spawn_blocking(move || backend.flush())
