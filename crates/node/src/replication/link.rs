@@ -286,8 +286,7 @@ impl MirrorLink {
         store: Arc<OosStore>,
         local: Arc<dyn Backend>,
     ) -> Self {
-        let unflushed = Bitmap::new(bitmap.volume_size(), bitmap.granularity())
-            .expect("same shape as a valid bitmap");
+        let unflushed = empty_like(&bitmap);
         let stored_changes = bitmap.changes();
         Self {
             peer: cfg.peer.clone(),
@@ -528,8 +527,7 @@ impl MirrorLink {
         if let Some(pending) = sh.inflight.get_mut(id) {
             pending.flush = true;
         }
-        let fresh = Bitmap::new(sh.bitmap.volume_size(), sh.bitmap.granularity())
-            .expect("same shape as a valid bitmap");
+        let fresh = empty_like(&sh.bitmap);
         let covered = std::mem::replace(&mut sh.unflushed, fresh);
         sh.flushing.push_back((*id, covered));
         Some(p)
@@ -645,8 +643,7 @@ impl MirrorLink {
                 sh.bitmap.mark(p.offset, p.len);
             }
             // Acknowledged but perhaps not durable on the mirror.
-            let fresh = Bitmap::new(sh.bitmap.volume_size(), sh.bitmap.granularity())
-                .expect("same shape as a valid bitmap");
+            let fresh = empty_like(&sh.bitmap);
             let unflushed = std::mem::replace(&mut sh.unflushed, fresh);
             let flushing = std::mem::take(&mut sh.flushing);
             for b in std::iter::once(&unflushed).chain(flushing.iter().map(|(_, b)| b)) {
@@ -1115,6 +1112,11 @@ impl MirrorLink {
             _ => None,
         }
     }
+}
+
+/// A clear bitmap of the same shape as `b`.
+fn empty_like(b: &Bitmap) -> Bitmap {
+    Bitmap::new(b.volume_size(), b.granularity()).expect("same shape as a valid bitmap")
 }
 
 /// The first run of marked bytes at or after `from` (region-aligned), at

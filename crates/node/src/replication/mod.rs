@@ -54,9 +54,7 @@ impl Replicator {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(), Errno>>,
     {
-        if self.policy == FailurePolicy::Fence && self.links.iter().any(|l| !l.is_live()) {
-            return Err(Errno::Io);
-        }
+        self.check_fence()?;
         let (offset, len) = op.range();
         let guard = self.locks.lock(offset, len).await;
         for (i, l) in self.links.iter().enumerate() {
@@ -96,9 +94,7 @@ impl Replicator {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(), Errno>>,
     {
-        if self.policy == FailurePolicy::Fence && self.links.iter().any(|l| !l.is_live()) {
-            return Err(Errno::Io);
-        }
+        self.check_fence()?;
         // Only live links take the flush; an away mirror has nothing to
         // flush that its bitmap does not already cover.
         let sent: Vec<_> = self
@@ -112,6 +108,15 @@ impl Replicator {
         let local = local().await;
         let mirrors = self.wait_all(sent).await;
         local.and(mirrors)
+    }
+
+    /// With "fence", a mirror that is away refuses host writes up front:
+    /// nothing lands that it lacks.
+    fn check_fence(&self) -> Result<(), Errno> {
+        if self.policy == FailurePolicy::Fence && self.links.iter().any(|l| !l.is_live()) {
+            return Err(Errno::Io);
+        }
+        Ok(())
     }
 
     async fn wait_all(&self, sent: Vec<link::Sent>) -> Result<(), Errno> {
