@@ -35,6 +35,8 @@ const NOT_YET_ASYNC: &str =
 pub const DEFAULT_MIRROR_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for `bitmap_granularity`.
 pub const DEFAULT_BITMAP_GRANULARITY: u64 = 64 * 1024;
+/// Most apply tasks (worker threads) one mirror volume may have.
+pub const MAX_APPLY_TASKS: usize = 256;
 
 /// A validated node config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +80,10 @@ pub struct VolumeConfig {
     pub mirror_timeout: Duration,
     /// Granularity of the out-of-sync bitmap (key `bitmap_granularity`, default 64KiB).
     pub bitmap_granularity: u64,
+    /// On a mirror: range groups of the apply engine (key `apply_groups`, default 4).
+    pub apply_groups: usize,
+    /// On a mirror: apply tasks per group (key `apply_tasks_per_group`, default 2).
+    pub apply_tasks_per_group: usize,
 }
 
 /// One `[[volume.mirror]]` table.
@@ -285,6 +291,8 @@ struct RawVolume {
     on_mirror_failure: Option<String>,
     mirror_timeout: Option<String>,
     bitmap_granularity: Option<toml::Value>,
+    apply_groups: Option<i64>,
+    apply_tasks_per_group: Option<i64>,
 }
 
 /// A `[[volume.mirror]]` table.
@@ -504,6 +512,27 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             None => None,
         };
 
+        let count = |v: Option<i64>, k: &str, default: usize| -> Result<usize, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(n) if (1..=MAX_APPLY_TASKS as i64).contains(&n) => Ok(n as usize),
+                Some(n) => Err(cx.invalid(
+                    key(k),
+                    format!("{n} is out of range (1 to {MAX_APPLY_TASKS})"),
+                )),
+            }
+        };
+        let apply_groups = count(rv.apply_groups, "apply_groups", 4)?;
+        let apply_tasks_per_group = count(rv.apply_tasks_per_group, "apply_tasks_per_group", 2)?;
+        if apply_groups * apply_tasks_per_group > MAX_APPLY_TASKS {
+            return Err(cx.invalid(
+                key("apply_tasks_per_group"),
+                format!(
+                    "{apply_groups} groups of {apply_tasks_per_group} tasks is more than {MAX_APPLY_TASKS} tasks"
+                ),
+            ));
+        }
+
         volumes.push(VolumeConfig {
             name,
             path: vpath,
@@ -517,6 +546,8 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             on_mirror_failure,
             mirror_timeout,
             bitmap_granularity,
+            apply_groups,
+            apply_tasks_per_group,
         });
     }
 

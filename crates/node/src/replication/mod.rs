@@ -5,7 +5,8 @@
 //! - [`group`]: consistency groups (suspend together, resume together).
 //! - [`link`]: one mirror of a primary volume (connection, requests in
 //!   flight, out-of-sync bitmap, catch-up, watchdog).
-//! - [`receiver`]: the mirror side (listener, authentication, apply).
+//! - [`receiver`]: the mirror side (listener, authentication, receive loop).
+//! - [`apply`]: the mirror's parallel apply engine (seed 003).
 //!
 //! The write path ([`Replicator::replicate`]), seed 004's detour rebuilt:
 //!
@@ -24,6 +25,7 @@
 //!    degraded; the host's request succeeds ("degrade") or fails with EIO
 //!    ("fence").
 
+pub mod apply;
 pub mod group;
 pub mod link;
 pub mod locks;

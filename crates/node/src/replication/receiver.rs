@@ -9,16 +9,17 @@
 //! the new one starts only after it has stopped, so no frame of the old
 //! link can be applied after one of the new.
 //!
-//! Operations are applied one after another, in the order they arrive: the
-//! primary sends overlapping writes in the order it applied them locally, so
-//! this keeps both images equal. Acknowledgements are batched by a writer
-//! task. (A parallel apply engine is a later step.)
+//! Operations are handed, in arrival order, to the apply engine
+//! ([`super::apply`], seed 003): many tasks write the backend at once, and
+//! operations whose ranges overlap apply in arrival order (the primary sends
+//! overlapping writes in the order it applied them locally, so both images
+//! stay equal). Each operation is acknowledged as soon as it is applied, in
+//! whatever order they finish; the primary matches acknowledgements by id.
 //!
-//! Durability never holds the queue up: a FLUSH covers what was applied
-//! before it, so its fdatasync runs in the background while later writes
-//! are applied, and its acknowledgement goes out when the sync returns. A
-//! FUA write is applied in order like any other, then acknowledged after a
-//! background sync.
+//! Durability never holds the queue up: a FLUSH waits only for the
+//! operations that arrived before it, runs its fdatasync on a task of its
+//! own while later writes go on, and is acknowledged when the sync returns.
+//! A FUA write is written with RWF_DSYNC on its task.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -26,7 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blockmirror_repl::{ErrorCode, Frame, FrameReader, FrameWriter, VolumeIdentity};
-use blockmirror_storage::{Backend, StorageError};
+use blockmirror_storage::Backend;
+
+use super::apply::{Applied, ApplyConfig, ApplyEngine, ApplyMetrics, ApplyOp};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -48,11 +51,21 @@ pub struct MirrorTarget {
     apply_slot: Arc<tokio::sync::Semaphore>,
     pub applied_bytes: AtomicU64,
     pub applied_ops: AtomicU64,
+    /// How the apply engine is cut up, and what it has done.
+    pub apply: ApplyConfig,
+    pub apply_metrics: Arc<ApplyMetrics>,
 }
 
 impl MirrorTarget {
-    pub fn new(name: &str, identity: VolumeIdentity, backend: Arc<dyn Backend>) -> Self {
+    pub fn new(
+        name: &str,
+        identity: VolumeIdentity,
+        backend: Arc<dyn Backend>,
+        apply: ApplyConfig,
+    ) -> Self {
         Self {
+            apply,
+            apply_metrics: Arc::new(ApplyMetrics::new(apply.groups)),
             name: name.to_owned(),
             identity,
             backend,
@@ -188,31 +201,70 @@ async fn handle(
 }
 
 /// Applies frames until the link ends; returns why it ended.
+///
+/// Frames are decoded in arrival order and handed to the apply engine
+/// ([`super::apply`]), which runs them on many tasks while keeping
+/// overlapping ones in order. Acknowledgements are collected as operations
+/// finish and handed to the writer task whenever the loop would wait. While
+/// the engine is full the socket is not read (back-pressure to the primary).
 async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationToken) -> String {
     let (rd, wr) = stream.into_split();
     let mut reader = FrameReader::new(rd);
     let (tx, rx) = mpsc::unbounded_channel::<Vec<Frame>>();
     let writer = tokio::spawn(ack_writer(FrameWriter::new(wr), rx));
+    let mut engine = match ApplyEngine::new(t.backend.clone(), t.apply, t.apply_metrics.clone()) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(volume = %t.name, error = %e, "cannot apply");
+            let _ = tx.send(vec![Frame::Error {
+                id: 0,
+                code: ErrorCode::Protocol,
+                message: e.to_string(),
+            }]);
+            drop(tx);
+            let _ = writer.await;
+            return e.to_string();
+        }
+    };
     let size = t.identity.size;
-    // Replies to everything one read brought, sent to the writer together.
+    // Replies gathered until the loop would wait, then sent together.
     let mut acks: Vec<Frame> = Vec::new();
+    let mut applied: Vec<Applied> = Vec::new();
     let reason = loop {
-        let frame = match reader.next_buffered() {
-            Ok(Some(f)) => Ok(Some(f)),
-            Ok(None) => {
+        engine.ready(&mut applied);
+        to_acks(t, &mut applied, &mut acks);
+        let frame = if engine.is_full() {
+            None
+        } else {
+            match reader.next_buffered() {
+                Ok(f) => f.map(Ok),
+                Err(e) => Some(Err(e)),
+            }
+        };
+        let frame = match frame {
+            Some(f) => f,
+            None => {
+                // About to wait: reply to everything so far first.
+                engine.publish();
                 if !acks.is_empty() && tx.send(std::mem::take(&mut acks)).is_err() {
                     break "primary went away".into();
                 }
+                if engine.is_full() {
+                    t.apply_metrics.full_stalls.fetch_add(1, Relaxed);
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break "link closed (replaced, or the node is shutting down)".to_string(),
-                    f = reader.next() => f,
+                    _ = engine.completions(&mut applied) => continue,
+                    f = reader.next(), if !engine.is_full() => match f {
+                        Ok(Some(f)) => Ok(f),
+                        Ok(None) => break "primary closed the link".into(),
+                        Err(e) => Err(e),
+                    },
                 }
             }
-            Err(e) => Err(e),
         };
         let frame = match frame {
-            Ok(Some(f)) => f,
-            Ok(None) => break "primary closed the link".into(),
+            Ok(f) => f,
             Err(e) => {
                 // Corrupted or truncated: nothing of this frame was applied.
                 warn!(volume = %t.name, error = %e, "closing replication link");
@@ -224,71 +276,52 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                 break e.to_string();
             }
         };
-        let reply = match frame {
+        let (id, range, op) = match frame {
             Frame::Write {
                 id,
                 offset,
                 fua,
                 data,
-            } => {
-                let len = data.len() as u64;
-                let applied = reply(id, in_range(offset, len, size), || {
-                    apply(t, move |b| b.write_at(&data, offset, false), true)
-                })
-                .await;
-                if applied.is_ok() {
-                    t.applied_bytes.fetch_add(len, Relaxed);
-                    if fua {
-                        background_flush(t, id, tx.clone());
-                        t.applied_ops.fetch_add(1, Relaxed);
-                        continue;
-                    }
-                }
-                applied
-            }
-            Frame::Flush { id } => {
-                background_flush(t, id, tx.clone());
-                t.applied_ops.fetch_add(1, Relaxed);
-                continue;
-            }
+            } => (
+                id,
+                in_range(offset, data.len() as u64, size),
+                ApplyOp::Write { offset, data, fua },
+            ),
+            Frame::Flush { id } => (id, Ok(()), ApplyOp::Flush),
             Frame::Trim {
                 id,
                 offset,
                 len,
                 fua,
-            } => {
-                reply(id, in_range(offset, u64::from(len), size), || {
-                    apply(
-                        t,
-                        move |b| {
-                            b.trim(offset, u64::from(len))?;
-                            if fua {
-                                b.flush()?;
-                            }
-                            Ok(())
-                        },
-                        false,
-                    )
-                })
-                .await
-            }
+            } => (
+                id,
+                in_range(offset, u64::from(len), size),
+                ApplyOp::Trim {
+                    offset,
+                    len: u64::from(len),
+                    fua,
+                },
+            ),
             Frame::WriteZeroes {
                 id,
                 offset,
                 len,
                 fua,
                 may_trim,
-            } => {
-                reply(id, in_range(offset, u64::from(len), size), || {
-                    apply(
-                        t,
-                        move |b| b.write_zeroes(offset, u64::from(len), may_trim, fua),
-                        false,
-                    )
-                })
-                .await
+            } => (
+                id,
+                in_range(offset, u64::from(len), size),
+                ApplyOp::Zeroes {
+                    offset,
+                    len: u64::from(len),
+                    may_trim,
+                    fua,
+                },
+            ),
+            Frame::Ping { id } => {
+                acks.push(Frame::Pong { id });
+                continue;
             }
-            Frame::Ping { id } => Ok(Frame::Pong { id }),
             f => {
                 let msg = format!("unexpected {:?} frame on an established link", f.kind());
                 acks.push(Frame::Error {
@@ -299,12 +332,25 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                 break msg;
             }
         };
-        t.applied_ops.fetch_add(1, Relaxed);
-        acks.push(reply.unwrap_or_else(|nack| nack));
+        match range {
+            Ok(()) => engine.submit(id, op, &mut applied),
+            Err(message) => {
+                t.applied_ops.fetch_add(1, Relaxed);
+                acks.push(Frame::Nack {
+                    id,
+                    errno: 22,
+                    message,
+                });
+            }
+        }
         if acks.len() >= 256 && tx.send(std::mem::take(&mut acks)).is_err() {
             break "primary went away".into();
         }
     };
+    // What is running finishes (never half-applied); what has not started
+    // is dropped, unacknowledged, so the primary has it marked for resync.
+    applied.extend(engine.drain().await);
+    to_acks(t, &mut applied, &mut acks);
     if !acks.is_empty() {
         let _ = tx.send(acks);
     }
@@ -313,83 +359,31 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
     reason
 }
 
-/// Makes everything applied so far durable without holding up what comes
-/// next; acknowledges request `id` when done.
-fn background_flush(t: &MirrorTarget, id: u64, tx: mpsc::UnboundedSender<Vec<Frame>>) {
-    let b = t.backend.clone();
-    tokio::spawn(async move {
-        let r = tokio::task::spawn_blocking(move || b.flush()).await;
-        let frame = match r {
-            Ok(Ok(())) => Frame::Ack { id },
-            Ok(Err(e)) => {
-                warn!(error = %e, "mirror flush failed");
+/// Turns applied operations into Ack or Nack frames, and counts them.
+fn to_acks(t: &MirrorTarget, applied: &mut Vec<Applied>, acks: &mut Vec<Frame>) {
+    for a in applied.drain(..) {
+        t.applied_ops.fetch_add(1, Relaxed);
+        acks.push(match a.result {
+            Ok(()) => {
+                t.applied_bytes.fetch_add(a.written, Relaxed);
+                Frame::Ack { id: a.tag }
+            }
+            Err(e) => {
+                warn!(error = %e, "mirror apply failed");
                 Frame::Nack {
-                    id,
-                    errno: 5,
+                    id: a.tag,
+                    errno: if e.is_no_space() { 28 } else { 5 },
                     message: e.to_string(),
                 }
             }
-            Err(e) => Frame::Nack {
-                id,
-                errno: 5,
-                message: e.to_string(),
-            },
-        };
-        let _ = tx.send(vec![frame]);
-    });
+        });
+    }
 }
 
 fn in_range(offset: u64, len: u64, size: u64) -> Result<(), String> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
         _ => Err(format!("range {offset}+{len} past the end ({size})")),
-    }
-}
-
-/// Runs `op` after the range check; Ack on success, Nack with the errno otherwise.
-async fn reply<F, Fut>(id: u64, range: Result<(), String>, op: F) -> Result<Frame, Frame>
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<(), StorageError>>,
-{
-    if let Err(message) = range {
-        return Err(Frame::Nack {
-            id,
-            errno: 22,
-            message,
-        });
-    }
-    match op().await {
-        Ok(()) => Ok(Frame::Ack { id }),
-        Err(e) => {
-            warn!(error = %e, "mirror apply failed");
-            Err(Frame::Nack {
-                id,
-                errno: if e.is_no_space() { 28 } else { 5 },
-                message: e.to_string(),
-            })
-        }
-    }
-}
-
-/// Runs a backend call inline when it is cheap, else on the blocking pool.
-async fn apply<F>(t: &MirrorTarget, f: F, inline_ok: bool) -> Result<(), StorageError>
-where
-    F: FnOnce(&dyn Backend) -> Result<(), StorageError> + Send + 'static,
-{
-    if inline_ok && t.backend.is_fast() {
-        return f(t.backend.as_ref());
-    }
-    let b = t.backend.clone();
-    match tokio::task::spawn_blocking(move || f(b.as_ref())).await {
-        Ok(r) => r,
-        Err(e) => Err(StorageError::new(
-            &t.name,
-            blockmirror_storage::Op::Write,
-            0,
-            0,
-            std::io::Error::other(e.to_string()),
-        )),
     }
 }
 
