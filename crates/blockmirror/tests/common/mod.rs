@@ -316,6 +316,7 @@ pub fn new_secret() -> String {
 pub struct PairBuilder {
     size: u64,
     primary_volume_extra: String,
+    mirror_volume_extra: String,
     wrong_secret: bool,
     wait_in_sync: bool,
     mirror_ip: String,
@@ -328,6 +329,7 @@ impl PairBuilder {
         Self {
             size,
             primary_volume_extra: String::new(),
+            mirror_volume_extra: String::new(),
             wrong_secret: false,
             wait_in_sync: true,
             mirror_ip: "127.0.0.1".into(),
@@ -340,6 +342,13 @@ impl PairBuilder {
     pub fn primary_volume(mut self, extra: &str) -> Self {
         self.primary_volume_extra += extra;
         self.primary_volume_extra.push('\n');
+        self
+    }
+
+    /// Extra keys for the mirror's `[[volume]]` table (e.g. `direct_io = true`).
+    pub fn mirror_volume(mut self, extra: &str) -> Self {
+        self.mirror_volume_extra += extra;
+        self.mirror_volume_extra.push('\n');
         self
     }
 
@@ -384,9 +393,10 @@ impl PairBuilder {
         let mimg = mdir.path().join(format!("{PAIR_VOLUME}.img"));
         let mtext = format!(
             "node = \"mirror\"\nlisten = \"{m_listen}\"\nadmin = \"{m_admin}\"\nsecret_file = \"secret.key\"\n\n\
-             [[volume]]\nname = \"{PAIR_VOLUME}\"\npath = \"{}\"\nsize = {}\nrole = \"mirror\"\nnbd = \"{m_nbd}\"\n",
+             [[volume]]\nname = \"{PAIR_VOLUME}\"\npath = \"{}\"\nsize = {}\nrole = \"mirror\"\nnbd = \"{m_nbd}\"\n{}",
             mimg.display(),
-            self.size
+            self.size,
+            self.mirror_volume_extra
         );
         let mirror = TestNode::from_config(
             mdir,
