@@ -26,6 +26,9 @@ def need(*tools):
 
 
 def build_release():
+    """Builds the release binary, unless $BLOCKMIRROR_BIN names one (for A/B runs)."""
+    if os.environ.get("BLOCKMIRROR_BIN"):
+        return
     subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "blockmirror"], cwd=ROOT, check=True)
 
 
@@ -143,7 +146,10 @@ def target_dir():
 
 
 def release_bin():
-    """The release `blockmirror` binary that build_release() made (honours CARGO_TARGET_DIR)."""
+    """The release `blockmirror` binary that build_release() made (honours CARGO_TARGET_DIR),
+    or $BLOCKMIRROR_BIN when set."""
+    if os.environ.get("BLOCKMIRROR_BIN"):
+        return os.environ["BLOCKMIRROR_BIN"]
     return os.path.join(target_dir(), "release", "blockmirror")
 
 

@@ -31,10 +31,9 @@ use blockmirror_storage::Backend;
 
 use super::apply::{Applied, ApplyConfig, ApplyEngine, ApplyMetrics, ApplyOp};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -205,24 +204,26 @@ async fn handle(
 /// Frames are decoded in arrival order and handed to the apply engine
 /// ([`super::apply`]), which runs them on many tasks while keeping
 /// overlapping ones in order. Acknowledgements are collected as operations
-/// finish and handed to the writer task whenever the loop would wait. While
-/// the engine is full the socket is not read (back-pressure to the primary).
+/// finish and written, in one vectored write, whenever the loop would wait
+/// (no hand-off to another task: one wake-up less per batch). The primary
+/// reads acknowledgements on a task of its own, so that write does not wait
+/// on the primary's sending. While the engine is full the socket is not read
+/// (back-pressure to the primary).
 async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationToken) -> String {
     let (rd, wr) = stream.into_split();
     let mut reader = FrameReader::new(rd);
-    let (tx, rx) = mpsc::unbounded_channel::<Vec<Frame>>();
-    let writer = tokio::spawn(ack_writer(FrameWriter::new(wr), rx));
+    let mut writer = FrameWriter::new(wr);
     let mut engine = match ApplyEngine::new(t.backend.clone(), t.apply, t.apply_metrics.clone()) {
         Ok(e) => e,
         Err(e) => {
             warn!(volume = %t.name, error = %e, "cannot apply");
-            let _ = tx.send(vec![Frame::Error {
-                id: 0,
-                code: ErrorCode::Protocol,
-                message: e.to_string(),
-            }]);
-            drop(tx);
-            let _ = writer.await;
+            let _ = writer
+                .send(&Frame::Error {
+                    id: 0,
+                    code: ErrorCode::Protocol,
+                    message: e.to_string(),
+                })
+                .await;
             return e.to_string();
         }
     };
@@ -246,8 +247,8 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
             None => {
                 // About to wait: reply to everything so far first.
                 engine.publish();
-                if !acks.is_empty() && tx.send(std::mem::take(&mut acks)).is_err() {
-                    break "primary went away".into();
+                if let Err(why) = send_acks(&mut writer, &mut acks, &shutdown).await {
+                    break why;
                 }
                 if engine.is_full() {
                     t.apply_metrics.full_stalls.fetch_add(1, Relaxed);
@@ -343,20 +344,38 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                 });
             }
         }
-        if acks.len() >= 256 && tx.send(std::mem::take(&mut acks)).is_err() {
-            break "primary went away".into();
+        if acks.len() >= 256 {
+            if let Err(why) = send_acks(&mut writer, &mut acks, &shutdown).await {
+                break why;
+            }
         }
     };
     // What is running finishes (never half-applied); what has not started
     // is dropped, unacknowledged, so the primary has it marked for resync.
     applied.extend(engine.drain().await);
     to_acks(t, &mut applied, &mut acks);
-    if !acks.is_empty() {
-        let _ = tx.send(acks);
-    }
-    drop(tx);
-    let _ = writer.await;
+    let _ = send_acks(&mut writer, &mut acks, &shutdown).await;
     reason
+}
+
+/// Writes the gathered replies; gives up when the node shuts down (a
+/// primary that stopped reading must not hold the shutdown).
+async fn send_acks(
+    w: &mut FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    acks: &mut Vec<Frame>,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    if acks.is_empty() {
+        return Ok(());
+    }
+    acks.iter().for_each(|f| w.queue(f));
+    acks.clear();
+    tokio::select! {
+        // A flush that can finish at once does, even during shutdown.
+        biased;
+        r = w.flush() => r.map_err(|e| format!("primary went away: {e}")),
+        _ = shutdown.cancelled() => Err("link closed (replaced, or the node is shutting down)".into()),
+    }
 }
 
 /// Turns applied operations into Ack or Nack frames, and counts them.
@@ -384,21 +403,5 @@ fn in_range(offset: u64, len: u64, size: u64) -> Result<(), String> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
         _ => Err(format!("range {offset}+{len} past the end ({size})")),
-    }
-}
-
-async fn ack_writer(
-    mut w: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
-    mut rx: mpsc::UnboundedReceiver<Vec<Frame>>,
-) {
-    while let Some(batch) = rx.recv().await {
-        batch.iter().for_each(|f| w.queue(f));
-        while let Ok(batch) = rx.try_recv() {
-            batch.iter().for_each(|f| w.queue(f));
-        }
-        if let Err(e) = w.flush().await {
-            debug!(error = %e, "ack writer stopped");
-            return;
-        }
     }
 }
