@@ -9,12 +9,15 @@
 //!   logical clock), and the checker that compares a log with an image.
 //! - [`nbd`]: a minimal blocking NBD client (fixed newstyle, NBD_OPT_GO,
 //!   simple replies) built on `blockmirror_nbd::proto`.
+//! - [`delay`]: a TCP proxy adding one-way delay and a bandwidth limit (a
+//!   WAN stand-in: this kernel has no netem), with cut and heal.
 //! - [`writer`]: the history writer: pipelined 4 KiB block writes with
 //!   periodic FLUSHes against an NBD export, recorded as it goes.
 //!
 //! The `blockmirror-testkit` binary wraps these as `history write` and
 //! `history check`; integration tests call the library in-process.
 
+pub mod delay;
 pub mod history;
 pub mod nbd;
 pub mod writer;

@@ -3,6 +3,7 @@
 //! ```text
 //! blockmirror-testkit history write --uri nbd://127.0.0.1:10809/db --log h.log --blocks 4096 --seconds 10
 //! blockmirror-testkit history check --image mirror.img --log h.log [--require flushed|acked|prefix]
+//! blockmirror-testkit delay-proxy --listen 127.0.0.1:7702 --to 127.0.0.1:7701 --delay 5ms [--rate 100MiB]
 //! ```
 //!
 //! `check` exits 0 when the image keeps the promise, 1 when it does not, 2
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use blockmirror_testkit::delay::{self, DelayProxy, Shape};
 use blockmirror_testkit::history::{self, Require};
 use blockmirror_testkit::writer::{self, End, Progress, WriterConfig};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -33,6 +35,22 @@ enum Top {
     History {
         #[command(subcommand)]
         command: HistoryCmd,
+    },
+    /// Forward TCP connections to one address with added one-way delay and a
+    /// bandwidth limit (a WAN stand-in), until interrupted.
+    DelayProxy {
+        /// Where to listen (HOST:PORT).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Where to forward (HOST:PORT); the only address traffic goes to.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        /// One-way delay, e.g. 5ms.
+        #[arg(long, default_value = "0", value_parser = delay::parse_duration)]
+        delay: Duration,
+        /// Bandwidth per direction, e.g. 100MiB (per second); unlimited if absent.
+        #[arg(long, value_parser = delay::parse_rate)]
+        rate: Option<u64>,
     },
 }
 
@@ -90,7 +108,15 @@ enum RequireArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Top::History { command } = cli.command;
+    let command = match cli.command {
+        Top::History { command } => command,
+        Top::DelayProxy {
+            listen,
+            to,
+            delay,
+            rate,
+        } => return delay_proxy(listen, to, Shape { delay, rate }),
+    };
     match command {
         HistoryCmd::Write {
             uri,
@@ -157,5 +183,28 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+    }
+}
+
+fn delay_proxy(listen: std::net::SocketAddr, to: std::net::SocketAddr, shape: Shape) -> ExitCode {
+    match DelayProxy::start(listen, to, shape) {
+        Ok(p) => {
+            println!(
+                "forwarding {} -> {to}, one-way delay {:?}, rate {}",
+                p.addr(),
+                shape.delay,
+                shape
+                    .rate
+                    .map_or("unlimited".to_string(), |r| format!("{r} B/s"))
+            );
+            // Runs until the process is interrupted.
+            loop {
+                std::thread::park();
+            }
+        }
+        Err(e) => {
+            eprintln!("blockmirror-testkit: delay-proxy on {listen}: {e}");
+            ExitCode::from(2)
+        }
     }
 }

@@ -317,6 +317,7 @@ pub struct PairBuilder {
     size: u64,
     primary_volume_extra: String,
     mirror_volume_extra: String,
+    delay: Option<blockmirror_testkit::delay::Shape>,
     wrong_secret: bool,
     wait_in_sync: bool,
     mirror_ip: String,
@@ -330,6 +331,7 @@ impl PairBuilder {
             size,
             primary_volume_extra: String::new(),
             mirror_volume_extra: String::new(),
+            delay: None,
             wrong_secret: false,
             wait_in_sync: true,
             mirror_ip: "127.0.0.1".into(),
@@ -349,6 +351,13 @@ impl PairBuilder {
     pub fn mirror_volume(mut self, extra: &str) -> Self {
         self.mirror_volume_extra += extra;
         self.mirror_volume_extra.push('\n');
+        self
+    }
+
+    /// Put a delay proxy (testkit's WAN stand-in) between the primary and
+    /// the mirror's replication listener.
+    pub fn through_delay(mut self, shape: blockmirror_testkit::delay::Shape) -> Self {
+        self.delay = Some(shape);
         self
     }
 
@@ -407,6 +416,15 @@ impl PairBuilder {
             self.mirror_launcher.clone(),
         );
 
+        let proxy = self.delay.map(|shape| {
+            blockmirror_testkit::delay::DelayProxy::start(
+                "127.0.0.1:0".parse().unwrap(),
+                m_listen,
+                shape,
+            )
+            .unwrap()
+        });
+        let peer = proxy.as_ref().map_or(m_listen, |p| p.addr());
         let p_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let p_nbd = format!("127.0.0.1:{}", free_port());
         let pdir = tempfile::tempdir().unwrap();
@@ -420,7 +438,7 @@ impl PairBuilder {
         let ptext = format!(
             "node = \"primary\"\nadmin = \"{p_admin}\"\nsecret_file = \"secret.key\"\n\n\
              [[volume]]\nname = \"{PAIR_VOLUME}\"\npath = \"{}\"\nsize = {}\nrole = \"primary\"\nnbd = \"{p_nbd}\"\n\
-             mirror_timeout = \"{}\"\n{}\n[[volume.mirror]]\npeer = \"{m_listen}\"\nmode = \"sync\"\n",
+             mirror_timeout = \"{}\"\n{}\n[[volume.mirror]]\npeer = \"{peer}\"\nmode = \"sync\"\n",
             pimg.display(),
             self.size,
             self.mirror_timeout,
@@ -438,6 +456,7 @@ impl PairBuilder {
             mirror,
             primary,
             mirror_listen: m_listen,
+            proxy,
         };
         if self.wait_in_sync {
             pair.wait_in_sync(Duration::from_secs(30));
@@ -453,6 +472,8 @@ pub struct Pair {
     pub mirror: TestNode,
     /// The mirror node's replication listener.
     pub mirror_listen: SocketAddr,
+    /// The delay proxy between them, if [`PairBuilder::through_delay`].
+    pub proxy: Option<blockmirror_testkit::delay::DelayProxy>,
 }
 
 impl Pair {
