@@ -91,6 +91,12 @@ pub enum ApplyOp {
         fua: bool,
     },
     Flush,
+    /// An epoch boundary (for crash-consistent asynchronous mirroring):
+    /// nothing after it starts until everything before it has been applied,
+    /// and, when `durable`, made durable (a flush). Completes when it lifts.
+    Barrier {
+        durable: bool,
+    },
 }
 
 impl ApplyOp {
@@ -99,7 +105,7 @@ impl ApplyOp {
             ApplyOp::Write { offset, data, .. } => (*offset, data.len() as u64, OpKind::Write),
             ApplyOp::Trim { offset, len, .. } => (*offset, *len, OpKind::Trim),
             ApplyOp::Zeroes { offset, len, .. } => (*offset, *len, OpKind::Zero),
-            ApplyOp::Flush => (0, 0, OpKind::Flush),
+            ApplyOp::Flush | ApplyOp::Barrier { .. } => (0, 0, OpKind::Flush),
         };
         Op {
             seq,
@@ -134,7 +140,8 @@ impl ApplyOp {
                 may_trim,
                 fua,
             } => b.write_zeroes(*offset, *len, *may_trim, *fua),
-            ApplyOp::Flush => b.flush(),
+            ApplyOp::Flush | ApplyOp::Barrier { durable: true } => b.flush(),
+            ApplyOp::Barrier { durable: false } => Ok(()),
         }
     }
 }
@@ -160,6 +167,8 @@ pub struct ApplyMetrics {
     pub delegated: AtomicU64,
     /// Operations that waited on an overlap counter.
     pub counter_waits: AtomicU64,
+    /// Epoch barriers that lifted.
+    pub barriers: AtomicU64,
     /// Times the receive loop stopped reading because the engine was full.
     pub full_stalls: AtomicU64,
     /// Operations held now.
@@ -207,12 +216,25 @@ pub enum ApplyError {
     },
 }
 
+/// An epoch barrier waiting for what came before it.
+#[derive(Debug, Clone, Copy)]
+struct Barrier {
+    tag: u64,
+    /// The scheduler's flush that makes the epoch durable; None for a
+    /// barrier that only orders (it lifts when nothing is held).
+    flush: Option<Seq>,
+}
+
 /// See the module documentation.
 pub struct ApplyEngine {
     backend: Arc<dyn Backend>,
     sched: Scheduler,
     /// Submitted, not yet dispatched.
     pending: HashMap<Seq, (u64, ApplyOp)>,
+    /// The epoch barrier in force, if any, and what arrived after it.
+    barrier: Option<Barrier>,
+    deferred: std::collections::VecDeque<(u64, ApplyOp)>,
+    max_ops: usize,
     workers: Vec<std::sync::mpsc::Sender<Job>>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     next_seq: Seq,
@@ -269,6 +291,9 @@ impl ApplyEngine {
             backend,
             sched,
             pending: HashMap::new(),
+            barrier: None,
+            deferred: std::collections::VecDeque::new(),
+            max_ops: cfg.max_ops.max(1),
             workers,
             done_rx,
             next_seq: 0,
@@ -286,12 +311,15 @@ impl ApplyEngine {
 
     /// True while a new operation would be refused: stop reading the link.
     pub fn is_full(&self) -> bool {
-        self.sched.is_full() || self.held_bytes >= self.max_bytes
+        self.held() >= self.max_ops || self.held_bytes >= self.max_bytes
     }
 
-    /// Operations submitted and not yet applied.
+    /// Operations submitted and not yet applied (a barrier and what waits
+    /// behind it included).
     pub fn held(&self) -> usize {
         self.sched.held()
+            + self.deferred.len()
+            + usize::from(self.barrier.is_some_and(|b| b.flush.is_none()))
     }
 
     /// Takes an operation in stream order. Operations that can run now
@@ -299,11 +327,30 @@ impl ApplyEngine {
     /// caller must not submit while [`ApplyEngine::is_full`].
     pub fn submit(&mut self, tag: u64, op: ApplyOp, out: &mut Vec<Applied>) {
         assert!(!self.is_full(), "submit while the apply engine is full");
+        self.held_bytes += op.data_len();
+        if self.barrier.is_some() || !self.deferred.is_empty() {
+            // Behind a barrier, or behind what waits for room after one.
+            self.deferred.push_back((tag, op));
+            return;
+        }
+        self.start_op(tag, op, out);
+        self.settle(out);
+    }
+
+    /// Hands one operation (already counted in `held_bytes`) to the
+    /// scheduler, or runs it at once; a barrier takes effect here.
+    fn start_op(&mut self, tag: u64, op: ApplyOp, out: &mut Vec<Applied>) {
+        if let ApplyOp::Barrier { durable: false } = op {
+            // Lifts as soon as nothing before it is held (see `settle`).
+            self.barrier = Some(Barrier { tag, flush: None });
+            return;
+        }
         if self.sched.held() == 0 && self.runs_inline(&op) {
             // Fast path: with nothing held there is nothing to overlap, so the
             // scheduler would dispatch this at once, and it completes here
             // before anything else is submitted. Skip the bookkeeping.
             let result = op.run(self.backend.as_ref());
+            self.held_bytes -= op.data_len();
             self.metrics.ops.fetch_add(1, Relaxed);
             self.metrics.inline_ops.fetch_add(1, Relaxed);
             self.metrics.independent.fetch_add(1, Relaxed);
@@ -317,13 +364,48 @@ impl ApplyEngine {
         let seq = self.next_seq;
         self.next_seq += 1;
         let sop = op.sched_op(seq);
-        self.held_bytes += op.data_len();
+        if let ApplyOp::Barrier { durable: true } = op {
+            // The scheduler's flush waits for everything before it; later
+            // operations wait for the flush.
+            self.barrier = Some(Barrier {
+                tag,
+                flush: Some(seq),
+            });
+        }
         self.pending.insert(seq, (tag, op));
         match self.sched.submit(sop) {
             Ok(ds) => self.dispatch(ds, out),
             // Full was checked above; sequence numbers are ours and increase;
             // ranges were checked against the volume by the caller.
             Err(e) => unreachable!("scheduler refused a checked operation: {e}"),
+        }
+    }
+
+    /// Lifts a barrier whose epoch is done and starts what waited behind
+    /// it, until another barrier or the scheduler's bound stops that.
+    fn settle(&mut self, out: &mut Vec<Applied>) {
+        loop {
+            match self.barrier {
+                Some(Barrier { tag, flush: None }) if self.sched.held() == 0 => {
+                    self.barrier = None;
+                    self.metrics.barriers.fetch_add(1, Relaxed);
+                    self.metrics.ops.fetch_add(1, Relaxed);
+                    out.push(Applied {
+                        tag,
+                        written: 0,
+                        result: Ok(()),
+                    });
+                }
+                Some(_) => return,
+                None => {}
+            }
+            if self.sched.is_full() {
+                return;
+            }
+            let Some((tag, op)) = self.deferred.pop_front() else {
+                return;
+            };
+            self.start_op(tag, op, out);
         }
     }
 
@@ -350,6 +432,7 @@ impl ApplyEngine {
         while let Ok(d) = self.done_rx.try_recv() {
             self.finish(d, out);
         }
+        self.settle(out);
     }
 
     /// Publishes the scheduler's counters and gauges to the metrics: at
@@ -382,6 +465,7 @@ impl ApplyEngine {
         let mut out = Vec::new();
         // Nothing new starts: completions are not fed to the scheduler.
         self.pending.clear();
+        self.deferred.clear();
         while self.running > 0 {
             match self.done_rx.recv().await {
                 Some(d) => {
@@ -413,6 +497,10 @@ impl ApplyEngine {
             written: d.written,
             result: d.result,
         });
+        if self.barrier.is_some_and(|b| b.flush == Some(d.seq)) {
+            self.barrier = None;
+            self.metrics.barriers.fetch_add(1, Relaxed);
+        }
         let next = self
             .sched
             .complete(d.task, d.seq)
@@ -650,6 +738,112 @@ mod tests {
             tags.sort_unstable();
             prop_assert_eq!(tags, (0..ops.len() as u64).collect::<Vec<_>>());
             prop_assert!(out.iter().all(|a| a.result.is_ok()));
+            prop_assert!(b.inner.snapshot() == serial(&ops), "image differs from a serial apply");
+        }
+    }
+
+    /// Records when each write starts and ends, by the index its data
+    /// carries in its first 8 bytes.
+    struct Events {
+        inner: MemBackend,
+        log: Mutex<Vec<(bool, u64)>>,
+        flushes: AtomicU64,
+    }
+
+    impl Backend for Events {
+        fn volume(&self) -> &str {
+            "e"
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> blockmirror_storage::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> blockmirror_storage::Result<()> {
+            let idx = u64::from_le_bytes(buf[..8].try_into().unwrap());
+            self.log.lock().unwrap().push((true, idx));
+            std::thread::sleep(Duration::from_micros(idx * 37 % 200));
+            let r = self.inner.write_at(buf, offset, fua);
+            self.log.lock().unwrap().push((false, idx));
+            r
+        }
+        fn flush(&self) -> blockmirror_storage::Result<()> {
+            self.flushes.fetch_add(1, Relaxed);
+            Ok(())
+        }
+        fn trim(&self, offset: u64, len: u64) -> blockmirror_storage::Result<()> {
+            self.inner.trim(offset, len)
+        }
+        fn write_zeroes(
+            &self,
+            offset: u64,
+            len: u64,
+            may_trim: bool,
+            fua: bool,
+        ) -> blockmirror_storage::Result<()> {
+            self.inner.write_zeroes(offset, len, may_trim, fua)
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Epoch barriers: no write after a barrier starts before every
+        /// write before it has ended; a durable barrier flushes; the image
+        /// equals a serial apply; every operation (barriers too) completes
+        /// exactly once.
+        #[test]
+        fn barriers_separate_epochs(
+            plan in proptest::collection::vec((0u8..8, 0u64..64, 1u64..16), 1..80),
+            tasks in 1usize..5,
+            max_ops in 1usize..24,
+        ) {
+            let mut ops = Vec::new();
+            let mut barriers = Vec::new();
+            for (i, (k, block, blocks)) in plan.into_iter().enumerate() {
+                let i = i as u64;
+                if k < 2 {
+                    barriers.push(i);
+                    ops.push(ApplyOp::Barrier { durable: k == 0 });
+                } else {
+                    let len = (blocks * 512).min(SIZE - block * 512) as usize;
+                    let mut data = vec![k; len.max(512)];
+                    data[..8].copy_from_slice(&i.to_le_bytes());
+                    ops.push(ApplyOp::Write { offset: block * 512, data: Bytes::from(data), fua: false });
+                }
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let b = Arc::new(Events { inner: MemBackend::new("e", SIZE), log: Mutex::new(Vec::new()), flushes: AtomicU64::new(0) });
+            let cfg = ApplyConfig { groups: 2, tasks_per_group: tasks, max_ops, max_bytes: 1 << 30, inline_max: 0 };
+            let out = rt.block_on(async {
+                let mut e = ApplyEngine::new(b.clone(), cfg, Arc::new(ApplyMetrics::new(2))).unwrap();
+                let mut out = Vec::new();
+                for (i, op) in ops.iter().enumerate() {
+                    while e.is_full() {
+                        e.completions(&mut out).await;
+                    }
+                    e.submit(i as u64, op.clone(), &mut out);
+                }
+                while e.held() > 0 {
+                    e.completions(&mut out).await;
+                }
+                out
+            });
+            let mut tags: Vec<u64> = out.iter().map(|a| a.tag).collect();
+            tags.sort_unstable();
+            prop_assert_eq!(tags, (0..ops.len() as u64).collect::<Vec<_>>());
+            let log = b.log.lock().unwrap().clone();
+            let pos = |start: bool, idx: u64| log.iter().position(|&e| e == (start, idx));
+            for &bar in &barriers {
+                let last_end = (0..bar).filter_map(|i| pos(false, i)).max();
+                let first_start = (bar + 1..ops.len() as u64).filter_map(|i| pos(true, i)).min();
+                if let (Some(end), Some(start)) = (last_end, first_start) {
+                    prop_assert!(end < start, "barrier {} crossed: a later write started at event {} before an earlier one ended at {}", bar, start, end);
+                }
+            }
+            let durable = ops.iter().filter(|o| matches!(o, ApplyOp::Barrier { durable: true })).count() as u64;
+            prop_assert_eq!(b.flushes.load(Relaxed), durable);
             prop_assert!(b.inner.snapshot() == serial(&ops), "image differs from a serial apply");
         }
     }
