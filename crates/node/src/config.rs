@@ -15,6 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use blockmirror_repl::{Codec, MAX_DATA};
 use serde::Deserialize;
 
 /// The admin address used when a config has no `admin` key, and by the CLI
@@ -35,6 +36,11 @@ const NOT_YET_ASYNC: &str =
 pub const DEFAULT_MIRROR_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for `bitmap_granularity`.
 pub const DEFAULT_BITMAP_GRANULARITY: u64 = 64 * 1024;
+/// Default for `track_size`: host writes larger than this are split into
+/// track subtasks prepared in parallel (seeds 000/001).
+pub const DEFAULT_TRACK_SIZE: u64 = 64 * 1024;
+/// Smallest `track_size`.
+pub const MIN_TRACK_SIZE: u64 = 4096;
 
 /// A validated node config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +84,10 @@ pub struct VolumeConfig {
     pub mirror_timeout: Duration,
     /// Granularity of the out-of-sync bitmap (key `bitmap_granularity`, default 64KiB).
     pub bitmap_granularity: u64,
+    /// Writes larger than this are split at track boundaries into subtasks
+    /// for the mirrors (key `track_size`, default 64KiB; a power of two from
+    /// 4KiB to 32MiB).
+    pub track_size: u64,
 }
 
 /// One `[[volume.mirror]]` table.
@@ -88,6 +98,9 @@ pub struct MirrorConfig {
     /// The resolved address.
     pub addr: SocketAddr,
     pub mode: MirrorMode,
+    /// How Write data is compressed on this link (key `compression`:
+    /// "none", the default, "lz4" or "zstd").
+    pub compression: Codec,
 }
 
 /// How a mirror follows its primary.
@@ -285,6 +298,7 @@ struct RawVolume {
     on_mirror_failure: Option<String>,
     mirror_timeout: Option<String>,
     bitmap_granularity: Option<toml::Value>,
+    track_size: Option<toml::Value>,
 }
 
 /// A `[[volume.mirror]]` table.
@@ -293,6 +307,7 @@ struct RawVolume {
 struct RawMirror {
     peer: Option<String>,
     mode: Option<String>,
+    compression: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -438,7 +453,21 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                     ))
                 }
             };
-            mirrors.push(MirrorConfig { peer, addr, mode });
+            let compression = match rm.compression.as_deref() {
+                None => Codec::None,
+                Some(c) => Codec::from_name(c).ok_or_else(|| {
+                    cx.invalid(
+                        mkey("compression"),
+                        format!("{c:?} is not a compression (expected \"none\", \"lz4\" or \"zstd\")"),
+                    )
+                })?,
+            };
+            mirrors.push(MirrorConfig {
+                peer,
+                addr,
+                mode,
+                compression,
+            });
         }
         let on_mirror_failure = match rv.on_mirror_failure.as_deref() {
             None | Some("degrade") => FailurePolicy::Degrade,
@@ -474,6 +503,19 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                     ));
                 }
                 g
+            }
+        };
+        let track_size = match &rv.track_size {
+            None => DEFAULT_TRACK_SIZE,
+            Some(v) => {
+                let t = size_value(v).map_err(|r| cx.invalid(key("track_size"), r))?;
+                if !t.is_power_of_two() || !(MIN_TRACK_SIZE..=u64::from(MAX_DATA)).contains(&t) {
+                    return Err(cx.invalid(
+                        key("track_size"),
+                        format!("{t} is not a power of two from 4KiB to 32MiB"),
+                    ));
+                }
+                t
             }
         };
 
@@ -517,6 +559,7 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             on_mirror_failure,
             mirror_timeout,
             bitmap_granularity,
+            track_size,
         });
     }
 
@@ -809,6 +852,8 @@ consistency_group = "app"        # optional
         assert_eq!(v.on_mirror_failure, FailurePolicy::Degrade);
         assert_eq!(v.mirror_timeout, DEFAULT_MIRROR_TIMEOUT);
         assert_eq!(v.bitmap_granularity, 64 * 1024);
+        assert_eq!(v.track_size, DEFAULT_TRACK_SIZE);
+        assert_eq!(v.mirrors[0].compression, Codec::None);
         // Async is not built yet.
         let text =
             format!("{EXAMPLE}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"async\"\n");
@@ -838,6 +883,27 @@ consistency_group = "app"        # optional
             &with("mirror_timeout = \"soon\""),
             "volume[0].mirror_timeout",
             "not a duration",
+        );
+        let ok = NodeConfig::parse(
+            &with("track_size = \"256KiB\"\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\ncompression = \"zstd\"\n[[volume.mirror]]\npeer = \"127.0.0.1:7702\"\ncompression = \"lz4\""),
+            Path::new("n.toml"),
+        )
+        .unwrap();
+        let v = &ok.volumes[0];
+        assert_eq!(v.track_size, 256 << 10);
+        assert_eq!(v.mirrors[0].compression, Codec::Zstd);
+        assert_eq!(v.mirrors[1].compression, Codec::Lz4);
+        for bad in ["\"96KiB\"", "2048", "\"64MiB\""] {
+            assert_err(
+                &with(&format!("track_size = {bad}")),
+                "volume[0].track_size",
+                "power of two from 4KiB to 32MiB",
+            );
+        }
+        assert_err(
+            &with("[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\ncompression = \"gzip\""),
+            "volume[0].mirror[0].compression",
+            "not a compression",
         );
         assert_err(
             &with("bitmap_granularity = 4608"),
