@@ -458,7 +458,9 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                 Some(c) => Codec::from_name(c).ok_or_else(|| {
                     cx.invalid(
                         mkey("compression"),
-                        format!("{c:?} is not a compression (expected \"none\", \"lz4\" or \"zstd\")"),
+                        format!(
+                            "{c:?} is not a compression (expected \"none\", \"lz4\" or \"zstd\")"
+                        ),
                     )
                 })?,
             };

@@ -31,7 +31,7 @@ use crate::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
 use crate::replication::group::SiteGroup;
 use crate::replication::link::LinkContext;
 use crate::replication::receiver::{self, MirrorTarget};
-use crate::replication::{MirrorLink, RangeLocks, Replicator};
+use crate::replication::{MirrorLink, Replicator};
 use crate::status::{MirrorStatus, NodeStatus, VolumeStatus};
 use crate::volume::Volume;
 
@@ -198,11 +198,12 @@ impl Node {
                         backend.clone(),
                     )));
                 }
-                Some(Arc::new(Replicator {
+                Some(Arc::new(Replicator::new(
+                    &vc.name,
                     links,
-                    locks: RangeLocks::new(),
-                    policy: vc.on_mirror_failure,
-                }))
+                    vc.on_mirror_failure,
+                    vc.track_size,
+                )))
             };
             let target = (vc.role == Role::Mirror).then(|| {
                 Arc::new(MirrorTarget::new(
@@ -534,6 +535,12 @@ impl AdminSource for StatusSource {
             self.volumes.iter().map(|s| s.volume.metrics()).collect();
         let mut out = metrics::render_all(&all);
         render_link_metrics(&mut out, &self.volumes);
+        let replicators: Vec<&Replicator> = self
+            .volumes
+            .iter()
+            .filter_map(|s| s.volume.replicator().map(|r| &**r))
+            .collect();
+        crate::replication::render_metrics(&mut out, &replicators);
         out
     }
 }
