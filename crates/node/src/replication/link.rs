@@ -294,6 +294,20 @@ pub struct Ticket {
     epoch: u64,
 }
 
+impl Ticket {
+    /// A ticket for request `id` of connection `epoch`, for tests of what
+    /// carries tickets (the pipeline).
+    #[cfg(test)]
+    pub(crate) fn for_test(id: u64, epoch: u64) -> Ticket {
+        Ticket { id, epoch }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 impl Prepared {
     /// Splits a request into what sends it (None when the region was
     /// marked instead) and what waits for its acknowledgement.

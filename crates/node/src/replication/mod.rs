@@ -68,7 +68,14 @@ impl Replicator {
     ) -> Replicator {
         Replicator {
             volume: volume.to_owned(),
-            pipeline: Pipeline::new(volume, links.clone(), track_size),
+            pipeline: Pipeline::new(
+                volume,
+                links
+                    .iter()
+                    .map(|l| l.clone() as Arc<dyn pipeline::TrackSink>)
+                    .collect(),
+                track_size,
+            ),
             links,
             locks: RangeLocks::new(),
             policy,

@@ -50,6 +50,25 @@ use tracing::{debug, warn};
 
 use super::link::{MirrorLink, Ticket};
 
+/// Where the pipeline releases tracks: a mirror link (a fake in tests).
+pub trait TrackSink: Send + Sync {
+    /// How this sink wants Write data compressed.
+    fn compression(&self) -> Codec;
+    /// Sends a prepared track (the ticket's request, registered earlier).
+    fn send_track(&self, ticket: Ticket, offset: u64, fua: bool, write: EncodedWrite);
+}
+
+impl TrackSink for MirrorLink {
+    fn compression(&self) -> Codec {
+        self.compression
+    }
+
+    fn send_track(&self, ticket: Ticket, offset: u64, fua: bool, write: EncodedWrite) {
+        // A failed connection marks the region itself.
+        self.send_encoded(ticket, offset, fua, write);
+    }
+}
+
 /// Most bytes of track data admitted to the pipeline at once (the NBD front
 /// end bounds a connection's requests in flight to the same).
 pub const PIPELINE_MAX_BYTES: u64 = 256 * 1024 * 1024;
@@ -106,7 +125,7 @@ struct Shared {
     state: Mutex<State>,
     /// Woken whenever a context completes or is aborted (room freed).
     room: Notify,
-    links: Vec<Arc<MirrorLink>>,
+    links: Vec<Arc<dyn TrackSink>>,
     /// The distinct codecs of the links.
     codecs: Vec<Codec>,
     /// Per link: its codec's index in `codecs`.
@@ -149,7 +168,7 @@ pub struct OpenContext<'a> {
 impl Pipeline {
     /// A pipeline to `links`, splitting writes into `track_size` tracks
     /// (a power of two), with its worker threads started.
-    pub fn new(volume: &str, links: Vec<Arc<MirrorLink>>, track_size: u64) -> Pipeline {
+    pub fn new(volume: &str, links: Vec<Arc<dyn TrackSink>>, track_size: u64) -> Pipeline {
         assert!(track_size.is_power_of_two() && track_size <= u64::from(MAX_DATA));
         // A MAX_DATA write not aligned to tracks spans one more; plus the gate.
         let per_context = (u64::from(MAX_DATA) / track_size + 2) as u32;
@@ -162,13 +181,15 @@ impl Pipeline {
         let mut codecs = Vec::new();
         let link_codec = links
             .iter()
-            .map(|l| match codecs.iter().position(|&c| c == l.compression) {
-                Some(i) => i,
-                None => {
-                    codecs.push(l.compression);
-                    codecs.len() - 1
-                }
-            })
+            .map(
+                |l| match codecs.iter().position(|&c| c == l.compression()) {
+                    Some(i) => i,
+                    None => {
+                        codecs.push(l.compression());
+                        codecs.len() - 1
+                    }
+                },
+            )
             .collect();
         let shared = Arc::new(Shared {
             volume: volume.to_owned(),
@@ -395,7 +416,7 @@ impl Shared {
                 } else {
                     encoded[c].clone()
                 };
-                link.send_encoded(ticket, offset, fua, write);
+                link.send_track(ticket, offset, fua, write);
             }
         }
         for ctx in released.completed {
@@ -447,6 +468,207 @@ pub fn tracks(offset: u64, len: u64, track: u64) -> impl Iterator<Item = (u64, u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use blockmirror_repl::{encode_encoded_write_header, Frame, FrameDecoder};
+    use bytes::{BufMut, BytesMut};
+    use std::time::Duration;
+
+    /// A link that decodes what it is sent, as a mirror would, and records
+    /// it: (ticket id, offset, data).
+    struct Recorder {
+        codec: Codec,
+        got: Mutex<Vec<(u64, u64, Bytes)>>,
+    }
+
+    impl Recorder {
+        fn new(codec: Codec) -> Arc<Recorder> {
+            Arc::new(Recorder {
+                codec,
+                got: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn got(&self) -> Vec<(u64, u64, Bytes)> {
+            self.got.lock().unwrap().clone()
+        }
+    }
+
+    impl TrackSink for Recorder {
+        fn compression(&self) -> Codec {
+            self.codec
+        }
+
+        fn send_track(&self, t: Ticket, offset: u64, fua: bool, write: EncodedWrite) {
+            let mut b = BytesMut::new();
+            encode_encoded_write_header(t.id(), offset, fua, &write, &mut b);
+            b.put_slice(&write.payload);
+            let f = FrameDecoder::new().decode(&mut b).unwrap().unwrap();
+            let Frame::Write { data, .. } = f else {
+                panic!("{f:?}")
+            };
+            self.got.lock().unwrap().push((t.id(), offset, data));
+        }
+    }
+
+    fn sinks(rs: &[Arc<Recorder>]) -> Vec<Arc<dyn TrackSink>> {
+        rs.iter().map(|r| r.clone() as Arc<dyn TrackSink>).collect()
+    }
+
+    /// Track `i` of write `w`: runs that compress, with some noise.
+    fn track_data(w: u64, i: u64, len: usize) -> Bytes {
+        let mut x = w.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i;
+        (0..len)
+            .map(|k| {
+                if k % 64 < 40 {
+                    (w + i) as u8
+                } else {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                }
+            })
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    /// A fixed-seed shuffle of `0..n`.
+    fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..n).collect();
+        let mut x = seed | 1;
+        for i in (1..n).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        v
+    }
+
+    const TRACK: u64 = 4096;
+
+    /// Many writes at once, their tracks handed to the workers in random
+    /// order and finishing out of order on several threads: every link gets
+    /// every track exactly once, each write's tracks in index order, with
+    /// the data intact through each link's codec.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_reach_every_link_once_and_in_order() {
+        let recs = [
+            Recorder::new(Codec::Lz4),
+            Recorder::new(Codec::None),
+            Recorder::new(Codec::Lz4),
+            Recorder::new(Codec::Zstd),
+        ];
+        let p = Arc::new(Pipeline::new("t", sinks(&recs), TRACK));
+        const WRITES: u64 = 64;
+        let mut tasks = Vec::new();
+        for w in 0..WRITES {
+            let (p, links) = (p.clone(), recs.len());
+            tasks.push(tokio::spawn(async move {
+                let n = 2 + (w * 7 % 19) as usize;
+                let offset = w * 1024 * TRACK;
+                let ctx = p.open("t", offset, n as u64 * TRACK, n).await.unwrap();
+                for i in shuffled(n, w + 1) {
+                    let id = w * 1000 + i as u64;
+                    let data = track_data(w, i as u64, TRACK as usize);
+                    let tickets = vec![Some(Ticket::for_test(id, 1)); links];
+                    ctx.dispatch(i, offset + i as u64 * TRACK, false, data, tickets);
+                }
+                ctx.release().await;
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        for r in &recs {
+            let got = r.got();
+            let mut next = vec![0u64; WRITES as usize];
+            for (id, offset, data) in got {
+                let (w, i) = (id / 1000, id % 1000);
+                assert_eq!(i, next[w as usize], "write {w}: track {i} out of order");
+                next[w as usize] += 1;
+                assert_eq!(offset, w * 1024 * TRACK + i * TRACK);
+                assert_eq!(
+                    data,
+                    track_data(w, i, TRACK as usize),
+                    "write {w} track {i}"
+                );
+            }
+            for w in 0..WRITES {
+                assert_eq!(
+                    next[w as usize],
+                    2 + w * 7 % 19,
+                    "write {w}: tracks missing"
+                );
+            }
+        }
+        let st = p.stats();
+        assert_eq!((st.admitted, st.open_contexts, st.held), (0, 0, 0));
+        assert_eq!(st.queued_total, st.released_total);
+    }
+
+    /// At the bound a write waits for room (nothing is dropped) and gets in
+    /// when an earlier write completes; an aborted write (its local write
+    /// failed) frees its room and sends nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_pipeline_makes_writers_wait_and_abort_frees_room() {
+        let rec = Recorder::new(Codec::Lz4);
+        // 32 MiB tracks: room for 8 subtasks, i.e. two writes of 2 tracks
+        // (each plus its gate) and not a third.
+        let track = u64::from(MAX_DATA);
+        let p = Pipeline::new("t", sinks(&[rec.clone()]), track);
+        let a = p.open("t", 0, 2 * track, 2).await.unwrap();
+        let b = p.open("t", 2 * track, 2 * track, 2).await.unwrap();
+        let mut c = Box::pin(p.open("t", 4 * track, 2 * track, 2));
+        // Polled once: it has to wait.
+        assert!(tokio::time::timeout(Duration::ZERO, &mut c).await.is_err());
+        assert_eq!(p.counters.backpressure_waits.load(Relaxed), 1);
+        for i in [1, 0] {
+            let data = track_data(1, i, 100);
+            a.dispatch(
+                i as usize,
+                i * track,
+                true,
+                data,
+                vec![Some(Ticket::for_test(i, 1))],
+            );
+        }
+        // A completes: its room lets C in.
+        a.release().await;
+        let c = c.await.unwrap();
+        assert_eq!(p.stats().admitted, 6);
+        // B's local write fails after its tracks went to the workers.
+        for i in 0..2u64 {
+            let data = track_data(2, i, 100);
+            b.dispatch(
+                i as usize,
+                (2 + i) * track,
+                false,
+                data,
+                vec![Some(Ticket::for_test(10 + i, 1))],
+            );
+        }
+        drop(b);
+        assert_eq!(p.stats().admitted, 3);
+        drop(c);
+        // A write after them all goes through; what B's workers deliver
+        // late is discarded.
+        let d = p.open("t", 6 * track, 2 * track, 2).await.unwrap();
+        for i in 0..2u64 {
+            let data = track_data(3, i, 100);
+            d.dispatch(
+                i as usize,
+                (6 + i) * track,
+                false,
+                data,
+                vec![Some(Ticket::for_test(20 + i, 1))],
+            );
+        }
+        d.release().await;
+        let ids: Vec<u64> = rec.got().into_iter().map(|(id, _, _)| id).collect();
+        assert_eq!(ids, vec![0, 1, 20, 21], "only A's and D's tracks, in order");
+        let st = p.stats();
+        assert_eq!((st.admitted, st.open_contexts), (0, 0));
+    }
 
     #[test]
     fn tracks_cut_at_track_boundaries() {
