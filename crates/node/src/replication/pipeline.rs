@@ -615,7 +615,7 @@ mod tests {
         // 32 MiB tracks: room for 8 subtasks, i.e. two writes of 2 tracks
         // (each plus its gate) and not a third.
         let track = u64::from(MAX_DATA);
-        let p = Pipeline::new("t", sinks(&[rec.clone()]), track);
+        let p = Pipeline::new("t", sinks(std::slice::from_ref(&rec)), track);
         let a = p.open("t", 0, 2 * track, 2).await.unwrap();
         let b = p.open("t", 2 * track, 2 * track, 2).await.unwrap();
         let mut c = Box::pin(p.open("t", 4 * track, 2 * track, 2));
