@@ -32,7 +32,15 @@
 //! context was released to the links; in sync mode a host write completes
 //! only when every mirror acknowledged every track, so a later dependent
 //! write is opened after it completed, and the sequencer's cross-context
-//! rule has nothing to hold (see `blockmirror_core::sequencer`).
+//! rule has nothing to hold (see `blockmirror_core::sequencer`). Async mode
+//! (not built yet) replies before the mirrors have a write: it must call
+//! `Sequencer::acknowledged(ctx)` before the reply, and send small writes
+//! through `Sequencer::submit` instead of straight to the links, so that a
+//! write issued after that reply is released after every track of this one.
+//!
+//! A track of a FUA write carries FUA itself: the mirror may apply the
+//! tracks of one write in parallel (seed 003), so one sync after the last
+//! track would not cover the others.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
