@@ -19,7 +19,11 @@ setup with `track_size = "32MiB"`, so no host write is split into track
 subtasks (every write takes the direct path, as before the pipeline), which
 isolates what the ordered subtask pipeline (64 KiB tracks) gains or costs.
 
-    python3 bench/mirror.py [--rounds 3] [--runtime 10] [--size 512M] [--unsplit]
+With --baseline-bin PATH, a fourth runs the mirrored setup with another
+build of blockmirror (e.g. the commit before a change), both nodes, for an
+A/B of the change in the same run.
+
+    python3 bench/mirror.py [--rounds 3] [--runtime 10] [--size 512M] [--unsplit] [--baseline-bin PATH]
 """
 
 import argparse
@@ -46,7 +50,7 @@ def secret(path):
         f.write(os.urandom(32).hex() + "\n")
 
 
-def start_config(kind, workdir, seed, size_bytes):
+def start_config(kind, workdir, seed, size_bytes, baseline_bin=None):
     """Starts one configuration in a fresh folder; returns (primary Server, [all Servers])."""
     os.makedirs(workdir)
     primary_img = os.path.join(workdir, "primary.img")
@@ -64,7 +68,8 @@ def start_config(kind, workdir, seed, size_bytes):
             f.write(f'node = "bench-mirror"\nlisten = "127.0.0.1:{m_listen}"\nadmin = "127.0.0.1:{m_admin}"\n'
                     f'secret_file = "secret.key"\n\n[[volume]]\nname = "{VOLUME}"\npath = "{mirror_img}"\n'
                     f'size = {size_bytes}\nrole = "mirror"\nnbd = "127.0.0.1:{m_nbd}"\n')
-        servers.append(b.serve_node(mcfg, m_nbd, m_admin, VOLUME, "mirror"))
+        binary = baseline_bin if kind == "baseline" else None
+        servers.append(b.serve_node(mcfg, m_nbd, m_admin, VOLUME, "mirror", binary))
         head = 'secret_file = "secret.key"\n'
         if kind == "unsplit":
             tail += 'track_size = "32MiB"\n'
@@ -73,7 +78,8 @@ def start_config(kind, workdir, seed, size_bytes):
     with open(pcfg, "w") as f:
         f.write(f'node = "bench-primary"\nadmin = "127.0.0.1:{p_admin}"\n{head}\n[[volume]]\nname = "{VOLUME}"\n'
                 f'path = "{primary_img}"\nsize = {size_bytes}\nrole = "primary"\nnbd = "127.0.0.1:{p_nbd}"\n{tail}')
-    primary = b.serve_node(pcfg, p_nbd, p_admin, VOLUME, "primary")
+    primary = b.serve_node(pcfg, p_nbd, p_admin, VOLUME, "primary",
+                           baseline_bin if kind == "baseline" else None)
     servers.append(primary)
     if kind != "standalone":
         b.wait_for("the mirror to be in sync", lambda: link(primary)["state"] == "in_sync", timeout=120)
@@ -92,8 +98,11 @@ def main():
     ap.add_argument("--only", default="", help="run only workloads whose name contains this")
     ap.add_argument("--unsplit", action="store_true",
                     help="also run the mirrored setup with no write split into track subtasks")
+    ap.add_argument("--baseline-bin", default="",
+                    help="also run the mirrored setup with this blockmirror binary (A/B of a change)")
     args = ap.parse_args()
-    configs = CONFIGS + (["unsplit"] if args.unsplit else [])
+    ap_bin = args.baseline_bin and os.path.abspath(args.baseline_bin)
+    configs = CONFIGS + (["unsplit"] if args.unsplit else []) + (["baseline"] if ap_bin else [])
     b.need("fio")
     workloads = [w for w in WORKLOADS if args.only in w[0]]
     b.build_release()
@@ -111,7 +120,7 @@ def main():
             print(f"  round {r + 1} loopback TCP round trip {rtts[-1]:.1f} us (median of 10000)", flush=True)
             for kind in configs:
                 workdir = os.path.join(work, f"r{r}-{kind}")
-                primary, servers = start_config(kind, workdir, seed, size_bytes)
+                primary, servers = start_config(kind, workdir, seed, size_bytes, ap_bin)
                 try:
                     for wname, rw, bs, qd, _ in workloads:
                         if not b.drop_caches() and r == 0 and kind == configs[0]:
@@ -144,9 +153,9 @@ def main():
     print()
     print(f"sync mirror on loopback vs standalone primary: fio nbd engine, {args.size} image, "
           f"{args.runtime}s x {args.rounds} rounds, medians")
-    extra = "unsplit" in configs
+    extra = [c for c in configs if c not in CONFIGS]
     print(f"{'workload':18} {'standalone':>16} {'mirrored':>16} {'mirrored/standalone':>20} {'target':>8}"
-          + (f" {'unsplit':>16} {'unsplit/standalone':>19}" if extra else ""))
+          + "".join(f" {c:>16} {c + '/standalone':>19}" for c in extra))
     for wname, rw, bs, qd, target in workloads:
         med = {c: b.median([x[0] for x in results[(wname, c)]]) for c in configs}
         mibs = {c: b.median([x[1] for x in results[(wname, c)]]) for c in configs}
@@ -157,8 +166,8 @@ def main():
         tgt = f">= {target}" if target else ""
         verdict = "" if target is None else ("  ok" if ratio >= target else "  BELOW TARGET")
         line = f"{wname:18} {cells['standalone']:>16} {cells['mirrored']:>16} {ratio:>19.2f}x {tgt:>8}{verdict}"
-        if extra:
-            line += f" {cells['unsplit']:>16} {fig['unsplit'] / fig['standalone']:>18.2f}x"
+        for c in extra:
+            line += f" {cells[c]:>16} {fig[c] / fig['standalone']:>18.2f}x"
         print(line)
     print()
     print("node CPU per operation (us, medians; the mirrored setup's primary and mirror separately)")
