@@ -220,3 +220,99 @@ fn large_writes_are_split_compressed_and_mirrored_identically() {
         assert_eq!(mirror["out_of_sync_bytes"], 0, "{mirror}");
     }
 }
+
+/// The mirror is killed while 1 MiB writes stream through the pipeline:
+/// tracks in flight fail and are marked, host writes go on (degrade), and
+/// when the mirror is back the catch-up (compressed too) leaves the images
+/// identical.
+#[test]
+fn mirror_killed_during_large_writes_catches_up_identical() {
+    require_tool("fio");
+    require_tool("qemu-io");
+    let size = 64 * MIB;
+    let secret = new_secret();
+    let (mut mirror, addr) = mirror_node(&secret, size);
+    let primary = primary_node(&secret, size, "", &[(addr, "lz4")]);
+    let link = |p: &TestNode| p.status_json()["volumes"][0]["mirrors"][0].clone();
+    let in_sync = |p: &TestNode| {
+        let l = link(p);
+        (l["connection"] == "connected" && l["state"] == "in_sync" && l["out_of_sync_bytes"] == 0)
+            .then_some(())
+    };
+    wait_for("the mirror in sync", Duration::from_secs(60), || {
+        in_sync(&primary)
+    });
+    let metric_of = |name: &str| metric(&primary.metrics(), name).unwrap_or(0.0);
+
+    let fio = Command::new("fio")
+        .args([
+            "--ioengine=nbd",
+            "--name=seq",
+            &format!("--uri={}", primary.uri()),
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=8",
+            "--size=32M",
+            "--time_based",
+            "--runtime=6",
+            "--buffer_compress_percentage=50",
+            "--refill_buffers",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start fio");
+    wait_for(
+        "large writes through the pipeline",
+        Duration::from_secs(20),
+        || (metric_of("blockmirror_pipeline_split_writes_total") >= 16.0).then_some(()),
+    );
+    mirror.stop_with("KILL");
+    wait_for("the link degraded", Duration::from_secs(10), || {
+        let l = link(&primary);
+        (l["state"] == "degraded" && l["out_of_sync_bytes"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
+    // Host writes go on while the mirror is away.
+    let written = metric_of("blockmirror_host_bytes_written_total");
+    wait_for(
+        "host writes while degraded",
+        Duration::from_secs(10),
+        || {
+            (metric_of("blockmirror_host_bytes_written_total") >= written + (8 * MIB) as f64)
+                .then_some(())
+        },
+    );
+    let out = fio.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("err= 0"),
+        "fio: {text}\n{}",
+        both_logs(&primary, &mirror)
+    );
+
+    mirror.restart();
+    wait_for("the mirror back in sync", Duration::from_secs(60), || {
+        in_sync(&primary)
+    });
+    qemu_io_ok(primary.uri(), &["flush"]);
+    assert_identical(&primary, &mirror, &|| both_logs(&primary, &mirror));
+    assert!(metric_of("blockmirror_resync_bytes_total") > 0.0);
+    let m = primary.metrics();
+    assert_eq!(
+        metric(&m, "blockmirror_pipeline_subtasks_admitted"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&m, "blockmirror_pipeline_subtasks_held_out_of_order"),
+        Some(0.0)
+    );
+}
+
+fn both_logs(primary: &TestNode, mirror: &TestNode) -> String {
+    format!(
+        "--- primary ---\n{}\n--- mirror ---\n{}",
+        primary.all_logs(),
+        mirror.all_logs()
+    )
+}
