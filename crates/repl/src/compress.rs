@@ -20,6 +20,8 @@
 //! (compressed or not, its crc32c computed) by the primary's pipeline
 //! workers, so the link's sender task only writes a 40-byte header.
 
+use std::cell::RefCell;
+
 use bytes::Bytes;
 
 use crate::frame::{Kind, WireError, FLAG_LZ4, FLAG_ZSTD};
@@ -30,6 +32,15 @@ pub const ZSTD_LEVEL: i32 = 1;
 /// The mirror's zstd decoder refuses frames that ask for a larger window
 /// (2^25 = 32 MiB, the largest Write).
 const ZSTD_WINDOW_LOG_MAX: u32 = 25;
+
+thread_local! {
+    /// One zstd context per thread (a pipeline worker, a mirror's reader),
+    /// made once: a context costs more to set up than to compress a track.
+    static ZSTD_COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { RefCell::new(None) };
+    static ZSTD_DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
 
 /// How a mirror link compresses Write data (`compression` in
 /// `[[volume.mirror]]`).
@@ -91,7 +102,12 @@ impl Codec {
         match self {
             Codec::None => None,
             Codec::Lz4 => Some(lz4_flex::block::compress(data)),
-            Codec::Zstd => zstd::bulk::compress(data, ZSTD_LEVEL).ok(),
+            Codec::Zstd => ZSTD_COMPRESSOR.with_borrow_mut(|c| {
+                if c.is_none() {
+                    *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+                }
+                c.as_mut()?.compress(data).ok()
+            }),
         }
         .filter(|out| out.len() < data.len())
     }
@@ -117,15 +133,19 @@ impl Codec {
             Codec::None => return Ok(Bytes::copy_from_slice(payload)),
             Codec::Lz4 => lz4_flex::block::decompress_into(payload, &mut out)
                 .map_err(|e| fail(e.to_string()))?,
-            Codec::Zstd => {
-                let mut d = zstd::bulk::Decompressor::new().map_err(|e| fail(e.to_string()))?;
-                d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
-                    ZSTD_WINDOW_LOG_MAX,
-                ))
-                .map_err(|e| fail(e.to_string()))?;
+            Codec::Zstd => ZSTD_DECOMPRESSOR.with_borrow_mut(|slot| {
+                if slot.is_none() {
+                    let mut d = zstd::bulk::Decompressor::new().map_err(|e| fail(e.to_string()))?;
+                    d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+                        ZSTD_WINDOW_LOG_MAX,
+                    ))
+                    .map_err(|e| fail(e.to_string()))?;
+                    *slot = Some(d);
+                }
+                let d = slot.as_mut().expect("set above");
                 d.decompress_to_buffer(payload, &mut out[..])
-                    .map_err(|e| fail(e.to_string()))?
-            }
+                    .map_err(|e| fail(e.to_string()))
+            })?,
         };
         if n != len as usize {
             return Err(fail(format!("expands to {n} bytes, the header says {len}")));
