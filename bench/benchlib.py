@@ -26,7 +26,7 @@ def need(*tools):
 
 
 def build_release():
-    """Builds the release binary, unless $BLOCKMIRROR_BIN names one (for A/B runs)."""
+    """Builds the release binary, unless $BLOCKMIRROR_BIN names one to use as it is."""
     if os.environ.get("BLOCKMIRROR_BIN"):
         return
     subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "blockmirror"], cwd=ROOT, check=True)
@@ -148,14 +148,13 @@ def target_dir():
 def release_bin():
     """The release `blockmirror` binary that build_release() made (honours CARGO_TARGET_DIR),
     or $BLOCKMIRROR_BIN when set."""
-    if os.environ.get("BLOCKMIRROR_BIN"):
-        return os.environ["BLOCKMIRROR_BIN"]
-    return os.path.join(target_dir(), "release", "blockmirror")
+    return os.environ.get("BLOCKMIRROR_BIN") or os.path.join(target_dir(), "release", "blockmirror")
 
 
-def serve_node(cfg, nbd_port, admin_port, export, name):
-    """Starts `blockmirror serve --config cfg`; returns a Server once NBD and admin listen."""
-    srv = Server(name, [release_bin(), "serve", "--config", cfg], nbd_port,
+def serve_node(cfg, nbd_port, admin_port, export, name, binary=None):
+    """Starts `blockmirror serve --config cfg` (with `binary`, default release_bin()); returns
+    a Server once NBD and admin listen."""
+    srv = Server(name, [binary or release_bin(), "serve", "--config", cfg], nbd_port,
                  f"nbd://127.0.0.1:{nbd_port}/{export}", admin_port=admin_port)
     wait_port(admin_port, srv.proc, name)
     return srv

@@ -14,7 +14,16 @@ The QD1 4 KiB write latency is shown beside a loopback TCP round trip
 measured in the same run (a 1-byte ping-pong between two processes, median
 of 10000): a synchronous mirror cannot add less than one such round trip.
 
-    python3 bench/mirror.py [--rounds 3] [--runtime 10] [--size 512M]
+With --unsplit, a third configuration runs beside them: the same mirrored
+setup with `track_size = "32MiB"`, so no host write is split into track
+subtasks (every write takes the direct path, as before the pipeline), which
+isolates what the ordered subtask pipeline (64 KiB tracks) gains or costs.
+
+With --baseline-bin PATH, a fourth runs the mirrored setup with another
+build of blockmirror (e.g. the commit before a change), both nodes, for an
+A/B of the change in the same run.
+
+    python3 bench/mirror.py [--rounds 3] [--runtime 10] [--size 512M] [--unsplit] [--baseline-bin PATH]
 """
 
 import argparse
@@ -41,7 +50,7 @@ def secret(path):
         f.write(os.urandom(32).hex() + "\n")
 
 
-def start_config(kind, workdir, seed, size_bytes):
+def start_config(kind, workdir, seed, size_bytes, baseline_bin=None):
     """Starts one configuration in a fresh folder; returns (primary Server, [all Servers])."""
     os.makedirs(workdir)
     primary_img = os.path.join(workdir, "primary.img")
@@ -49,7 +58,7 @@ def start_config(kind, workdir, seed, size_bytes):
     p_nbd, p_admin = b.free_port(), b.free_port()
     servers = []
     head, tail = "", ""  # the primary's secret_file line and its [[volume.mirror]] table
-    if kind == "mirrored":
+    if kind != "standalone":
         mirror_img = os.path.join(workdir, "mirror.img")
         subprocess.run(["cp", "--sparse=never", seed, mirror_img], check=True)
         secret(os.path.join(workdir, "secret.key"))
@@ -59,16 +68,20 @@ def start_config(kind, workdir, seed, size_bytes):
             f.write(f'node = "bench-mirror"\nlisten = "127.0.0.1:{m_listen}"\nadmin = "127.0.0.1:{m_admin}"\n'
                     f'secret_file = "secret.key"\n\n[[volume]]\nname = "{VOLUME}"\npath = "{mirror_img}"\n'
                     f'size = {size_bytes}\nrole = "mirror"\nnbd = "127.0.0.1:{m_nbd}"\n')
-        servers.append(b.serve_node(mcfg, m_nbd, m_admin, VOLUME, "mirror"))
+        binary = baseline_bin if kind == "baseline" else None
+        servers.append(b.serve_node(mcfg, m_nbd, m_admin, VOLUME, "mirror", binary))
         head = 'secret_file = "secret.key"\n'
-        tail = f'\n[[volume.mirror]]\npeer = "127.0.0.1:{m_listen}"\nmode = "sync"\n'
+        if kind == "unsplit":
+            tail += 'track_size = "32MiB"\n'
+        tail += f'\n[[volume.mirror]]\npeer = "127.0.0.1:{m_listen}"\nmode = "sync"\n'
     pcfg = os.path.join(workdir, "primary.toml")
     with open(pcfg, "w") as f:
         f.write(f'node = "bench-primary"\nadmin = "127.0.0.1:{p_admin}"\n{head}\n[[volume]]\nname = "{VOLUME}"\n'
                 f'path = "{primary_img}"\nsize = {size_bytes}\nrole = "primary"\nnbd = "127.0.0.1:{p_nbd}"\n{tail}')
-    primary = b.serve_node(pcfg, p_nbd, p_admin, VOLUME, "primary")
+    primary = b.serve_node(pcfg, p_nbd, p_admin, VOLUME, "primary",
+                           baseline_bin if kind == "baseline" else None)
     servers.append(primary)
-    if kind == "mirrored":
+    if kind != "standalone":
         b.wait_for("the mirror to be in sync", lambda: link(primary)["state"] == "in_sync", timeout=120)
     return primary, servers
 
@@ -83,14 +96,20 @@ def main():
     ap.add_argument("--runtime", type=int, default=10, help="seconds per fio run")
     ap.add_argument("--size", default="512M", help="image size (fio addresses all of it)")
     ap.add_argument("--only", default="", help="run only workloads whose name contains this")
+    ap.add_argument("--unsplit", action="store_true",
+                    help="also run the mirrored setup with no write split into track subtasks")
+    ap.add_argument("--baseline-bin", default="",
+                    help="also run the mirrored setup with this blockmirror binary (A/B of a change)")
     args = ap.parse_args()
+    ap_bin = args.baseline_bin and os.path.abspath(args.baseline_bin)
+    configs = CONFIGS + (["unsplit"] if args.unsplit else []) + (["baseline"] if ap_bin else [])
     b.need("fio")
     workloads = [w for w in WORKLOADS if args.only in w[0]]
     b.build_release()
     size_bytes = int(subprocess.run(["numfmt", "--from=iec", args.size.rstrip("B")], check=True,
                                     capture_output=True, text=True).stdout)
 
-    results = {(w[0], c): [] for w in workloads for c in CONFIGS}
+    results = {(w[0], c): [] for w in workloads for c in configs}
     rtts = []
     with tempfile.TemporaryDirectory(prefix="bm-bench-mirror-", dir=os.environ.get("BENCH_DIR")) as work:
         seed = os.path.join(work, "seed.img")
@@ -99,12 +118,12 @@ def main():
         for r in range(args.rounds):
             rtts.append(b.loopback_rtt_us())
             print(f"  round {r + 1} loopback TCP round trip {rtts[-1]:.1f} us (median of 10000)", flush=True)
-            for kind in CONFIGS:
+            for kind in configs:
                 workdir = os.path.join(work, f"r{r}-{kind}")
-                primary, servers = start_config(kind, workdir, seed, size_bytes)
+                primary, servers = start_config(kind, workdir, seed, size_bytes, ap_bin)
                 try:
                     for wname, rw, bs, qd, _ in workloads:
-                        if not b.drop_caches() and r == 0 and kind == CONFIGS[0]:
+                        if not b.drop_caches() and r == 0 and kind == configs[0]:
                             print("  (not root: page cache not dropped between runs)")
                         cpu0 = [s.cpu_seconds() for s in servers]
                         job = b.fio_job(primary.uri, rw, bs, qd, args.runtime, args.size)
@@ -116,7 +135,7 @@ def main():
                         cpu_us = {s.name: c * 1e6 / ops for s, c in zip(servers, cpu)}
                         clat_p50_us = w["clat_ns"]["percentile"]["50.000000"] / 1000.0
                         lat_mean_us = w["lat_ns"]["mean"] / 1000.0
-                        if kind == "mirrored":
+                        if kind != "standalone":
                             st = link(primary)
                             if st["state"] != "in_sync" or st["connection"] != "connected":
                                 raise SystemExit(f"the mirror left sync during {wname}: {st}")
@@ -134,24 +153,27 @@ def main():
     print()
     print(f"sync mirror on loopback vs standalone primary: fio nbd engine, {args.size} image, "
           f"{args.runtime}s x {args.rounds} rounds, medians")
-    print(f"{'workload':18} {'standalone':>16} {'mirrored':>16} {'mirrored/standalone':>20} {'target':>8}")
+    extra = [c for c in configs if c not in CONFIGS]
+    print(f"{'workload':18} {'standalone':>16} {'mirrored':>16} {'mirrored/standalone':>20} {'target':>8}"
+          + "".join(f" {c:>16} {c + '/standalone':>19}" for c in extra))
     for wname, rw, bs, qd, target in workloads:
-        med = {c: b.median([x[0] for x in results[(wname, c)]]) for c in CONFIGS}
-        mibs = {c: b.median([x[1] for x in results[(wname, c)]]) for c in CONFIGS}
-        if bs == "1M":
-            cells = [f"{mibs[c]:>10.0f} MiB/s" for c in CONFIGS]
-            ratio = mibs["mirrored"] / mibs["standalone"]
-        else:
-            cells = [f"{med[c]:>11.0f} IOPS" for c in CONFIGS]
-            ratio = med["mirrored"] / med["standalone"]
+        med = {c: b.median([x[0] for x in results[(wname, c)]]) for c in configs}
+        mibs = {c: b.median([x[1] for x in results[(wname, c)]]) for c in configs}
+        fig = mibs if bs == "1M" else med
+        unit = "MiB/s" if bs == "1M" else "IOPS"
+        cells = {c: f"{fig[c]:>10.0f} {unit}" for c in configs}
+        ratio = fig["mirrored"] / fig["standalone"]
         tgt = f">= {target}" if target else ""
         verdict = "" if target is None else ("  ok" if ratio >= target else "  BELOW TARGET")
-        print(f"{wname:18} {cells[0]:>16} {cells[1]:>16} {ratio:>19.2f}x {tgt:>8}{verdict}")
+        line = f"{wname:18} {cells['standalone']:>16} {cells['mirrored']:>16} {ratio:>19.2f}x {tgt:>8}{verdict}"
+        for c in extra:
+            line += f" {cells[c]:>16} {fig[c] / fig['standalone']:>18.2f}x"
+        print(line)
     print()
     print("node CPU per operation (us, medians; the mirrored setup's primary and mirror separately)")
     for wname, *_ in workloads:
         cells = []
-        for c in CONFIGS:
+        for c in configs:
             names = results[(wname, c)][0][4].keys()
             for n in names:
                 cells.append(f"{c}:{n}={b.median([x[4][n] for x in results[(wname, c)]]):.1f}")

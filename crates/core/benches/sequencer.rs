@@ -14,9 +14,14 @@
 //!
 //! After criterion's report, `cargo bench` prints a side-by-side table with
 //! the mean queue depth and the ratio indexed / naive, measured in the same
-//! run: `cargo bench -p blockmirror-core --bench sequencer`.
+//! run: `cargo bench -p blockmirror-core --bench sequencer`. A second table
+//! runs the sequencer as the daemon's pipeline does, behind one `Mutex`
+//! shared by T threads (each inserting its own contexts' subtasks), beside
+//! the same work on one thread without a lock.
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use blockmirror_core::sequencer::naive::NaiveSequencer;
@@ -190,6 +195,69 @@ fn best(budget: Duration, expect: usize, mut f: impl FnMut() -> usize) -> Durati
     best
 }
 
+/// The daemon's way: one sequencer behind a `Mutex`, each thread running
+/// its own workload (context ids kept apart by thread). Returns the
+/// subtasks released.
+fn run_shared(per_thread: &[Vec<Ev>]) -> usize {
+    let s = Mutex::new(Sequencer::<u64>::new(limits()).expect("valid limits"));
+    let released = AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        for (t, evs) in per_thread.iter().enumerate() {
+            let (s, released) = (&s, &released);
+            sc.spawn(move || {
+                let base = (t as ContextId) << 40;
+                let mut n = 0;
+                for &ev in evs {
+                    match ev {
+                        Ev::Open(ctx, total) => s
+                            .lock()
+                            .unwrap()
+                            .open_context(base + ctx, total)
+                            .expect("room"),
+                        Ev::Insert(ctx, i) => {
+                            let r = s.lock().unwrap().insert(base + ctx, i, u64::from(i));
+                            n += r.expect("valid insert").subtasks.len();
+                        }
+                    }
+                }
+                released.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+    });
+    released.into_inner()
+}
+
+/// Threads sharing one sequencer behind a mutex, 16 contexts in flight in
+/// all, against the same events on one thread without a lock.
+fn shared_summary() {
+    println!();
+    println!(
+        "sequencer behind one Mutex: 16 contexts in flight in all, split among T threads; \
+         M subtasks/s (best run)"
+    );
+    println!(
+        "{:>8} {:>14} {:>12} {:>9}",
+        "threads", "mutex, shared", "no lock, 1", "vs 1"
+    );
+    for threads in [1usize, 2, 4] {
+        let per: Vec<Vec<Ev>> = (0..threads)
+            .map(|t| workload(16 / threads, SUBTASKS_PER_RUN / threads, 0x7e + t as u64))
+            .collect();
+        let expect: usize = per.iter().map(|evs| run_indexed(evs, false)).sum();
+        let budget = Duration::from_millis(400);
+        let shared = best(budget, expect, || run_shared(&per));
+        let single = best(budget, expect, || {
+            per.iter().map(|evs| run_indexed(evs, false)).sum()
+        });
+        println!(
+            "{threads:>8} {:>14.2} {:>12.2} {:>8.2}x",
+            mps(shared),
+            mps(single),
+            single.as_secs_f64() / shared.as_secs_f64()
+        );
+    }
+}
+
 /// Millions of subtasks inserted per second.
 fn mps(d: Duration) -> f64 {
     SUBTASKS_PER_RUN as f64 / d.as_secs_f64() / 1e6
@@ -249,5 +317,6 @@ fn main() {
     c.final_summary();
     if measuring {
         summary();
+        shared_summary();
     }
 }

@@ -15,6 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use blockmirror_repl::{Codec, MAX_DATA};
 use serde::Deserialize;
 
 /// The admin address used when a config has no `admin` key, and by the CLI
@@ -37,6 +38,11 @@ pub const DEFAULT_MIRROR_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_BITMAP_GRANULARITY: u64 = 64 * 1024;
 /// Most apply tasks (worker threads) one mirror volume may have.
 pub const MAX_APPLY_TASKS: usize = 256;
+/// Default for `track_size`: host writes larger than this are split into
+/// track subtasks prepared in parallel (seeds 000/001).
+pub const DEFAULT_TRACK_SIZE: u64 = 64 * 1024;
+/// Smallest `track_size`.
+pub const MIN_TRACK_SIZE: u64 = 4096;
 
 /// A validated node config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +90,10 @@ pub struct VolumeConfig {
     pub apply_groups: usize,
     /// On a mirror: apply tasks per group (key `apply_tasks_per_group`, default 2).
     pub apply_tasks_per_group: usize,
+    /// Writes larger than this are split at track boundaries into subtasks
+    /// for the mirrors (key `track_size`, default 64KiB; a power of two from
+    /// 4KiB to 32MiB).
+    pub track_size: u64,
 }
 
 /// One `[[volume.mirror]]` table.
@@ -94,6 +104,9 @@ pub struct MirrorConfig {
     /// The resolved address.
     pub addr: SocketAddr,
     pub mode: MirrorMode,
+    /// How Write data is compressed on this link (key `compression`:
+    /// "none", the default, "lz4" or "zstd").
+    pub compression: Codec,
 }
 
 /// How a mirror follows its primary.
@@ -293,6 +306,7 @@ struct RawVolume {
     bitmap_granularity: Option<toml::Value>,
     apply_groups: Option<i64>,
     apply_tasks_per_group: Option<i64>,
+    track_size: Option<toml::Value>,
 }
 
 /// A `[[volume.mirror]]` table.
@@ -301,6 +315,7 @@ struct RawVolume {
 struct RawMirror {
     peer: Option<String>,
     mode: Option<String>,
+    compression: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -446,7 +461,23 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                     ))
                 }
             };
-            mirrors.push(MirrorConfig { peer, addr, mode });
+            let compression = match rm.compression.as_deref() {
+                None => Codec::None,
+                Some(c) => Codec::from_name(c).ok_or_else(|| {
+                    cx.invalid(
+                        mkey("compression"),
+                        format!(
+                            "{c:?} is not a compression (expected \"none\", \"lz4\" or \"zstd\")"
+                        ),
+                    )
+                })?,
+            };
+            mirrors.push(MirrorConfig {
+                peer,
+                addr,
+                mode,
+                compression,
+            });
         }
         let on_mirror_failure = match rv.on_mirror_failure.as_deref() {
             None | Some("degrade") => FailurePolicy::Degrade,
@@ -482,6 +513,19 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                     ));
                 }
                 g
+            }
+        };
+        let track_size = match &rv.track_size {
+            None => DEFAULT_TRACK_SIZE,
+            Some(v) => {
+                let t = size_value(v).map_err(|r| cx.invalid(key("track_size"), r))?;
+                if !t.is_power_of_two() || !(MIN_TRACK_SIZE..=u64::from(MAX_DATA)).contains(&t) {
+                    return Err(cx.invalid(
+                        key("track_size"),
+                        format!("{t} is not a power of two from 4KiB to 32MiB"),
+                    ));
+                }
+                t
             }
         };
 
@@ -548,6 +592,7 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             bitmap_granularity,
             apply_groups,
             apply_tasks_per_group,
+            track_size,
         });
     }
 
@@ -840,6 +885,8 @@ consistency_group = "app"        # optional
         assert_eq!(v.on_mirror_failure, FailurePolicy::Degrade);
         assert_eq!(v.mirror_timeout, DEFAULT_MIRROR_TIMEOUT);
         assert_eq!(v.bitmap_granularity, 64 * 1024);
+        assert_eq!(v.track_size, DEFAULT_TRACK_SIZE);
+        assert_eq!(v.mirrors[0].compression, Codec::None);
         // Async is not built yet.
         let text =
             format!("{EXAMPLE}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"async\"\n");
@@ -869,6 +916,27 @@ consistency_group = "app"        # optional
             &with("mirror_timeout = \"soon\""),
             "volume[0].mirror_timeout",
             "not a duration",
+        );
+        let ok = NodeConfig::parse(
+            &with("track_size = \"256KiB\"\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\ncompression = \"zstd\"\n[[volume.mirror]]\npeer = \"127.0.0.1:7702\"\ncompression = \"lz4\""),
+            Path::new("n.toml"),
+        )
+        .unwrap();
+        let v = &ok.volumes[0];
+        assert_eq!(v.track_size, 256 << 10);
+        assert_eq!(v.mirrors[0].compression, Codec::Zstd);
+        assert_eq!(v.mirrors[1].compression, Codec::Lz4);
+        for bad in ["\"96KiB\"", "2048", "\"64MiB\""] {
+            assert_err(
+                &with(&format!("track_size = {bad}")),
+                "volume[0].track_size",
+                "power of two from 4KiB to 32MiB",
+            );
+        }
+        assert_err(
+            &with("[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\ncompression = \"gzip\""),
+            "volume[0].mirror[0].compression",
+            "not a compression",
         );
         assert_err(
             &with("bitmap_granularity = 4608"),

@@ -32,7 +32,7 @@ use crate::replication::apply::ApplyConfig;
 use crate::replication::group::SiteGroup;
 use crate::replication::link::LinkContext;
 use crate::replication::receiver::{self, MirrorTarget};
-use crate::replication::{MirrorLink, RangeLocks, Replicator};
+use crate::replication::{MirrorLink, Replicator};
 use crate::status::{MirrorStatus, NodeStatus, VolumeStatus};
 use crate::volume::Volume;
 
@@ -199,11 +199,12 @@ impl Node {
                         backend.clone(),
                     )));
                 }
-                Some(Arc::new(Replicator {
+                Some(Arc::new(Replicator::new(
+                    &vc.name,
                     links,
-                    locks: RangeLocks::new(),
-                    policy: vc.on_mirror_failure,
-                }))
+                    vc.on_mirror_failure,
+                    vc.track_size,
+                )))
             };
             let target = (vc.role == Role::Mirror).then(|| {
                 Arc::new(MirrorTarget::new(
@@ -541,6 +542,12 @@ impl AdminSource for StatusSource {
         let mut out = metrics::render_all(&all);
         render_link_metrics(&mut out, &self.volumes);
         render_apply_metrics(&mut out, &self.volumes);
+        let replicators: Vec<&Replicator> = self
+            .volumes
+            .iter()
+            .filter_map(|s| s.volume.replicator().map(|r| &**r))
+            .collect();
+        crate::replication::render_metrics(&mut out, &replicators);
         out
     }
 }

@@ -8,10 +8,10 @@
 //! | 0 | 4 | magic `0x424D5250` ("BMRP") |
 //! | 4 | 1 | version (1) |
 //! | 5 | 1 | kind (see [`Kind`]) |
-//! | 6 | 2 | flags ([`FLAG_FUA`], [`FLAG_NO_TRIM`]; which are allowed depends on the kind) |
+//! | 6 | 2 | flags ([`FLAG_FUA`], [`FLAG_NO_TRIM`], [`FLAG_LZ4`], [`FLAG_ZSTD`]; which are allowed depends on the kind) |
 //! | 8 | 8 | id: the request id; 0 for handshake frames |
 //! | 16 | 8 | offset: byte offset of a Write, Trim or WriteZeroes; 0 otherwise |
-//! | 24 | 4 | len: bytes written, trimmed or zeroed; the payload length for frames with a payload; 0 otherwise |
+//! | 24 | 4 | len: bytes written, trimmed or zeroed; the payload length for frames with a payload (for a compressed Write: the data's length before compression); 0 otherwise |
 //! | 28 | 4 | payload_len |
 //! | 32 | 4 | payload crc32c |
 //! | 36 | 4 | header crc32c, over bytes 0..36 |
@@ -22,7 +22,7 @@
 //! | Challenge | 2 | 0 | none | handshake message |
 //! | Auth | 3 | 0 | none | handshake message |
 //! | Welcome | 4 | 0 | none | handshake message |
-//! | Write | 16 | request | FUA | the data, <= [`MAX_DATA`], `len` equals it |
+//! | Write | 16 | request | FUA, LZ4 or ZSTD | the data, <= [`MAX_DATA`], `len` equals it; with LZ4 or ZSTD the data compressed, shorter than `len` (see [`crate::compress`]) |
 //! | Trim | 17 | request | FUA | none |
 //! | WriteZeroes | 18 | request | FUA, NO_TRIM | none |
 //! | Flush | 19 | request | none | none |
@@ -43,6 +43,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
+use crate::compress::{Codec, EncodedWrite};
+
 /// "BMRP": the first four bytes of every frame.
 pub const MAGIC: u32 = 0x424D_5250;
 /// The protocol version this build speaks.
@@ -59,6 +61,10 @@ pub const MAX_CONTROL_PAYLOAD: u32 = 64 * 1024;
 pub const FLAG_FUA: u16 = 1 << 0;
 /// WriteZeroes: the mirror must allocate the zeroed range, not punch a hole.
 pub const FLAG_NO_TRIM: u16 = 1 << 1;
+/// Write: the payload is LZ4 block data that expands to `len` bytes.
+pub const FLAG_LZ4: u16 = 1 << 2;
+/// Write: the payload is a zstd frame that expands to `len` bytes.
+pub const FLAG_ZSTD: u16 = 1 << 3;
 
 /// Bytes of the header covered by the header checksum.
 const HEADER_CRC_SPAN: usize = HEADER_LEN - 4;
@@ -134,7 +140,8 @@ impl Kind {
     /// The flags a frame of this kind may carry.
     pub fn allowed_flags(self) -> u16 {
         match self {
-            Kind::Write | Kind::Trim => FLAG_FUA,
+            Kind::Write => FLAG_FUA | FLAG_LZ4 | FLAG_ZSTD,
+            Kind::Trim => FLAG_FUA,
             Kind::WriteZeroes => FLAG_FUA | FLAG_NO_TRIM,
             _ => 0,
         }
@@ -307,6 +314,26 @@ pub enum WireError {
     },
     #[error("{kind} frame {id}: malformed payload: {reason}")]
     Malformed { kind: Kind, id: u64, reason: String },
+    #[error("{kind} frame {id}: both LZ4 and ZSTD flags set (flags {flags:#06x})")]
+    TwoCodecs { kind: Kind, id: u64, flags: u16 },
+    #[error(
+        "{kind} frame {id}: compressed payload of {payload_len} bytes for {len} bytes of data \
+         (must be shorter than the data, and the data at most {MAX_DATA})"
+    )]
+    CompressedLength {
+        kind: Kind,
+        id: u64,
+        len: u32,
+        payload_len: u32,
+    },
+    #[error("{kind} frame {id} at offset {offset}: {codec} payload does not decompress: {reason}")]
+    Decompress {
+        kind: Kind,
+        id: u64,
+        offset: u64,
+        codec: Codec,
+        reason: String,
+    },
 }
 
 /// A frame header exactly as it was on the wire, with a good magic, version
@@ -452,7 +479,26 @@ impl RawHeader {
             }
             Shape::Range => range()?,
             Shape::Data => {
-                len_is_payload()?;
+                match Codec::from_flags(self.flags) {
+                    Some(Codec::None) => len_is_payload()?,
+                    Some(_) => {
+                        if self.len > MAX_DATA || self.payload_len >= self.len {
+                            return Err(WireError::CompressedLength {
+                                kind,
+                                id,
+                                len: self.len,
+                                payload_len: self.payload_len,
+                            });
+                        }
+                    }
+                    None => {
+                        return Err(WireError::TwoCodecs {
+                            kind,
+                            id,
+                            flags: self.flags,
+                        })
+                    }
+                }
                 range()?;
             }
         }
@@ -603,12 +649,19 @@ impl Frame {
             Kind::Challenge => Frame::Challenge { payload },
             Kind::Auth => Frame::Auth { payload },
             Kind::Welcome => Frame::Welcome { payload },
-            Kind::Write => Frame::Write {
-                id,
-                offset,
-                fua,
-                data: payload,
-            },
+            Kind::Write => {
+                let codec = Codec::from_flags(h.flags).expect("validated flags");
+                let data = match codec {
+                    Codec::None => payload,
+                    c => c.decompress(id, offset, len, &payload)?,
+                };
+                Frame::Write {
+                    id,
+                    offset,
+                    fua,
+                    data,
+                }
+            }
             Kind::Trim => Frame::Trim {
                 id,
                 offset,
@@ -759,6 +812,37 @@ pub fn encode_write_header(id: u64, offset: u64, fua: bool, data: &[u8], out: &m
         len: n,
         payload_len: n,
         payload_crc: crc32c::crc32c(data),
+    }
+    .encode(out);
+}
+
+/// Appends the header of a Write frame whose data was made ready for the wire
+/// by [`EncodedWrite::new`] (compressed or not, checksummed); the caller sends
+/// `w.payload` right after it.
+///
+/// # Panics
+///
+/// If the range overflows u64.
+pub fn encode_encoded_write_header(
+    id: u64,
+    offset: u64,
+    fua: bool,
+    w: &EncodedWrite,
+    out: &mut BytesMut,
+) {
+    assert!(
+        offset.checked_add(u64::from(w.len)).is_some(),
+        "write of {} bytes at offset {offset} overflows",
+        w.len
+    );
+    RawHeader {
+        kind: Kind::Write.code(),
+        flags: (if fua { FLAG_FUA } else { 0 }) | w.codec.flag(),
+        id,
+        offset,
+        len: w.len,
+        payload_len: w.payload.len() as u32,
+        payload_crc: w.crc,
     }
     .encode(out);
 }
@@ -1045,10 +1129,261 @@ mod tests {
             }
         }
 
+        /// Compressed Writes of random, partly compressible data roundtrip to
+        /// the plain Write the mirror applies.
+        #[test]
+        fn compressed_writes_roundtrip(
+            id in any::<u64>(), offset in 0..u64::MAX / 2, fua in any::<bool>(),
+            data in compressible(20_000), codec in codec(),
+        ) {
+            let b = encoded_write(id, offset, fua, &data, codec);
+            let f = Frame::Write { id, offset, fua, data: Bytes::from(data) };
+            prop_assert_eq!(decode_all(b), Ok(Some(f)));
+        }
+
+        /// Every bit flip in a compressed Write is caught by a checksum
+        /// before anything is decompressed.
+        #[test]
+        fn every_bit_flip_in_a_compressed_write_is_detected(
+            data in compressible(600), codec in codec(),
+        ) {
+            let good = encoded_write(3, 4096, false, &data, codec);
+            for bit in 0..good.len() * 8 {
+                let mut b = good.clone();
+                b[bit / 8] ^= 1 << (bit % 8);
+                let r = decode_all(b);
+                prop_assert!(
+                    matches!(
+                        r,
+                        Err(WireError::BadMagic(_)
+                            | WireError::UnsupportedVersion(_)
+                            | WireError::HeaderChecksum { .. }
+                            | WireError::PayloadChecksum { .. })
+                    ),
+                    "flipping bit {} gave {:?}", bit, r
+                );
+            }
+        }
+
+        /// A compressed Write cut anywhere is incomplete, never an error or
+        /// a short write, until its last byte arrives.
+        #[test]
+        fn truncated_compressed_writes_are_incomplete(data in compressible(2000), codec in codec()) {
+            let all = encoded_write(9, 0, true, &data, codec);
+            let mut d = FrameDecoder::new();
+            let mut b = BytesMut::new();
+            for (i, byte) in all.iter().enumerate() {
+                b.put_u8(*byte);
+                let r = d.decode(&mut b);
+                if i + 1 < all.len() {
+                    prop_assert_eq!(r, Ok(None), "byte {} of {}", i, all.len());
+                } else {
+                    let whole = matches!(r, Ok(Some(Frame::Write { .. })));
+                    prop_assert!(whole, "{:?}", r);
+                }
+            }
+        }
+
+        /// A sender that lies about `len` (the data's length) with valid
+        /// checksums: refused with a typed error, never a write of another
+        /// length, never a buffer beyond the declared `len`.
+        #[test]
+        fn lying_lengths_are_refused(
+            data in compressible(20_000), codec in prop_oneof![Just(Codec::Lz4), Just(Codec::Zstd)],
+            lie in any::<u32>(),
+        ) {
+            let w = EncodedWrite::new(Bytes::from(data.clone()), codec);
+            prop_assume!(w.codec != Codec::None);
+            prop_assume!(lie != w.len);
+            let h = RawHeader {
+                kind: Kind::Write.code(),
+                flags: codec.flag(),
+                id: 1,
+                offset: 0,
+                len: lie,
+                payload_len: w.payload.len() as u32,
+                payload_crc: w.crc,
+            };
+            match Frame::from_parts(&h, w.payload.clone()) {
+                Err(WireError::CompressedLength { .. }) => {
+                    prop_assert!(lie > MAX_DATA || w.payload.len() as u32 >= lie)
+                }
+                Err(WireError::Decompress { id: 1, offset: 0, codec: c, .. }) => prop_assert_eq!(c, codec),
+                other => prop_assert!(false, "len {} for {} bytes gave {:?}", lie, w.len, other),
+            }
+        }
+
+        /// Arbitrary payloads with a valid checksum behind a compression
+        /// flag: refused, or (if they happen to be a valid stream) exactly
+        /// `len` bytes; never a panic.
+        #[test]
+        fn garbage_compressed_payloads_are_refused(
+            payload in vec(any::<u8>(), 0..300), len in 1u32..100_000,
+            codec in prop_oneof![Just(Codec::Lz4), Just(Codec::Zstd)],
+        ) {
+            let h = RawHeader {
+                kind: Kind::Write.code(),
+                flags: codec.flag(),
+                id: 2,
+                offset: 512,
+                len,
+                payload_len: payload.len() as u32,
+                payload_crc: crc32c::crc32c(&payload),
+            };
+            match Frame::from_parts(&h, Bytes::from(payload.clone())) {
+                Ok(Frame::Write { data, .. }) => prop_assert_eq!(data.len(), len as usize),
+                Ok(f) => prop_assert!(false, "{:?}", f),
+                Err(WireError::CompressedLength { .. }) => prop_assert!(payload.len() as u32 >= len),
+                Err(WireError::Decompress { id: 2, offset: 512, .. }) => {}
+                Err(e) => prop_assert!(false, "{}", e),
+            }
+        }
+
         #[test]
         fn error_codes_roundtrip(c in any::<u32>()) {
             prop_assert_eq!(ErrorCode::from_code(c).code(), c);
         }
+    }
+
+    fn codec() -> impl Strategy<Value = Codec> {
+        prop_oneof![Just(Codec::None), Just(Codec::Lz4), Just(Codec::Zstd)]
+    }
+
+    /// Runs of repeated bytes mixed with noise: some compress, some not.
+    fn compressible(max: usize) -> impl Strategy<Value = Vec<u8>> {
+        vec((any::<u8>(), 1usize..200, any::<bool>()), 0..=max / 100).prop_map(move |runs| {
+            let mut out = Vec::new();
+            for (b, n, noisy) in runs {
+                for i in 0..n {
+                    out.push(if noisy {
+                        b.wrapping_mul(i as u8 | 1)
+                    } else {
+                        b
+                    });
+                }
+            }
+            out.truncate(max);
+            out
+        })
+    }
+
+    /// A Write as the primary's pipeline sends it: header, then the payload.
+    fn encoded_write(id: u64, offset: u64, fua: bool, data: &[u8], codec: Codec) -> BytesMut {
+        let w = EncodedWrite::new(Bytes::copy_from_slice(data), codec);
+        let mut b = BytesMut::new();
+        encode_encoded_write_header(id, offset, fua, &w, &mut b);
+        b.put_slice(&w.payload);
+        b
+    }
+
+    /// Data that expands far beyond what the header declares: the decoder
+    /// stops at the declared length instead of allocating the rest.
+    #[test]
+    fn decompression_bombs_are_refused() {
+        let zeros = vec![0u8; MAX_DATA as usize];
+        for codec in [Codec::Lz4, Codec::Zstd] {
+            let w = EncodedWrite::new(Bytes::from(zeros.clone()), codec);
+            assert_eq!(w.codec, codec);
+            assert!(w.payload.len() < 256 * 1024, "{codec}: {}", w.payload.len());
+            for declared in [w.payload.len() as u32 + 1, 1 << 20, MAX_DATA - 1] {
+                let h = RawHeader {
+                    kind: Kind::Write.code(),
+                    flags: codec.flag(),
+                    id: 4,
+                    offset: 0,
+                    len: declared,
+                    payload_len: w.payload.len() as u32,
+                    payload_crc: w.crc,
+                };
+                let r = Frame::from_parts(&h, w.payload.clone());
+                assert!(
+                    matches!(r, Err(WireError::Decompress { id: 4, codec: c, .. }) if c == codec),
+                    "{codec}, declared {declared}: {r:?}"
+                );
+            }
+            // Declaring more than MAX_DATA is refused from the header alone.
+            let h = RawHeader {
+                kind: Kind::Write.code(),
+                flags: codec.flag(),
+                id: 4,
+                offset: 0,
+                len: MAX_DATA + 1,
+                payload_len: w.payload.len() as u32,
+                payload_crc: w.crc,
+            };
+            assert!(matches!(
+                decode_all(header_bytes(h)),
+                Err(WireError::CompressedLength { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn compression_flag_errors_are_specific() {
+        let base = RawHeader {
+            kind: Kind::Write.code(),
+            flags: FLAG_LZ4 | FLAG_ZSTD,
+            id: 6,
+            offset: 0,
+            len: 100,
+            payload_len: 10,
+            payload_crc: 0,
+        };
+        assert_eq!(
+            decode_all(header_bytes(base)),
+            Err(WireError::TwoCodecs {
+                kind: Kind::Write,
+                id: 6,
+                flags: FLAG_LZ4 | FLAG_ZSTD
+            })
+        );
+        // A "compressed" payload no shorter than its data.
+        for payload_len in [100, 101] {
+            let h = RawHeader {
+                flags: FLAG_ZSTD,
+                payload_len,
+                ..base
+            };
+            assert_eq!(
+                decode_all(header_bytes(h)),
+                Err(WireError::CompressedLength {
+                    kind: Kind::Write,
+                    id: 6,
+                    len: 100,
+                    payload_len
+                })
+            );
+        }
+        // Compression flags belong to Write only.
+        let h = RawHeader {
+            kind: Kind::Trim.code(),
+            flags: FLAG_LZ4,
+            payload_len: 0,
+            ..base
+        };
+        assert!(matches!(
+            decode_all(header_bytes(h)),
+            Err(WireError::BadFlags {
+                kind: Kind::Trim,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn encoded_plain_write_equals_encode() {
+        let data = Bytes::from(vec![0x3c; 8192]);
+        let w = EncodedWrite::new(data.clone(), Codec::None);
+        let mut b = BytesMut::new();
+        encode_encoded_write_header(8, 512, false, &w, &mut b);
+        b.put_slice(&w.payload);
+        let f = Frame::Write {
+            id: 8,
+            offset: 512,
+            fua: false,
+            data,
+        };
+        assert_eq!(b, encoded(&f));
     }
 
     #[test]
@@ -1170,7 +1505,7 @@ mod tests {
                 kind: Kind::Write,
                 id: 5,
                 flags: FLAG_NO_TRIM,
-                allowed: FLAG_FUA
+                allowed: FLAG_FUA | FLAG_LZ4 | FLAG_ZSTD
             })
         );
         assert_eq!(

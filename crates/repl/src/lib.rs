@@ -11,6 +11,8 @@
 //!   serves; the mirror checks it has a big enough volume of that name; each
 //!   side proves knowledge of the shared secret with an HMAC over both nonces
 //!   and both hellos ([`connect`] on the primary, [`accept`] on the mirror).
+//! - [`compress`]: optional LZ4 or zstd compression of Write data (flags on
+//!   the Write frame; the decoder yields the decompressed data).
 //! - [`link`]: buffered frame I/O for the rest of the link's life:
 //!   [`FrameReader`] (clean EOF between frames is `None`; EOF inside a frame
 //!   is an error) and [`FrameWriter`] (small frames coalesce into one buffer,
@@ -23,13 +25,16 @@
 
 #![forbid(unsafe_code)]
 
+pub mod compress;
 pub mod frame;
 pub mod handshake;
 pub mod link;
 
+pub use compress::{Codec, EncodedWrite};
 pub use frame::{
-    encode_write_header, ErrorCode, Frame, FrameDecoder, Kind, RawHeader, WireError, FLAG_FUA,
-    FLAG_NO_TRIM, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA, VERSION,
+    encode_encoded_write_header, encode_write_header, ErrorCode, Frame, FrameDecoder, Kind,
+    RawHeader, WireError, FLAG_FUA, FLAG_LZ4, FLAG_NO_TRIM, FLAG_ZSTD, HEADER_LEN, MAGIC,
+    MAX_CONTROL_PAYLOAD, MAX_DATA, VERSION,
 };
 pub use handshake::{
     accept, connect, AuthFailure, HandshakeError, NodeHello, PeerInfo, VolumeIdentity,

@@ -17,7 +17,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::frame::{encode_write_header, Frame, FrameDecoder, WireError};
+use crate::compress::EncodedWrite;
+use crate::frame::{
+    encode_encoded_write_header, encode_write_header, Frame, FrameDecoder, WireError,
+};
 
 /// Room the reader asks for before each read.
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -172,6 +175,20 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         } else {
             self.seal();
             self.chunks.push_back(data);
+        }
+    }
+
+    /// Queues a Write frame whose data is ready for the wire (compressed or
+    /// not, checksummed by [`EncodedWrite::new`]): only the header is built
+    /// here.
+    pub fn queue_encoded_write(&mut self, id: u64, offset: u64, fua: bool, w: &EncodedWrite) {
+        encode_encoded_write_header(id, offset, fua, w, &mut self.staging);
+        self.buffered += crate::frame::HEADER_LEN + w.payload.len();
+        if w.payload.len() <= INLINE_DATA_MAX {
+            self.staging.extend_from_slice(&w.payload);
+        } else {
+            self.seal();
+            self.chunks.push_back(w.payload.clone());
         }
     }
 
@@ -385,6 +402,38 @@ mod tests {
             }
             assert!(r.next().await.unwrap().is_none());
         }
+    }
+
+    /// Writes made ready by the pipeline (compressed or not) come out of
+    /// the reader as the plain Writes they stand for.
+    #[tokio::test]
+    async fn encoded_writes_read_back_as_plain_writes() {
+        use crate::compress::{Codec, EncodedWrite};
+        let rec = Recorder::default();
+        let mut w = FrameWriter::new(rec.clone());
+        let data = Bytes::from(vec![0x11; 64 * 1024]);
+        let small = Bytes::from_static(b"0123456789");
+        let mut want = Vec::new();
+        for (id, codec) in Codec::ALL.into_iter().enumerate() {
+            for d in [&data, &small] {
+                let e = EncodedWrite::new(d.clone(), codec);
+                w.queue_encoded_write(id as u64, 4096, true, &e);
+                want.push(Frame::Write {
+                    id: id as u64,
+                    offset: 4096,
+                    fua: true,
+                    data: d.clone(),
+                });
+            }
+        }
+        w.flush().await.unwrap();
+        let bytes = rec.bytes.lock().unwrap().clone();
+        assert!(bytes.len() < 2 * data.len(), "compressed on the wire");
+        let mut r = FrameReader::new(&bytes[..]);
+        for f in want {
+            assert_eq!(r.next().await.unwrap(), Some(f));
+        }
+        assert!(r.next().await.unwrap().is_none());
     }
 
     #[tokio::test]

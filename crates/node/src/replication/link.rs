@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 
 use blockmirror_core::activity::{ActivityError, ActivityLog, Begin};
 use blockmirror_core::bitmap::Bitmap;
-use blockmirror_repl::{Frame, FrameReader, FrameWriter, NodeHello};
+use blockmirror_repl::{Codec, EncodedWrite, Frame, FrameReader, FrameWriter, NodeHello};
 use blockmirror_storage::Backend;
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
@@ -163,6 +163,18 @@ pub struct MirrorFailure {
     pub reason: String,
 }
 
+/// What the sender task writes: a frame, or a Write whose data the
+/// pipeline (or the caller) already made ready for the wire.
+pub(crate) enum Outgoing {
+    Frame(Frame),
+    Encoded {
+        id: u64,
+        offset: u64,
+        fua: bool,
+        write: EncodedWrite,
+    },
+}
+
 struct Pending {
     offset: u64,
     len: u64,
@@ -177,7 +189,7 @@ struct Shared {
     state: SyncState,
     epoch: u64,
     /// The sender task's queue while connected.
-    tx: Option<mpsc::UnboundedSender<(u64, Frame)>>,
+    tx: Option<mpsc::UnboundedSender<Outgoing>>,
     /// Cancels the current connection's tasks.
     conn_cancel: Option<CancellationToken>,
     inflight: BTreeMap<u64, Pending>,
@@ -207,6 +219,10 @@ pub struct LinkCounters {
     pub reconnects: AtomicU64,
     pub failures: AtomicU64,
     pub resync_bytes: AtomicU64,
+    /// Bytes of Write data handed to the sender, before compression.
+    pub data_bytes: AtomicU64,
+    /// The same Write data as it goes on the wire (after compression).
+    pub wire_bytes: AtomicU64,
 }
 
 /// A point-in-time view of a link, for /status and /metrics.
@@ -230,6 +246,8 @@ pub struct MirrorLink {
     pub peer: String,
     addr: SocketAddr,
     pub mode: MirrorMode,
+    /// How this link compresses Write data.
+    pub compression: Codec,
     volume: String,
     timeout: Duration,
     next_id: AtomicU64,
@@ -268,6 +286,39 @@ pub enum Prepared {
     Marked,
 }
 
+/// The sending half of a [`Prepared::Live`] request: what the pipeline
+/// carries to the point where the request is released to the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    id: u64,
+    epoch: u64,
+}
+
+impl Ticket {
+    /// A ticket for request `id` of connection `epoch`, for tests of what
+    /// carries tickets (the pipeline).
+    #[cfg(test)]
+    pub(crate) fn for_test(id: u64, epoch: u64) -> Ticket {
+        Ticket { id, epoch }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Prepared {
+    /// Splits a request into what sends it (None when the region was
+    /// marked instead) and what waits for its acknowledgement.
+    pub fn split(self) -> (Option<Ticket>, Sent) {
+        match self {
+            Prepared::Live { id, epoch, rx } => (Some(Ticket { id, epoch }), Sent::Waiting(rx)),
+            Prepared::Marked => (None, Sent::Marked),
+        }
+    }
+}
+
 /// A request sent (or marked), to be waited for.
 pub enum Sent {
     Waiting(oneshot::Receiver<Result<(), MirrorFailure>>),
@@ -292,6 +343,7 @@ impl MirrorLink {
             peer: cfg.peer.clone(),
             addr: cfg.addr,
             mode: cfg.mode,
+            compression: cfg.compression,
             volume: volume.to_owned(),
             timeout,
             next_id: AtomicU64::new(1),
@@ -541,31 +593,83 @@ impl MirrorLink {
         self.prepare(offset, len)
     }
 
-    /// Sends a prepared request (the local I/O succeeded).
+    /// Sends a prepared request (the local I/O succeeded). A Write on a
+    /// link with compression is compressed here, on the caller's task: the
+    /// path of writes no larger than a track, which skip the pipeline.
     pub fn send(&self, p: Prepared, op: &MirrorOp) -> Sent {
-        let (id, epoch, rx) = match p {
-            Prepared::Marked => return Sent::Marked,
-            Prepared::Live { id, epoch, rx } => (id, epoch, rx),
+        let (ticket, sent) = p.split();
+        let Some(ticket) = ticket else {
+            return Sent::Marked;
         };
+        let ok = match op {
+            MirrorOp::Write { offset, data, fua } if self.compression != Codec::None => {
+                let write = EncodedWrite::new(data.clone(), self.compression);
+                self.send_encoded(ticket, *offset, *fua, write)
+            }
+            _ => self.send_outgoing(ticket, op.range(), |id| Outgoing::Frame(op.frame(id))),
+        };
+        if ok {
+            sent
+        } else {
+            Sent::Marked
+        }
+    }
+
+    /// Sends a Write whose data is ready for the wire; false (the region
+    /// marked) when the connection failed since the request was prepared.
+    pub fn send_encoded(&self, t: Ticket, offset: u64, fua: bool, write: EncodedWrite) -> bool {
+        let range = (offset, u64::from(write.len));
+        self.send_outgoing(t, range, |id| Outgoing::Encoded {
+            id,
+            offset,
+            fua,
+            write,
+        })
+    }
+
+    fn send_outgoing(
+        &self,
+        t: Ticket,
+        (off, len): (u64, u64),
+        make: impl FnOnce(u64) -> Outgoing,
+    ) -> bool {
+        let Ticket { id, epoch } = t;
         let mut sh = self.shared();
         if sh.epoch == epoch {
             if let (Some(tx), Some(p)) = (sh.tx.clone(), sh.inflight.get_mut(&id)) {
                 p.sent = Some(Instant::now());
-                if let MirrorOp::Write { data, .. } = op {
-                    p.bytes = data.len() as u64;
+                let out = make(id);
+                match &out {
+                    Outgoing::Frame(Frame::Write { data, .. }) => {
+                        p.bytes = data.len() as u64;
+                        self.counters.data_bytes.fetch_add(p.bytes, Relaxed);
+                        self.counters.wire_bytes.fetch_add(p.bytes, Relaxed);
+                    }
+                    Outgoing::Encoded { write, .. } => {
+                        p.bytes = u64::from(write.len);
+                        self.counters.data_bytes.fetch_add(p.bytes, Relaxed);
+                        let wire = write.wire_len() as u64;
+                        self.counters.wire_bytes.fetch_add(wire, Relaxed);
+                    }
+                    Outgoing::Frame(_) => {}
                 }
-                if tx.send((id, op.frame(id))).is_ok() {
-                    return Sent::Waiting(rx);
+                if tx.send(out).is_ok() {
+                    return true;
                 }
             }
         }
         // The connection failed between prepare and send: its failure
         // already marked the region (the entry was in flight) or will not
         // see it, so mark it here too.
-        let (off, len) = op.range();
         sh.bitmap.mark(off, len);
         sh.inflight.remove(&id);
-        Sent::Marked
+        false
+    }
+
+    /// The local I/O failed: the request is never sent. The caller marks
+    /// the region (see [`MirrorLink::abandon`]).
+    pub fn abandon_ticket(&self, t: Ticket) {
+        self.shared().inflight.remove(&t.id);
     }
 
     /// The local I/O failed: nothing is sent, and the region is marked,
@@ -1057,9 +1161,18 @@ impl MirrorLink {
     async fn copy_chunk(&self, epoch: u64, ctx: &LinkContext, off: u64, len: u64) {
         let guard = ctx.locks.lock(off, len).await;
         let backend = ctx.backend.clone();
+        let codec = self.compression;
+        // Read, and compress when the link does, off the runtime's threads.
         let read = tokio::task::spawn_blocking(move || {
             let mut buf = BytesMut::zeroed(len as usize);
-            backend.read_at(&mut buf, off).map(|()| buf.freeze())
+            backend.read_at(&mut buf, off).map(|()| {
+                let data = buf.freeze();
+                if data.iter().all(|&b| b == 0) {
+                    None
+                } else {
+                    Some(EncodedWrite::new(data, codec))
+                }
+            })
         })
         .await;
         let data = match read {
@@ -1070,23 +1183,26 @@ impl MirrorLink {
             }
             Err(_) => return,
         };
-        let op = if data.iter().all(|&b| b == 0) {
-            MirrorOp::WriteZeroes {
-                offset: off,
-                len: len as u32,
-                fua: false,
-                may_trim: true,
-            }
-        } else {
-            MirrorOp::Write {
-                offset: off,
-                data,
-                fua: false,
-            }
-        };
         let p = self.prepare_for_epoch(epoch, off, len);
         let Some(p) = p else { return };
-        let sent = self.send(p, &op);
+        let sent = match data {
+            None => self.send(
+                p,
+                &MirrorOp::WriteZeroes {
+                    offset: off,
+                    len: len as u32,
+                    fua: false,
+                    may_trim: true,
+                },
+            ),
+            Some(write) => {
+                let (ticket, sent) = p.split();
+                match ticket {
+                    Some(t) if self.send_encoded(t, off, false, write) => sent,
+                    _ => Sent::Marked,
+                }
+            }
+        };
         if self.wait(sent).await.is_ok() {
             let mut sh = self.shared();
             if sh.epoch == epoch {
@@ -1145,7 +1261,7 @@ pub struct LinkContext {
 
 async fn sender_loop(
     mut w: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
-    mut rx: mpsc::UnboundedReceiver<(u64, Frame)>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -1153,11 +1269,11 @@ async fn sender_loop(
             _ = cancel.cancelled() => return,
             f = rx.recv() => f,
         };
-        let Some((_, f)) = first else { return };
-        w.queue(&f);
+        let Some(out) = first else { return };
+        queue(&mut w, out);
         while w.buffered() < 4 << 20 {
             match rx.try_recv() {
-                Ok((_, f)) => w.queue(&f),
+                Ok(out) => queue(&mut w, out),
                 Err(_) => break,
             }
         }
@@ -1170,5 +1286,17 @@ async fn sender_loop(
             cancel.cancel();
             return;
         }
+    }
+}
+
+fn queue(w: &mut FrameWriter<tokio::net::tcp::OwnedWriteHalf>, out: Outgoing) {
+    match out {
+        Outgoing::Frame(f) => w.queue(&f),
+        Outgoing::Encoded {
+            id,
+            offset,
+            fua,
+            write,
+        } => w.queue_encoded_write(id, offset, fua, &write),
     }
 }

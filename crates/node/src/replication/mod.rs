@@ -19,7 +19,11 @@
 //!    away has the region marked in its bitmap instead.
 //! 4. Run the local I/O. If it fails, nothing is sent, every mirror marks the
 //!    region (the local disk may now differ), and the host gets the error.
-//! 5. Send every request, then release the range lock.
+//! 5. Send every request, then release the range lock. A write larger than
+//!    the volume's track size goes through the [`pipeline`] instead: its
+//!    tracks are prepared by worker threads while the local I/O runs, and
+//!    released to every link in track order once it succeeded; the range
+//!    lock is held until the last track was handed to the links.
 //! 6. Wait for every acknowledgement. A mirror that fails (error, closed
 //!    link, or the watchdog's timeout) has the region marked and is
 //!    degraded; the host's request succeeds ("degrade") or fails with EIO
@@ -29,26 +33,57 @@ pub mod apply;
 pub mod group;
 pub mod link;
 pub mod locks;
+pub mod pipeline;
 pub mod receiver;
 
 use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use blockmirror_nbd::Errno;
+use bytes::Bytes;
 use tracing::{debug, warn};
 
 use crate::config::FailurePolicy;
+use crate::metrics::{self, MetricType};
 pub use link::{MirrorLink, MirrorOp};
 pub use locks::RangeLocks;
+pub use pipeline::Pipeline;
 
 /// The mirrors of one primary volume.
 pub struct Replicator {
+    pub volume: String,
     pub links: Vec<Arc<MirrorLink>>,
     pub locks: RangeLocks,
     pub policy: FailurePolicy,
+    pub pipeline: Pipeline,
 }
 
 impl Replicator {
+    /// The mirrors `links` of `volume`, with a pipeline that splits writes
+    /// into `track_size` tracks.
+    pub fn new(
+        volume: &str,
+        links: Vec<Arc<MirrorLink>>,
+        policy: FailurePolicy,
+        track_size: u64,
+    ) -> Replicator {
+        Replicator {
+            volume: volume.to_owned(),
+            pipeline: Pipeline::new(
+                volume,
+                links
+                    .iter()
+                    .map(|l| l.clone() as Arc<dyn pipeline::TrackSink>)
+                    .collect(),
+                track_size,
+            ),
+            links,
+            locks: RangeLocks::new(),
+            policy,
+        }
+    }
+
     /// Applies `op` locally with `local` and on every mirror, as described
     /// in the module docs.
     pub async fn replicate<F, Fut>(&self, op: MirrorOp, local: F) -> Result<(), Errno>
@@ -57,6 +92,13 @@ impl Replicator {
         Fut: Future<Output = Result<(), Errno>>,
     {
         self.check_fence()?;
+        if let MirrorOp::Write { offset, data, fua } = &op {
+            if self.pipeline.splits(data.len() as u64) && self.links.iter().any(|l| l.is_live()) {
+                self.pipeline.counters.split_writes.fetch_add(1, Relaxed);
+                return self.replicate_split(*offset, data, *fua, local).await;
+            }
+            self.pipeline.counters.direct_writes.fetch_add(1, Relaxed);
+        }
         let (offset, len) = op.range();
         let guard = self.locks.lock(offset, len).await;
         for (i, l) in self.links.iter().enumerate() {
@@ -87,6 +129,104 @@ impl Replicator {
         for l in &self.links {
             l.end(offset, len);
         }
+        result
+    }
+
+    /// [`Replicator::replicate`] for a write larger than a track: the same
+    /// steps, with the sending done by the pipeline.
+    async fn replicate_split<F, Fut>(
+        &self,
+        offset: u64,
+        data: &Bytes,
+        fua: bool,
+        local: F,
+    ) -> Result<(), Errno>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(), Errno>>,
+    {
+        let len = data.len() as u64;
+        let guard = self.locks.lock(offset, len).await;
+        for (i, l) in self.links.iter().enumerate() {
+            if let Err(e) = l.activate(offset, len).await {
+                warn!(error = %e, "write refused: it could not be recorded for resync");
+                for done in &self.links[..i] {
+                    done.end(offset, len);
+                }
+                return Err(Errno::Io);
+            }
+        }
+        let end_all = || {
+            for l in &self.links {
+                l.end(offset, len);
+            }
+        };
+        let track = self.pipeline.track_size();
+        let pieces: Vec<(u64, u64)> = pipeline::tracks(offset, len, track).collect();
+        let ctx = match self
+            .pipeline
+            .open(&self.volume, offset, len, pieces.len())
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "write refused");
+                end_all();
+                return Err(Errno::Io);
+            }
+        };
+        // Each mirror's requests, created before the local I/O; the tracks
+        // go to the workers now, so preparing them overlaps the local write.
+        let mut waits: Vec<Vec<link::Sent>> = self
+            .links
+            .iter()
+            .map(|_| Vec::with_capacity(pieces.len()))
+            .collect();
+        let mut tickets_all: Vec<(usize, link::Ticket)> = Vec::new();
+        for (i, &(off, n)) in pieces.iter().enumerate() {
+            let tickets: Vec<_> = self
+                .links
+                .iter()
+                .zip(waits.iter_mut())
+                .enumerate()
+                .map(|(li, (l, w))| {
+                    let (t, sent) = l.prepare(off, n).split();
+                    w.push(sent);
+                    if let Some(t) = t {
+                        tickets_all.push((li, t));
+                    }
+                    t
+                })
+                .collect();
+            let at = (off - offset) as usize;
+            ctx.dispatch(i, off, fua, data.slice(at..at + n as usize), tickets);
+        }
+        if let Err(e) = local().await {
+            // Aborts the context: nothing of it is sent.
+            drop(ctx);
+            for (li, t) in tickets_all {
+                self.links[li].abandon_ticket(t);
+            }
+            for l in &self.links {
+                l.mark(offset, len);
+            }
+            end_all();
+            return Err(e);
+        }
+        ctx.release().await;
+        drop(guard);
+        let mut result = Ok(());
+        for (l, sent) in self.links.iter().zip(waits) {
+            for s in sent {
+                if let Err(e) = l.wait(s).await {
+                    debug!(error = %e, "mirror did not take a track");
+                    if self.policy == FailurePolicy::Fence {
+                        result = Err(Errno::Io);
+                    }
+                }
+            }
+        }
+        end_all();
         result
     }
 
@@ -132,5 +272,97 @@ impl Replicator {
             }
         }
         result
+    }
+}
+
+/// The pipeline's and the links' compression metric families, labelled by
+/// volume (and peer), for every primary volume with mirrors.
+pub fn render_metrics(out: &mut String, replicators: &[&Replicator]) {
+    if replicators.is_empty() {
+        return;
+    }
+    let stats: Vec<_> = replicators.iter().map(|r| r.pipeline.stats()).collect();
+    type Get = fn(&Replicator, &blockmirror_core::sequencer::SequencerStats) -> u64;
+    let families: [(&str, MetricType, &str, Get); 8] = [
+        (
+            "blockmirror_pipeline_subtasks_queued_total",
+            MetricType::Counter,
+            "Track subtasks handed to the sequencer by the workers (gates included).",
+            |_, s| s.queued_total,
+        ),
+        (
+            "blockmirror_pipeline_subtasks_released_total",
+            MetricType::Counter,
+            "Track subtasks released to the mirror links in order (gates included).",
+            |_, s| s.released_total,
+        ),
+        (
+            "blockmirror_pipeline_subtasks_held_out_of_order",
+            MetricType::Gauge,
+            "Subtasks prepared and held because an earlier subtask of their write is not.",
+            |_, s| s.held_out_of_order as u64,
+        ),
+        (
+            "blockmirror_pipeline_deepest_backlog",
+            MetricType::Gauge,
+            "Most subtasks one write holds in the sequencer now.",
+            |_, s| s.deepest_backlog as u64,
+        ),
+        (
+            "blockmirror_pipeline_deepest_backlog_peak",
+            MetricType::Gauge,
+            "Most subtasks one write has held in the sequencer at once since start.",
+            |_, s| s.deepest_backlog_peak as u64,
+        ),
+        (
+            "blockmirror_pipeline_subtasks_admitted",
+            MetricType::Gauge,
+            "Subtasks admitted and not yet released (in the workers or held).",
+            |_, s| s.admitted as u64,
+        ),
+        (
+            "blockmirror_pipeline_split_writes_total",
+            MetricType::Counter,
+            "Host writes larger than a track, split into track subtasks.",
+            |r, _| r.pipeline.counters.split_writes.load(Relaxed),
+        ),
+        (
+            "blockmirror_pipeline_direct_writes_total",
+            MetricType::Counter,
+            "Host writes no larger than a track, sent straight to the links.",
+            |r, _| r.pipeline.counters.direct_writes.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, get) in families {
+        metrics::write_header(out, name, kind, help);
+        for (r, s) in replicators.iter().zip(&stats) {
+            metrics::write_sample(out, name, &[("volume", &r.volume)], get(r, s));
+        }
+    }
+    type LinkGet = fn(&MirrorLink) -> u64;
+    let link_families: [(&str, &str, LinkGet); 2] = [
+        (
+            "blockmirror_replication_data_bytes_total",
+            "Write data sent to the mirror, before compression.",
+            |l| l.counters.data_bytes.load(Relaxed),
+        ),
+        (
+            "blockmirror_replication_wire_bytes_total",
+            "Write data sent to the mirror as it went on the wire (after compression).",
+            |l| l.counters.wire_bytes.load(Relaxed),
+        ),
+    ];
+    for (name, help, get) in link_families {
+        metrics::write_header(out, name, MetricType::Counter, help);
+        for r in replicators {
+            for l in &r.links {
+                let labels = [
+                    ("volume", r.volume.as_str()),
+                    ("peer", l.peer.as_str()),
+                    ("compression", l.compression.as_str()),
+                ];
+                metrics::write_sample(out, name, &labels, get(l));
+            }
+        }
     }
 }
