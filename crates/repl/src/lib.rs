@@ -28,10 +28,12 @@ pub mod handshake;
 pub mod link;
 
 pub use frame::{
-    encode_write_header, ErrorCode, Frame, FrameDecoder, Kind, RawHeader, WireError, FLAG_FUA,
-    FLAG_NO_TRIM, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA, VERSION,
+    encode_write_header, hash_count, ErrorCode, Frame, FrameDecoder, JobErrorCode, Kind, RawHeader,
+    WireError, DIGEST_LEN, FLAG_FUA, FLAG_NO_TRIM, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD,
+    MAX_DATA, MAX_HASH_BLOCK, MAX_JOB_HASHES, MIN_HASH_BLOCK, VERSION,
 };
 pub use handshake::{
-    accept, connect, AuthFailure, HandshakeError, NodeHello, PeerInfo, VolumeIdentity,
+    accept, accept_any, connect, connect_for, AuthFailure, HandshakeError, NodeHello, PeerInfo,
+    Purpose, VolumeIdentity,
 };
 pub use link::{FrameReader, FrameWriter, LinkError};
