@@ -29,6 +29,7 @@ use crate::meta_file::{self, MetaFileError};
 use crate::metrics::{self, MetricType};
 use crate::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
 use crate::replication::group::SiteGroup;
+use crate::replication::jobs::{DeviceConstants, JobService, DEFAULT_FETCH_TIMEOUT, MAX_JOBS};
 use crate::replication::link::LinkContext;
 use crate::replication::receiver::{self, MirrorTarget};
 use crate::replication::{MirrorLink, RangeLocks, Replicator};
@@ -315,11 +316,22 @@ impl Node {
                 .secret
                 .clone()
                 .expect("validated: mirrors need a secret");
+            let jobs = Arc::new(JobService::new(
+                JobService::mirror_id_for(&self.config.node),
+                MAX_JOBS,
+                DEFAULT_FETCH_TIMEOUT,
+                targets.values().map(|t| DeviceConstants {
+                    volume: t.name.clone(),
+                    size: t.identity.size,
+                    backend: t.backend.clone(),
+                }),
+            ));
             tasks.spawn(receiver::serve(
                 l,
                 self.config.node.clone(),
                 secret,
                 Arc::new(targets),
+                jobs,
                 shutdown.clone(),
             ));
         }

@@ -6,6 +6,8 @@
 //! - [`link`]: one mirror of a primary volume (connection, requests in
 //!   flight, out-of-sync bitmap, catch-up, watchdog).
 //! - [`receiver`]: the mirror side (listener, authentication, apply).
+//! - [`jobs`]: the mirror's job handler (seed 002: job table, verify
+//!   hashes, remote reads) on job connections.
 //!
 //! The write path ([`Replicator::replicate`]), seed 004's detour rebuilt:
 //!
@@ -25,6 +27,7 @@
 //!    ("fence").
 
 pub mod group;
+pub mod jobs;
 pub mod link;
 pub mod locks;
 pub mod receiver;
