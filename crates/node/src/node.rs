@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use blockmirror_core::activity::{ActivityLog, DEFAULT_CAPACITY, DEFAULT_EXTENT_SIZE};
 use blockmirror_repl::{NodeHello, VolumeIdentity};
 
-use crate::admin::{self, AdminSource};
+use crate::admin::{self, AdminSource, VerifyRequest};
 use crate::config::{NbdListen, NodeConfig, Role};
 use crate::meta_file::{self, MetaFileError};
 use crate::metrics::{self, MetricType};
@@ -34,6 +34,7 @@ use crate::replication::link::LinkContext;
 use crate::replication::receiver::{self, MirrorTarget};
 use crate::replication::{MirrorLink, RangeLocks, Replicator};
 use crate::status::{MirrorStatus, NodeStatus, VolumeStatus};
+use crate::verify::{VerifyService, VerifyVolume};
 use crate::volume::Volume;
 
 #[derive(Debug, Error)]
@@ -338,6 +339,7 @@ impl Node {
         // Primary volumes: one task per mirror link.
         let mut link_tasks = JoinSet::new();
         let link_stop = CancellationToken::new();
+        let mut verifiable = Vec::new();
         for v in &self.volumes {
             let Some(r) = v.volume.replicator() else {
                 continue;
@@ -354,6 +356,12 @@ impl Node {
                 backend: v.volume.backend().clone(),
                 locks: r.locks.clone(),
             };
+            verifiable.push(VerifyVolume {
+                name: v.volume.name().to_owned(),
+                size: v.meta.size,
+                links: r.links.clone(),
+                ctx: ctx.clone(),
+            });
             for link in &r.links {
                 let (l, ctx, sd) = (link.clone(), ctx.clone(), link_stop.clone());
                 link_tasks.spawn(async move { l.run(ctx, sd).await });
@@ -362,6 +370,7 @@ impl Node {
             }
         }
         let source = Arc::new(StatusSource {
+            verify: Arc::new(VerifyService::new(verifiable, shutdown.clone())),
             node: self.config.node.clone(),
             volumes: self
                 .volumes
@@ -484,6 +493,7 @@ struct Served {
 struct StatusSource {
     node: String,
     volumes: Vec<Served>,
+    verify: Arc<VerifyService>,
 }
 
 impl AdminSource for StatusSource {
@@ -528,6 +538,7 @@ impl AdminSource for StatusSource {
                                             oldest_request_ms: s
                                                 .oldest_inflight
                                                 .map_or(0, |d| d.as_millis() as u64),
+                                            last_verify: self.verify.status(v.name(), &l.peer),
                                             last_error: s.last_error,
                                         }
                                     })
@@ -546,7 +557,14 @@ impl AdminSource for StatusSource {
             self.volumes.iter().map(|s| s.volume.metrics()).collect();
         let mut out = metrics::render_all(&all);
         render_link_metrics(&mut out, &self.volumes);
+        self.verify.render_metrics(&mut out);
         out
+    }
+
+    fn start_verify(&self, volume: &str, req: &VerifyRequest) -> Result<u64, (u16, String)> {
+        self.verify
+            .start(volume, req.full, req.mark)
+            .map_err(|e| (e.http_status(), e.to_string()))
     }
 }
 

@@ -69,6 +69,9 @@ pub struct MirrorStatus {
     /// Why the link last failed or could not connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The running or last verify of this mirror (`blockmirror verify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<crate::verify::VerifyStatus>,
 }
 
 /// `bytes` in binary units with one decimal: `512 B`, `1.0 GiB`, `1.5 MiB`.
@@ -236,6 +239,7 @@ mod tests {
                         inflight_requests: 0,
                         oldest_request_ms: 0,
                         last_error: None,
+                        last_verify: None,
                     }],
                     primary: None,
                 },
