@@ -188,7 +188,7 @@ async fn verify(volume: &str, addr: Option<SocketAddr>, full: bool, mark: bool) 
         if !runs.is_empty() && runs.iter().all(|(_, r)| !r.is_running()) {
             break runs;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
     bar.finish_and_clear();
     let mut outcome = Outcome::Success;

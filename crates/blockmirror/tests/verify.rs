@@ -241,6 +241,9 @@ fn job_table_fills_answers_busy_and_frees_slots() {
         // The mirror's table is bounded (64 jobs), and every live job has
         // its own link id.
         assert_eq!(links.len(), 64);
+        let m = pair.mirror.metrics();
+        assert_eq!(metric(&m, "blockmirror_jobs_live"), Some(64.0), "{m}");
+        assert_eq!(metric(&m, "blockmirror_jobs_busy_total"), Some(1.0), "{m}");
         let mut distinct = links.clone();
         distinct.sort();
         distinct.dedup();

@@ -303,6 +303,7 @@ impl Node {
             .iter()
             .filter_map(|v| v.target.clone().map(|t| (t.name.clone(), t)))
             .collect();
+        let mut job_service = None;
         if !targets.is_empty() {
             let addr = self.config.listen.expect("validated: mirrors need listen");
             let l = tokio::net::TcpListener::bind(addr)
@@ -327,6 +328,7 @@ impl Node {
                     backend: t.backend.clone(),
                 }),
             ));
+            job_service = Some(jobs.clone());
             tasks.spawn(receiver::serve(
                 l,
                 self.config.node.clone(),
@@ -371,6 +373,7 @@ impl Node {
         }
         let source = Arc::new(StatusSource {
             verify: Arc::new(VerifyService::new(verifiable, shutdown.clone())),
+            jobs: job_service,
             node: self.config.node.clone(),
             volumes: self
                 .volumes
@@ -494,6 +497,8 @@ struct StatusSource {
     node: String,
     volumes: Vec<Served>,
     verify: Arc<VerifyService>,
+    /// On a node with mirror volumes: its job table.
+    jobs: Option<Arc<JobService>>,
 }
 
 impl AdminSource for StatusSource {
@@ -558,6 +563,9 @@ impl AdminSource for StatusSource {
         let mut out = metrics::render_all(&all);
         render_link_metrics(&mut out, &self.volumes);
         self.verify.render_metrics(&mut out);
+        if let Some(j) = &self.jobs {
+            j.render_metrics(&mut out);
+        }
         out
     }
 

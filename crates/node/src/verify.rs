@@ -36,7 +36,7 @@ use blockmirror_repl::{
     connect_for, Frame, FrameReader, FrameWriter, JobErrorCode, Purpose, DIGEST_LEN,
     MAX_HASH_BLOCK, MAX_JOB_HASHES, MIN_HASH_BLOCK,
 };
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -426,6 +426,7 @@ async fn verify_link(
             link: link.clone(),
             client: client.clone(),
             job: LinkId::INVALID.to_u64(),
+            buf: Vec::new(),
             block,
             full,
             progress: progress.clone(),
@@ -481,6 +482,8 @@ struct Worker {
     client: Arc<JobClient>,
     /// This worker's job on the mirror (invalid until the first reply).
     job: u64,
+    /// The local read buffer, reused region after region.
+    buf: Vec<u8>,
     block: u32,
     full: bool,
     progress: Arc<Progress>,
@@ -531,16 +534,15 @@ impl Worker {
         let before = self.link.bitmap();
         let backend = self.v.ctx.backend.clone();
         let full = self.full;
+        let mut buf = std::mem::take(&mut self.buf);
         let local = tokio::task::spawn_blocking(move || {
-            let mut buf = BytesMut::zeroed(len as usize);
-            backend.read_at(&mut buf, off)?;
-            let buf = buf.freeze();
-            let digests = if full {
-                Vec::new()
-            } else {
-                hash_blocks(&buf, block as u32)
+            buf.resize(len as usize, 0);
+            let r = backend.read_at(&mut buf, off);
+            let digests = match (&r, full) {
+                (Ok(()), false) => hash_blocks(&buf, block as u32),
+                _ => Vec::new(),
             };
-            Ok::<_, blockmirror_storage::StorageError>((buf, digests))
+            (buf, r.map(|()| digests))
         });
         let remote = async {
             if full {
@@ -558,11 +560,18 @@ impl Worker {
         let (local, remote) = tokio::join!(local, remote);
         drop(guard);
         let (data, local_digests) = match local {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => return Err(self.local_failed(off, e.to_string())),
+            Ok((buf, Ok(d))) => (buf, d),
+            Ok((_, Err(e))) => return Err(self.local_failed(off, e.to_string())),
             Err(e) => return Err(self.local_failed(off, e.to_string())),
         };
-        let remote = remote?;
+        let remote = remote;
+        let remote = match remote {
+            Ok(r) => r,
+            Err(e) => {
+                self.buf = data;
+                return Err(e);
+            }
+        };
         // Marked before or during the check: not replicated yet, skipped.
         let after = self.link.bitmap();
         let mut out = Vec::new();
@@ -587,6 +596,7 @@ impl Worker {
                 });
             }
         }
+        self.buf = data;
         self.progress.skipped.fetch_add(skipped, Relaxed);
         self.progress.done.fetch_add(len, Relaxed);
         Ok(out)

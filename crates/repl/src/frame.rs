@@ -1114,6 +1114,33 @@ fn build_job(kind: Kind, h: &RawHeader, payload: Bytes) -> Result<Frame, WireErr
     })
 }
 
+/// Appends the header and link id of a JobData frame carrying `data`; the
+/// caller sends `data` right after (as its own iovec, without copying).
+///
+/// # Panics
+///
+/// If `data` is longer than [`MAX_DATA`] or the range overflows.
+pub fn encode_job_data_header(id: u64, link: u64, offset: u64, data: &[u8], out: &mut BytesMut) {
+    assert!(data.len() <= MAX_DATA as usize, "JobData above MAX_DATA");
+    let n = data.len() as u32;
+    assert!(
+        offset.checked_add(u64::from(n)).is_some(),
+        "job range overflows"
+    );
+    let link = link.to_be_bytes();
+    RawHeader {
+        kind: Kind::JobData.code(),
+        flags: 0,
+        id,
+        offset,
+        len: n,
+        payload_len: n + LINK_LEN as u32,
+        payload_crc: crc32c::crc32c_append(crc32c::crc32c(&link), data),
+    }
+    .encode(out);
+    out.put_slice(&link);
+}
+
 /// Encodes a job frame.
 ///
 /// # Panics
@@ -1177,11 +1204,9 @@ fn encode_job(f: &Frame, out: &mut BytesMut) {
             offset,
             data,
         } => {
-            assert!(data.len() <= MAX_DATA as usize, "JobData above MAX_DATA");
-            payload.reserve(data.len());
-            payload.put_u64(*link);
-            payload.put_slice(data);
-            (Kind::JobData, *id, *offset, data.len() as u32)
+            encode_job_data_header(*id, *link, *offset, data, out);
+            out.put_slice(data);
+            return;
         }
         Frame::JobNotReady {
             id,
