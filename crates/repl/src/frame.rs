@@ -1645,6 +1645,41 @@ mod tests {
             }
         }
 
+        /// Job frames with a correct payload checksum and arbitrary header
+        /// fields and payload: the decoder refuses, waits within the kind's
+        /// limit, or decodes a frame whose encoding is exactly the input
+        /// (one encoding per frame; nothing it accepts is lost or altered).
+        #[test]
+        fn arbitrary_job_frames_decode_canonically_or_are_refused(
+            kind in 64u8..=71, id in any::<u64>(), offset in prop_oneof![Just(0u64), any::<u64>()],
+            len in prop_oneof![Just(0u32), Just(4096u32), Just(8192u32), any::<u32>()],
+            payload in prop_oneof![
+                vec(any::<u8>(), 0..80),
+                (any::<u64>(), 12u32..=24).prop_map(|(l, b)| [l.to_be_bytes().to_vec(), (1u32 << b).to_be_bytes().to_vec()].concat()),
+            ],
+        ) {
+            let h = RawHeader {
+                kind,
+                flags: 0,
+                id,
+                offset,
+                len,
+                payload_len: payload.len() as u32,
+                payload_crc: crc32c::crc32c(&payload),
+            };
+            let mut input = header_bytes(h);
+            input.put_slice(&payload);
+            let all = input.clone();
+            match FrameDecoder::new().decode(&mut input) {
+                Ok(Some(f)) => {
+                    prop_assert!(f.kind().is_job());
+                    prop_assert_eq!(encoded(&f), all, "{:?}", f);
+                }
+                Ok(None) => prop_assert!(payload.len() < h.payload_len as usize),
+                Err(_) => {}
+            }
+        }
+
         #[test]
         fn error_codes_roundtrip(c in any::<u32>()) {
             prop_assert_eq!(ErrorCode::from_code(c).code(), c);
