@@ -524,7 +524,9 @@ impl Worker {
             let deadline = Instant::now() + DRAIN_TIMEOUT;
             let mut pause = Duration::from_micros(200);
             while self.link.has_inflight_in(off, len) {
-                if Instant::now() > deadline || !self.link.is_live() {
+                // A failing link fails (and marks) its requests at once;
+                // only a mirror that neither answers nor fails gets here.
+                if Instant::now() > deadline {
                     return Err(self.failed(off, "writes to the region were not answered"));
                 }
                 tokio::time::sleep(pause).await;
