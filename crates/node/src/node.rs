@@ -29,7 +29,7 @@ use crate::meta_file::{self, MetaFileError};
 use crate::metrics::{self, MetricType};
 use crate::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
 use crate::replication::group::SiteGroup;
-use crate::replication::jobs::{DeviceConstants, JobService, DEFAULT_FETCH_TIMEOUT, MAX_JOBS};
+use crate::replication::jobs::{DeviceConstants, JobService, MAX_JOBS};
 use crate::replication::link::LinkContext;
 use crate::replication::receiver::{self, MirrorTarget};
 use crate::replication::{MirrorLink, RangeLocks, Replicator};
@@ -321,7 +321,7 @@ impl Node {
             let jobs = Arc::new(JobService::new(
                 JobService::mirror_id_for(&self.config.node),
                 MAX_JOBS,
-                DEFAULT_FETCH_TIMEOUT,
+                self.config.job_timeout,
                 targets.values().map(|t| DeviceConstants {
                     volume: t.name.clone(),
                     size: t.identity.size,

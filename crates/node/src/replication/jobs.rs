@@ -45,8 +45,8 @@ pub const MAX_REQUESTS_PER_CONNECTION: usize = 16;
 /// Replies queued for one connection's writer.
 const REPLY_QUEUE: usize = 64;
 /// How long a fetch may take before its job ends with a timeout (seed
-/// 002's four seconds).
-pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(4);
+/// 002's four seconds); a node's `job_timeout` key sets it.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = crate::config::DEFAULT_JOB_TIMEOUT;
 /// The retry interval a `JobNotReady` suggests (seed 002's 100 ms). A
 /// requester of this build does not retry: the data is pushed.
 pub const RETRY_HINT_MS: u32 = 100;
