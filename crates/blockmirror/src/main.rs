@@ -350,6 +350,7 @@ mode = "sync"
     println!("  qemu-io -f raw -r -c 'read -P 0xab 0 1M' {muri}      # the mirror has it");
     println!("  fio --name=w --ioengine=nbd --uri={uri} --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based");
     println!("  blockmirror status --admin {pa}");
+    println!("  blockmirror verify demo --admin {pa}              # compare primary and mirror");
     println!();
     println!("Press Ctrl-C to stop.");
     let primary_result = primary.wait().await;
