@@ -80,6 +80,13 @@ fn flipped_bytes_are_found_marked_and_repaired() {
     let (code, out, err) = verify(&pair, &[]);
     assert_eq!(code, 0, "identical pair: {out}{err}\n{}", pair.logs());
     assert!(out.contains("identical"), "{out}");
+    // The verify ran as several jobs on the mirror and closed them all.
+    let m = pair.mirror.metrics();
+    assert!(
+        metric(&m, "blockmirror_jobs_opened_total").unwrap() >= 2.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "blockmirror_jobs_live"), Some(0.0), "{m}");
 
     // Three corrupted blocks, one of them hit twice, one at its last byte.
     let hits = [MIB + 100, MIB + 200, 10 * MIB + BLOCK - 1, 40 * MIB];
