@@ -248,7 +248,10 @@ impl JobService {
         match t.get_mut(link) {
             Ok(j) if j.data.conn == conn && j.device == device => {
                 j.data.requests += 1;
-                Ok((link, j.constants.clone()))
+                let c = j.constants.clone();
+                // The device's active job is the one it served last.
+                t.activate(link).expect("live");
+                Ok((link, c))
             }
             _ => Err((
                 JobErrorCode::UnknownLink,
