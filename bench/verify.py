@@ -15,7 +15,7 @@ in sync. Each round runs, one after the other on the same warm page cache:
 Prints median wall times and the ratio baseline / verify (above 1: verify is
 faster). All three must report "identical" (exit 0), else the run fails.
 
-    python3 bench/verify.py [--rounds 3] [--size 2G]
+    python3 bench/verify.py [--rounds 3] [--size 2G] [--jobs 8 ...]
 """
 
 import argparse
@@ -68,6 +68,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", default="2G")
+    ap.add_argument("--jobs", type=int, action="append", default=[],
+                    help="also run verify with --jobs N (repeatable), to compare parallelism")
     args = ap.parse_args()
     size = parse_size(args.size)
     b.need("qemu-img")
@@ -105,6 +107,11 @@ def main():
             "verify (checksums)": [bin_, "verify", VOLUME, "--admin", f"127.0.0.1:{p_admin}"],
             "verify --full": [bin_, "verify", VOLUME, "--admin", f"127.0.0.1:{p_admin}", "--full"],
         }
+        for j in args.jobs:
+            runs[f"verify --jobs {j}"] = [bin_, "verify", VOLUME, "--admin", f"127.0.0.1:{p_admin}",
+                                          "--jobs", str(j)]
+            runs[f"verify --full --jobs {j}"] = [bin_, "verify", VOLUME, "--admin", f"127.0.0.1:{p_admin}",
+                                                 "--full", "--jobs", str(j)]
         times = {k: [] for k in runs}
         cpus = {k: [] for k in runs}
         for r in range(args.rounds):

@@ -74,6 +74,9 @@ enum Command {
         /// Mark the differing ranges out of sync so a resync repairs them.
         #[arg(long)]
         mark: bool,
+        /// Parallel jobs per mirror (1-16; default 4).
+        #[arg(long)]
+        jobs: Option<usize>,
     },
 }
 
@@ -143,19 +146,26 @@ async fn run(cli: Cli) -> Result<Outcome> {
             admin,
             full,
             mark,
-        } => verify(&volume, admin, full, mark).await,
+            jobs,
+        } => verify(&volume, admin, full, mark, jobs).await,
     }
 }
 
 /// Starts a verify, shows its progress by polling /status, prints the
 /// differing ranges.
-async fn verify(volume: &str, addr: Option<SocketAddr>, full: bool, mark: bool) -> Result<Outcome> {
+async fn verify(
+    volume: &str,
+    addr: Option<SocketAddr>,
+    full: bool,
+    mark: bool,
+    jobs: Option<usize>,
+) -> Result<Outcome> {
     use indicatif::{ProgressBar, ProgressStyle};
     let addr = match addr {
         Some(a) => a,
         None => config::default_admin_addr(&std::env::current_dir()?),
     };
-    let req = admin::VerifyRequest { full, mark };
+    let req = admin::VerifyRequest { full, mark, jobs };
     let id = admin::start_verify(addr, volume, &req).await?;
     let bar = ProgressBar::new(0);
     bar.set_style(

@@ -80,6 +80,12 @@ fn flipped_bytes_are_found_marked_and_repaired() {
     let (code, out, err) = verify(&pair, &[]);
     assert_eq!(code, 0, "identical pair: {out}{err}\n{}", pair.logs());
     assert!(out.contains("identical"), "{out}");
+    // Parallelism is the caller's within bounds; out of them, a clear refusal.
+    let (code, out, _) = verify(&pair, &["--jobs", "1"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, _, err) = verify(&pair, &["--jobs", "17"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("jobs 17: must be 1..=16"), "{err}");
     // The verify ran as several jobs on the mirror and closed them all.
     let m = pair.mirror.metrics();
     assert!(

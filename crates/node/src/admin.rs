@@ -50,6 +50,9 @@ pub struct VerifyRequest {
     /// Mark differing ranges out of sync so a resync repairs them.
     #[serde(default)]
     pub mark: bool,
+    /// Jobs (parallel requests) per mirror; the node's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<usize>,
 }
 
 /// The answer of `POST /verify/VOLUME`.

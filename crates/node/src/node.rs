@@ -571,7 +571,12 @@ impl AdminSource for StatusSource {
 
     fn start_verify(&self, volume: &str, req: &VerifyRequest) -> Result<u64, (u16, String)> {
         self.verify
-            .start(volume, req.full, req.mark)
+            .start(
+                volume,
+                req.full,
+                req.mark,
+                req.jobs.unwrap_or(crate::verify::PARALLEL_JOBS),
+            )
             .map_err(|e| (e.http_status(), e.to_string()))
     }
 }

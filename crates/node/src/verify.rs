@@ -2,7 +2,8 @@
 //! a primary volume with each of its mirrors while hosts keep writing.
 //!
 //! For each mirror, a job connection (see `replication::jobs`) is opened
-//! beside the replication link, and [`PARALLEL_JOBS`] workers each open
+//! beside the replication link, and [`PARALLEL_JOBS`] workers (or as many
+//! as the request asks, up to [`MAX_PARALLEL_JOBS`]) each open
 //! one job on the mirror and take regions of [`region_len`] bytes in turn.
 //! Per region:
 //!
@@ -50,6 +51,9 @@ use crate::replication::MirrorLink;
 
 /// Jobs (and workers) one verify opens on each mirror.
 pub const PARALLEL_JOBS: usize = 4;
+/// The most jobs one verify may ask for per mirror (the mirror's table
+/// holds 64 for all its volumes).
+pub const MAX_PARALLEL_JOBS: usize = 16;
 /// Largest region one request covers.
 pub const MAX_REGION: u64 = 4 << 20;
 /// How long connecting a job connection may take.
@@ -189,6 +193,8 @@ pub enum StartError {
     UnknownVolume(String),
     #[error("volume {0}: a verify is already running")]
     Running(String),
+    #[error("jobs {0}: must be 1..={MAX_PARALLEL_JOBS}")]
+    BadJobs(usize),
 }
 
 impl StartError {
@@ -196,6 +202,7 @@ impl StartError {
         match self {
             StartError::UnknownVolume(_) => 404,
             StartError::Running(_) => 409,
+            StartError::BadJobs(_) => 400,
         }
     }
 }
@@ -232,13 +239,18 @@ impl VerifyService {
             .map(Run::snapshot)
     }
 
-    /// Starts verifying every mirror of `volume`; returns the run's id.
+    /// Starts verifying every mirror of `volume` with `jobs` parallel jobs
+    /// each; returns the run's id.
     pub fn start(
         self: &Arc<Self>,
         volume: &str,
         full: bool,
         mark: bool,
+        jobs: usize,
     ) -> Result<u64, StartError> {
+        if !(1..=MAX_PARALLEL_JOBS).contains(&jobs) {
+            return Err(StartError::BadJobs(jobs));
+        }
         let v = self
             .volumes
             .get(volume)
@@ -288,7 +300,7 @@ impl VerifyService {
             tokio::spawn(async move {
                 let started = Instant::now();
                 let cancel = svc.shutdown.child_token();
-                let r = verify_link(&v, &link, full, &p, &cancel).await;
+                let r = verify_link(&v, &link, full, jobs, &p, &cancel).await;
                 let mut runs = svc.runs();
                 let Some(run) = runs.get_mut(&(v.name.clone(), link.peer.clone())) else {
                     return;
@@ -404,6 +416,7 @@ async fn verify_link(
     v: &Arc<VerifyVolume>,
     link: &Arc<MirrorLink>,
     full: bool,
+    jobs: usize,
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<Vec<Range>, VerifyError> {
@@ -420,7 +433,7 @@ async fn verify_link(
     let cursor = Arc::new(AtomicU64::new(0));
     let diffs = Arc::new(Mutex::new(BTreeMap::<u64, u64>::new()));
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..PARALLEL_JOBS {
+    for _ in 0..jobs {
         let w = Worker {
             v: v.clone(),
             link: link.clone(),
