@@ -74,7 +74,7 @@ enum Command {
         /// Mark the differing ranges out of sync so a resync repairs them.
         #[arg(long)]
         mark: bool,
-        /// Parallel jobs per mirror (1-16; default 4).
+        /// Parallel jobs per mirror (1-16; default 8, 4 with --full).
         #[arg(long)]
         jobs: Option<usize>,
     },

@@ -575,7 +575,7 @@ impl AdminSource for StatusSource {
                 volume,
                 req.full,
                 req.mark,
-                req.jobs.unwrap_or(crate::verify::PARALLEL_JOBS),
+                req.jobs.unwrap_or(crate::verify::default_jobs(req.full)),
             )
             .map_err(|e| (e.http_status(), e.to_string()))
     }
