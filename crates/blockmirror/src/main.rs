@@ -59,6 +59,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare a primary volume with its mirrors while it is in use.
+    ///
+    /// Exit status: 0 identical, 1 differ, 2 error.
+    Verify {
+        /// The volume (its name in the primary's config).
+        volume: String,
+        /// Admin address of the primary node (default: from ./blockmirror.toml, else 127.0.0.1:7780).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Compare the data itself (remote reads) instead of checksums.
+        #[arg(long)]
+        full: bool,
+        /// Mark the differing ranges out of sync so a resync repairs them.
+        #[arg(long)]
+        mark: bool,
+        /// Parallel jobs per mirror (1-16; default 8, 4 with --full).
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -76,7 +95,8 @@ fn main() -> std::process::ExitCode {
         }
     };
     match rt.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(Outcome::Success) => std::process::ExitCode::SUCCESS,
+        Ok(Outcome::Differ) => std::process::ExitCode::from(1),
         Err(e) => {
             eprintln!("blockmirror: {}", report(&e));
             std::process::ExitCode::from(2)
@@ -108,12 +128,112 @@ fn init_logging() {
         .init();
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// How a command that did not fail ended.
+enum Outcome {
+    Success,
+    /// `verify` found differences (exit 1).
+    Differ,
+}
+
+async fn run(cli: Cli) -> Result<Outcome> {
+    let ok = |r: Result<()>| r.map(|()| Outcome::Success);
     match cli.command {
-        Command::Serve { config } => serve(&config).await,
-        Command::Demo { dir, size, mode } => demo(&dir, &size, mode.as_deref()).await,
-        Command::Status { admin, json } => show_status(admin, json).await,
+        Command::Serve { config } => ok(serve(&config).await),
+        Command::Demo { dir, size, mode } => ok(demo(&dir, &size, mode.as_deref()).await),
+        Command::Status { admin, json } => ok(show_status(admin, json).await),
+        Command::Verify {
+            volume,
+            admin,
+            full,
+            mark,
+            jobs,
+        } => verify(&volume, admin, full, mark, jobs).await,
     }
+}
+
+/// Starts a verify, shows its progress by polling /status, prints the
+/// differing ranges.
+async fn verify(
+    volume: &str,
+    addr: Option<SocketAddr>,
+    full: bool,
+    mark: bool,
+    jobs: Option<usize>,
+) -> Result<Outcome> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let addr = match addr {
+        Some(a) => a,
+        None => config::default_admin_addr(&std::env::current_dir()?),
+    };
+    let req = admin::VerifyRequest { full, mark, jobs };
+    let id = admin::start_verify(addr, volume, &req).await?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} verify {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(volume.to_owned());
+    let runs = loop {
+        let st = admin::fetch_status(addr).await?;
+        let v = st
+            .volumes
+            .iter()
+            .find(|v| v.name == volume)
+            .with_context(|| format!("volume {volume} vanished from /status"))?;
+        let runs: Vec<(String, blockmirror_node::verify::VerifyStatus)> = v
+            .mirrors
+            .iter()
+            .filter_map(|m| {
+                m.last_verify
+                    .clone()
+                    .filter(|r| r.id == id)
+                    .map(|r| (m.peer.clone(), r))
+            })
+            .collect();
+        bar.set_length(runs.iter().map(|(_, r)| r.total_bytes).sum());
+        bar.set_position(runs.iter().map(|(_, r)| r.done_bytes).sum());
+        if !runs.is_empty() && runs.iter().all(|(_, r)| !r.is_running()) {
+            break runs;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    bar.finish_and_clear();
+    let mut outcome = Outcome::Success;
+    let mut failed = Vec::new();
+    for (peer, r) in &runs {
+        let mode = if r.full { "data" } else { "checksums" };
+        match r.state.as_str() {
+            "identical" => println!(
+                "{volume} vs {peer}: identical ({mode}; {} checked, {} skipped as out of sync)",
+                status::human_bytes(r.total_bytes - r.skipped_bytes),
+                status::human_bytes(r.skipped_bytes)
+            ),
+            "differ" => {
+                outcome = Outcome::Differ;
+                println!(
+                    "{volume} vs {peer}: {} differ in {} ranges ({mode}; {} skipped as out of sync){}",
+                    status::human_bytes(r.differing_bytes),
+                    r.differing.len(),
+                    status::human_bytes(r.skipped_bytes),
+                    if r.mark { "; marked for resync" } else { "" }
+                );
+                for d in &r.differing {
+                    println!("  offset {} length {}", d.offset, d.len);
+                }
+            }
+            _ => failed.push(format!(
+                "{peer}: {}",
+                r.error.as_deref().unwrap_or("verify failed")
+            )),
+        }
+    }
+    if !failed.is_empty() {
+        bail!("verify of {volume} failed: {}", failed.join("; "));
+    }
+    Ok(outcome)
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.
@@ -240,6 +360,7 @@ mode = "sync"
     println!("  qemu-io -f raw -r -c 'read -P 0xab 0 1M' {muri}      # the mirror has it");
     println!("  fio --name=w --ioengine=nbd --uri={uri} --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based");
     println!("  blockmirror status --admin {pa}");
+    println!("  blockmirror verify demo --admin {pa}              # compare primary and mirror");
     println!();
     println!("Press Ctrl-C to stop.");
     let primary_result = primary.wait().await;

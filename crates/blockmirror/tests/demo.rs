@@ -55,6 +55,15 @@ fn demo_prints_a_working_uri_and_stops_on_sigint() {
         table.contains("demo") && table.contains("primary"),
         "{table}"
     );
+    // The printed verify command works once the mirror is connected.
+    let addr: std::net::SocketAddr = admin.parse().unwrap();
+    wait_for("the demo's mirror link", Duration::from_secs(30), || {
+        let (_, body) = http_get(addr, "/status").ok()?;
+        let st: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (st["volumes"][0]["mirrors"][0]["connection"] == "connected").then_some(())
+    });
+    let out = run_ok(Command::new(BIN).args(["verify", "demo", "--admin", &admin]));
+    assert!(out.contains("identical"), "{out}");
 
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

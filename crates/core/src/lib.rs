@@ -5,6 +5,7 @@
 //! - [`geometry`]: a volume's size and block sizes, and the range checks every
 //!   request goes through before it reaches a backend.
 //! - [`rangelock`]: range locks that keep overlapping writes in one order on disk and on the link.
+//! - [`jobs`]: seed 002's device and job records: the mirror's bounded job table and link ids.
 //! - [`meta`]: the durable volume metadata record (identity, generation, clean flag).
 //! - [`scheduler`]: the mirror's parallel apply scheduler: range groups, task mini-queues and
 //!   overlap counters, so overlapping operations apply in arrival order and others in parallel.
@@ -13,6 +14,7 @@
 pub mod activity;
 pub mod bitmap;
 pub mod geometry;
+pub mod jobs;
 pub mod meta;
 pub mod rangelock;
 pub mod scheduler;

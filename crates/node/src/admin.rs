@@ -33,6 +33,32 @@ pub trait AdminSource: Send + Sync + 'static {
     fn status(&self) -> NodeStatus;
     /// The current `GET /metrics` text (Prometheus exposition format).
     fn metrics(&self) -> String;
+    /// `POST /verify/VOLUME`: starts a verify; its id, or the HTTP status
+    /// and reason it was refused.
+    fn start_verify(&self, volume: &str, req: &VerifyRequest) -> Result<u64, (u16, String)> {
+        let _ = (volume, req);
+        Err((404, "verify is not available on this node".into()))
+    }
+}
+
+/// The body of `POST /verify/VOLUME`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct VerifyRequest {
+    /// Compare the data itself (remote reads), not checksums.
+    #[serde(default)]
+    pub full: bool,
+    /// Mark differing ranges out of sync so a resync repairs them.
+    #[serde(default)]
+    pub mark: bool,
+    /// Jobs (parallel requests) per mirror; the node's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<usize>,
+}
+
+/// The answer of `POST /verify/VOLUME`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VerifyStarted {
+    pub id: u64,
 }
 
 /// The admin routes, for callers that want to add their own before serving.
@@ -40,6 +66,7 @@ pub fn router(source: Arc<dyn AdminSource>) -> Router {
     Router::new()
         .route("/status", get(get_status))
         .route("/metrics", get(get_metrics))
+        .route("/verify/{volume}", axum::routing::post(post_verify))
         .fallback(not_found)
         .with_state(source)
 }
@@ -65,6 +92,54 @@ async fn get_metrics(State(source): State<Arc<dyn AdminSource>>) -> impl IntoRes
         [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
         source.metrics(),
     )
+}
+
+async fn post_verify(
+    State(source): State<Arc<dyn AdminSource>>,
+    axum::extract::Path(volume): axum::extract::Path<String>,
+    body: Bytes,
+) -> axum::response::Response {
+    let req: VerifyRequest = if body.is_empty() {
+        VerifyRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return (StatusCode::BAD_REQUEST, format!("bad request body: {e}\n"))
+                    .into_response()
+            }
+        }
+    };
+    match source.start_verify(&volume, &req) {
+        Ok(id) => (StatusCode::ACCEPTED, Json(VerifyStarted { id })).into_response(),
+        Err((code, msg)) => (
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            format!("{msg}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// `POST /verify/VOLUME` on the node at `addr`; returns the run's id.
+pub async fn start_verify(
+    addr: SocketAddr,
+    volume: &str,
+    req: &VerifyRequest,
+) -> Result<u64, AdminClientError> {
+    let path = format!("/verify/{volume}");
+    let body = Bytes::from(serde_json::to_vec(req).expect("serialisable"));
+    let resp = request(addr, Method::POST, &path, body).await?;
+    if !(200..300).contains(&resp.status) {
+        return Err(AdminClientError::Status {
+            addr,
+            path,
+            status: resp.status,
+            body: String::from_utf8_lossy(&resp.body).into_owned(),
+        });
+    }
+    let s: VerifyStarted = serde_json::from_slice(&resp.body)
+        .map_err(|source| AdminClientError::Decode { addr, path, source })?;
+    Ok(s.id)
 }
 
 async fn not_found() -> impl IntoResponse {
@@ -253,6 +328,7 @@ mod tests {
                         inflight_requests: 0,
                         oldest_request_ms: 0,
                         last_error: None,
+                        last_verify: None,
                     }],
                     primary: None,
                 }],

@@ -43,6 +43,8 @@ pub const MAX_APPLY_TASKS: usize = 256;
 pub const DEFAULT_TRACK_SIZE: u64 = 64 * 1024;
 /// Smallest `track_size`.
 pub const MIN_TRACK_SIZE: u64 = 4096;
+/// Default for `job_timeout` (seed 002's four seconds).
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// A validated node config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +60,10 @@ pub struct NodeConfig {
     pub secret_file: Option<PathBuf>,
     /// At least one volume; names and NBD addresses are unique.
     pub volumes: Vec<VolumeConfig>,
+    /// On a mirror node: how long one disk fetch of a verify or remote-read
+    /// job may take before the job ends with a timeout (key `job_timeout`,
+    /// default [`DEFAULT_JOB_TIMEOUT`]).
+    pub job_timeout: Duration,
     /// The config file this was read from.
     pub path: PathBuf,
 }
@@ -282,6 +288,7 @@ struct RawNode {
     listen: Option<String>,
     admin: Option<String>,
     secret_file: Option<String>,
+    job_timeout: Option<String>,
     #[serde(default)]
     volume: Vec<RawVolume>,
 }
@@ -375,6 +382,20 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
         Some(s) if s.is_empty() => return Err(cx.invalid("secret_file", "empty path")),
         Some(s) => Some(cx.resolve(&s)),
         None => None,
+    };
+
+    let job_timeout = match raw.job_timeout.as_deref() {
+        None => DEFAULT_JOB_TIMEOUT,
+        Some(t) => match humantime::parse_duration(t) {
+            Ok(d) if d >= Duration::from_millis(10) => d,
+            Ok(_) => return Err(cx.invalid("job_timeout", "must be at least 10ms")),
+            Err(e) => {
+                return Err(cx.invalid(
+                    "job_timeout",
+                    format!("{t:?} is not a duration ({e}; examples: 4s, 500ms)"),
+                ))
+            }
+        },
     };
 
     if raw.volume.is_empty() {
@@ -618,6 +639,7 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
         admin,
         secret_file,
         volumes,
+        job_timeout,
         path: path.to_path_buf(),
     })
 }
@@ -884,6 +906,7 @@ consistency_group = "app"        # optional
         assert_eq!(v.mirrors[0].addr, "127.0.0.1:7701".parse().unwrap());
         assert_eq!(v.on_mirror_failure, FailurePolicy::Degrade);
         assert_eq!(v.mirror_timeout, DEFAULT_MIRROR_TIMEOUT);
+        assert_eq!(c.job_timeout, DEFAULT_JOB_TIMEOUT);
         assert_eq!(v.bitmap_granularity, 64 * 1024);
         assert_eq!(v.track_size, DEFAULT_TRACK_SIZE);
         assert_eq!(v.mirrors[0].compression, Codec::None);
@@ -911,6 +934,17 @@ consistency_group = "app"        # optional
             &with("on_mirror_failure = \"panic\""),
             "volume[0].on_mirror_failure",
             "not a policy",
+        );
+        let c = NodeConfig::parse(
+            &format!("job_timeout = \"250ms\"\n{EXAMPLE}"),
+            Path::new("/etc/bm/node.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.job_timeout, Duration::from_millis(250));
+        assert_err(
+            &format!("job_timeout = \"later\"\n{EXAMPLE}"),
+            "job_timeout",
+            "not a duration",
         );
         assert_err(
             &with("mirror_timeout = \"soon\""),

@@ -8,6 +8,7 @@
 //! - [`admin`]: the admin HTTP server (GET /status, GET /metrics).
 //! - [`replication`]: the primary's write path to its mirrors, and the mirror's receiver.
 //! - [`node`]: starts everything for a config and shuts it down cleanly.
+//! - [`verify`]: online verify of a primary against its mirrors (seed 002).
 
 pub mod admin;
 pub mod config;
@@ -17,4 +18,5 @@ pub mod node;
 pub mod oos_store;
 pub mod replication;
 pub mod status;
+pub mod verify;
 pub mod volume;

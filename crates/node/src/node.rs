@@ -23,17 +23,19 @@ use std::collections::HashMap;
 use blockmirror_core::activity::{ActivityLog, DEFAULT_CAPACITY, DEFAULT_EXTENT_SIZE};
 use blockmirror_repl::{NodeHello, VolumeIdentity};
 
-use crate::admin::{self, AdminSource};
+use crate::admin::{self, AdminSource, VerifyRequest};
 use crate::config::{NbdListen, NodeConfig, Role};
 use crate::meta_file::{self, MetaFileError};
 use crate::metrics::{self, MetricType};
 use crate::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
 use crate::replication::apply::ApplyConfig;
 use crate::replication::group::SiteGroup;
+use crate::replication::jobs::{DeviceConstants, JobService, MAX_JOBS};
 use crate::replication::link::LinkContext;
 use crate::replication::receiver::{self, MirrorTarget};
 use crate::replication::{MirrorLink, Replicator};
 use crate::status::{MirrorStatus, NodeStatus, VolumeStatus};
+use crate::verify::{VerifyService, VerifyVolume};
 use crate::volume::Volume;
 
 #[derive(Debug, Error)]
@@ -308,6 +310,7 @@ impl Node {
             .iter()
             .filter_map(|v| v.target.clone().map(|t| (t.name.clone(), t)))
             .collect();
+        let mut job_service = None;
         if !targets.is_empty() {
             let addr = self.config.listen.expect("validated: mirrors need listen");
             let l = tokio::net::TcpListener::bind(addr)
@@ -322,17 +325,30 @@ impl Node {
                 .secret
                 .clone()
                 .expect("validated: mirrors need a secret");
+            let jobs = Arc::new(JobService::new(
+                JobService::mirror_id_for(&self.config.node),
+                MAX_JOBS,
+                self.config.job_timeout,
+                targets.values().map(|t| DeviceConstants {
+                    volume: t.name.clone(),
+                    size: t.identity.size,
+                    backend: t.backend.clone(),
+                }),
+            ));
+            job_service = Some(jobs.clone());
             tasks.spawn(receiver::serve(
                 l,
                 self.config.node.clone(),
                 secret,
                 Arc::new(targets),
+                jobs,
                 shutdown.clone(),
             ));
         }
         // Primary volumes: one task per mirror link.
         let mut link_tasks = JoinSet::new();
         let link_stop = CancellationToken::new();
+        let mut verifiable = Vec::new();
         for v in &self.volumes {
             let Some(r) = v.volume.replicator() else {
                 continue;
@@ -349,6 +365,12 @@ impl Node {
                 backend: v.volume.backend().clone(),
                 locks: r.locks.clone(),
             };
+            verifiable.push(VerifyVolume {
+                name: v.volume.name().to_owned(),
+                size: v.meta.size,
+                links: r.links.clone(),
+                ctx: ctx.clone(),
+            });
             for link in &r.links {
                 let (l, ctx, sd) = (link.clone(), ctx.clone(), link_stop.clone());
                 link_tasks.spawn(async move { l.run(ctx, sd).await });
@@ -357,6 +379,8 @@ impl Node {
             }
         }
         let source = Arc::new(StatusSource {
+            verify: Arc::new(VerifyService::new(verifiable, shutdown.clone())),
+            jobs: job_service,
             node: self.config.node.clone(),
             volumes: self
                 .volumes
@@ -479,6 +503,9 @@ struct Served {
 struct StatusSource {
     node: String,
     volumes: Vec<Served>,
+    verify: Arc<VerifyService>,
+    /// On a node with mirror volumes: its job table.
+    jobs: Option<Arc<JobService>>,
 }
 
 impl AdminSource for StatusSource {
@@ -523,6 +550,7 @@ impl AdminSource for StatusSource {
                                             oldest_request_ms: s
                                                 .oldest_inflight
                                                 .map_or(0, |d| d.as_millis() as u64),
+                                            last_verify: self.verify.status(v.name(), &l.peer),
                                             last_error: s.last_error,
                                         }
                                     })
@@ -548,7 +576,22 @@ impl AdminSource for StatusSource {
             .filter_map(|s| s.volume.replicator().map(|r| &**r))
             .collect();
         crate::replication::render_metrics(&mut out, &replicators);
+        self.verify.render_metrics(&mut out);
+        if let Some(j) = &self.jobs {
+            j.render_metrics(&mut out);
+        }
         out
+    }
+
+    fn start_verify(&self, volume: &str, req: &VerifyRequest) -> Result<u64, (u16, String)> {
+        self.verify
+            .start(
+                volume,
+                req.full,
+                req.mark,
+                req.jobs.unwrap_or(crate::verify::default_jobs(req.full)),
+            )
+            .map_err(|e| (e.http_status(), e.to_string()))
     }
 }
 

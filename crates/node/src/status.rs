@@ -69,6 +69,9 @@ pub struct MirrorStatus {
     /// Why the link last failed or could not connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The running or last verify of this mirror (`blockmirror verify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<crate::verify::VerifyStatus>,
 }
 
 /// `bytes` in binary units with one decimal: `512 B`, `1.0 GiB`, `1.5 MiB`.
@@ -179,6 +182,7 @@ pub fn render_table(status: &NodeStatus) -> String {
             "OUT OF SYNC",
             "LAG",
             "RESYNC",
+            "VERIFY",
         ])];
         for m in &v.mirrors {
             let resync = if m.resync_total_bytes == 0 {
@@ -199,11 +203,32 @@ pub fn render_table(status: &NodeStatus) -> String {
                 human_bytes(m.out_of_sync_bytes),
                 format!("{} / {:.1}s", human_bytes(m.lag_bytes), m.lag_seconds),
                 resync,
+                verify_cell(m.last_verify.as_ref()),
             ]);
         }
         table(&mut out, "  ", &rows);
     }
     out
+}
+
+/// The VERIFY column: the last verify's outcome, or its progress.
+fn verify_cell(v: Option<&crate::verify::VerifyStatus>) -> String {
+    let Some(v) = v else {
+        return "-".into();
+    };
+    let mode = if v.full { "full" } else { "checksums" };
+    match v.state.as_str() {
+        "running" => {
+            let pct = v.done_bytes as f64 * 100.0 / v.total_bytes.max(1) as f64;
+            format!("running {pct:.0}% ({mode})")
+        }
+        "differ" => format!(
+            "differ: {} in {} ranges ({mode})",
+            human_bytes(v.differing_bytes),
+            v.differing.len()
+        ),
+        s => format!("{s} ({mode})"),
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +261,32 @@ mod tests {
                         inflight_requests: 0,
                         oldest_request_ms: 0,
                         last_error: None,
+                        last_verify: Some(crate::verify::VerifyStatus {
+                            id: 3,
+                            state: "differ".into(),
+                            full: false,
+                            mark: false,
+                            started_unix: 1,
+                            finished_unix: Some(2),
+                            total_bytes: 1 << 30,
+                            done_bytes: 1 << 30,
+                            skipped_bytes: 0,
+                            regions_waited: 0,
+                            not_ready: 0,
+                            differing_bytes: 128 << 10,
+                            differing: vec![
+                                crate::verify::Range {
+                                    offset: 0,
+                                    len: 64 << 10,
+                                },
+                                crate::verify::Range {
+                                    offset: 1 << 20,
+                                    len: 64 << 10,
+                                },
+                            ],
+                            marked_bytes: 0,
+                            error: None,
+                        }),
                     }],
                     primary: None,
                 },
@@ -355,6 +406,7 @@ mod tests {
             "3.0 MiB",
             "4.0 KiB / 0.5s",
             "1.0 MiB / 4.0 MiB (25.0%)",
+            "differ: 128.0 KiB in 2 ranges (checksums)",
             "logs: no mirrors",
             "copy: mirror of site-b",
         ] {

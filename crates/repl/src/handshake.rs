@@ -42,7 +42,7 @@
 //!
 //! | frame | payload |
 //! |---|---|
-//! | Hello | node string, volume identity, 32-byte nonce Np |
+//! | Hello | node string, volume identity, 32-byte nonce Np, then for a job connection one byte [`Purpose::Jobs`] |
 //! | Challenge | node string, volume identity, 32-byte nonce Nm, 32-byte proof_m |
 //! | Auth | 32-byte proof_p |
 //! | Welcome | empty |
@@ -73,6 +73,22 @@ const PRIMARY_LABEL: &[u8] = b"blockmirror-v1 primary";
 const TRANSCRIPT_LABEL: &[u8] = b"blockmirror-v1 transcript";
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// What a connection is for, said in the Hello (so it is covered by both
+/// proofs). A replication link's Hello has no purpose byte, exactly as
+/// before job connections existed; a job connection's Hello ends with one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    /// The replication link: writes, in order, acknowledged.
+    Replication,
+    /// Jobs (seed 002): verify and remote reads, beside the replication
+    /// link so they never hold its stream up.
+    Jobs,
+}
+
+impl Purpose {
+    const JOBS_CODE: u8 = 1;
+}
 
 /// What identifies a volume across nodes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -177,6 +193,19 @@ pub async fn connect<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    connect_for(s, secret, local, Purpose::Replication).await
+}
+
+/// [`connect`] for a connection of the given purpose.
+pub async fn connect_for<S>(
+    s: &mut S,
+    secret: &[u8],
+    local: &NodeHello,
+    purpose: Purpose,
+) -> Result<PeerInfo, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     check_secret(secret)?;
     check_name("node", &local.node)?;
     check_name("volume", &local.volume.name)?;
@@ -186,6 +215,9 @@ where
     put_string(&mut hello, &local.node);
     put_volume(&mut hello, &local.volume);
     hello.put_slice(&np);
+    if purpose == Purpose::Jobs {
+        hello.put_u8(Purpose::JOBS_CODE);
+    }
     let hello = hello.freeze();
     send(
         s,
@@ -293,6 +325,22 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&str) -> Option<VolumeIdentity>,
 {
+    accept_any(s, secret, node, lookup)
+        .await
+        .map(|(p, v, _)| (p, v))
+}
+
+/// [`accept`] that also says what the connection is for.
+pub async fn accept_any<S, F>(
+    s: &mut S,
+    secret: &[u8],
+    node: &str,
+    lookup: F,
+) -> Result<(PeerInfo, VolumeIdentity, Purpose), HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnOnce(&str) -> Option<VolumeIdentity>,
+{
     check_secret(secret)?;
     check_name("node", node)?;
 
@@ -306,10 +354,18 @@ where
         let node = c.string()?;
         let volume = c.volume()?;
         let np: [u8; NONCE_LEN] = c.array()?;
+        let purpose = match c.b {
+            [] => Purpose::Replication,
+            [Purpose::JOBS_CODE] => {
+                c.take(1)?;
+                Purpose::Jobs
+            }
+            [p, ..] => return Err(format!("unknown connection purpose {p}")),
+        };
         c.finish()?;
-        Ok((node, volume, np))
+        Ok((node, volume, np, purpose))
     })();
-    let (node_p, volume_p, np) = match decoded {
+    let (node_p, volume_p, np, purpose) = match decoded {
         Ok(d) => d,
         Err(reason) => return Err(protocol_error(s, Kind::Hello, reason).await),
     };
@@ -390,6 +446,7 @@ where
             volume: volume_p,
         },
         volume_m,
+        purpose,
     ))
 }
 
@@ -650,6 +707,47 @@ mod tests {
         assert_ne!(base, prove(b"s", MIRROR_LABEL, &np, &nm, &[0u8; 32]));
         assert!(verify(b"s", MIRROR_LABEL, &np, &nm, &t, &base).is_ok());
         assert!(verify(b"s", MIRROR_LABEL, &np, &nm, &t, &base[..31]).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_purpose_travels_in_the_hello_and_defaults_to_replication() {
+        for purpose in [Purpose::Replication, Purpose::Jobs] {
+            let (mut a, mut b) = tokio::io::duplex(4096);
+            let hello = NodeHello {
+                node: "p".into(),
+                volume: vol("db", 4096),
+            };
+            let primary = async { connect_for(&mut a, b"0123456789abcdef", &hello, purpose).await };
+            let mirror = async {
+                accept_any(&mut b, b"0123456789abcdef", "m", |_| Some(vol("db", 4096))).await
+            };
+            let (p, m) = tokio::join!(primary, mirror);
+            assert_eq!(p.unwrap().node, "m");
+            assert_eq!(m.unwrap().2, purpose);
+        }
+        // A purpose byte this build does not know is refused.
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let mut hello = BytesMut::new();
+        put_string(&mut hello, "p");
+        put_volume(&mut hello, &vol("db", 4096));
+        hello.put_slice(&[0; NONCE_LEN]);
+        hello.put_u8(7);
+        send(
+            &mut a,
+            &Frame::Hello {
+                payload: hello.freeze(),
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+        let e = accept_any(&mut b, b"0123456789abcdef", "m", |_| Some(vol("db", 4096)))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("unknown connection purpose 7"),
+            "{e}"
+        );
     }
 
     proptest! {

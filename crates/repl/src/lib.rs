@@ -32,11 +32,13 @@ pub mod link;
 
 pub use compress::{Codec, EncodedWrite};
 pub use frame::{
-    encode_encoded_write_header, encode_write_header, ErrorCode, Frame, FrameDecoder, Kind,
-    RawHeader, WireError, FLAG_FUA, FLAG_LZ4, FLAG_NO_TRIM, FLAG_ZSTD, HEADER_LEN, MAGIC,
-    MAX_CONTROL_PAYLOAD, MAX_DATA, VERSION,
+    encode_encoded_write_header, encode_write_header, hash_count, ErrorCode, Frame, FrameDecoder,
+    JobErrorCode, Kind, RawHeader, WireError, DIGEST_LEN, FLAG_FUA, FLAG_LZ4, FLAG_NO_TRIM,
+    FLAG_ZSTD, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA, MAX_HASH_BLOCK, MAX_JOB_HASHES,
+    MIN_HASH_BLOCK, VERSION,
 };
 pub use handshake::{
-    accept, connect, AuthFailure, HandshakeError, NodeHello, PeerInfo, VolumeIdentity,
+    accept, accept_any, connect, connect_for, AuthFailure, HandshakeError, NodeHello, PeerInfo,
+    Purpose, VolumeIdentity,
 };
 pub use link::{FrameReader, FrameWriter, LinkError};

@@ -19,7 +19,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::compress::EncodedWrite;
 use crate::frame::{
-    encode_encoded_write_header, encode_write_header, Frame, FrameDecoder, WireError,
+    encode_encoded_write_header, encode_job_data_header, encode_write_header, Frame, FrameDecoder,
+    WireError,
 };
 
 /// Room the reader asks for before each read.
@@ -153,6 +154,22 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 fua,
                 data,
             } => self.queue_write(*id, *offset, *fua, data.clone()),
+            Frame::JobData {
+                id,
+                link,
+                offset,
+                data,
+            } => {
+                // Like a Write: the data is referenced, not copied.
+                encode_job_data_header(*id, *link, *offset, data, &mut self.staging);
+                self.buffered += crate::frame::HEADER_LEN + crate::frame::LINK_LEN + data.len();
+                if data.len() <= INLINE_DATA_MAX {
+                    self.staging.extend_from_slice(data);
+                } else {
+                    self.seal();
+                    self.chunks.push_back(data.clone());
+                }
+            }
             f => {
                 let before = self.staging.len();
                 f.encode(&mut self.staging);
@@ -347,6 +364,18 @@ mod tests {
                 data: Bytes::from_static(b"small"),
             },
             Frame::Flush { id: 5 },
+            Frame::JobData {
+                id: 6,
+                link: 7,
+                offset: 8192,
+                data: Bytes::from(vec![0x6b; 2 * INLINE_DATA_MAX]),
+            },
+            Frame::JobData {
+                id: 8,
+                link: 9,
+                offset: 0,
+                data: Bytes::from_static(b"tiny"),
+            },
             Frame::Error {
                 id: 0,
                 code: ErrorCode::ShuttingDown,

@@ -1300,3 +1300,48 @@ fn queue(w: &mut FrameWriter<tokio::net::tcp::OwnedWriteHalf>, out: Outgoing) {
         } => w.queue_encoded_write(id, offset, fua, &write),
     }
 }
+
+// ---------------------------------------------------------------------------
+// Verify support (issue 8): what `crate::verify` needs from a link. Kept
+// apart from the write path so it merges cleanly with work on it.
+
+impl MirrorLink {
+    /// The mirror's replication address (job connections go there too).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// True while a request that changes bytes of `[offset, offset+len)` is
+    /// in flight (prepared or sent, not yet acknowledged or failed).
+    pub fn has_inflight_in(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        self.shared()
+            .inflight
+            .values()
+            .any(|p| p.len > 0 && p.offset < end && offset < p.offset.saturating_add(p.len))
+    }
+
+    /// Marks `[offset, offset+len)` out of sync and, on a live link that is
+    /// in sync, starts copying the marked regions now (the catch-up that
+    /// otherwise runs only when the link connects). On a link that is
+    /// resyncing, the running catch-up picks the new marks up before it
+    /// declares the mirror in sync; on a link that is down, the next
+    /// connection copies them.
+    pub fn mark_and_copy(self: &Arc<Self>, offset: u64, len: u64, ctx: &LinkContext) {
+        let start = {
+            let mut sh = self.shared();
+            sh.bitmap.mark(offset, len);
+            match (&sh.tx, &sh.conn_cancel, sh.state) {
+                (Some(_), Some(cancel), SyncState::InSync) => {
+                    let cancel = cancel.clone();
+                    sh.state = SyncState::Resyncing;
+                    Some((sh.epoch, cancel))
+                }
+                _ => None,
+            }
+        };
+        if let Some((epoch, cancel)) = start {
+            tokio::spawn(self.clone().catch_up(epoch, ctx.clone(), cancel));
+        }
+    }
+}

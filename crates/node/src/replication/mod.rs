@@ -7,6 +7,8 @@
 //!   flight, out-of-sync bitmap, catch-up, watchdog).
 //! - [`receiver`]: the mirror side (listener, authentication, receive loop).
 //! - [`apply`]: the mirror's parallel apply engine (seed 003).
+//! - [`jobs`]: the mirror's job handler (seed 002: job table, verify
+//!   hashes, remote reads) on job connections.
 //!
 //! The write path ([`Replicator::replicate`]), seed 004's detour rebuilt:
 //!
@@ -31,6 +33,7 @@
 
 pub mod apply;
 pub mod group;
+pub mod jobs;
 pub mod link;
 pub mod locks;
 pub mod pipeline;

@@ -91,6 +91,7 @@ pub async fn serve(
     node: String,
     secret: Arc<[u8]>,
     targets: Arc<HashMap<String, Arc<MirrorTarget>>>,
+    jobs: Arc<super::jobs::JobService>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
@@ -106,14 +107,24 @@ pub async fn serve(
                 }
             },
         };
-        let (node, secret, targets, shutdown) = (
+        let (node, secret, targets, jobs, shutdown) = (
             node.clone(),
             secret.clone(),
             targets.clone(),
+            jobs.clone(),
             shutdown.clone(),
         );
         tracker.spawn(async move {
-            handle(stream, peer.to_string(), &node, &secret, &targets, shutdown).await;
+            handle(
+                stream,
+                peer.to_string(),
+                &node,
+                &secret,
+                &targets,
+                jobs,
+                shutdown,
+            )
+            .await;
         });
     }
     tracker.close();
@@ -127,15 +138,22 @@ async fn handle(
     node: &str,
     secret: &[u8],
     targets: &HashMap<String, Arc<MirrorTarget>>,
+    jobs: Arc<super::jobs::JobService>,
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
     let lookup = |name: &str| targets.get(name).map(|t| t.identity.clone());
     let hs = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        blockmirror_repl::accept(&mut stream, secret, node, lookup),
+        blockmirror_repl::accept_any(&mut stream, secret, node, lookup),
     )
     .await;
+    // A job connection (verify, remote read) goes to the job handler, never
+    // near the replication link's replacement logic below.
+    if let Ok(Ok((primary, volume, blockmirror_repl::Purpose::Jobs))) = hs {
+        return jobs.serve(stream, primary, &volume.name, shutdown).await;
+    }
+    let hs = hs.map(|r| r.map(|(p, v, _)| (p, v)));
     let (primary, volume) = match hs {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
