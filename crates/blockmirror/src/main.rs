@@ -38,7 +38,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Start a primary and a sync mirror on loopback and print how to use them.
+    /// Start a primary and a mirror (sync, or async with --mode async) on loopback.
     Demo {
         /// Where the demo's configs and images live.
         #[arg(long, default_value = "./blockmirror-demo")]
@@ -46,7 +46,7 @@ enum Command {
         /// Volume size (e.g. 1GiB, 256MiB).
         #[arg(long, default_value = "1GiB")]
         size: String,
-        /// Mirror mode: sync (async is not built yet).
+        /// Mirror mode: sync (default) or async.
         #[arg(long)]
         mode: Option<String>,
     },
@@ -77,6 +77,19 @@ enum Command {
         /// Parallel jobs per mirror (1-16; default 8, 4 with --full).
         #[arg(long)]
         jobs: Option<usize>,
+    },
+    /// Switch a primary volume's mirrors between sync and async while running.
+    SetMode {
+        /// The volume (its name in the primary's config).
+        volume: String,
+        /// sync or async.
+        mode: String,
+        /// Only this mirror (its `peer` as configured); default every mirror.
+        #[arg(long)]
+        peer: Option<String>,
+        /// Admin address of the primary node (default: from ./blockmirror.toml, else 127.0.0.1:7780).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
     },
 }
 
@@ -148,6 +161,30 @@ async fn run(cli: Cli) -> Result<Outcome> {
             mark,
             jobs,
         } => verify(&volume, admin, full, mark, jobs).await,
+        Command::SetMode {
+            volume,
+            mode,
+            peer,
+            admin,
+        } => {
+            let addr = match admin {
+                Some(a) => a,
+                None => config::default_admin_addr(&std::env::current_dir()?),
+            };
+            let peers = admin::set_mode(
+                addr,
+                &volume,
+                &admin::ModeRequest {
+                    mode: mode.clone(),
+                    peer,
+                },
+            )
+            .await?;
+            for p in peers {
+                println!("{volume} -> {p}: {mode}");
+            }
+            Ok(Outcome::Success)
+        }
     }
 }
 
@@ -275,13 +312,11 @@ fn free_port(preferred: u16) -> Result<u16> {
 }
 
 async fn demo(dir: &Path, size: &str, mode: Option<&str>) -> Result<()> {
-    match mode {
-        None | Some("sync") => {}
-        Some("async") => bail!(
-            "--mode async: async mirroring is not yet supported in this version; use --mode sync"
-        ),
+    let mode = match mode {
+        None | Some("sync") => "sync",
+        Some("async") => "async",
         Some(other) => bail!("--mode {other}: expected sync or async"),
-    }
+    };
     let size_bytes = config::parse_size(size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
@@ -311,7 +346,7 @@ nbd = "127.0.0.1:{m_nbd}"
 "#
     );
     let primary_text = format!(
-        r#"# blockmirror demo: the primary node (site A), mirrored synchronously to site B.
+        r#"# blockmirror demo: the primary node (site A), mirrored ({mode}) to site B.
 node = "demo-primary"
 admin = "127.0.0.1:{p_admin}"
 secret_file = "secret.key"
@@ -325,7 +360,7 @@ nbd = "127.0.0.1:{p_nbd}"
 
 [[volume.mirror]]
 peer = "127.0.0.1:{m_listen}"
-mode = "sync"
+mode = "{mode}"
 "#
     );
     let m_cfg = dir.join("mirror.toml");
@@ -347,7 +382,7 @@ mode = "sync"
     let muri = &mirror.endpoints.exports[0].1;
     let (pa, ma) = (primary.endpoints.admin, mirror.endpoints.admin);
     println!(
-        "blockmirror demo is running: a primary and a sync mirror on loopback ({}).",
+        "blockmirror demo is running: a primary and a {mode} mirror on loopback ({}).",
         dir.display()
     );
     println!();

@@ -334,8 +334,8 @@ fn bad_config_names_file_key_and_reason() {
     let cases = [
         ("size = \"12XB\"", "volume[0].size"),
         (
-            "size = \"1GiB\"\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"async\"",
-            "not yet supported",
+            "size = \"1GiB\"\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"async\"\nlag_policy = \"drop\"",
+            "volume[0].mirror[0].lag_policy",
         ),
         ("size = \"1GiB\"\ncolour = \"blue\"", "colour"),
     ];

@@ -39,6 +39,28 @@ pub trait AdminSource: Send + Sync + 'static {
         let _ = (volume, req);
         Err((404, "verify is not available on this node".into()))
     }
+    /// `POST /mode/VOLUME`: switches mirrors of a primary volume between
+    /// sync and async; the peers switched, or the HTTP status and reason.
+    fn set_mode(&self, volume: &str, req: &ModeRequest) -> Result<Vec<String>, (u16, String)> {
+        let _ = (volume, req);
+        Err((404, "mode switching is not available on this node".into()))
+    }
+}
+
+/// The body of `POST /mode/VOLUME`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ModeRequest {
+    /// "sync" or "async".
+    pub mode: String,
+    /// One mirror (its `peer` as configured); every mirror when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+}
+
+/// The answer of `POST /mode/VOLUME`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ModeSet {
+    pub peers: Vec<String>,
 }
 
 /// The body of `POST /verify/VOLUME`.
@@ -67,6 +89,7 @@ pub fn router(source: Arc<dyn AdminSource>) -> Router {
         .route("/status", get(get_status))
         .route("/metrics", get(get_metrics))
         .route("/verify/{volume}", axum::routing::post(post_verify))
+        .route("/mode/{volume}", axum::routing::post(post_mode))
         .fallback(not_found)
         .with_state(source)
 }
@@ -118,6 +141,49 @@ async fn post_verify(
         )
             .into_response(),
     }
+}
+
+async fn post_mode(
+    State(source): State<Arc<dyn AdminSource>>,
+    axum::extract::Path(volume): axum::extract::Path<String>,
+    body: Bytes,
+) -> axum::response::Response {
+    let req: ModeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("bad request body: {e}\n")).into_response()
+        }
+    };
+    match source.set_mode(&volume, &req) {
+        Ok(peers) => Json(ModeSet { peers }).into_response(),
+        Err((code, msg)) => (
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            format!("{msg}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// `POST /mode/VOLUME` on the node at `addr`; returns the peers switched.
+pub async fn set_mode(
+    addr: SocketAddr,
+    volume: &str,
+    req: &ModeRequest,
+) -> Result<Vec<String>, AdminClientError> {
+    let path = format!("/mode/{volume}");
+    let body = Bytes::from(serde_json::to_vec(req).expect("serialisable"));
+    let resp = request(addr, Method::POST, &path, body).await?;
+    if !(200..300).contains(&resp.status) {
+        return Err(AdminClientError::Status {
+            addr,
+            path,
+            status: resp.status,
+            body: String::from_utf8_lossy(&resp.body).into_owned(),
+        });
+    }
+    let s: ModeSet = serde_json::from_slice(&resp.body)
+        .map_err(|source| AdminClientError::Decode { addr, path, source })?;
+    Ok(s.peers)
 }
 
 /// `POST /verify/VOLUME` on the node at `addr`; returns the run's id.

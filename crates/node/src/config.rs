@@ -5,7 +5,7 @@
 //! cross-field rules and builds the typed config. Every error names the file,
 //! the key (`volume[1].nbd`) and the reason.
 //!
-//! Features that are not built yet (`mode = "async"`) are parsed like the
+//! Features that are not built yet are parsed like the
 //! rest and refused in validation with [`ConfigError::Unsupported`], so
 //! lifting them later only touches validation.
 
@@ -30,8 +30,10 @@ pub const SIZE_ALIGN: u64 = 512;
 
 const SIZE_EXAMPLES: &str = "examples: 1GiB, 512MiB, 4096";
 const ADDR_FORM: &str = "HOST:PORT, e.g. 127.0.0.1:7780";
-const NOT_YET_ASYNC: &str =
-    "async mirroring is not yet supported in this version (use mode = \"sync\")";
+/// Default for `max_lag_bytes` of an async mirror.
+pub const DEFAULT_MAX_LAG_BYTES: u64 = 64 << 20;
+/// Default for `max_lag_seconds` of an async mirror.
+pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(5);
 /// Default for `mirror_timeout`.
 pub const DEFAULT_MIRROR_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for `bitmap_granularity`.
@@ -113,6 +115,35 @@ pub struct MirrorConfig {
     /// How Write data is compressed on this link (key `compression`:
     /// "none", the default, "lz4" or "zstd").
     pub compression: Codec,
+    /// Async: most write data acknowledged to hosts and not yet to this
+    /// mirror (key `max_lag_bytes`, default 64MiB).
+    pub max_lag_bytes: u64,
+    /// Async: oldest unacknowledged write's age allowed (key
+    /// `max_lag_seconds`, default 5s; the RPO bound).
+    pub max_lag: Duration,
+    /// Async: what happens past either bound (key `lag_policy`).
+    pub lag_policy: LagPolicy,
+}
+
+/// What an async mirror does when its lag passes a bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LagPolicy {
+    /// Host writes wait for the mirror (each waits for its own
+    /// acknowledgement) until the lag is back under the bound: the mirror
+    /// stays consistent, the host slows to the link's pace.
+    Throttle,
+    /// Writes past the bound are recorded in the out-of-sync bitmap instead
+    /// of being sent; the mirror is inconsistent until a resync copies them.
+    Bitmap,
+}
+
+impl LagPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LagPolicy::Throttle => "throttle",
+            LagPolicy::Bitmap => "bitmap",
+        }
+    }
 }
 
 /// How a mirror follows its primary.
@@ -120,12 +151,24 @@ pub struct MirrorConfig {
 pub enum MirrorMode {
     /// The host's write completes only when the mirror has it.
     Sync,
+    /// The host's write completes after the local write; the mirror follows
+    /// in dependency order, a bounded distance behind.
+    Async,
 }
 
 impl MirrorMode {
     pub fn as_str(self) -> &'static str {
         match self {
             MirrorMode::Sync => "sync",
+            MirrorMode::Async => "async",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<MirrorMode> {
+        match s {
+            "sync" => Some(MirrorMode::Sync),
+            "async" => Some(MirrorMode::Async),
+            _ => None,
         }
     }
 }
@@ -323,6 +366,9 @@ struct RawMirror {
     peer: Option<String>,
     mode: Option<String>,
     compression: Option<String>,
+    max_lag_bytes: Option<toml::Value>,
+    max_lag_seconds: Option<toml::Value>,
+    lag_policy: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -337,14 +383,6 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn invalid(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
-            path: self.path.to_path_buf(),
-            key: key.into(),
-            reason: reason.into(),
-        }
-    }
-
-    fn unsupported(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-        ConfigError::Unsupported {
             path: self.path.to_path_buf(),
             key: key.into(),
             reason: reason.into(),
@@ -473,8 +511,10 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                 return Err(cx.invalid(mkey("peer"), format!("{peer} is listed twice")));
             }
             let mode = match rm.mode.as_deref() {
-                None | Some("sync") => MirrorMode::Sync,
-                Some("async") => return Err(cx.unsupported(mkey("mode"), NOT_YET_ASYNC)),
+                None => MirrorMode::Sync,
+                Some(m) if MirrorMode::from_name(m).is_some() => {
+                    MirrorMode::from_name(m).expect("checked")
+                }
                 Some(other) => {
                     return Err(cx.invalid(
                         mkey("mode"),
@@ -493,11 +533,46 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                     )
                 })?,
             };
+            let max_lag_bytes = match &rm.max_lag_bytes {
+                None => DEFAULT_MAX_LAG_BYTES,
+                Some(v) => match size_value(v) {
+                    Ok(n) if n > 0 => n,
+                    Ok(_) => return Err(cx.invalid(mkey("max_lag_bytes"), "must be above 0")),
+                    Err(r) => return Err(cx.invalid(mkey("max_lag_bytes"), r)),
+                },
+            };
+            let max_lag = match &rm.max_lag_seconds {
+                None => DEFAULT_MAX_LAG,
+                Some(v) => match v.as_float().or(v.as_integer().map(|i| i as f64)) {
+                    Some(f) if f > 0.0 && f.is_finite() && f <= 86_400.0 => {
+                        Duration::from_secs_f64(f)
+                    }
+                    _ => {
+                        return Err(cx.invalid(
+                            mkey("max_lag_seconds"),
+                            format!("{v} is not a number of seconds above 0 (e.g. 5 or 0.5)"),
+                        ))
+                    }
+                },
+            };
+            let lag_policy = match rm.lag_policy.as_deref() {
+                None | Some("throttle") => LagPolicy::Throttle,
+                Some("bitmap") => LagPolicy::Bitmap,
+                Some(other) => {
+                    return Err(cx.invalid(
+                        mkey("lag_policy"),
+                        format!("{other:?} is not a policy (expected \"throttle\" or \"bitmap\")"),
+                    ))
+                }
+            };
             mirrors.push(MirrorConfig {
                 peer,
                 addr,
                 mode,
                 compression,
+                max_lag_bytes,
+                max_lag,
+                lag_policy,
             });
         }
         let on_mirror_failure = match rv.on_mirror_failure.as_deref() {
@@ -910,11 +985,38 @@ consistency_group = "app"        # optional
         assert_eq!(v.bitmap_granularity, 64 * 1024);
         assert_eq!(v.track_size, DEFAULT_TRACK_SIZE);
         assert_eq!(v.mirrors[0].compression, Codec::None);
-        // Async is not built yet.
-        let text =
-            format!("{EXAMPLE}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"async\"\n");
-        assert!(matches!(err(&text), ConfigError::Unsupported { .. }));
-        assert_err(&text, "volume[0].mirror[0].mode", "not yet supported");
+        assert_eq!(v.mirrors[0].max_lag_bytes, DEFAULT_MAX_LAG_BYTES);
+        assert_eq!(v.mirrors[0].lag_policy, LagPolicy::Throttle);
+        let text = format!(
+            "{EXAMPLE}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"async\"\n\
+             max_lag_bytes = \"8MiB\"\nmax_lag_seconds = 0.5\nlag_policy = \"bitmap\"\n"
+        );
+        let c = NodeConfig::parse(&text, Path::new("/etc/bm/node.toml")).unwrap();
+        let m = &c.volumes[0].mirrors[0];
+        assert_eq!(m.mode, MirrorMode::Async);
+        assert_eq!(m.max_lag_bytes, 8 << 20);
+        assert_eq!(m.max_lag, Duration::from_millis(500));
+        assert_eq!(m.lag_policy, LagPolicy::Bitmap);
+        for (extra, key, why) in [
+            ("mode = \"later\"", "mode", "not a mode"),
+            ("max_lag_bytes = 0", "max_lag_bytes", "above 0"),
+            (
+                "max_lag_seconds = -1",
+                "max_lag_seconds",
+                "not a number of seconds",
+            ),
+            (
+                "max_lag_seconds = \"5s\"",
+                "max_lag_seconds",
+                "not a number of seconds",
+            ),
+            ("lag_policy = \"drop\"", "lag_policy", "not a policy"),
+        ] {
+            let text = format!(
+                "{EXAMPLE}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"async\"\n{extra}\n"
+            );
+            assert_err(&text, &format!("volume[0].mirror[0].{key}"), why);
+        }
     }
 
     #[test]

@@ -541,8 +541,8 @@ impl AdminSource for StatusSource {
                                             connection: s.connection.as_str().into(),
                                             state: s.state.as_str().into(),
                                             out_of_sync_bytes: s.out_of_sync_bytes,
-                                            lag_bytes: 0,
-                                            lag_seconds: 0.0,
+                                            lag_bytes: s.lag_bytes,
+                                            lag_seconds: s.lag.as_secs_f64(),
                                             resync_done_bytes: s.resync_done,
                                             resync_total_bytes: s.resync_total,
                                             peer_node: s.peer_node,
@@ -581,6 +581,46 @@ impl AdminSource for StatusSource {
             j.render_metrics(&mut out);
         }
         out
+    }
+
+    fn set_mode(
+        &self,
+        volume: &str,
+        req: &crate::admin::ModeRequest,
+    ) -> Result<Vec<String>, (u16, String)> {
+        let mode = crate::config::MirrorMode::from_name(&req.mode).ok_or_else(|| {
+            (
+                400,
+                format!(
+                    "{:?} is not a mode (expected \"sync\" or \"async\")",
+                    req.mode
+                ),
+            )
+        })?;
+        let served = self
+            .volumes
+            .iter()
+            .find(|s| s.volume.name() == volume)
+            .ok_or_else(|| (404, format!("no volume {volume} on this node")))?;
+        let r = served
+            .volume
+            .replicator()
+            .ok_or_else(|| (409, format!("volume {volume} has no mirrors here")))?;
+        let links: Vec<_> = r
+            .links
+            .iter()
+            .filter(|l| req.peer.as_deref().is_none_or(|p| p == l.peer))
+            .collect();
+        if links.is_empty() {
+            return Err((404, format!("volume {volume} has no mirror {:?}", req.peer)));
+        }
+        Ok(links
+            .into_iter()
+            .map(|l| {
+                l.set_mode(mode);
+                l.peer.clone()
+            })
+            .collect())
     }
 
     fn start_verify(&self, volume: &str, req: &VerifyRequest) -> Result<u64, (u16, String)> {
@@ -681,7 +721,31 @@ fn render_apply_metrics(out: &mut String, volumes: &[Served]) {
 fn render_link_metrics(out: &mut String, volumes: &[Served]) {
     use std::sync::atomic::Ordering::Relaxed;
     type Get = fn(&MirrorLink, &crate::replication::link::LinkSnapshot) -> f64;
-    let families: [(&str, MetricType, &str, Get); 8] = [
+    let families: [(&str, MetricType, &str, Get); 12] = [
+        (
+            "blockmirror_mirror_lag_bytes",
+            MetricType::Gauge,
+            "Async: write data answered to hosts and not yet acknowledged by the mirror.",
+            |_, s| s.lag_bytes as f64,
+        ),
+        (
+            "blockmirror_mirror_lag_seconds",
+            MetricType::Gauge,
+            "Async: age of the oldest write the mirror has not acknowledged (the RPO now).",
+            |_, s| s.lag.as_secs_f64(),
+        ),
+        (
+            "blockmirror_mirror_epochs_total",
+            MetricType::Counter,
+            "Async: epoch barriers sent (a write followed an answered one).",
+            |l, _| l.barriers.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_mirror_throttled_writes_total",
+            MetricType::Counter,
+            "Async: host writes that waited for the mirror because the lag was past its bound.",
+            |l, _| l.counters.throttled.load(Relaxed) as f64,
+        ),
         (
             "blockmirror_replicated_bytes_total",
             MetricType::Counter,
@@ -753,7 +817,7 @@ fn render_link_metrics(out: &mut String, volumes: &[Served]) {
         "1 for the mirror's current state.",
     );
     for ((vol, l), s) in links.iter().zip(&snaps) {
-        for st in ["in_sync", "resyncing", "degraded"] {
+        for st in ["in_sync", "resyncing", "degraded", "inconsistent"] {
             let v = u8::from(s.state.as_str() == st);
             metrics::write_sample(
                 out,

@@ -26,6 +26,7 @@
 //! | Trim | 17 | request | FUA | none |
 //! | WriteZeroes | 18 | request | FUA, NO_TRIM | none |
 //! | Flush | 19 | request | none | none |
+//! | Barrier | 20 | request | FUA | none: an epoch boundary of an asynchronous link (FUA: durable) |
 //! | Ack | 32 | echoed | none | none |
 //! | Nack | 33 | echoed | none | u32 errno, then a UTF-8 message |
 //! | Error | 34 | request or 0 | none | u32 [`ErrorCode`], then a UTF-8 message; fatal |
@@ -109,6 +110,7 @@ pub enum Kind {
     Trim = 17,
     WriteZeroes = 18,
     Flush = 19,
+    Barrier = 20,
     Ack = 32,
     Nack = 33,
     Error = 34,
@@ -153,7 +155,7 @@ enum JobPayload {
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 21] = [
+    pub const ALL: [Kind; 22] = [
         Kind::Hello,
         Kind::Challenge,
         Kind::Auth,
@@ -162,6 +164,7 @@ impl Kind {
         Kind::Trim,
         Kind::WriteZeroes,
         Kind::Flush,
+        Kind::Barrier,
         Kind::Ack,
         Kind::Nack,
         Kind::Error,
@@ -197,7 +200,7 @@ impl Kind {
     pub fn allowed_flags(self) -> u16 {
         match self {
             Kind::Write => FLAG_FUA | FLAG_LZ4 | FLAG_ZSTD,
-            Kind::Trim => FLAG_FUA,
+            Kind::Trim | Kind::Barrier => FLAG_FUA,
             Kind::WriteZeroes => FLAG_FUA | FLAG_NO_TRIM,
             _ => 0,
         }
@@ -233,7 +236,9 @@ impl Kind {
             Kind::Nack | Kind::Error => Shape::Control { id_zero: false },
             Kind::Write => Shape::Data,
             Kind::Trim | Kind::WriteZeroes => Shape::Range,
-            Kind::Flush | Kind::Ack | Kind::Ping | Kind::Pong => Shape::Bare { id_zero: false },
+            Kind::Flush | Kind::Barrier | Kind::Ack | Kind::Ping | Kind::Pong => {
+                Shape::Bare { id_zero: false }
+            }
             Kind::JobHash => Shape::Job {
                 range: true,
                 payload: JobPayload::Exact(LINK_LEN as u32 + 4),
@@ -275,6 +280,7 @@ impl Kind {
             Kind::Trim => "Trim",
             Kind::WriteZeroes => "WriteZeroes",
             Kind::Flush => "Flush",
+            Kind::Barrier => "Barrier",
             Kind::Ack => "Ack",
             Kind::Nack => "Nack",
             Kind::Error => "Error",
@@ -690,6 +696,13 @@ pub enum Frame {
     Flush {
         id: u64,
     },
+    /// An epoch boundary on an asynchronous link: nothing after it may be
+    /// applied before everything before it is (and, with `durable`, is
+    /// durable). Acknowledged when it lifts.
+    Barrier {
+        id: u64,
+        durable: bool,
+    },
     /// Request `id` completed.
     Ack {
         id: u64,
@@ -850,6 +863,7 @@ impl Frame {
             Frame::Trim { .. } => Kind::Trim,
             Frame::WriteZeroes { .. } => Kind::WriteZeroes,
             Frame::Flush { .. } => Kind::Flush,
+            Frame::Barrier { .. } => Kind::Barrier,
             Frame::Ack { .. } => Kind::Ack,
             Frame::Nack { .. } => Kind::Nack,
             Frame::Error { .. } => Kind::Error,
@@ -877,6 +891,7 @@ impl Frame {
             | Frame::Trim { id, .. }
             | Frame::WriteZeroes { id, .. }
             | Frame::Flush { id }
+            | Frame::Barrier { id, .. }
             | Frame::Ack { id }
             | Frame::Nack { id, .. }
             | Frame::Error { id, .. }
@@ -957,6 +972,10 @@ impl Frame {
                 may_trim: h.flags & FLAG_NO_TRIM == 0,
             },
             Kind::Flush => Frame::Flush { id },
+            Kind::Barrier => Frame::Barrier {
+                id,
+                durable: h.flags & FLAG_FUA != 0,
+            },
             Kind::Ack => Frame::Ack { id },
             Kind::Nack => {
                 let (errno, message) = code_and_message(kind, id, &payload)?;
@@ -1056,6 +1075,11 @@ impl Frame {
             }
             .encode(out),
             Frame::Flush { id } => bare(Kind::Flush, *id).encode(out),
+            Frame::Barrier { id, durable } => RawHeader {
+                flags: if *durable { FLAG_FUA } else { 0 },
+                ..bare(Kind::Barrier, *id)
+            }
+            .encode(out),
             Frame::Ack { id } => bare(Kind::Ack, *id).encode(out),
             Frame::Ping { id } => bare(Kind::Ping, *id).encode(out),
             Frame::Pong { id } => bare(Kind::Pong, *id).encode(out),
@@ -1512,6 +1536,7 @@ mod tests {
                 }
             ),
             any::<u64>().prop_map(|id| Frame::Flush { id }),
+            (any::<u64>(), any::<bool>()).prop_map(|(id, durable)| Frame::Barrier { id, durable }),
             any::<u64>().prop_map(|id| Frame::Ack { id }),
             (any::<u64>(), any::<u32>(), ".{0,40}")
                 .prop_map(|(id, errno, message)| { Frame::Nack { id, errno, message } }),

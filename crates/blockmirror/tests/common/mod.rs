@@ -317,6 +317,7 @@ pub struct PairBuilder {
     size: u64,
     primary_volume_extra: String,
     mirror_volume_extra: String,
+    mirror_table: String,
     delay: Option<blockmirror_testkit::delay::Shape>,
     wrong_secret: bool,
     wait_in_sync: bool,
@@ -331,6 +332,7 @@ impl PairBuilder {
             size,
             primary_volume_extra: String::new(),
             mirror_volume_extra: String::new(),
+            mirror_table: "mode = \"sync\"\n".into(),
             delay: None,
             wrong_secret: false,
             wait_in_sync: true,
@@ -351,6 +353,13 @@ impl PairBuilder {
     pub fn mirror_volume(mut self, extra: &str) -> Self {
         self.mirror_volume_extra += extra;
         self.mirror_volume_extra.push('\n');
+        self
+    }
+
+    /// The keys of the primary's `[[volume.mirror]]` table besides `peer`
+    /// (default `mode = "sync"`), e.g. `mode = "async"\nmax_lag_bytes = "4MiB"`.
+    pub fn mirror_table(mut self, keys: &str) -> Self {
+        self.mirror_table = keys.to_string() + "\n";
         self
     }
 
@@ -438,11 +447,12 @@ impl PairBuilder {
         let ptext = format!(
             "node = \"primary\"\nadmin = \"{p_admin}\"\nsecret_file = \"secret.key\"\n\n\
              [[volume]]\nname = \"{PAIR_VOLUME}\"\npath = \"{}\"\nsize = {}\nrole = \"primary\"\nnbd = \"{p_nbd}\"\n\
-             mirror_timeout = \"{}\"\n{}\n[[volume.mirror]]\npeer = \"{peer}\"\nmode = \"sync\"\n",
+             mirror_timeout = \"{}\"\n{}\n[[volume.mirror]]\npeer = \"{peer}\"\n{}",
             pimg.display(),
             self.size,
             self.mirror_timeout,
-            self.primary_volume_extra
+            self.primary_volume_extra,
+            self.mirror_table
         );
         let primary = TestNode::from_config(
             pdir,

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::group::SiteGroup;
 use super::locks::RangeLocks;
-use crate::config::{MirrorConfig, MirrorMode};
+use crate::config::{LagPolicy, MirrorConfig, MirrorMode};
 use crate::oos_store::OosStore;
 
 /// The live link asks the mirror to flush this often when it has written
@@ -75,6 +75,10 @@ pub enum SyncState {
     InSync,
     Resyncing,
     Degraded,
+    /// Async with lag_policy "bitmap": writes past the lag bound were
+    /// recorded instead of sent, so the mirror lacks some that later ones
+    /// may depend on, until a resync copies them.
+    Inconsistent,
 }
 
 impl SyncState {
@@ -83,6 +87,7 @@ impl SyncState {
             SyncState::InSync => "in_sync",
             SyncState::Resyncing => "resyncing",
             SyncState::Degraded => "degraded",
+            SyncState::Inconsistent => "inconsistent",
         }
     }
 }
@@ -180,8 +185,19 @@ struct Pending {
     len: u64,
     bytes: u64,
     flush: bool,
+    /// An async write: its activity-log range ends when the mirror has it
+    /// (acknowledged, or marked on failure), not when the host is answered.
+    al_end: Option<Arc<AlEnd>>,
     sent: Option<Instant>,
     done: oneshot::Sender<Result<(), MirrorFailure>>,
+}
+
+/// An activity-log range held for an async write until every request that
+/// carries it is gone from the link (acknowledged, or failed and marked).
+pub(crate) struct AlEnd {
+    remaining: std::sync::atomic::AtomicUsize,
+    offset: u64,
+    len: u64,
 }
 
 struct Shared {
@@ -193,6 +209,8 @@ struct Shared {
     /// Cancels the current connection's tasks.
     conn_cancel: Option<CancellationToken>,
     inflight: BTreeMap<u64, Pending>,
+    /// Write data of `inflight` that was sent: an async link's lag in bytes.
+    inflight_bytes: u64,
     /// What the mirror may lack. Persisted lazily; the activity log covers
     /// the regions marked since the last store.
     bitmap: Bitmap,
@@ -223,6 +241,10 @@ pub struct LinkCounters {
     pub data_bytes: AtomicU64,
     /// The same Write data as it goes on the wire (after compression).
     pub wire_bytes: AtomicU64,
+    /// Async: host writes answered without waiting for this mirror.
+    pub async_unwaited: AtomicU64,
+    /// Async: host writes that waited because the lag was past its bound.
+    pub throttled: AtomicU64,
 }
 
 /// A point-in-time view of a link, for /status and /metrics.
@@ -236,6 +258,10 @@ pub struct LinkSnapshot {
     pub out_of_sync_bytes: u64,
     pub inflight: usize,
     pub oldest_inflight: Option<Duration>,
+    /// Async lag: write data not yet acknowledged by the mirror, and the
+    /// age of the oldest unacknowledged write (the RPO right now).
+    pub lag_bytes: u64,
+    pub lag: Duration,
     pub resync_done: u64,
     pub resync_total: u64,
     pub last_error: Option<String>,
@@ -245,7 +271,18 @@ pub struct LinkSnapshot {
 pub struct MirrorLink {
     pub peer: String,
     addr: SocketAddr,
-    pub mode: MirrorMode,
+    /// sync or async, switchable while running ([`MirrorLink::set_mode`]).
+    mode: AtomicU8,
+    max_lag_bytes: u64,
+    max_lag: Duration,
+    pub lag_policy: LagPolicy,
+    /// Async: a write was answered to the host since the last epoch
+    /// barrier, so the next write sent must start a new epoch.
+    completed: AtomicBool,
+    /// Barriers sent (epochs closed), for /metrics.
+    pub barriers: AtomicU64,
+    /// What the link runs with, kept to start a catch-up from the write path.
+    ctx: std::sync::OnceLock<LinkContext>,
     /// How this link compresses Write data.
     pub compression: Codec,
     volume: String,
@@ -309,6 +346,17 @@ impl Ticket {
 }
 
 impl Prepared {
+    /// The sending half, without giving the request up.
+    pub fn ticket(&self) -> Option<Ticket> {
+        match self {
+            Prepared::Live { id, epoch, .. } => Some(Ticket {
+                id: *id,
+                epoch: *epoch,
+            }),
+            Prepared::Marked => None,
+        }
+    }
+
     /// Splits a request into what sends it (None when the region was
     /// marked instead) and what waits for its acknowledgement.
     pub fn split(self) -> (Option<Ticket>, Sent) {
@@ -342,7 +390,13 @@ impl MirrorLink {
         Self {
             peer: cfg.peer.clone(),
             addr: cfg.addr,
-            mode: cfg.mode,
+            mode: AtomicU8::new(mode_code(cfg.mode)),
+            max_lag_bytes: cfg.max_lag_bytes,
+            max_lag: cfg.max_lag,
+            lag_policy: cfg.lag_policy,
+            completed: AtomicBool::new(false),
+            barriers: AtomicU64::new(0),
+            ctx: std::sync::OnceLock::new(),
             compression: cfg.compression,
             volume: volume.to_owned(),
             timeout,
@@ -354,6 +408,7 @@ impl MirrorLink {
                 tx: None,
                 conn_cancel: None,
                 inflight: BTreeMap::new(),
+                inflight_bytes: 0,
                 bitmap,
                 stored_changes,
                 al,
@@ -560,6 +615,7 @@ impl MirrorLink {
                 len,
                 bytes: 0,
                 flush: false,
+                al_end: None,
                 sent: None,
                 done,
             },
@@ -635,8 +691,15 @@ impl MirrorLink {
     ) -> bool {
         let Ticket { id, epoch } = t;
         let mut sh = self.shared();
-        if sh.epoch == epoch {
-            if let (Some(tx), Some(p)) = (sh.tx.clone(), sh.inflight.get_mut(&id)) {
+        if sh.epoch == epoch && sh.inflight.contains_key(&id) {
+            if let Some(tx) = sh.tx.clone() {
+                if len > 0 && self.is_async() && self.completed.swap(false, SeqCst) {
+                    // A write was answered since the last barrier: this one
+                    // may depend on it, so it starts a new epoch (DESIGN.md
+                    // guarantee 2). Under the lock, so no send overtakes it.
+                    self.send_barrier(&mut sh, &tx);
+                }
+                let p = sh.inflight.get_mut(&id).expect("checked above");
                 p.sent = Some(Instant::now());
                 let out = make(id);
                 match &out {
@@ -653,7 +716,9 @@ impl MirrorLink {
                     }
                     Outgoing::Frame(_) => {}
                 }
+                let bytes = p.bytes;
                 if tx.send(out).is_ok() {
+                    sh.inflight_bytes += bytes;
                     return true;
                 }
             }
@@ -662,8 +727,170 @@ impl MirrorLink {
         // already marked the region (the entry was in flight) or will not
         // see it, so mark it here too.
         sh.bitmap.mark(off, len);
-        sh.inflight.remove(&id);
+        if let Some(mut p) = sh.inflight.remove(&id) {
+            sh.inflight_bytes -= p.bytes;
+            if Self::release_al(&mut sh, p.al_end.take()) {
+                drop(sh);
+                self.al_wake.notify_waiters();
+            }
+        }
         false
+    }
+
+    /// Queues an epoch barrier (a request like any other: acknowledged by
+    /// the mirror when it lifts, watched by the watchdog).
+    fn send_barrier(&self, sh: &mut Shared, tx: &mpsc::UnboundedSender<Outgoing>) {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let (done, _rx) = oneshot::channel();
+        sh.inflight.insert(
+            id,
+            Pending {
+                offset: 0,
+                len: 0,
+                bytes: 0,
+                flush: false,
+                al_end: None,
+                sent: Some(Instant::now()),
+                done,
+            },
+        );
+        if tx
+            .send(Outgoing::Frame(Frame::Barrier { id, durable: false }))
+            .is_ok()
+        {
+            self.barriers.fetch_add(1, Relaxed);
+        } else {
+            sh.inflight.remove(&id);
+        }
+    }
+
+    /// sync or async now.
+    pub fn mode(&self) -> MirrorMode {
+        if self.mode.load(SeqCst) == mode_code(MirrorMode::Async) {
+            MirrorMode::Async
+        } else {
+            MirrorMode::Sync
+        }
+    }
+
+    pub fn is_async(&self) -> bool {
+        self.mode() == MirrorMode::Async
+    }
+
+    /// Switches between sync and async while running. Nothing is lost or
+    /// reordered: every request goes through the same ordered queue either
+    /// way. From async to sync, the writes still in flight keep their async
+    /// promise (crash-consistent order); new writes wait for the mirror. A
+    /// barrier goes before the first write after the switch if an async
+    /// write was answered before it.
+    pub fn set_mode(&self, mode: MirrorMode) {
+        let old = self.mode.swap(mode_code(mode), SeqCst);
+        if old != mode_code(mode) {
+            info!(volume = %self.volume, peer = %self.peer, mode = mode.as_str(), "mirror mode changed");
+            if mode == MirrorMode::Sync && self.completed.swap(false, SeqCst) {
+                let mut sh = self.shared();
+                if let Some(tx) = sh.tx.clone() {
+                    self.send_barrier(&mut sh, &tx);
+                }
+            }
+        }
+    }
+
+    /// Async: a write sent on this link was answered to the host. The next
+    /// write sent starts a new epoch.
+    pub fn completed(&self) {
+        self.completed.store(true, SeqCst);
+    }
+
+    /// Async: true while the lag is past `max_lag_bytes` or the oldest
+    /// unacknowledged write is older than `max_lag_seconds`.
+    pub fn over_lag(&self) -> bool {
+        let sh = self.shared();
+        if sh.inflight_bytes > self.max_lag_bytes {
+            return true;
+        }
+        sh.inflight
+            .values()
+            .find(|p| p.len > 0 && p.sent.is_some())
+            .and_then(|p| p.sent)
+            .is_some_and(|t| t.elapsed() > self.max_lag)
+    }
+
+    /// Async, lag_policy "bitmap": a write past the bound was recorded
+    /// instead of sent. The mirror is inconsistent until a resync.
+    pub fn mark_inconsistent(&self, offset: u64, len: u64) {
+        let mut sh = self.shared();
+        sh.bitmap.mark(offset, len);
+        // A catch-up already running (resyncing) picks the new marks up.
+        if sh.tx.is_some() && sh.state == SyncState::InSync {
+            warn!(volume = %self.volume, peer = %self.peer, lag_bytes = sh.inflight_bytes,
+                "async mirror past its lag bound: recording writes for resync; mirror inconsistent");
+            sh.state = SyncState::Inconsistent;
+        }
+    }
+
+    /// Async, lag_policy "bitmap": once the lag is back under the bound,
+    /// copies what was recorded (the mirror is "resyncing" meanwhile and in
+    /// sync, consistent again, when done).
+    pub fn resync_if_recovered(self: &Arc<Self>) {
+        let start = {
+            let mut sh = self.shared();
+            match (&sh.tx, &sh.conn_cancel, sh.state) {
+                (Some(_), Some(cancel), SyncState::Inconsistent) => {
+                    let cancel = cancel.clone();
+                    sh.state = SyncState::Resyncing;
+                    Some((sh.epoch, cancel))
+                }
+                _ => None,
+            }
+        };
+        if let (Some((epoch, cancel)), Some(ctx)) = (start, self.ctx.get()) {
+            info!(volume = %self.volume, peer = %self.peer, "async mirror lag back under its bound: resyncing what was recorded");
+            tokio::spawn(self.clone().catch_up(epoch, ctx.clone(), cancel));
+        }
+    }
+
+    /// The link's state now.
+    pub fn state(&self) -> SyncState {
+        self.shared().state
+    }
+
+    /// Async: hands the activity-log end of `[offset, offset+len)` (what
+    /// [`MirrorLink::activate`] let through) to the requests `tickets`: the
+    /// range ends when the last of them is acknowledged or failed. False
+    /// (the caller ends it) when none of them is still in flight.
+    pub fn end_when_done(&self, tickets: &[Ticket], offset: u64, len: u64) -> bool {
+        let mut sh = self.shared();
+        let live: Vec<u64> = tickets
+            .iter()
+            .filter(|t| t.epoch == sh.epoch && sh.inflight.contains_key(&t.id))
+            .map(|t| t.id)
+            .collect();
+        if live.is_empty() {
+            return false;
+        }
+        let guard = Arc::new(AlEnd {
+            remaining: std::sync::atomic::AtomicUsize::new(live.len()),
+            offset,
+            len,
+        });
+        for id in live {
+            if let Some(p) = sh.inflight.get_mut(&id) {
+                p.al_end = Some(guard.clone());
+            }
+        }
+        true
+    }
+
+    /// A request carrying an activity-log end left the link: ends the range
+    /// when it was the last. True when an extent was freed.
+    fn release_al(sh: &mut Shared, g: Option<Arc<AlEnd>>) -> bool {
+        match g {
+            Some(g) if g.remaining.fetch_sub(1, SeqCst) == 1 => {
+                sh.al.end(g.offset, g.len).unwrap_or(false)
+            }
+            _ => false,
+        }
     }
 
     /// The local I/O failed: the request is never sent. The caller marks
@@ -719,6 +946,7 @@ impl MirrorLink {
     }
 
     fn fail_inner(&self, epoch: Option<u64>, reason: &str, propagate: bool, expected: bool) {
+        let mut freed = false;
         let inflight = {
             let mut sh = self.shared();
             if epoch.is_some_and(|e| e != sh.epoch) || sh.conn_cancel.is_none() {
@@ -742,9 +970,14 @@ impl MirrorLink {
                 self.counters.failures.fetch_add(1, Relaxed);
             }
             sh.state = SyncState::Degraded;
-            let inflight = std::mem::take(&mut sh.inflight);
-            for p in inflight.values() {
+            let mut inflight = std::mem::take(&mut sh.inflight);
+            sh.inflight_bytes = 0;
+            for p in inflight.values_mut() {
                 sh.bitmap.mark(p.offset, p.len);
+                // Marked: the async write's extent may end.
+                if Self::release_al(&mut sh, p.al_end.take()) {
+                    freed = true;
+                }
             }
             // Acknowledged but perhaps not durable on the mirror.
             let fresh = empty_like(&sh.bitmap);
@@ -765,6 +998,9 @@ impl MirrorLink {
                 );
             }
         }
+        if freed {
+            self.al_wake.notify_waiters();
+        }
         for (_, p) in inflight {
             let _ = p.done.send(Err(self.failure(reason)));
         }
@@ -779,13 +1015,14 @@ impl MirrorLink {
     /// waiters outside it.
     fn acked(&self, ids: &[u64], epoch: u64) {
         let mut done = Vec::with_capacity(ids.len());
+        let mut freed = false;
         {
             let mut sh = self.shared();
             if sh.epoch != epoch {
                 return;
             }
             for &id in ids {
-                let Some(p) = sh.inflight.remove(&id) else {
+                let Some(mut p) = sh.inflight.remove(&id) else {
                     debug!(volume = %self.volume, peer = %self.peer, id, "acknowledgement for no request in flight; ignored");
                     continue;
                 };
@@ -794,6 +1031,8 @@ impl MirrorLink {
                     self.counters.requests_acked.fetch_add(1, Relaxed);
                 }
                 self.counters.bytes_replicated.fetch_add(p.bytes, Relaxed);
+                sh.inflight_bytes -= p.bytes;
+                freed |= Self::release_al(&mut sh, p.al_end.take());
                 if p.flush {
                     while sh.flushing.front().is_some_and(|(fid, _)| *fid <= id) {
                         sh.flushing.pop_front();
@@ -803,6 +1042,9 @@ impl MirrorLink {
                 }
                 done.push(p.done);
             }
+        }
+        if freed {
+            self.al_wake.notify_waiters();
         }
         for d in done {
             let _ = d.send(Ok(()));
@@ -823,9 +1065,17 @@ impl MirrorLink {
             .filter_map(|p| p.sent)
             .min()
             .map(|t| now.saturating_duration_since(t));
+        let lag = sh
+            .inflight
+            .values()
+            .find(|p| p.len > 0 && p.sent.is_some())
+            .and_then(|p| p.sent)
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
         LinkSnapshot {
             peer: self.peer.clone(),
-            mode: self.mode,
+            mode: self.mode(),
+            lag_bytes: sh.inflight_bytes,
+            lag,
             connection: sh.connection,
             state: sh.state,
             peer_node: sh.peer_node.clone(),
@@ -845,6 +1095,7 @@ impl MirrorLink {
 
     /// Connects, reconnects with backoff, catches up, until `shutdown`.
     pub async fn run(self: Arc<Self>, ctx: LinkContext, shutdown: CancellationToken) {
+        let _ = self.ctx.set(ctx.clone());
         let mut backoff = BACKOFF_MIN;
         let mut first = true;
         let mut quiet = false;
@@ -1343,5 +1594,12 @@ impl MirrorLink {
         if let Some((epoch, cancel)) = start {
             tokio::spawn(self.clone().catch_up(epoch, ctx.clone(), cancel));
         }
+    }
+}
+
+fn mode_code(m: MirrorMode) -> u8 {
+    match m {
+        MirrorMode::Sync => 0,
+        MirrorMode::Async => 1,
     }
 }

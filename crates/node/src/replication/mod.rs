@@ -47,7 +47,7 @@ use blockmirror_nbd::Errno;
 use bytes::Bytes;
 use tracing::{debug, warn};
 
-use crate::config::FailurePolicy;
+use crate::config::{FailurePolicy, LagPolicy};
 use crate::metrics::{self, MetricType};
 pub use link::{MirrorLink, MirrorOp};
 pub use locks::RangeLocks;
@@ -113,7 +113,13 @@ impl Replicator {
                 return Err(Errno::Io);
             }
         }
-        let prepared: Vec<_> = self.links.iter().map(|l| l.prepare(offset, len)).collect();
+        let modes = self.modes();
+        let prepared: Vec<_> = self
+            .links
+            .iter()
+            .zip(&modes)
+            .map(|(l, m)| m.prepare(l, offset, len))
+            .collect();
         if let Err(e) = local().await {
             for (l, p) in self.links.iter().zip(prepared) {
                 l.abandon(p, offset, len);
@@ -121,18 +127,66 @@ impl Replicator {
             }
             return Err(e);
         }
+        // An async mirror's activity-log range ends when the mirror has the
+        // write, not when the host is answered.
+        let deferred: Vec<bool> = self
+            .links
+            .iter()
+            .zip(&prepared)
+            .zip(&modes)
+            .map(|((l, p), m)| {
+                m.is_async()
+                    && p.ticket()
+                        .is_some_and(|t| l.end_when_done(&[t], offset, len))
+            })
+            .collect();
         let sent: Vec<_> = self
             .links
             .iter()
             .zip(prepared)
-            .map(|(l, p)| l.send(p, &op))
+            .map(|(l, p)| vec![l.send(p, &op)])
             .collect();
         drop(guard);
-        let result = self.wait_all(sent).await;
-        for l in &self.links {
-            l.end(offset, len);
+        let result = self.wait_links(sent, &modes).await;
+        for (l, d) in self.links.iter().zip(deferred) {
+            if !d {
+                l.end(offset, len);
+            }
         }
+        self.answered(&modes, &result);
         result
+    }
+
+    /// How each link takes the next write: decided once per write, so a
+    /// mode switch takes effect between writes.
+    fn modes(&self) -> Vec<LinkWrite> {
+        self.links
+            .iter()
+            .map(|l| {
+                if !l.is_async() {
+                    return LinkWrite::Sync;
+                }
+                if l.lag_policy == LagPolicy::Bitmap {
+                    if l.over_lag() {
+                        return LinkWrite::Record;
+                    }
+                    l.resync_if_recovered();
+                }
+                LinkWrite::Async
+            })
+            .collect()
+    }
+
+    /// The host is about to be answered: async links start a new epoch
+    /// before the next write they send.
+    fn answered(&self, modes: &[LinkWrite], result: &Result<(), Errno>) {
+        if result.is_ok() {
+            for (l, m) in self.links.iter().zip(modes) {
+                if m.is_async() {
+                    l.completed();
+                }
+            }
+        }
     }
 
     /// [`Replicator::replicate`] for a write larger than a track: the same
@@ -164,6 +218,7 @@ impl Replicator {
                 l.end(offset, len);
             }
         };
+        let modes = self.modes();
         let track = self.pipeline.track_size();
         let pieces: Vec<(u64, u64)> = pipeline::tracks(offset, len, track).collect();
         let ctx = match self
@@ -193,7 +248,7 @@ impl Replicator {
                 .zip(waits.iter_mut())
                 .enumerate()
                 .map(|(li, (l, w))| {
-                    let (t, sent) = l.prepare(off, n).split();
+                    let (t, sent) = modes[li].prepare(l, off, n).split();
                     w.push(sent);
                     if let Some(t) = t {
                         tickets_all.push((li, t));
@@ -216,20 +271,30 @@ impl Replicator {
             end_all();
             return Err(e);
         }
+        // An async mirror's activity-log range ends when its last track is
+        // acknowledged (or failed and marked).
+        let deferred: Vec<bool> = self
+            .links
+            .iter()
+            .enumerate()
+            .map(|(li, l)| {
+                let mine: Vec<link::Ticket> = tickets_all
+                    .iter()
+                    .filter(|(i, _)| *i == li)
+                    .map(|(_, t)| *t)
+                    .collect();
+                modes[li].is_async() && l.end_when_done(&mine, offset, len)
+            })
+            .collect();
         ctx.release().await;
         drop(guard);
-        let mut result = Ok(());
-        for (l, sent) in self.links.iter().zip(waits) {
-            for s in sent {
-                if let Err(e) = l.wait(s).await {
-                    debug!(error = %e, "mirror did not take a track");
-                    if self.policy == FailurePolicy::Fence {
-                        result = Err(Errno::Io);
-                    }
-                }
+        let result = self.wait_links(waits, &modes).await;
+        for (l, d) in self.links.iter().zip(deferred) {
+            if !d {
+                l.end(offset, len);
             }
         }
-        end_all();
+        self.answered(&modes, &result);
         result
     }
 
@@ -251,7 +316,22 @@ impl Replicator {
             })
             .collect();
         let local = local().await;
-        let mirrors = self.wait_all(sent).await;
+        // An async mirror is flushed too (it keeps what a mirror crash can
+        // lose small), but the host does not wait for it.
+        let modes: Vec<LinkWrite> = self
+            .links
+            .iter()
+            .map(|l| {
+                if l.is_async() {
+                    LinkWrite::Async
+                } else {
+                    LinkWrite::Sync
+                }
+            })
+            .collect();
+        let mirrors = self
+            .wait_links(sent.into_iter().map(|s| vec![s]).collect(), &modes)
+            .await;
         local.and(mirrors)
     }
 
@@ -264,17 +344,70 @@ impl Replicator {
         Ok(())
     }
 
-    async fn wait_all(&self, sent: Vec<link::Sent>) -> Result<(), Errno> {
+    /// Waits for what each link must have before the host is answered:
+    /// everything on a sync link; nothing on an async one, unless its lag is
+    /// past the bound with lag_policy "throttle", where the write waits for
+    /// its own acknowledgement (the host slows to the link's pace and the
+    /// lag stays near the bound).
+    async fn wait_links(
+        &self,
+        sent: Vec<Vec<link::Sent>>,
+        modes: &[LinkWrite],
+    ) -> Result<(), Errno> {
         let mut result = Ok(());
-        for (l, s) in self.links.iter().zip(sent) {
-            if let Err(e) = l.wait(s).await {
-                debug!(error = %e, "mirror did not take a request");
-                if self.policy == FailurePolicy::Fence {
-                    result = Err(Errno::Io);
+        for ((l, sent), m) in self.links.iter().zip(sent).zip(modes) {
+            let wait = match m {
+                LinkWrite::Sync => true,
+                LinkWrite::Async => l.lag_policy == LagPolicy::Throttle && l.over_lag(),
+                LinkWrite::Record => false,
+            };
+            if !wait {
+                if m.is_async() {
+                    l.counters.async_unwaited.fetch_add(1, Relaxed);
+                }
+                continue;
+            }
+            if m.is_async() {
+                l.counters.throttled.fetch_add(1, Relaxed);
+            }
+            for s in sent {
+                if let Err(e) = l.wait(s).await {
+                    debug!(error = %e, "mirror did not take a request");
+                    if self.policy == FailurePolicy::Fence {
+                        result = Err(Errno::Io);
+                    }
                 }
             }
         }
         result
+    }
+}
+
+/// How one link takes one host write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkWrite {
+    /// The host waits for the mirror.
+    Sync,
+    /// Sent; the host does not wait (unless throttled).
+    Async,
+    /// Async past its lag bound with lag_policy "bitmap": recorded in the
+    /// bitmap instead of sent.
+    Record,
+}
+
+impl LinkWrite {
+    fn is_async(self) -> bool {
+        self != LinkWrite::Sync
+    }
+
+    fn prepare(self, l: &MirrorLink, offset: u64, len: u64) -> link::Prepared {
+        match self {
+            LinkWrite::Record => {
+                l.mark_inconsistent(offset, len);
+                link::Prepared::Marked
+            }
+            _ => l.prepare(offset, len),
+        }
     }
 }
 

@@ -307,6 +307,9 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                 ApplyOp::Write { offset, data, fua },
             ),
             Frame::Flush { id } => (id, Ok(()), ApplyOp::Flush),
+            // An asynchronous primary's epoch boundary: what follows waits
+            // for everything before it (crash consistency, DESIGN.md 2).
+            Frame::Barrier { id, durable } => (id, Ok(()), ApplyOp::Barrier { durable }),
             Frame::Trim {
                 id,
                 offset,
