@@ -999,7 +999,7 @@ consistency_group = "app"        # optional
         assert_eq!(m.lag_policy, LagPolicy::Bitmap);
         for (extra, key, why) in [
             ("mode = \"later\"", "mode", "not a mode"),
-            ("max_lag_bytes = 0", "max_lag_bytes", "above 0"),
+            ("max_lag_bytes = 0", "max_lag_bytes", "greater than zero"),
             (
                 "max_lag_seconds = -1",
                 "max_lag_seconds",
@@ -1012,9 +1012,13 @@ consistency_group = "app"        # optional
             ),
             ("lag_policy = \"drop\"", "lag_policy", "not a policy"),
         ] {
-            let text = format!(
-                "{EXAMPLE}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"async\"\n{extra}\n"
-            );
+            let mode = if key == "mode" {
+                ""
+            } else {
+                "mode = \"async\"\n"
+            };
+            let text =
+                format!("{EXAMPLE}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\n{mode}{extra}\n");
             assert_err(&text, &format!("volume[0].mirror[0].{key}"), why);
         }
     }
