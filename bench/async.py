@@ -16,7 +16,7 @@ lag (bytes and the age of the oldest unacknowledged write), and the largest
 values are printed: the lag the async figure ran at. The page cache is
 dropped before every fio run (as root).
 
-    python3 bench/async.py [--rounds 2] [--runtime 5] [--delay 0 --delay 5ms]
+    python3 bench/async.py [--rounds 2] [--runtime 5] [--delay 0 --delay 5ms] [--max-lag 2GiB]
 """
 
 import argparse
@@ -46,7 +46,7 @@ def testkit_bin():
     return os.path.join(b.target_dir(), "release", "blockmirror-testkit")
 
 
-def start(kind, workdir, seed, size_bytes, delay):
+def start(kind, workdir, seed, size_bytes, delay, max_lag):
     """Starts one configuration; returns (primary, [processes to stop], proxy or None)."""
     os.makedirs(workdir)
     primary_img = os.path.join(workdir, "primary.img")
@@ -70,6 +70,8 @@ def start(kind, workdir, seed, size_bytes, delay):
         b.wait_port(p_port, proxy, "delay proxy")
         head = 'secret_file = "secret.key"\n'
         tail = f'mirror_timeout = "30s"\n\n[[volume.mirror]]\npeer = "127.0.0.1:{p_port}"\nmode = "{kind}"\n'
+        if kind == "async" and max_lag:
+            tail += f'max_lag_bytes = "{max_lag}"\n'
     pcfg = os.path.join(workdir, "primary.toml")
     with open(pcfg, "w") as f:
         f.write(f'node = "bench-primary"\nadmin = "127.0.0.1:{p_admin}"\n'
@@ -111,6 +113,7 @@ def main():
     ap.add_argument("--size", default="512M", help="image size (fio addresses all of it)")
     ap.add_argument("--delay", action="append", help="one-way delay of the link (repeatable; default 0 and 5ms)")
     ap.add_argument("--only", default="", help="run only workloads whose name contains this")
+    ap.add_argument("--max-lag", default="", help="the async mirror's max_lag_bytes (default: the node's, 64MiB)")
     args = ap.parse_args()
     delays = args.delay or ["0", "5ms"]
     workloads = [w for w in WORKLOADS if args.only in w[0]]
@@ -130,7 +133,7 @@ def main():
                     if kind == "standalone" and delay != delays[0]:
                         continue  # the baseline has no link: once per round
                     workdir = os.path.join(work, f"r{r}-{delay}-{kind}")
-                    primary, servers, proxy = start(kind, workdir, seed, size_bytes, delay)
+                    primary, servers, proxy = start(kind, workdir, seed, size_bytes, delay, args.max_lag)
                     try:
                         for wname, rw, bs, qd in workloads:
                             b.drop_caches()
@@ -158,7 +161,8 @@ def main():
                     shutil.rmtree(workdir, ignore_errors=True)
     print()
     print(f"async vs sync vs standalone: fio nbd engine, {args.size} image, {args.runtime}s x {args.rounds} "
-          f"rounds, medians; mirror link through testkit's delay proxy")
+          f"rounds, medians; mirror link through testkit's delay proxy; "
+          f"async max_lag_bytes {args.max_lag or '64MiB (default)'}")
     print(f"{'workload':18} {'delay':>6} {'standalone':>12} {'sync':>12} {'async':>12} {'sync/st':>8} "
           f"{'async/st':>9} {'target':>7}  max async lag")
     for wname, rw, bs, qd in workloads:

@@ -26,7 +26,7 @@
 //! | Trim | 17 | request | FUA | none |
 //! | WriteZeroes | 18 | request | FUA, NO_TRIM | none |
 //! | Flush | 19 | request | none | none |
-//! | Barrier | 20 | request | FUA | none: an epoch boundary of an asynchronous link (FUA: durable) |
+//! | Barrier | 20 | request, or 0: not answered | FUA | none: an epoch boundary of an asynchronous link (FUA: durable) |
 //! | Ack | 32 | echoed | none | none |
 //! | Nack | 33 | echoed | none | u32 errno, then a UTF-8 message |
 //! | Error | 34 | request or 0 | none | u32 [`ErrorCode`], then a UTF-8 message; fatal |

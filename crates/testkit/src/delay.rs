@@ -192,13 +192,15 @@ fn pipe(from: TcpStream, to: TcpStream, inner: &Arc<Inner>) {
 
 fn read_side(mut from: TcpStream, tx: SyncSender<(Instant, Vec<u8>)>, inner: &Inner) {
     let mut line_free = Instant::now();
+    // One read buffer; each chunk is copied out at its own length (a fresh
+    // zeroed 64 KiB per read cost more CPU than the forwarding itself).
+    let mut scratch = vec![0u8; CHUNK];
     loop {
-        let mut buf = vec![0u8; CHUNK];
-        let n = match from.read(&mut buf) {
+        let n = match from.read(&mut scratch) {
             Ok(0) | Err(_) => return, // dropping tx ends the writer after the queue
             Ok(n) => n,
         };
-        buf.truncate(n);
+        let buf = scratch[..n].to_vec();
         let shape = *inner.shape.lock().expect("poisoned");
         let now = Instant::now();
         let sent = match shape.rate {

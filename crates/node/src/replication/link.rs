@@ -737,30 +737,18 @@ impl MirrorLink {
         false
     }
 
-    /// Queues an epoch barrier (a request like any other: acknowledged by
-    /// the mirror when it lifts, watched by the watchdog).
-    fn send_barrier(&self, sh: &mut Shared, tx: &mpsc::UnboundedSender<Outgoing>) {
-        let id = self.next_id.fetch_add(1, Relaxed);
-        let (done, _rx) = oneshot::channel();
-        sh.inflight.insert(
-            id,
-            Pending {
-                offset: 0,
-                len: 0,
-                bytes: 0,
-                flush: false,
-                al_end: None,
-                sent: Some(Instant::now()),
-                done,
-            },
-        );
+    /// Queues an epoch barrier. It has id 0: the mirror does not answer
+    /// it (nothing waits for an epoch to lift; the writes after it are what
+    /// the primary tracks), which keeps a barrier per write cheap.
+    fn send_barrier(&self, _sh: &mut Shared, tx: &mpsc::UnboundedSender<Outgoing>) {
         if tx
-            .send(Outgoing::Frame(Frame::Barrier { id, durable: false }))
+            .send(Outgoing::Frame(Frame::Barrier {
+                id: 0,
+                durable: false,
+            }))
             .is_ok()
         {
             self.barriers.fetch_add(1, Relaxed);
-        } else {
-            sh.inflight.remove(&id);
         }
     }
 

@@ -36,6 +36,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The apply tag of an operation nobody waits for (a Barrier with id 0).
+const UNANSWERED: u64 = u64::MAX;
 
 /// A mirror volume as the receiver sees it.
 pub struct MirrorTarget {
@@ -309,7 +311,11 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
             Frame::Flush { id } => (id, Ok(()), ApplyOp::Flush),
             // An asynchronous primary's epoch boundary: what follows waits
             // for everything before it (crash consistency, DESIGN.md 2).
-            Frame::Barrier { id, durable } => (id, Ok(()), ApplyOp::Barrier { durable }),
+            Frame::Barrier { id, durable } => (
+                if id == 0 { UNANSWERED } else { id },
+                Ok(()),
+                ApplyOp::Barrier { durable },
+            ),
             Frame::Trim {
                 id,
                 offset,
@@ -402,6 +408,10 @@ async fn send_acks(
 /// Turns applied operations into Ack or Nack frames, and counts them.
 fn to_acks(t: &MirrorTarget, applied: &mut Vec<Applied>, acks: &mut Vec<Frame>) {
     for a in applied.drain(..) {
+        if a.tag == UNANSWERED {
+            // An epoch barrier with id 0: the primary does not wait for it.
+            continue;
+        }
         t.applied_ops.fetch_add(1, Relaxed);
         acks.push(match a.result {
             Ok(()) => {
