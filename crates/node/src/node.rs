@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use blockmirror_core::VolumeMeta;
 use blockmirror_nbd::{Export, Exports, ListenAddr, Listener};
 use blockmirror_storage::{Backend, FileBackend, FileOptions, StorageError};
 use thiserror::Error;
@@ -21,18 +20,18 @@ use tracing::{info, warn};
 use std::collections::HashMap;
 
 use blockmirror_core::activity::{ActivityLog, DEFAULT_CAPACITY, DEFAULT_EXTENT_SIZE};
-use blockmirror_repl::{NodeHello, VolumeIdentity};
+use blockmirror_core::MirrorLabel;
 
-use crate::admin::{self, AdminSource};
+use crate::admin::{self, AdminSource, ControlError, PromoteRequest, ResyncRequest};
 use crate::config::{NbdListen, NodeConfig, Role};
-use crate::meta_file::{self, MetaFileError};
+use crate::meta_file::{self, MetaCell, MetaFileError};
 use crate::metrics::{self, MetricType};
 use crate::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
 use crate::replication::apply::ApplyConfig;
 use crate::replication::group::SiteGroup;
 use crate::replication::link::LinkContext;
 use crate::replication::receiver::{self, MirrorTarget};
-use crate::replication::{MirrorLink, RangeLocks, Replicator};
+use crate::replication::{GenState, MirrorLink, RangeLocks, Replicator};
 use crate::status::{MirrorStatus, NodeStatus, VolumeStatus};
 use crate::volume::Volume;
 
@@ -62,8 +61,7 @@ pub enum NodeError {
 struct OpenVolume {
     volume: Arc<Volume>,
     nbd: NbdListen,
-    meta_path: PathBuf,
-    meta: VolumeMeta,
+    meta: Arc<MetaCell>,
     /// On a mirror volume: what the replication receiver applies to.
     target: Option<Arc<MirrorTarget>>,
 }
@@ -73,15 +71,6 @@ pub struct Node {
     config: NodeConfig,
     volumes: Vec<OpenVolume>,
     secret: Option<Arc<[u8]>>,
-}
-
-fn identity(name: &str, meta: &VolumeMeta) -> VolumeIdentity {
-    VolumeIdentity {
-        name: name.to_owned(),
-        volume_id: meta.volume_id,
-        size: meta.size,
-        generation: meta.generation,
-    }
 }
 
 /// Reads the shared secret: the file's bytes, without trailing whitespace.
@@ -146,7 +135,8 @@ impl Node {
             };
             let backend: Arc<dyn Backend> = Arc::new(FileBackend::open(&vc.name, &opts)?);
             let meta_path = state_dir.join(format!("{}.meta", vc.name));
-            let (mut meta, created) = meta_file::load_or_create(&meta_path, vc.size)?;
+            let (mut meta, created) =
+                meta_file::load_or_create(&meta_path, vc.size, vc.role == Role::Mirror)?;
             if created {
                 info!(volume = %vc.name, id = %meta.id_hex(), "new volume");
             } else if !meta.clean {
@@ -157,6 +147,22 @@ impl Node {
                 meta.clean = false;
                 meta_file::store(&meta_path, &meta)?;
             }
+            // A primary's record carries no mirror label; a mirror that was
+            // promoted and then restarted as a mirror keeps its (promoted)
+            // generation, so its old primary is refused (see generation.rs).
+            if vc.role == Role::Primary && meta.label != MirrorLabel::None {
+                meta.label = MirrorLabel::None;
+                meta_file::store(&meta_path, &meta)?;
+            }
+            if vc.role == Role::Mirror && meta.label == MirrorLabel::None {
+                // A volume configured as a mirror whose record was a primary's
+                // (its role changed in the config): consistent, not in sync.
+                meta.label = MirrorLabel::Consistent;
+                meta_file::store(&meta_path, &meta)?;
+            }
+            info!(volume = %vc.name, generations = %meta.generations.to_display(),
+                label = meta.label.as_str(), "volume metadata");
+            let meta_cell = Arc::new(MetaCell::new(meta_path.clone(), meta));
             let replicator = if vc.mirrors.is_empty() {
                 None
             } else {
@@ -203,12 +209,13 @@ impl Node {
                     links,
                     locks: RangeLocks::new(),
                     policy: vc.on_mirror_failure,
+                    gen: Arc::new(GenState::new(&vc.name, meta_cell.clone())),
                 }))
             };
             let target = (vc.role == Role::Mirror).then(|| {
                 Arc::new(MirrorTarget::new(
                     &vc.name,
-                    identity(&vc.name, &meta),
+                    meta_cell.clone(),
                     backend.clone(),
                     ApplyConfig {
                         groups: vc.apply_groups,
@@ -222,14 +229,13 @@ impl Node {
                 vc.role,
                 backend,
                 vc.read_only,
-                meta,
+                meta_cell.clone(),
                 replicator,
             ));
             volumes.push(OpenVolume {
                 volume,
                 nbd: vc.nbd.clone(),
-                meta_path,
-                meta,
+                meta: meta_cell,
                 target,
             });
         }
@@ -341,12 +347,11 @@ impl Node {
                     .secret
                     .clone()
                     .expect("validated: mirrors need a secret"),
-                hello: NodeHello {
-                    node: self.config.node.clone(),
-                    volume: identity(v.volume.name(), &v.meta),
-                },
+                node: self.config.node.clone(),
+                volume: v.volume.name().to_owned(),
                 backend: v.volume.backend().clone(),
                 locks: r.locks.clone(),
+                gen: r.gen.clone(),
             };
             for link in &r.links {
                 let (l, ctx, sd) = (link.clone(), ctx.clone(), link_stop.clone());
@@ -447,8 +452,7 @@ impl Running {
             }
             match flushed {
                 Ok(()) => {
-                    v.meta.clean = true;
-                    meta_file::store(&v.meta_path, &v.meta)?;
+                    v.meta.update(|m| m.clean = true)?;
                     info!(volume = %v.volume.name(), "volume closed cleanly");
                 }
                 Err(e) => {
@@ -478,6 +482,15 @@ struct Served {
 struct StatusSource {
     node: String,
     volumes: Vec<Served>,
+}
+
+impl StatusSource {
+    fn find(&self, volume: &str) -> Result<&Served, ControlError> {
+        self.volumes
+            .iter()
+            .find(|s| s.volume.name() == volume)
+            .ok_or_else(|| ControlError::UnknownVolume(volume.to_owned()))
+    }
 }
 
 impl AdminSource for StatusSource {
@@ -529,10 +542,130 @@ impl AdminSource for StatusSource {
                             })
                             .unwrap_or_default(),
                         primary: target.as_ref().and_then(|t| t.primary()),
+                        state: target.as_ref().and_then(|t| t.state()).map(str::to_owned),
+                        generations: Some(v.meta().generations.to_display()),
+                        applied_bytes: target
+                            .as_ref()
+                            .map(|t| t.applied_bytes.load(std::sync::atomic::Ordering::Relaxed)),
                     },
                 )
                 .collect(),
         }
+    }
+
+    fn promote(&self, volume: &str, req: &PromoteRequest) -> Result<String, ControlError> {
+        let s = self.find(volume)?;
+        let refused = |reason: String| ControlError::Refused {
+            volume: volume.to_owned(),
+            reason,
+        };
+        let Some(t) = &s.target else {
+            return Err(refused(
+                "this node is its configured primary: nothing to promote".into(),
+            ));
+        };
+        if s.volume.role() == Role::Primary {
+            return Err(refused("already primary (promoted)".into()));
+        }
+        if let Some(p) = t.primary() {
+            if !req.force {
+                return Err(refused(format!(
+                    "its primary {p} is connected and feeding it; stop that node first, or use --force"
+                )));
+            }
+        }
+        let m = s.volume.meta();
+        if m.label == MirrorLabel::Inconsistent && !req.force {
+            return Err(refused(
+                "its data is inconsistent (a resync did not finish); use --force to promote it anyway"
+                    .into(),
+            ));
+        }
+        // Refuse the link first, so nothing of the old primary lands after
+        // the new generation; then the durable record; then the export.
+        t.set_promoted();
+        let failed = |e: MetaFileError| ControlError::Failed {
+            volume: volume.to_owned(),
+            reason: e.to_string(),
+        };
+        let id = meta_file::new_generation_id().map_err(failed)?;
+        let m = s
+            .volume
+            .meta_cell()
+            .update(|m| {
+                m.generations.rotate(id);
+                m.label = MirrorLabel::None;
+            })
+            .map_err(|e| {
+                t.set_demoted();
+                failed(e)
+            })?;
+        s.volume.set_role(Role::Primary);
+        warn!(volume, generations = %m.generations.to_display(), forced = req.force,
+            "promoted to primary: the export is read-write, new generation");
+        Ok(format!(
+            "{volume}: promoted to primary (generation {}); new NBD connections are read-write",
+            m.generations.to_display()
+        ))
+    }
+
+    fn resync(&self, volume: &str, req: &ResyncRequest) -> Result<String, ControlError> {
+        let s = self.find(volume)?;
+        let refused = |reason: String| ControlError::Refused {
+            volume: volume.to_owned(),
+            reason,
+        };
+        if let Some(r) = s.volume.replicator() {
+            if req.discard_local {
+                return Err(refused(
+                    "this node is the volume's configured primary: run --discard-local on the \
+                     mirror node whose changes are to be thrown away (turning a configured \
+                     primary into a mirror is failback, not built yet)"
+                        .into(),
+                ));
+            }
+            let states: Vec<String> = r
+                .links
+                .iter()
+                .map(|l| {
+                    let sn = l.snapshot();
+                    format!("{} {}", sn.peer, sn.state.as_str())
+                })
+                .collect();
+            return Ok(format!(
+                "{volume}: resync runs whenever a mirror connects ({})",
+                states.join(", ")
+            ));
+        }
+        let Some(t) = &s.target else {
+            return Err(refused("not mirrored".into()));
+        };
+        if !req.discard_local {
+            return Ok(format!(
+                "{volume}: a mirror is resynced by its primary when it connects (state {})",
+                t.state().unwrap_or("primary")
+            ));
+        }
+        // Give up this side's data: a mirror again (writes refused), blank
+        // (the primary copies the whole volume), inconsistent until then.
+        s.volume.set_role(Role::Mirror);
+        let m = s
+            .volume
+            .meta_cell()
+            .update(|m| {
+                m.generations.discard();
+                m.label = MirrorLabel::Inconsistent;
+            })
+            .map_err(|e| ControlError::Failed {
+                volume: volume.to_owned(),
+                reason: e.to_string(),
+            })?;
+        t.set_demoted();
+        warn!(volume, generations = %m.generations.to_display(),
+            "local changes discarded: a mirror again, waiting for a full copy from the primary");
+        Ok(format!(
+            "{volume}: local changes discarded; read-only mirror, a full resync follows when its primary connects"
+        ))
     }
 
     fn metrics(&self) -> String {
@@ -703,7 +836,13 @@ fn render_link_metrics(out: &mut String, volumes: &[Served]) {
         "1 for the mirror's current state.",
     );
     for ((vol, l), s) in links.iter().zip(&snaps) {
-        for st in ["in_sync", "resyncing", "degraded"] {
+        for st in [
+            "in_sync",
+            "resyncing",
+            "degraded",
+            "suspended",
+            "split_brain",
+        ] {
             let v = u8::from(s.state.as_str() == st);
             metrics::write_sample(
                 out,

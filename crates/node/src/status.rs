@@ -16,7 +16,7 @@ pub struct NodeStatus {
 }
 
 /// One volume.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VolumeStatus {
     pub name: String,
     /// `primary` or `mirror`.
@@ -38,6 +38,17 @@ pub struct VolumeStatus {
     /// On a mirror, the primary that feeds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary: Option<String>,
+    /// On a mirror, its own data state: `in_sync`, `resyncing`,
+    /// `inconsistent` (a resync was cut short) or `degraded` (consistent,
+    /// possibly behind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The generation record: current id, then earlier ones (`a <- b`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generations: Option<String>,
+    /// Bytes the replication receiver applied (on a mirror).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_bytes: Option<u64>,
 }
 
 /// One replication link.
@@ -158,12 +169,16 @@ pub fn render_table(status: &NodeStatus) -> String {
 
     for v in &status.volumes {
         out.push('\n');
-        match &v.primary {
-            Some(p) => out.push_str(&format!("{}: mirror of {p}", v.name)),
-            None => out.push_str(&format!("{}:", v.name)),
+        match (&v.primary, &v.state) {
+            (Some(p), Some(st)) => out.push_str(&format!("{}: mirror of {p}, {st}", v.name)),
+            (Some(p), None) => out.push_str(&format!("{}: mirror of {p}", v.name)),
+            (None, Some(st)) => {
+                out.push_str(&format!("{}: mirror, no primary connected, {st}", v.name))
+            }
+            (None, None) => out.push_str(&format!("{}:", v.name)),
         }
         if v.mirrors.is_empty() {
-            out.push_str(if v.primary.is_some() {
+            out.push_str(if v.primary.is_some() || v.state.is_some() {
                 "\n"
             } else {
                 " no mirrors\n"
@@ -238,6 +253,7 @@ mod tests {
                         last_error: None,
                     }],
                     primary: None,
+                    ..Default::default()
                 },
                 VolumeStatus {
                     name: "logs".into(),
@@ -249,6 +265,7 @@ mod tests {
                     connections: 0,
                     mirrors: vec![],
                     primary: None,
+                    ..Default::default()
                 },
                 VolumeStatus {
                     name: "copy".into(),
@@ -260,6 +277,8 @@ mod tests {
                     connections: 1,
                     mirrors: vec![],
                     primary: Some("site-b".into()),
+                    state: Some("resyncing".into()),
+                    ..Default::default()
                 },
             ],
         }
@@ -356,7 +375,7 @@ mod tests {
             "4.0 KiB / 0.5s",
             "1.0 MiB / 4.0 MiB (25.0%)",
             "logs: no mirrors",
-            "copy: mirror of site-b",
+            "copy: mirror of site-b, resyncing",
         ] {
             assert!(t.contains(needle), "table lacks {needle:?}:\n{t}");
         }

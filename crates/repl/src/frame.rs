@@ -31,6 +31,7 @@
 //! | Error | 34 | request or 0 | none | u32 [`ErrorCode`], then a UTF-8 message; fatal |
 //! | Ping | 48 | any | none | none |
 //! | Pong | 49 | echoed | none | none |
+//! | SyncState | 80 | request | none | exactly [`SYNC_STATE_LEN`] bytes: u8 state (1 resyncing, 2 in sync), u64 generation, 4 x u64 history |
 //!
 //! Fields a kind does not use must be zero, so each frame has exactly one
 //! encoding. Decoding is two steps: [`RawHeader::decode`] judges magic,
@@ -82,6 +83,9 @@ pub enum Kind {
     Error = 34,
     Ping = 48,
     Pong = 49,
+    /// The primary tells its mirror how its data relates to the primary's
+    /// (resync starting, or in sync at a generation); acknowledged once stored.
+    SyncState = 80,
 }
 
 /// How a kind uses the header's id, offset and len fields and its payload.
@@ -95,11 +99,13 @@ enum Shape {
     Range,
     /// offset is a range start; len = payload_len <= MAX_DATA.
     Data,
+    /// offset zero; len = payload_len = exactly this many bytes.
+    Fixed(u32),
 }
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Hello,
         Kind::Challenge,
         Kind::Auth,
@@ -113,6 +119,7 @@ impl Kind {
         Kind::Error,
         Kind::Ping,
         Kind::Pong,
+        Kind::SyncState,
     ];
 
     pub fn code(self) -> u8 {
@@ -145,6 +152,7 @@ impl Kind {
         match self.shape() {
             Shape::Data => MAX_DATA,
             Shape::Control { .. } => MAX_CONTROL_PAYLOAD,
+            Shape::Fixed(n) => n,
             Shape::Bare { .. } | Shape::Range => 0,
         }
     }
@@ -158,6 +166,7 @@ impl Kind {
             Kind::Write => Shape::Data,
             Kind::Trim | Kind::WriteZeroes => Shape::Range,
             Kind::Flush | Kind::Ack | Kind::Ping | Kind::Pong => Shape::Bare { id_zero: false },
+            Kind::SyncState => Shape::Fixed(SYNC_STATE_LEN),
         }
     }
 
@@ -176,6 +185,7 @@ impl Kind {
             Kind::Error => "Error",
             Kind::Ping => "Ping",
             Kind::Pong => "Pong",
+            Kind::SyncState => "SyncState",
         }
     }
 }
@@ -450,6 +460,17 @@ impl RawHeader {
                 zero("offset", self.offset)?;
                 len_is_payload()?;
             }
+            Shape::Fixed(n) => {
+                zero("offset", self.offset)?;
+                len_is_payload()?;
+                if self.payload_len != n {
+                    return Err(WireError::Malformed {
+                        kind,
+                        id,
+                        reason: format!("payload is {} bytes, must be {n}", self.payload_len),
+                    });
+                }
+            }
             Shape::Range => range()?,
             Shape::Data => {
                 len_is_payload()?;
@@ -526,7 +547,46 @@ pub enum Frame {
     Pong {
         id: u64,
     },
+    /// The primary's view of the mirror's data (see [`SyncPhase`]).
+    SyncState {
+        id: u64,
+        phase: SyncPhase,
+        generation: u64,
+        history: [u64; SYNC_HISTORY_LEN],
+    },
 }
+
+/// What a [`Frame::SyncState`] announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyncPhase {
+    /// A resync starts: until it ends the mirror's image is inconsistent.
+    Resyncing,
+    /// Every region is copied and acknowledged: the mirror holds the
+    /// primary's data of `generation` and adopts its record.
+    InSync,
+}
+
+impl SyncPhase {
+    pub fn code(self) -> u8 {
+        match self {
+            SyncPhase::Resyncing => 1,
+            SyncPhase::InSync => 2,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(SyncPhase::Resyncing),
+            2 => Some(SyncPhase::InSync),
+            _ => None,
+        }
+    }
+}
+
+/// Generation ids a SyncState frame carries besides the current one.
+pub const SYNC_HISTORY_LEN: usize = 4;
+/// The exact payload length of a SyncState frame.
+pub const SYNC_STATE_LEN: u32 = 1 + 8 + 8 * SYNC_HISTORY_LEN as u32;
 
 impl Frame {
     pub fn kind(&self) -> Kind {
@@ -544,6 +604,7 @@ impl Frame {
             Frame::Error { .. } => Kind::Error,
             Frame::Ping { .. } => Kind::Ping,
             Frame::Pong { .. } => Kind::Pong,
+            Frame::SyncState { .. } => Kind::SyncState,
         }
     }
 
@@ -562,7 +623,8 @@ impl Frame {
             | Frame::Nack { id, .. }
             | Frame::Error { id, .. }
             | Frame::Ping { id }
-            | Frame::Pong { id } => *id,
+            | Frame::Pong { id }
+            | Frame::SyncState { id, .. } => *id,
         }
     }
 
@@ -638,6 +700,27 @@ impl Frame {
             }
             Kind::Ping => Frame::Ping { id },
             Kind::Pong => Frame::Pong { id },
+            Kind::SyncState => {
+                // validate() fixed the length; judge the contents.
+                let phase =
+                    SyncPhase::from_code(payload[0]).ok_or_else(|| WireError::Malformed {
+                        kind,
+                        id,
+                        reason: format!("unknown sync phase {}", payload[0]),
+                    })?;
+                let u64_at =
+                    |o: usize| u64::from_be_bytes(payload[o..o + 8].try_into().expect("8 bytes"));
+                let mut history = [0u64; SYNC_HISTORY_LEN];
+                for (i, h) in history.iter_mut().enumerate() {
+                    *h = u64_at(9 + 8 * i);
+                }
+                Frame::SyncState {
+                    id,
+                    phase,
+                    generation: u64_at(1),
+                    history,
+                }
+            }
         })
     }
 
@@ -723,6 +806,30 @@ impl Frame {
             Frame::Ack { id } => bare(Kind::Ack, *id).encode(out),
             Frame::Ping { id } => bare(Kind::Ping, *id).encode(out),
             Frame::Pong { id } => bare(Kind::Pong, *id).encode(out),
+            Frame::SyncState {
+                id,
+                phase,
+                generation,
+                history,
+            } => {
+                let mut p = BytesMut::with_capacity(SYNC_STATE_LEN as usize);
+                p.put_u8(phase.code());
+                p.put_u64(*generation);
+                for h in history {
+                    p.put_u64(*h);
+                }
+                RawHeader {
+                    kind: Kind::SyncState.code(),
+                    flags: 0,
+                    id: *id,
+                    offset: 0,
+                    len: SYNC_STATE_LEN,
+                    payload_len: SYNC_STATE_LEN,
+                    payload_crc: crc32c::crc32c(&p),
+                }
+                .encode(out);
+                out.put_slice(&p);
+            }
             Frame::Nack { id, errno, message } => {
                 encode_code_and_message(Kind::Nack, *id, *errno, message, out)
             }
@@ -923,6 +1030,22 @@ mod tests {
             }),
             any::<u64>().prop_map(|id| Frame::Ping { id }),
             any::<u64>().prop_map(|id| Frame::Pong { id }),
+            (
+                any::<u64>(),
+                any::<bool>(),
+                any::<u64>(),
+                any::<[u64; SYNC_HISTORY_LEN]>()
+            )
+                .prop_map(|(id, in_sync, generation, history)| Frame::SyncState {
+                    id,
+                    phase: if in_sync {
+                        SyncPhase::InSync
+                    } else {
+                        SyncPhase::Resyncing
+                    },
+                    generation,
+                    history,
+                }),
         ]
     }
 
@@ -1252,6 +1375,82 @@ mod tests {
                 })
             ));
         }
+    }
+
+    /// SyncState: the header layer refuses any length but the fixed one
+    /// (before the payload is read); the payload layer refuses unknown phases.
+    #[test]
+    fn malformed_sync_state() {
+        for n in [0u32, 1, SYNC_STATE_LEN - 1, SYNC_STATE_LEN + 1, 4096] {
+            let h = RawHeader {
+                kind: Kind::SyncState.code(),
+                flags: 0,
+                id: 9,
+                offset: 0,
+                len: n,
+                payload_len: n,
+                payload_crc: 0,
+            };
+            assert!(
+                matches!(
+                    h.validate(),
+                    Err(WireError::Malformed {
+                        kind: Kind::SyncState,
+                        ..
+                    } | WireError::PayloadTooLarge {
+                        kind: Kind::SyncState,
+                        ..
+                    })
+                ),
+                "length {n}"
+            );
+        }
+        let good = encoded(&Frame::SyncState {
+            id: 9,
+            phase: SyncPhase::InSync,
+            generation: 7,
+            history: [6, 5, 0, 0],
+        });
+        for phase in [0u8, 3, 255] {
+            let mut payload = good[HEADER_LEN..].to_vec();
+            payload[0] = phase;
+            let h = RawHeader {
+                kind: Kind::SyncState.code(),
+                flags: 0,
+                id: 9,
+                offset: 0,
+                len: SYNC_STATE_LEN,
+                payload_len: SYNC_STATE_LEN,
+                payload_crc: crc32c::crc32c(&payload),
+            };
+            let mut b = header_bytes(h);
+            b.put_slice(&payload);
+            assert!(matches!(
+                decode_all(b),
+                Err(WireError::Malformed {
+                    kind: Kind::SyncState,
+                    id: 9,
+                    ..
+                })
+            ));
+        }
+        // Offset must be zero.
+        let h = RawHeader {
+            kind: Kind::SyncState.code(),
+            flags: 0,
+            id: 9,
+            offset: 1,
+            len: SYNC_STATE_LEN,
+            payload_len: SYNC_STATE_LEN,
+            payload_crc: 0,
+        };
+        assert!(matches!(
+            h.validate(),
+            Err(WireError::NonZeroField {
+                field: "offset",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -28,10 +28,11 @@ pub mod handshake;
 pub mod link;
 
 pub use frame::{
-    encode_write_header, ErrorCode, Frame, FrameDecoder, Kind, RawHeader, WireError, FLAG_FUA,
-    FLAG_NO_TRIM, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA, VERSION,
+    encode_write_header, ErrorCode, Frame, FrameDecoder, Kind, RawHeader, SyncPhase, WireError,
+    FLAG_FUA, FLAG_NO_TRIM, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA, SYNC_HISTORY_LEN,
+    SYNC_STATE_LEN, VERSION,
 };
 pub use handshake::{
-    accept, connect, AuthFailure, HandshakeError, NodeHello, PeerInfo, VolumeIdentity,
+    accept, connect, AuthFailure, HandshakeError, NodeHello, PeerInfo, VolumeIdentity, HISTORY_LEN,
 };
 pub use link::{FrameReader, FrameWriter, LinkError};

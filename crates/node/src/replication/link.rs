@@ -23,7 +23,10 @@ use std::collections::VecDeque;
 
 use blockmirror_core::activity::{ActivityError, ActivityLog, Begin};
 use blockmirror_core::bitmap::Bitmap;
-use blockmirror_repl::{Frame, FrameReader, FrameWriter, NodeHello};
+use blockmirror_core::{compare_generations, Generations, Relation};
+use blockmirror_repl::{
+    Frame, FrameReader, FrameWriter, NodeHello, PeerInfo, SyncPhase, VolumeIdentity,
+};
 use blockmirror_storage::Backend;
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
@@ -33,6 +36,7 @@ use tracing::{debug, info, warn};
 
 use super::group::SiteGroup;
 use super::locks::RangeLocks;
+use super::GenState;
 use crate::config::{MirrorConfig, MirrorMode};
 use crate::oos_store::OosStore;
 
@@ -75,6 +79,12 @@ pub enum SyncState {
     InSync,
     Resyncing,
     Degraded,
+    /// Automatic resync refused: the peer was promoted (it is ahead), or
+    /// its data is unrelated. Nothing is copied.
+    Suspended,
+    /// Both sides were written since they last agreed. Nothing is copied
+    /// until an operator discards one side (`resync --discard-local`).
+    SplitBrain,
 }
 
 impl SyncState {
@@ -83,6 +93,8 @@ impl SyncState {
             SyncState::InSync => "in_sync",
             SyncState::Resyncing => "resyncing",
             SyncState::Degraded => "degraded",
+            SyncState::Suspended => "suspended",
+            SyncState::SplitBrain => "split_brain",
         }
     }
 }
@@ -109,6 +121,11 @@ pub enum MirrorOp {
     Flush,
     /// A liveness probe on an idle link (answered by Pong).
     Ping,
+    /// Tells the mirror a resync starts, or that it is in sync at a generation.
+    SyncState {
+        phase: SyncPhase,
+        generations: Generations,
+    },
 }
 
 impl MirrorOp {
@@ -119,7 +136,7 @@ impl MirrorOp {
             MirrorOp::Trim { offset, len, .. } | MirrorOp::WriteZeroes { offset, len, .. } => {
                 (*offset, u64::from(*len))
             }
-            MirrorOp::Flush | MirrorOp::Ping => (0, 0),
+            MirrorOp::Flush | MirrorOp::Ping | MirrorOp::SyncState { .. } => (0, 0),
         }
     }
 
@@ -151,6 +168,12 @@ impl MirrorOp {
             },
             MirrorOp::Flush => Frame::Flush { id },
             MirrorOp::Ping => Frame::Ping { id },
+            MirrorOp::SyncState { phase, generations } => Frame::SyncState {
+                id,
+                phase,
+                generation: generations.current,
+                history: generations.history,
+            },
         }
     }
 }
@@ -748,16 +771,24 @@ impl MirrorLink {
             self.shared().connection = Connection::Connecting;
             let started = Instant::now();
             match self.connect(&ctx).await {
-                Ok((stream, peer_node)) => {
+                Ok((stream, peer)) => {
                     if !first {
                         self.counters.reconnects.fetch_add(1, Relaxed);
                     }
                     first = false;
                     quiet = false;
-                    info!(volume = %self.volume, peer = %self.peer, peer_node = %peer_node, "mirror link connected");
-                    self.clone()
-                        .serve_connection(stream, peer_node, &ctx, &shutdown)
-                        .await;
+                    let peer_node = peer.node.clone();
+                    if self.judge_generations(&ctx, &peer) {
+                        info!(volume = %self.volume, peer = %self.peer, peer_node = %peer_node, "mirror link connected");
+                        self.clone()
+                            .serve_connection(stream, peer_node, &ctx, &shutdown)
+                            .await;
+                    } else {
+                        drop(stream);
+                        let mut sh = self.shared();
+                        sh.connection = Connection::Disconnected;
+                        sh.peer_node = Some(peer_node);
+                    }
                 }
                 Err(e) => {
                     let mut sh = self.shared();
@@ -788,16 +819,105 @@ impl MirrorLink {
         self.close_for_shutdown(epoch);
     }
 
-    async fn connect(&self, ctx: &LinkContext) -> Result<(TcpStream, String), String> {
+    /// Compares the mirror's generation record with ours (both authenticated
+    /// by the handshake). Returns whether the link may go live; if not, the
+    /// state says why (split brain, or suspended) and nothing is copied. A
+    /// blank mirror gets the whole volume marked.
+    fn judge_generations(&self, ctx: &LinkContext, peer: &PeerInfo) -> bool {
+        let local = ctx.gen.meta.get().generations;
+        let theirs = Generations {
+            current: peer.volume.generation,
+            history: peer.volume.history,
+        };
+        let rel = compare_generations(&local, &theirs);
+        let mut sh = self.shared();
+        if rel.primary_may_sync() {
+            if rel.needs_full_copy() {
+                let size = sh.bitmap.volume_size();
+                sh.bitmap.mark(0, size);
+                info!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node,
+                    "mirror holds no data lineage (new, or discarded): copying the whole volume");
+            } else if rel == Relation::LocalAhead {
+                info!(volume = %self.volume, peer = %self.peer, out_of_sync = sh.bitmap.dirty_bytes(),
+                    "this primary wrote while the mirror was away: copying what the bitmap marks");
+            }
+            return true;
+        }
+        let (state, why) = match rel {
+            Relation::SplitBrain => (
+                SyncState::SplitBrain,
+                format!(
+                    "split brain: both sides were written since they last agreed \
+                     (ours {}, mirror {}); no automatic resync: run `blockmirror resync \
+                     {} --discard-local` on the side whose changes are to be thrown away",
+                    local.to_display(),
+                    theirs.to_display(),
+                    self.volume
+                ),
+            ),
+            Relation::PeerAhead => (
+                SyncState::Suspended,
+                format!(
+                    "the mirror was promoted (its generation {} descends from ours {}): \
+                     not overwriting it; this side must be demoted",
+                    theirs.to_display(),
+                    local.to_display()
+                ),
+            ),
+            _ => (
+                SyncState::Suspended,
+                format!(
+                    "mirror data is unrelated to ours ({}: ours {}, mirror {}); \
+                     run `blockmirror resync {} --discard-local` on the mirror to replace it",
+                    rel.as_str(),
+                    local.to_display(),
+                    theirs.to_display(),
+                    self.volume
+                ),
+            ),
+        };
+        if sh.state != state || sh.last_error.as_deref() != Some(why.as_str()) {
+            warn!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node, relation = rel.as_str(), "{why}");
+        }
+        sh.state = state;
+        sh.last_error = Some(why);
+        false
+    }
+
+    /// Sends a SyncState on this connection and waits for the mirror to store
+    /// it. "In sync" is sent after a FLUSH, so what it covers is durable.
+    async fn announce(&self, epoch: u64, ctx: &LinkContext, phase: SyncPhase) -> bool {
+        if phase == SyncPhase::InSync {
+            let Some(p) = self.prepare_flush() else {
+                return false;
+            };
+            let sent = self.send(p, &MirrorOp::Flush);
+            if self.wait(sent).await.is_err() {
+                return false;
+            }
+        }
+        let generations = ctx.gen.meta.get().generations;
+        let Some(p) = self.prepare_for_epoch(epoch, 0, 0) else {
+            return false;
+        };
+        let sent = self.send(p, &MirrorOp::SyncState { phase, generations });
+        let ok = self.wait(sent).await.is_ok();
+        if ok && phase == SyncPhase::InSync {
+            ctx.gen.announced();
+        }
+        ok
+    }
+
+    async fn connect(&self, ctx: &LinkContext) -> Result<(TcpStream, PeerInfo), String> {
         let attempt = async {
             let mut s = TcpStream::connect(self.addr)
                 .await
                 .map_err(|e| format!("connect {}: {e}", self.addr))?;
             s.set_nodelay(true).map_err(|e| e.to_string())?;
-            let peer = blockmirror_repl::connect(&mut s, &ctx.secret, &ctx.hello)
+            let peer = blockmirror_repl::connect(&mut s, &ctx.secret, &ctx.hello())
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok((s, peer.node))
+            Ok((s, peer))
         };
         tokio::time::timeout(CONNECT_TIMEOUT, attempt)
             .await
@@ -1002,12 +1122,18 @@ impl MirrorLink {
     async fn catch_up(self: Arc<Self>, epoch: u64, ctx: LinkContext, cancel: CancellationToken) {
         let total = self.shared().bitmap.dirty_bytes();
         if total == 0 {
+            // Nothing to copy: the mirror holds our generation.
+            self.announce(epoch, &ctx, SyncPhase::InSync).await;
             return;
         }
         {
             let mut sh = self.shared();
             sh.resync_total = total;
             sh.resync_done = 0;
+        }
+        // The mirror is inconsistent from its first resync write on.
+        if !self.announce(epoch, &ctx, SyncPhase::Resyncing).await {
+            return;
         }
         info!(volume = %self.volume, peer = %self.peer, bytes = total, "catching up: copying out-of-sync regions");
         let started = Instant::now();
@@ -1026,6 +1152,11 @@ impl MirrorLink {
                 // regions marked meanwhile are copied too.
                 while window.join_next().await.is_some() {}
                 if cancel.is_cancelled() {
+                    return;
+                }
+                if self.shared().bitmap.is_clear()
+                    && !self.announce(epoch, &ctx, SyncPhase::InSync).await
+                {
                     return;
                 }
                 let mut sh = self.shared();
@@ -1138,9 +1269,29 @@ fn next_run(b: &Bitmap, from: u64, max: u64) -> Option<(u64, u64)> {
 #[derive(Clone)]
 pub struct LinkContext {
     pub secret: Arc<[u8]>,
-    pub hello: NodeHello,
+    /// This node's name.
+    pub node: String,
+    pub volume: String,
     pub backend: Arc<dyn Backend>,
     pub locks: RangeLocks,
+    pub gen: Arc<GenState>,
+}
+
+impl LinkContext {
+    /// The Hello of a new connection: the volume's record as it is now.
+    pub fn hello(&self) -> NodeHello {
+        let m = self.gen.meta.get();
+        NodeHello {
+            node: self.node.clone(),
+            volume: VolumeIdentity {
+                name: self.volume.clone(),
+                volume_id: m.volume_id,
+                size: m.size,
+                generation: m.generations.current,
+                history: m.generations.history,
+            },
+        }
+    }
 }
 
 async fn sender_loop(

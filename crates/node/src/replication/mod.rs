@@ -24,6 +24,14 @@
 //!    link, or the watchdog's timeout) has the region marked and is
 //!    degraded; the host's request succeeds ("degrade") or fails with EIO
 //!    ("fence").
+//!
+//! Generations ([`GenState`], `blockmirror_core::generation`): the first
+//! write that some mirror will lack (its link is away, or fails under the
+//! write) starts a new generation, durably, before the host is told the
+//! write is done, but only when a mirror may hold the current generation as
+//! "in sync" (it was announced to one since the last rotation, or the node
+//! just started). So a mirror promoted during the outage, and written, is
+//! seen as a split brain when the link comes back.
 
 pub mod apply;
 pub mod group;
@@ -32,20 +40,90 @@ pub mod locks;
 pub mod receiver;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use blockmirror_nbd::Errno;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::FailurePolicy;
+use crate::meta_file::{self, MetaCell, MetaFileError};
 pub use link::{MirrorLink, MirrorOp};
 pub use locks::RangeLocks;
+
+/// A primary volume's generation record, shared by its write path and its
+/// links.
+pub struct GenState {
+    pub volume: String,
+    pub meta: Arc<MetaCell>,
+    /// True when some mirror may hold the current generation as in sync, so
+    /// the next write a mirror misses must start a new generation first.
+    announced: AtomicBool,
+    rotating: tokio::sync::Mutex<()>,
+}
+
+impl GenState {
+    /// After a start nothing is known about what the mirrors hold: the first
+    /// write a mirror misses starts a new generation.
+    pub fn new(volume: &str, meta: Arc<MetaCell>) -> Self {
+        Self {
+            volume: volume.to_owned(),
+            meta,
+            announced: AtomicBool::new(true),
+            rotating: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// A mirror acknowledged that it holds the current generation in sync.
+    pub fn announced(&self) {
+        self.announced.store(true, Ordering::SeqCst);
+    }
+
+    /// Starts a new generation if a mirror may hold the current one; returns
+    /// once the new record is durable. Writes racing here wait for it.
+    pub async fn diverge(&self) -> Result<(), MetaFileError> {
+        if !self.announced.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _one = self.rotating.lock().await;
+        if !self.announced.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Cleared before the store: an announcement racing with this
+        // rotation (of the old id) sets it again, which is conservative.
+        self.announced.store(false, Ordering::SeqCst);
+        let meta = self.meta.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            let id = meta_file::new_generation_id()?;
+            meta.update(|m| m.generations.rotate(id))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(MetaFileError::Io {
+                path: self.meta.path().to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        });
+        match stored {
+            Ok(m) => {
+                info!(volume = %self.volume, generations = %m.generations.to_display(),
+                    "a mirror misses writes: new generation");
+                Ok(())
+            }
+            Err(e) => {
+                self.announced.store(true, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+}
 
 /// The mirrors of one primary volume.
 pub struct Replicator {
     pub links: Vec<Arc<MirrorLink>>,
     pub locks: RangeLocks,
     pub policy: FailurePolicy,
+    pub gen: Arc<GenState>,
 }
 
 impl Replicator {
@@ -69,6 +147,16 @@ impl Replicator {
             }
         }
         let prepared: Vec<_> = self.links.iter().map(|l| l.prepare(offset, len)).collect();
+        if prepared.iter().any(|p| matches!(p, link::Prepared::Marked)) {
+            if let Err(e) = self.gen.diverge().await {
+                warn!(error = %e, "write refused: a new generation could not be stored");
+                for (l, p) in self.links.iter().zip(prepared) {
+                    l.abandon(p, offset, len);
+                    l.end(offset, len);
+                }
+                return Err(Errno::Io);
+            }
+        }
         if let Err(e) = local().await {
             for (l, p) in self.links.iter().zip(prepared) {
                 l.abandon(p, offset, len);
@@ -83,7 +171,15 @@ impl Replicator {
             .map(|(l, p)| l.send(p, &op))
             .collect();
         drop(guard);
-        let result = self.wait_all(sent).await;
+        let (mut result, missed) = self.wait_all(sent).await;
+        if missed {
+            // A mirror lacks this write: the host hears "done" only once a
+            // new generation records that.
+            if let Err(e) = self.gen.diverge().await {
+                warn!(error = %e, "a new generation could not be stored");
+                result = Err(Errno::Io);
+            }
+        }
         for l in &self.links {
             l.end(offset, len);
         }
@@ -108,7 +204,7 @@ impl Replicator {
             })
             .collect();
         let local = local().await;
-        let mirrors = self.wait_all(sent).await;
+        let (mirrors, _) = self.wait_all(sent).await;
         local.and(mirrors)
     }
 
@@ -121,16 +217,19 @@ impl Replicator {
         Ok(())
     }
 
-    async fn wait_all(&self, sent: Vec<link::Sent>) -> Result<(), Errno> {
+    /// Waits for every mirror; also says whether one of them missed it.
+    async fn wait_all(&self, sent: Vec<link::Sent>) -> (Result<(), Errno>, bool) {
         let mut result = Ok(());
+        let mut missed = false;
         for (l, s) in self.links.iter().zip(sent) {
             if let Err(e) = l.wait(s).await {
                 debug!(error = %e, "mirror did not take a request");
+                missed = true;
                 if self.policy == FailurePolicy::Fence {
                     result = Err(Errno::Io);
                 }
             }
         }
-        result
+        (result, missed)
     }
 }
