@@ -383,6 +383,8 @@ mod tests {
                         inflight_requests: 0,
                         oldest_request_ms: 0,
                         last_error: None,
+                        resync_passes: 0,
+                        resync_suspension_us: None,
                     }],
                     primary: None,
                     ..Default::default()

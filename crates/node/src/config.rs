@@ -84,6 +84,44 @@ pub struct VolumeConfig {
     pub apply_groups: usize,
     /// On a mirror: apply tasks per group (key `apply_tasks_per_group`, default 2).
     pub apply_tasks_per_group: usize,
+    /// How a primary fills and resyncs its mirrors (keys `initial_sync`,
+    /// `resync_threshold`, `resync_max_suspension`).
+    pub resync: ResyncConfig,
+}
+
+/// How a blank mirror (new, replaced, or discarded) is filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitialSync {
+    /// Seed 004 FIG. 2: host writes only mark the change mask while passes
+    /// copy what it marks; once a pass leaves at most `resync_threshold`
+    /// marked, host writes are suspended briefly for a final copy.
+    Iterative,
+    /// DRBD-style: the link is live at once (host writes replicated) and the
+    /// marked regions are copied under range locks.
+    Live,
+}
+
+/// Resync settings of one primary volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncConfig {
+    /// Key `initial_sync`: `iterative` (default) or `live`.
+    pub initial_sync: InitialSync,
+    /// Key `resync_threshold` (default 16MiB): an iterative sync suspends host
+    /// writes for its final copy once a pass leaves at most this much marked.
+    pub threshold: u64,
+    /// Key `resync_max_suspension` (default 500ms): a final copy that would
+    /// hold host writes longer is cut short; host writes resume and passes go on.
+    pub max_suspension: Duration,
+}
+
+impl Default for ResyncConfig {
+    fn default() -> Self {
+        Self {
+            initial_sync: InitialSync::Iterative,
+            threshold: 16 << 20,
+            max_suspension: Duration::from_millis(500),
+        }
+    }
 }
 
 /// One `[[volume.mirror]]` table.
@@ -293,6 +331,9 @@ struct RawVolume {
     bitmap_granularity: Option<toml::Value>,
     apply_groups: Option<i64>,
     apply_tasks_per_group: Option<i64>,
+    initial_sync: Option<String>,
+    resync_threshold: Option<toml::Value>,
+    resync_max_suspension: Option<String>,
 }
 
 /// A `[[volume.mirror]]` table.
@@ -533,6 +574,37 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             ));
         }
 
+        let mut resync = ResyncConfig::default();
+        match rv.initial_sync.as_deref() {
+            None | Some("iterative") => {}
+            Some("live") => resync.initial_sync = InitialSync::Live,
+            Some(other) => {
+                return Err(cx.invalid(
+                    key("initial_sync"),
+                    format!("{other:?}: expected \"iterative\" or \"live\""),
+                ))
+            }
+        }
+        if let Some(v) = &rv.resync_threshold {
+            resync.threshold = size_value(v).map_err(|r| cx.invalid(key("resync_threshold"), r))?;
+        }
+        if let Some(t) = rv.resync_max_suspension.as_deref() {
+            resync.max_suspension = match humantime::parse_duration(t) {
+                Ok(d) if d >= Duration::from_millis(1) && d <= Duration::from_secs(60) => d,
+                Ok(_) => {
+                    return Err(
+                        cx.invalid(key("resync_max_suspension"), "must be between 1ms and 60s")
+                    )
+                }
+                Err(e) => {
+                    return Err(cx.invalid(
+                        key("resync_max_suspension"),
+                        format!("{t:?} is not a duration ({e}; examples: 200ms, 1s)"),
+                    ))
+                }
+            };
+        }
+
         volumes.push(VolumeConfig {
             name,
             path: vpath,
@@ -548,6 +620,7 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             bitmap_granularity,
             apply_groups,
             apply_tasks_per_group,
+            resync,
         });
     }
 
@@ -845,6 +918,36 @@ consistency_group = "app"        # optional
             format!("{EXAMPLE}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"async\"\n");
         assert!(matches!(err(&text), ConfigError::Unsupported { .. }));
         assert_err(&text, "volume[0].mirror[0].mode", "not yet supported");
+    }
+
+    #[test]
+    fn resync_settings_are_checked() {
+        let base = "secret_file = \"s\"\n";
+        let with = |extra: &str| format!("{base}{}", vol(extra));
+        let v = NodeConfig::parse(&with(""), Path::new("n.toml")).unwrap();
+        assert_eq!(v.volumes[0].resync, ResyncConfig::default());
+        let v = NodeConfig::parse(
+            &with("initial_sync = \"live\"\nresync_threshold = \"4MiB\"\nresync_max_suspension = \"50ms\""),
+            Path::new("n.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            v.volumes[0].resync,
+            ResyncConfig {
+                initial_sync: InitialSync::Live,
+                threshold: 4 << 20,
+                max_suspension: Duration::from_millis(50),
+            }
+        );
+        for (extra, k) in [
+            ("initial_sync = \"fast\"", "initial_sync"),
+            ("resync_threshold = \"lots\"", "resync_threshold"),
+            ("resync_max_suspension = \"2min\"", "resync_max_suspension"),
+            ("resync_max_suspension = \"soon\"", "resync_max_suspension"),
+        ] {
+            let e = NodeConfig::parse(&with(extra), Path::new("n.toml")).unwrap_err();
+            assert!(e.to_string().contains(k), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::metrics::{self, MetricType};
 use crate::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
 use crate::replication::apply::ApplyConfig;
 use crate::replication::group::SiteGroup;
-use crate::replication::link::LinkContext;
+use crate::replication::link::{LinkContext, LinkTuning};
 use crate::replication::receiver::{self, MirrorTarget};
 use crate::replication::{GenState, MirrorLink, RangeLocks, Replicator};
 use crate::status::{MirrorStatus, NodeStatus, VolumeStatus};
@@ -198,7 +198,10 @@ impl Node {
                     links.push(Arc::new(MirrorLink::new(
                         &vc.name,
                         m,
-                        vc.mirror_timeout,
+                        LinkTuning {
+                            timeout: vc.mirror_timeout,
+                            resync: vc.resync,
+                        },
                         recovery.bitmap,
                         al,
                         Arc::new(store),
@@ -536,6 +539,10 @@ impl AdminSource for StatusSource {
                                                 .oldest_inflight
                                                 .map_or(0, |d| d.as_millis() as u64),
                                             last_error: s.last_error,
+                                            resync_passes: s.passes,
+                                            resync_suspension_us: s
+                                                .last_suspension
+                                                .map(|d| d.as_micros() as u64),
                                         }
                                     })
                                     .collect()
@@ -764,7 +771,7 @@ fn render_apply_metrics(out: &mut String, volumes: &[Served]) {
 fn render_link_metrics(out: &mut String, volumes: &[Served]) {
     use std::sync::atomic::Ordering::Relaxed;
     type Get = fn(&MirrorLink, &crate::replication::link::LinkSnapshot) -> f64;
-    let families: [(&str, MetricType, &str, Get); 8] = [
+    let families: [(&str, MetricType, &str, Get); 11] = [
         (
             "blockmirror_replicated_bytes_total",
             MetricType::Counter,
@@ -800,6 +807,24 @@ fn render_link_metrics(out: &mut String, volumes: &[Served]) {
             MetricType::Counter,
             "Bytes copied to the mirror to bring it back in sync.",
             |l, _| l.counters.resync_bytes.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_resync_suspensions_total",
+            MetricType::Counter,
+            "Final copies of an iterative initial sync (each suspends host writes briefly).",
+            |l, _| l.counters.suspensions.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_resync_suspended_seconds_total",
+            MetricType::Counter,
+            "Time host writes were suspended by final copies, summed.",
+            |l, _| l.counters.suspended_us.load(Relaxed) as f64 / 1e6,
+        ),
+        (
+            "blockmirror_resync_last_suspension_seconds",
+            MetricType::Gauge,
+            "How long the last final copy suspended host writes.",
+            |_, s| s.last_suspension.map_or(0.0, |d| d.as_secs_f64()),
         ),
         (
             "blockmirror_mirror_inflight_requests",

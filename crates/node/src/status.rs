@@ -80,6 +80,12 @@ pub struct MirrorStatus {
     /// Why the link last failed or could not connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Passes of the last iterative initial sync (0: none ran).
+    #[serde(default)]
+    pub resync_passes: u32,
+    /// How long its final copy suspended host writes, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_suspension_us: Option<u64>,
 }
 
 /// `bytes` in binary units with one decimal: `512 B`, `1.0 GiB`, `1.5 MiB`.
@@ -196,7 +202,7 @@ pub fn render_table(status: &NodeStatus) -> String {
             "RESYNC",
         ])];
         for m in &v.mirrors {
-            let resync = if m.resync_total_bytes == 0 {
+            let mut resync = if m.resync_total_bytes == 0 {
                 "-".to_string()
             } else {
                 let pct = m.resync_done_bytes as f64 * 100.0 / m.resync_total_bytes as f64;
@@ -206,6 +212,12 @@ pub fn render_table(status: &NodeStatus) -> String {
                     human_bytes(m.resync_total_bytes)
                 )
             };
+            if m.resync_passes > 0 {
+                resync += &format!(", {} passes", m.resync_passes);
+            }
+            if let Some(us) = m.resync_suspension_us {
+                resync += &format!(", writes suspended {:.1} ms", us as f64 / 1000.0);
+            }
             rows.push(vec![
                 m.peer.clone(),
                 m.mode.clone(),
@@ -251,6 +263,8 @@ mod tests {
                         inflight_requests: 0,
                         oldest_request_ms: 0,
                         last_error: None,
+                        resync_passes: 2,
+                        resync_suspension_us: Some(1500),
                     }],
                     primary: None,
                     ..Default::default()
@@ -373,7 +387,7 @@ mod tests {
             "resyncing",
             "3.0 MiB",
             "4.0 KiB / 0.5s",
-            "1.0 MiB / 4.0 MiB (25.0%)",
+            "1.0 MiB / 4.0 MiB (25.0%), 2 passes, writes suspended 1.5 ms",
             "logs: no mirrors",
             "copy: mirror of site-b, resyncing",
         ] {

@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 use super::group::SiteGroup;
 use super::locks::RangeLocks;
 use super::GenState;
-use crate::config::{MirrorConfig, MirrorMode};
+use crate::config::{InitialSync, MirrorConfig, MirrorMode, ResyncConfig};
 use crate::oos_store::OosStore;
 
 /// The live link asks the mirror to flush this often when it has written
@@ -54,6 +54,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const CATCH_UP_CHUNK: u64 = 1024 * 1024;
 /// Catch-up requests in flight at once.
 const CATCH_UP_WINDOW: usize = 8;
+/// An iterative initial sync whose passes never leave less than the
+/// threshold (host writes outpace the copy) goes live after this many.
+const MAX_PASSES: u32 = 8;
+/// Final copies cut short by `resync_max_suspension` before it goes live.
+const MAX_SUSPENSION_ATTEMPTS: u32 = 3;
 
 /// The connection, as /status spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +225,15 @@ struct Shared {
     resync_done: u64,
     resync_total: u64,
     last_error: Option<String>,
+    /// The generation check found a blank mirror: fill it from scratch.
+    fill_from_scratch: bool,
+    /// An iterative initial sync is running: host writes only mark the
+    /// bitmap (the change mask), they are not sent.
+    copy_only: bool,
+    /// Passes of the current (or last) iterative initial sync.
+    passes: u32,
+    /// How long the last final copy held host writes.
+    last_suspension: Option<Duration>,
 }
 
 /// Counters for /metrics.
@@ -230,6 +244,9 @@ pub struct LinkCounters {
     pub reconnects: AtomicU64,
     pub failures: AtomicU64,
     pub resync_bytes: AtomicU64,
+    /// Host writes suspended, summed over final copies, in microseconds.
+    pub suspended_us: AtomicU64,
+    pub suspensions: AtomicU64,
 }
 
 /// A point-in-time view of a link, for /status and /metrics.
@@ -246,6 +263,16 @@ pub struct LinkSnapshot {
     pub resync_done: u64,
     pub resync_total: u64,
     pub last_error: Option<String>,
+    pub passes: u32,
+    pub last_suspension: Option<Duration>,
+}
+
+/// A link's timing settings from its volume's config.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkTuning {
+    /// `mirror_timeout`: a request unanswered this long fails the link.
+    pub timeout: Duration,
+    pub resync: ResyncConfig,
 }
 
 /// One mirror of one primary volume.
@@ -266,6 +293,7 @@ pub struct MirrorLink {
     /// eviction, so an evicted extent holds nothing the local disk could lose.
     local: Arc<dyn Backend>,
     pub counters: LinkCounters,
+    resync: ResyncConfig,
 }
 
 /// Why a write could not be protected by the activity log.
@@ -289,12 +317,17 @@ pub enum Prepared {
     },
     /// The mirror is not reachable: the region was marked out of sync.
     Marked,
+    /// An iterative initial sync runs: the region was marked in its change
+    /// mask and will be copied by it. Not a failure.
+    Deferred,
 }
 
 /// A request sent (or marked), to be waited for.
 pub enum Sent {
     Waiting(oneshot::Receiver<Result<(), MirrorFailure>>),
     Marked,
+    /// See [`Prepared::Deferred`].
+    Deferred,
 }
 
 impl MirrorLink {
@@ -303,7 +336,7 @@ impl MirrorLink {
     pub fn new(
         volume: &str,
         cfg: &MirrorConfig,
-        timeout: Duration,
+        tuning: LinkTuning,
         bitmap: Bitmap,
         al: ActivityLog,
         store: Arc<OosStore>,
@@ -316,7 +349,7 @@ impl MirrorLink {
             addr: cfg.addr,
             mode: cfg.mode,
             volume: volume.to_owned(),
-            timeout,
+            timeout: tuning.timeout,
             next_id: AtomicU64::new(1),
             shared: Mutex::new(Shared {
                 connection: Connection::Disconnected,
@@ -334,7 +367,12 @@ impl MirrorLink {
                 resync_done: 0,
                 resync_total: 0,
                 last_error: None,
+                fill_from_scratch: false,
+                copy_only: false,
+                passes: 0,
+                last_suspension: None,
             }),
+            resync: tuning.resync,
             counters: LinkCounters::default(),
             al_wake: tokio::sync::Notify::new(),
             group: std::sync::OnceLock::new(),
@@ -521,6 +559,18 @@ impl MirrorLink {
             sh.bitmap.mark(offset, len);
             return Prepared::Marked;
         }
+        if sh.copy_only {
+            // Marked before the local I/O starts: a copy of this region that
+            // is running now holds its range lock, so it finished before this
+            // write started, and clears nothing this write marks.
+            sh.bitmap.mark(offset, len);
+            return Prepared::Deferred;
+        }
+        self.register(&mut sh, offset, len)
+    }
+
+    /// Registers a request on the live connection (the caller checked it).
+    fn register(&self, sh: &mut Shared, offset: u64, len: u64) -> Prepared {
         let id = self.next_id.fetch_add(1, Relaxed);
         let (done, rx) = oneshot::channel();
         let epoch = sh.epoch;
@@ -568,6 +618,7 @@ impl MirrorLink {
     pub fn send(&self, p: Prepared, op: &MirrorOp) -> Sent {
         let (id, epoch, rx) = match p {
             Prepared::Marked => return Sent::Marked,
+            Prepared::Deferred => return Sent::Deferred,
             Prepared::Live { id, epoch, rx } => (id, epoch, rx),
         };
         let mut sh = self.shared();
@@ -604,6 +655,7 @@ impl MirrorLink {
     /// Waits for a sent request. The watchdog bounds the wait.
     pub async fn wait(&self, s: Sent) -> Result<(), MirrorFailure> {
         match s {
+            Sent::Deferred => Ok(()),
             Sent::Marked => Err(self.failure("not connected; change recorded for resync")),
             Sent::Waiting(rx) => rx
                 .await
@@ -649,6 +701,10 @@ impl MirrorLink {
             sh.epoch += 1;
             sh.connection = Connection::Disconnected;
             sh.last_error = Some(reason.to_owned());
+            if std::mem::take(&mut sh.copy_only) {
+                // Still blank in parts: the next connection fills it again.
+                sh.fill_from_scratch = true;
+            }
             if sh.tx.take().is_none() {
                 // Connected but not yet live (waiting for its group): nothing
                 // was sent on this connection.
@@ -754,6 +810,8 @@ impl MirrorLink {
             resync_done: sh.resync_done,
             resync_total: sh.resync_total,
             last_error: sh.last_error.clone(),
+            passes: sh.passes,
+            last_suspension: sh.last_suspension,
         }
     }
 
@@ -835,6 +893,7 @@ impl MirrorLink {
             if rel.needs_full_copy() {
                 let size = sh.bitmap.volume_size();
                 sh.bitmap.mark(0, size);
+                sh.fill_from_scratch = true;
                 info!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node,
                     "mirror holds no data lineage (new, or discarded): copying the whole volume");
             } else if rel == Relation::LocalAhead {
@@ -964,6 +1023,9 @@ impl MirrorLink {
                 return;
             }
             sh.tx = Some(tx);
+            sh.copy_only = std::mem::take(&mut sh.fill_from_scratch)
+                && self.resync.initial_sync == InitialSync::Iterative
+                && !sh.bitmap.is_clear();
             sh.state = if sh.bitmap.is_clear() {
                 SyncState::InSync
             } else {
@@ -1135,8 +1197,12 @@ impl MirrorLink {
         if !self.announce(epoch, &ctx, SyncPhase::Resyncing).await {
             return;
         }
-        info!(volume = %self.volume, peer = %self.peer, bytes = total, "catching up: copying out-of-sync regions");
         let started = Instant::now();
+        if self.shared().copy_only && !self.iterative_fill(epoch, &ctx, &cancel).await {
+            return;
+        }
+        info!(volume = %self.volume, peer = %self.peer, bytes = self.shared().bitmap.dirty_bytes(),
+            "catching up (live): copying out-of-sync regions");
         let mut window = tokio::task::JoinSet::new();
         let mut cursor = 0u64;
         loop {
@@ -1181,12 +1247,183 @@ impl MirrorLink {
             }
             let link = self.clone();
             let ctx = ctx.clone();
-            window.spawn(async move { link.copy_chunk(epoch, &ctx, off, len).await });
+            window.spawn(async move { link.copy_chunk(epoch, &ctx, off, len, true).await });
         }
     }
 
-    async fn copy_chunk(&self, epoch: u64, ctx: &LinkContext, off: u64, len: u64) {
-        let guard = ctx.locks.lock(off, len).await;
+    /// Seed 004 FIG. 2, for a mirror filled from scratch. Host writes only
+    /// mark the bitmap (the change mask, already clear of nothing: a blank
+    /// mirror has every region marked). Each pass copies what is marked, each
+    /// chunk under its range lock, so a host write racing with the copy of
+    /// its region lands its mark after the copy cleared the bits, and the
+    /// next pass copies it again. Once a pass leaves at most
+    /// `resync_threshold` marked, host writes are suspended (the range lock
+    /// over the whole volume), the rest is copied, and the link goes live
+    /// before the lock is released: no write can fall between.
+    ///
+    /// Returns false when the connection ended. Returns true with the link
+    /// live: either in sync, or (host writes outpacing the copy, or final
+    /// copies too long for `resync_max_suspension`) handed to the live
+    /// catch-up, which always converges.
+    async fn iterative_fill(
+        self: &Arc<Self>,
+        epoch: u64,
+        ctx: &LinkContext,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let size = self.shared().bitmap.volume_size();
+        let mut attempts = 0;
+        let started = Instant::now();
+        info!(volume = %self.volume, peer = %self.peer, bytes = size, threshold = self.resync.threshold,
+            "initial sync (iterative): host writes mark the change mask while passes copy");
+        for pass in 1.. {
+            {
+                let mut sh = self.shared();
+                sh.passes = pass;
+                sh.resync_total = sh.resync_done + sh.bitmap.dirty_bytes();
+            }
+            if !self.copy_pass(epoch, ctx, cancel).await {
+                return false;
+            }
+            let left = self.shared().bitmap.dirty_bytes();
+            info!(volume = %self.volume, peer = %self.peer, pass, changed = left, "initial sync pass done");
+            if left <= self.resync.threshold {
+                match self.final_copy(epoch, ctx, cancel, size).await {
+                    Some(true) => {
+                        info!(volume = %self.volume, peer = %self.peer, passes = pass,
+                            ms = started.elapsed().as_millis() as u64, "initial sync copied; live");
+                        return true;
+                    }
+                    Some(false) => {
+                        attempts += 1;
+                        if attempts >= MAX_SUSPENSION_ATTEMPTS {
+                            warn!(volume = %self.volume, peer = %self.peer, attempts,
+                                "final copies keep exceeding resync_max_suspension: going live (range-locked catch-up)");
+                            break;
+                        }
+                    }
+                    None => return false,
+                }
+            } else if pass >= MAX_PASSES {
+                warn!(volume = %self.volume, peer = %self.peer, passes = pass, changed = left,
+                    "host writes outpace the copy: going live (range-locked catch-up)");
+                break;
+            }
+        }
+        let mut sh = self.shared();
+        if sh.epoch != epoch {
+            return false;
+        }
+        sh.copy_only = false;
+        true
+    }
+
+    /// One walk over the bitmap, copying each marked run under its range lock.
+    async fn copy_pass(
+        self: &Arc<Self>,
+        epoch: u64,
+        ctx: &LinkContext,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let mut window = tokio::task::JoinSet::new();
+        let mut cursor = 0u64;
+        loop {
+            if cancel.is_cancelled() || self.shared().epoch != epoch {
+                return false;
+            }
+            let next = next_run(&self.shared().bitmap, cursor, CATCH_UP_CHUNK);
+            let Some((off, len)) = next else { break };
+            cursor = off + len;
+            while window.len() >= CATCH_UP_WINDOW {
+                window.join_next().await;
+            }
+            let (link, ctx) = (self.clone(), ctx.clone());
+            window.spawn(async move { link.copy_chunk(epoch, &ctx, off, len, true).await });
+        }
+        while window.join_next().await.is_some() {}
+        !cancel.is_cancelled() && self.shared().epoch == epoch
+    }
+
+    /// Suspends host writes (the range lock over the whole volume), copies
+    /// what is still marked, and goes live before resuming them. Some(true):
+    /// done; Some(false): cut short by `resync_max_suspension` (host writes
+    /// resume, still only marking); None: the connection ended.
+    async fn final_copy(
+        self: &Arc<Self>,
+        epoch: u64,
+        ctx: &LinkContext,
+        cancel: &CancellationToken,
+        size: u64,
+    ) -> Option<bool> {
+        let asked = Instant::now();
+        let guard = tokio::select! {
+            g = ctx.locks.lock(0, size) => g,
+            _ = cancel.cancelled() => return None,
+        };
+        let locked_after = asked.elapsed();
+        let deadline = asked + self.resync.max_suspension;
+        let mut window = tokio::task::JoinSet::new();
+        let mut cursor = 0u64;
+        let mut cut_short = false;
+        loop {
+            if cancel.is_cancelled() || self.shared().epoch != epoch {
+                return None;
+            }
+            if Instant::now() >= deadline {
+                cut_short = true;
+                break;
+            }
+            let next = next_run(&self.shared().bitmap, cursor, CATCH_UP_CHUNK);
+            let Some((off, len)) = next else { break };
+            cursor = off + len;
+            while window.len() >= CATCH_UP_WINDOW {
+                window.join_next().await;
+            }
+            let (link, ctx) = (self.clone(), ctx.clone());
+            // We hold the whole volume: the chunk takes no lock of its own.
+            window.spawn(async move { link.copy_chunk(epoch, &ctx, off, len, false).await });
+        }
+        while window.join_next().await.is_some() {}
+        let done = {
+            let mut sh = self.shared();
+            if sh.epoch != epoch {
+                return None;
+            }
+            let done = !cut_short && sh.bitmap.is_clear();
+            if done {
+                // Host writes waiting on the lock go to the mirror from now on.
+                sh.copy_only = false;
+            }
+            done
+        };
+        drop(guard);
+        let held = asked.elapsed();
+        {
+            let mut sh = self.shared();
+            sh.last_suspension = Some(held);
+        }
+        self.counters
+            .suspended_us
+            .fetch_add(held.as_micros() as u64, Relaxed);
+        self.counters.suspensions.fetch_add(1, Relaxed);
+        if done {
+            info!(volume = %self.volume, peer = %self.peer, suspended_us = held.as_micros() as u64,
+                waited_for_writes_us = locked_after.as_micros() as u64,
+                "initial sync final copy: host writes were suspended");
+        } else {
+            warn!(volume = %self.volume, peer = %self.peer, suspended_us = held.as_micros() as u64,
+                max_ms = self.resync.max_suspension.as_millis() as u64,
+                "initial sync final copy cut short at resync_max_suspension; host writes resumed");
+        }
+        Some(done)
+    }
+
+    async fn copy_chunk(&self, epoch: u64, ctx: &LinkContext, off: u64, len: u64, lock: bool) {
+        let guard = if lock {
+            Some(ctx.locks.lock(off, len).await)
+        } else {
+            None
+        };
         let backend = ctx.backend.clone();
         let read = tokio::task::spawn_blocking(move || {
             let mut buf = BytesMut::zeroed(len as usize);
@@ -1231,17 +1468,11 @@ impl MirrorLink {
 
     /// Like `prepare`, but only on the given connection and without marking.
     fn prepare_for_epoch(&self, epoch: u64, offset: u64, len: u64) -> Option<Prepared> {
-        let sh = self.shared();
+        let mut sh = self.shared();
         if sh.epoch != epoch || sh.tx.is_none() {
             return None;
         }
-        drop(sh);
-        match self.prepare(offset, len) {
-            Prepared::Live { id, epoch: e, rx } if e == epoch => {
-                Some(Prepared::Live { id, epoch, rx })
-            }
-            _ => None,
-        }
+        Some(self.register(&mut sh, offset, len))
     }
 }
 

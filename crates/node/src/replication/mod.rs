@@ -200,6 +200,9 @@ impl Replicator {
             .iter()
             .map(|l| match l.prepare_flush() {
                 Some(p) => l.send(p, &MirrorOp::Flush),
+                // Connected but filling (iterative initial sync): the mirror
+                // holds no host data to flush yet.
+                None if l.is_live() => link::Sent::Deferred,
                 None => link::Sent::Marked,
             })
             .collect();
