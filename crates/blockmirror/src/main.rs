@@ -82,6 +82,10 @@ enum Command {
         /// Return at once instead of following the resync.
         #[arg(long)]
         no_wait: bool,
+        /// On a primary: pace resync copies to this many bytes per second
+        /// (e.g. 100MiB; 0: unlimited), at once, also a running copy.
+        #[arg(long)]
+        rate: Option<String>,
     },
 }
 
@@ -153,7 +157,17 @@ async fn run(cli: Cli) -> Result<()> {
             admin,
             discard_local,
             no_wait,
-        } => resync(admin_addr(admin)?, &volume, discard_local, no_wait).await,
+            rate,
+        } => {
+            let rate = rate
+                .map(|r| config::parse_size(&r).map_err(|e| anyhow::anyhow!("--rate: {e}")))
+                .transpose()?;
+            let req = admin::ResyncRequest {
+                discard_local,
+                rate,
+            };
+            resync(admin_addr(admin)?, &volume, req, no_wait).await
+        }
     }
 }
 
@@ -351,9 +365,14 @@ fn progress(st: &status::NodeStatus, volume: &str) -> Result<Progress> {
     })
 }
 
-async fn resync(addr: SocketAddr, volume: &str, discard_local: bool, no_wait: bool) -> Result<()> {
+async fn resync(
+    addr: SocketAddr,
+    volume: &str,
+    req: admin::ResyncRequest,
+    no_wait: bool,
+) -> Result<()> {
     let path = format!("/volumes/{volume}/resync");
-    let msg = admin::post_control(addr, &path, &admin::ResyncRequest { discard_local }).await?;
+    let msg = admin::post_control(addr, &path, &req).await?;
     println!("{msg}");
     if no_wait {
         return Ok(());

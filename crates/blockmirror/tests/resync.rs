@@ -299,3 +299,67 @@ fn initial_sync_under_a_write_load_ends_identical() {
         suspended_us as f64 / 1000.0
     );
 }
+
+/// `resync --rate` paces the copy, and a new rate applies to a copy that is
+/// already running.
+#[test]
+fn resync_rate_is_enforced_and_adjustable_while_running() {
+    require_tool("qemu-io");
+    let mut pair = PairBuilder::new(64 * MIB).start();
+    let p_admin = pair.primary.admin.to_string();
+    let out = cli(&[
+        "resync",
+        PAIR_VOLUME,
+        "--admin",
+        &p_admin,
+        "--rate",
+        "2MiB",
+        "--no-wait",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(pair.link()["resync_rate_bytes_per_sec"], 2 * MIB);
+
+    pair.mirror.stop_with("KILL");
+    pair.wait_link("degraded", Duration::from_secs(30), |l| {
+        l["state"] == "degraded"
+    });
+    qemu_io_ok(pair.primary.uri(), &["write -P 0x77 0 32M", "flush"]);
+    let before = pair.primary_metric("blockmirror_resync_bytes_total");
+    let started = std::time::Instant::now();
+    pair.mirror.restart();
+    // At 2 MiB/s the 32 MiB take about 14 s: it is still copying after 2 s.
+    let link = pair.wait_link("resyncing", Duration::from_secs(30), |l| {
+        l["state"] == "resyncing" && l["resync_done_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    wait_for(
+        "two seconds of paced copying",
+        Duration::from_secs(30),
+        || (started.elapsed() >= Duration::from_secs(2)).then_some(()),
+    );
+    let copied = pair.primary_metric("blockmirror_resync_bytes_total") - before;
+    let secs = started.elapsed().as_secs_f64();
+    assert!(
+        copied <= 2.0 * MIB as f64 * secs + 8.0 * MIB as f64,
+        "copied {copied} bytes in {secs:.1} s at 2 MiB/s; {link}"
+    );
+    assert!(copied < (32 * MIB) as f64, "not paced: {copied}");
+    // Unlimited from now on: the rest goes at once.
+    let out = cli(&["resync", PAIR_VOLUME, "--admin", &p_admin, "--rate", "0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pair.wait_in_sync(Duration::from_secs(8));
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+    pair.flush_primary();
+    pair.assert_images_identical();
+}

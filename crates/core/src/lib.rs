@@ -4,6 +4,7 @@
 //!
 //! - [`geometry`]: a volume's size and block sizes, and the range checks every
 //!   request goes through before it reaches a backend.
+//! - [`rate`]: the token bucket that paces a resync copy.
 //! - [`rangelock`]: range locks that keep overlapping writes in one order on disk and on the link.
 //! - [`meta`]: the durable volume metadata record (identity, generation ids, mirror label, clean flag).
 //! - [`generation`]: generation ids and the decision that compares two sides' records
@@ -18,6 +19,7 @@ pub mod generation;
 pub mod geometry;
 pub mod meta;
 pub mod rangelock;
+pub mod rate;
 pub mod scheduler;
 pub mod sequencer;
 

@@ -41,6 +41,10 @@ pub struct ResyncRequest {
     /// becomes or stays the mirror and takes a full copy from its primary.
     #[serde(default)]
     pub discard_local: bool,
+    /// On a primary: a new resync rate for its mirrors, bytes per second
+    /// (0: unlimited); applies at once, also to a copy that is running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u64>,
 }
 
 /// Why a control request was not carried out.
@@ -385,6 +389,7 @@ mod tests {
                         last_error: None,
                         resync_passes: 0,
                         resync_suspension_us: None,
+                        resync_rate_bytes_per_sec: 0,
                     }],
                     primary: None,
                     ..Default::default()

@@ -112,6 +112,10 @@ pub struct ResyncConfig {
     /// Key `resync_max_suspension` (default 500ms): a final copy that would
     /// hold host writes longer is cut short; host writes resume and passes go on.
     pub max_suspension: Duration,
+    /// Key `resync_rate` (bytes per second, default 0: unlimited): the copy
+    /// of every resync is paced to this, leaving the rest of the link and
+    /// the disks to host I/O. Changed at run time by `blockmirror resync --rate`.
+    pub rate: u64,
 }
 
 impl Default for ResyncConfig {
@@ -120,6 +124,7 @@ impl Default for ResyncConfig {
             initial_sync: InitialSync::Iterative,
             threshold: 16 << 20,
             max_suspension: Duration::from_millis(500),
+            rate: 0,
         }
     }
 }
@@ -334,6 +339,7 @@ struct RawVolume {
     initial_sync: Option<String>,
     resync_threshold: Option<toml::Value>,
     resync_max_suspension: Option<String>,
+    resync_rate: Option<toml::Value>,
 }
 
 /// A `[[volume.mirror]]` table.
@@ -587,6 +593,9 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
         }
         if let Some(v) = &rv.resync_threshold {
             resync.threshold = size_value(v).map_err(|r| cx.invalid(key("resync_threshold"), r))?;
+        }
+        if let Some(v) = &rv.resync_rate {
+            resync.rate = size_value(v).map_err(|r| cx.invalid(key("resync_rate"), r))?;
         }
         if let Some(t) = rv.resync_max_suspension.as_deref() {
             resync.max_suspension = match humantime::parse_duration(t) {
@@ -927,7 +936,7 @@ consistency_group = "app"        # optional
         let v = NodeConfig::parse(&with(""), Path::new("n.toml")).unwrap();
         assert_eq!(v.volumes[0].resync, ResyncConfig::default());
         let v = NodeConfig::parse(
-            &with("initial_sync = \"live\"\nresync_threshold = \"4MiB\"\nresync_max_suspension = \"50ms\""),
+            &with("initial_sync = \"live\"\nresync_threshold = \"4MiB\"\nresync_max_suspension = \"50ms\"\nresync_rate = \"100MiB\""),
             Path::new("n.toml"),
         )
         .unwrap();
@@ -937,11 +946,13 @@ consistency_group = "app"        # optional
                 initial_sync: InitialSync::Live,
                 threshold: 4 << 20,
                 max_suspension: Duration::from_millis(50),
+                rate: 100 << 20,
             }
         );
         for (extra, k) in [
             ("initial_sync = \"fast\"", "initial_sync"),
             ("resync_threshold = \"lots\"", "resync_threshold"),
+            ("resync_rate = -1", "resync_rate"),
             ("resync_max_suspension = \"2min\"", "resync_max_suspension"),
             ("resync_max_suspension = \"soon\"", "resync_max_suspension"),
         ] {

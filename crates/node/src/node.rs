@@ -543,6 +543,7 @@ impl AdminSource for StatusSource {
                                             resync_suspension_us: s
                                                 .last_suspension
                                                 .map(|d| d.as_micros() as u64),
+                                            resync_rate_bytes_per_sec: s.resync_rate,
                                         }
                                     })
                                     .collect()
@@ -631,6 +632,11 @@ impl AdminSource for StatusSource {
                         .into(),
                 ));
             }
+            if let Some(rate) = req.rate {
+                for l in &r.links {
+                    l.set_resync_rate(rate);
+                }
+            }
             let states: Vec<String> = r
                 .links
                 .iter()
@@ -639,14 +645,24 @@ impl AdminSource for StatusSource {
                     format!("{} {}", sn.peer, sn.state.as_str())
                 })
                 .collect();
+            let rate = match req.rate {
+                Some(0) => "; resync rate unlimited".to_string(),
+                Some(n) => format!("; resync rate {n} bytes/s"),
+                None => String::new(),
+            };
             return Ok(format!(
-                "{volume}: resync runs whenever a mirror connects ({})",
+                "{volume}: resync runs whenever a mirror connects ({}){rate}",
                 states.join(", ")
             ));
         }
         let Some(t) = &s.target else {
             return Err(refused("not mirrored".into()));
         };
+        if req.rate.is_some() {
+            return Err(refused(
+                "--rate is set on the primary, which paces the copy".into(),
+            ));
+        }
         if !req.discard_local {
             return Ok(format!(
                 "{volume}: a mirror is resynced by its primary when it connects (state {})",

@@ -86,6 +86,9 @@ pub struct MirrorStatus {
     /// How long its final copy suspended host writes, in microseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_suspension_us: Option<u64>,
+    /// The resync copy's rate limit in bytes per second (0: unlimited).
+    #[serde(default)]
+    pub resync_rate_bytes_per_sec: u64,
 }
 
 /// `bytes` in binary units with one decimal: `512 B`, `1.0 GiB`, `1.5 MiB`.
@@ -265,6 +268,7 @@ mod tests {
                         last_error: None,
                         resync_passes: 2,
                         resync_suspension_us: Some(1500),
+                        resync_rate_bytes_per_sec: 0,
                     }],
                     primary: None,
                     ..Default::default()

@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 
 use blockmirror_core::activity::{ActivityError, ActivityLog, Begin};
 use blockmirror_core::bitmap::Bitmap;
+use blockmirror_core::rate::TokenBucket;
 use blockmirror_core::{compare_generations, Generations, Relation};
 use blockmirror_repl::{
     Frame, FrameReader, FrameWriter, NodeHello, PeerInfo, SyncPhase, VolumeIdentity,
@@ -57,6 +58,8 @@ const CATCH_UP_WINDOW: usize = 8;
 /// An iterative initial sync whose passes never leave less than the
 /// threshold (host writes outpace the copy) goes live after this many.
 const MAX_PASSES: u32 = 8;
+/// The resync rate limiter lets this much go at once.
+const RATE_BURST: u64 = 4 * CATCH_UP_CHUNK;
 /// Final copies cut short by `resync_max_suspension` before it goes live.
 const MAX_SUSPENSION_ATTEMPTS: u32 = 3;
 
@@ -265,6 +268,7 @@ pub struct LinkSnapshot {
     pub last_error: Option<String>,
     pub passes: u32,
     pub last_suspension: Option<Duration>,
+    pub resync_rate: u64,
 }
 
 /// A link's timing settings from its volume's config.
@@ -294,6 +298,10 @@ pub struct MirrorLink {
     local: Arc<dyn Backend>,
     pub counters: LinkCounters,
     resync: ResyncConfig,
+    /// Paces the resync copy (`resync_rate`; 0: unlimited).
+    bucket: Mutex<TokenBucket>,
+    /// The bucket's clock.
+    born: Instant,
 }
 
 /// Why a write could not be protected by the activity log.
@@ -373,6 +381,8 @@ impl MirrorLink {
                 last_suspension: None,
             }),
             resync: tuning.resync,
+            bucket: Mutex::new(TokenBucket::new(tuning.resync.rate, RATE_BURST, 0)),
+            born: Instant::now(),
             counters: LinkCounters::default(),
             al_wake: tokio::sync::Notify::new(),
             group: std::sync::OnceLock::new(),
@@ -812,6 +822,7 @@ impl MirrorLink {
             last_error: sh.last_error.clone(),
             passes: sh.passes,
             last_suspension: sh.last_suspension,
+            resync_rate: self.resync_rate(),
         }
     }
 
@@ -1245,6 +1256,7 @@ impl MirrorLink {
             while window.len() >= CATCH_UP_WINDOW {
                 window.join_next().await;
             }
+            self.pace(len, &cancel).await;
             let link = self.clone();
             let ctx = ctx.clone();
             window.spawn(async move { link.copy_chunk(epoch, &ctx, off, len, true).await });
@@ -1318,6 +1330,32 @@ impl MirrorLink {
         true
     }
 
+    /// The resync rate in bytes per second (0: unlimited).
+    pub fn resync_rate(&self) -> u64 {
+        self.bucket.lock().expect("poisoned").rate()
+    }
+
+    /// Changes the resync rate at once, also for a copy that is running.
+    pub fn set_resync_rate(&self, rate: u64) {
+        let now = self.born.elapsed().as_nanos() as u64;
+        self.bucket.lock().expect("poisoned").set_rate(rate, now);
+        info!(volume = %self.volume, peer = %self.peer, rate, "resync rate set (bytes/s, 0: unlimited)");
+    }
+
+    /// Waits until `len` more bytes of resync copy fit the rate.
+    async fn pace(&self, len: u64, cancel: &CancellationToken) {
+        let wait = {
+            let now = self.born.elapsed().as_nanos() as u64;
+            self.bucket.lock().expect("poisoned").take(len, now)
+        };
+        if wait > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_nanos(wait)) => {}
+                _ = cancel.cancelled() => {}
+            }
+        }
+    }
+
     /// One walk over the bitmap, copying each marked run under its range lock.
     async fn copy_pass(
         self: &Arc<Self>,
@@ -1337,6 +1375,7 @@ impl MirrorLink {
             while window.len() >= CATCH_UP_WINDOW {
                 window.join_next().await;
             }
+            self.pace(len, cancel).await;
             let (link, ctx) = (self.clone(), ctx.clone());
             window.spawn(async move { link.copy_chunk(epoch, &ctx, off, len, true).await });
         }
