@@ -116,6 +116,10 @@ pub struct ResyncConfig {
     /// of every resync is paced to this, leaving the rest of the link and
     /// the disks to host I/O. Changed at run time by `blockmirror resync --rate`.
     pub rate: u64,
+    /// Key `resync_checksum` (default false): before copying a region, ask
+    /// the mirror for its BLAKE3 hash and send the data only if it differs
+    /// (DRBD's csums-alg). Saves the link when marked regions mostly match.
+    pub checksum: bool,
 }
 
 impl Default for ResyncConfig {
@@ -125,6 +129,7 @@ impl Default for ResyncConfig {
             threshold: 16 << 20,
             max_suspension: Duration::from_millis(500),
             rate: 0,
+            checksum: false,
         }
     }
 }
@@ -340,6 +345,8 @@ struct RawVolume {
     resync_threshold: Option<toml::Value>,
     resync_max_suspension: Option<String>,
     resync_rate: Option<toml::Value>,
+    #[serde(default)]
+    resync_checksum: bool,
 }
 
 /// A `[[volume.mirror]]` table.
@@ -594,6 +601,7 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
         if let Some(v) = &rv.resync_threshold {
             resync.threshold = size_value(v).map_err(|r| cx.invalid(key("resync_threshold"), r))?;
         }
+        resync.checksum = rv.resync_checksum;
         if let Some(v) = &rv.resync_rate {
             resync.rate = size_value(v).map_err(|r| cx.invalid(key("resync_rate"), r))?;
         }
@@ -947,6 +955,7 @@ consistency_group = "app"        # optional
                 threshold: 4 << 20,
                 max_suspension: Duration::from_millis(50),
                 rate: 100 << 20,
+                checksum: false,
             }
         );
         for (extra, k) in [

@@ -787,7 +787,7 @@ fn render_apply_metrics(out: &mut String, volumes: &[Served]) {
 fn render_link_metrics(out: &mut String, volumes: &[Served]) {
     use std::sync::atomic::Ordering::Relaxed;
     type Get = fn(&MirrorLink, &crate::replication::link::LinkSnapshot) -> f64;
-    let families: [(&str, MetricType, &str, Get); 11] = [
+    let families: [(&str, MetricType, &str, Get); 12] = [
         (
             "blockmirror_replicated_bytes_total",
             MetricType::Counter,
@@ -823,6 +823,12 @@ fn render_link_metrics(out: &mut String, volumes: &[Served]) {
             MetricType::Counter,
             "Bytes copied to the mirror to bring it back in sync.",
             |l, _| l.counters.resync_bytes.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_resync_skipped_bytes_total",
+            MetricType::Counter,
+            "Bytes a checksum resync found equal on the mirror and did not send.",
+            |l, _| l.counters.resync_skipped_bytes.load(Relaxed) as f64,
         ),
         (
             "blockmirror_resync_suspensions_total",

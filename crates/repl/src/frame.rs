@@ -32,6 +32,8 @@
 //! | Ping | 48 | any | none | none |
 //! | Pong | 49 | echoed | none | none |
 //! | SyncState | 80 | request | none | exactly [`SYNC_STATE_LEN`] bytes: u8 state (1 resyncing, 2 in sync), u64 generation, 4 x u64 history |
+//! | HashRequest | 81 | request | none | none; offset and len are the range to hash (checksum resync) |
+//! | HashReply | 82 | echoed | none | exactly [`HASH_LEN`] bytes: the BLAKE3 hash of the mirror's range |
 //!
 //! Fields a kind does not use must be zero, so each frame has exactly one
 //! encoding. Decoding is two steps: [`RawHeader::decode`] judges magic,
@@ -86,6 +88,11 @@ pub enum Kind {
     /// The primary tells its mirror how its data relates to the primary's
     /// (resync starting, or in sync at a generation); acknowledged once stored.
     SyncState = 80,
+    /// Checksum resync (DRBD's csums-alg): the primary asks for the hash of
+    /// a range of the mirror's data before deciding to send it.
+    HashRequest = 81,
+    /// The mirror's answer: the BLAKE3 hash of that range.
+    HashReply = 82,
 }
 
 /// How a kind uses the header's id, offset and len fields and its payload.
@@ -105,7 +112,7 @@ enum Shape {
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Hello,
         Kind::Challenge,
         Kind::Auth,
@@ -120,6 +127,8 @@ impl Kind {
         Kind::Ping,
         Kind::Pong,
         Kind::SyncState,
+        Kind::HashRequest,
+        Kind::HashReply,
     ];
 
     pub fn code(self) -> u8 {
@@ -167,6 +176,8 @@ impl Kind {
             Kind::Trim | Kind::WriteZeroes => Shape::Range,
             Kind::Flush | Kind::Ack | Kind::Ping | Kind::Pong => Shape::Bare { id_zero: false },
             Kind::SyncState => Shape::Fixed(SYNC_STATE_LEN),
+            Kind::HashRequest => Shape::Range,
+            Kind::HashReply => Shape::Fixed(HASH_LEN as u32),
         }
     }
 
@@ -186,6 +197,8 @@ impl Kind {
             Kind::Ping => "Ping",
             Kind::Pong => "Pong",
             Kind::SyncState => "SyncState",
+            Kind::HashRequest => "HashRequest",
+            Kind::HashReply => "HashReply",
         }
     }
 }
@@ -554,7 +567,21 @@ pub enum Frame {
         generation: u64,
         history: [u64; SYNC_HISTORY_LEN],
     },
+    /// Hash `len` bytes of the mirror's data at `offset` (checksum resync).
+    HashRequest {
+        id: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// The hash of request `id`'s range.
+    HashReply {
+        id: u64,
+        hash: [u8; HASH_LEN],
+    },
 }
+
+/// Length of a [`Frame::HashReply`] payload (a BLAKE3 hash).
+pub const HASH_LEN: usize = 32;
 
 /// What a [`Frame::SyncState`] announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -605,6 +632,8 @@ impl Frame {
             Frame::Ping { .. } => Kind::Ping,
             Frame::Pong { .. } => Kind::Pong,
             Frame::SyncState { .. } => Kind::SyncState,
+            Frame::HashRequest { .. } => Kind::HashRequest,
+            Frame::HashReply { .. } => Kind::HashReply,
         }
     }
 
@@ -624,7 +653,9 @@ impl Frame {
             | Frame::Error { id, .. }
             | Frame::Ping { id }
             | Frame::Pong { id }
-            | Frame::SyncState { id, .. } => *id,
+            | Frame::SyncState { id, .. }
+            | Frame::HashRequest { id, .. }
+            | Frame::HashReply { id, .. } => *id,
         }
     }
 
@@ -721,6 +752,12 @@ impl Frame {
                     history,
                 }
             }
+            Kind::HashRequest => Frame::HashRequest { id, offset, len },
+            Kind::HashReply => Frame::HashReply {
+                id,
+                // validate() fixed the length.
+                hash: payload[..].try_into().expect("HASH_LEN bytes"),
+            },
         })
     }
 
@@ -829,6 +866,25 @@ impl Frame {
                 }
                 .encode(out);
                 out.put_slice(&p);
+            }
+            Frame::HashRequest { id, offset, len } => RawHeader {
+                offset: *offset,
+                len: *len,
+                ..bare(Kind::HashRequest, *id)
+            }
+            .encode(out),
+            Frame::HashReply { id, hash } => {
+                RawHeader {
+                    kind: Kind::HashReply.code(),
+                    flags: 0,
+                    id: *id,
+                    offset: 0,
+                    len: HASH_LEN as u32,
+                    payload_len: HASH_LEN as u32,
+                    payload_crc: crc32c::crc32c(hash),
+                }
+                .encode(out);
+                out.put_slice(hash);
             }
             Frame::Nack { id, errno, message } => {
                 encode_code_and_message(Kind::Nack, *id, *errno, message, out)
@@ -1046,6 +1102,10 @@ mod tests {
                     generation,
                     history,
                 }),
+            (any::<u64>(), 0..u64::MAX / 2, any::<u32>())
+                .prop_map(|(id, offset, len)| Frame::HashRequest { id, offset, len }),
+            (any::<u64>(), any::<[u8; HASH_LEN]>())
+                .prop_map(|(id, hash)| Frame::HashReply { id, hash }),
         ]
     }
 
@@ -1448,6 +1508,63 @@ mod tests {
             h.validate(),
             Err(WireError::NonZeroField {
                 field: "offset",
+                ..
+            })
+        ));
+    }
+
+    /// HashReply has exactly one length; HashRequest's range must not overflow.
+    #[test]
+    fn malformed_hash_frames() {
+        for n in [0u32, 31, 33] {
+            let h = RawHeader {
+                kind: Kind::HashReply.code(),
+                flags: 0,
+                id: 4,
+                offset: 0,
+                len: n,
+                payload_len: n,
+                payload_crc: 0,
+            };
+            assert!(
+                matches!(
+                    h.validate(),
+                    Err(WireError::Malformed {
+                        kind: Kind::HashReply,
+                        ..
+                    } | WireError::PayloadTooLarge {
+                        kind: Kind::HashReply,
+                        ..
+                    })
+                ),
+                "length {n}"
+            );
+        }
+        let h = RawHeader {
+            kind: Kind::HashRequest.code(),
+            flags: 0,
+            id: 4,
+            offset: u64::MAX,
+            len: 2,
+            payload_len: 0,
+            payload_crc: crc32c::crc32c(&[]),
+        };
+        assert!(matches!(
+            h.validate(),
+            Err(WireError::RangeOverflow {
+                kind: Kind::HashRequest,
+                ..
+            })
+        ));
+        let h = RawHeader {
+            offset: 0,
+            payload_len: 1,
+            ..h
+        };
+        assert!(matches!(
+            h.validate(),
+            Err(WireError::PayloadTooLarge {
+                kind: Kind::HashRequest,
                 ..
             })
         ));

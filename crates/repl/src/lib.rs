@@ -29,8 +29,8 @@ pub mod link;
 
 pub use frame::{
     encode_write_header, ErrorCode, Frame, FrameDecoder, Kind, RawHeader, SyncPhase, WireError,
-    FLAG_FUA, FLAG_NO_TRIM, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA, SYNC_HISTORY_LEN,
-    SYNC_STATE_LEN, VERSION,
+    FLAG_FUA, FLAG_NO_TRIM, HASH_LEN, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA,
+    SYNC_HISTORY_LEN, SYNC_STATE_LEN, VERSION,
 };
 pub use handshake::{
     accept, connect, AuthFailure, HandshakeError, NodeHello, PeerInfo, VolumeIdentity, HISTORY_LEN,

@@ -129,6 +129,11 @@ pub enum MirrorOp {
     Flush,
     /// A liveness probe on an idle link (answered by Pong).
     Ping,
+    /// Asks the mirror for the BLAKE3 hash of a range (checksum resync).
+    Hash {
+        offset: u64,
+        len: u32,
+    },
     /// Tells the mirror a resync starts, or that it is in sync at a generation.
     SyncState {
         phase: SyncPhase,
@@ -144,7 +149,10 @@ impl MirrorOp {
             MirrorOp::Trim { offset, len, .. } | MirrorOp::WriteZeroes { offset, len, .. } => {
                 (*offset, u64::from(*len))
             }
-            MirrorOp::Flush | MirrorOp::Ping | MirrorOp::SyncState { .. } => (0, 0),
+            MirrorOp::Flush
+            | MirrorOp::Ping
+            | MirrorOp::Hash { .. }
+            | MirrorOp::SyncState { .. } => (0, 0),
         }
     }
 
@@ -176,6 +184,7 @@ impl MirrorOp {
             },
             MirrorOp::Flush => Frame::Flush { id },
             MirrorOp::Ping => Frame::Ping { id },
+            MirrorOp::Hash { offset, len } => Frame::HashRequest { id, offset, len },
             MirrorOp::SyncState { phase, generations } => Frame::SyncState {
                 id,
                 phase,
@@ -250,6 +259,8 @@ pub struct LinkCounters {
     /// Host writes suspended, summed over final copies, in microseconds.
     pub suspended_us: AtomicU64,
     pub suspensions: AtomicU64,
+    /// Bytes a checksum resync found equal on the mirror and did not send.
+    pub resync_skipped_bytes: AtomicU64,
 }
 
 /// A point-in-time view of a link, for /status and /metrics.
@@ -302,6 +313,8 @@ pub struct MirrorLink {
     bucket: Mutex<TokenBucket>,
     /// The bucket's clock.
     born: Instant,
+    /// HashReply payloads by request id, picked up by the copy that asked.
+    hashes: Mutex<std::collections::HashMap<u64, [u8; 32]>>,
 }
 
 /// Why a write could not be protected by the activity log.
@@ -383,6 +396,7 @@ impl MirrorLink {
             resync: tuning.resync,
             bucket: Mutex::new(TokenBucket::new(tuning.resync.rate, RATE_BURST, 0)),
             born: Instant::now(),
+            hashes: Mutex::new(std::collections::HashMap::new()),
             counters: LinkCounters::default(),
             al_wake: tokio::sync::Notify::new(),
             group: std::sync::OnceLock::new(),
@@ -1086,6 +1100,10 @@ impl MirrorLink {
             };
             match frame {
                 Ok(Some(Frame::Ack { id })) | Ok(Some(Frame::Pong { id })) => ids.push(id),
+                Ok(Some(Frame::HashReply { id, hash })) => {
+                    self.hashes.lock().expect("poisoned").insert(id, hash);
+                    ids.push(id);
+                }
                 Ok(Some(Frame::Nack { id, errno, message })) => {
                     break format!("mirror failed request {id} with errno {errno}: {message}");
                 }
@@ -1464,12 +1482,35 @@ impl MirrorLink {
             None
         };
         let backend = ctx.backend.clone();
+        let checksum = self.resync.checksum;
+        // With checksums, ask for the mirror's hash while the local read runs.
+        let asked = if checksum {
+            self.prepare_for_epoch(epoch, 0, 0).map(|p| {
+                let id = match &p {
+                    Prepared::Live { id, .. } => *id,
+                    _ => 0,
+                };
+                let sent = self.send(
+                    p,
+                    &MirrorOp::Hash {
+                        offset: off,
+                        len: len as u32,
+                    },
+                );
+                (id, sent)
+            })
+        } else {
+            None
+        };
         let read = tokio::task::spawn_blocking(move || {
             let mut buf = BytesMut::zeroed(len as usize);
-            backend.read_at(&mut buf, off).map(|()| buf.freeze())
+            backend.read_at(&mut buf, off).map(|()| {
+                let hash = checksum.then(|| *blake3::hash(&buf).as_bytes());
+                (buf.freeze(), hash)
+            })
         })
         .await;
-        let data = match read {
+        let (data, local_hash) = match read {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 warn!(error = %e, "catch-up read failed; region stays marked");
@@ -1477,6 +1518,25 @@ impl MirrorLink {
             }
             Err(_) => return,
         };
+        if let (Some((id, sent)), Some(local)) = (asked, local_hash) {
+            // The mirror hashes without waiting for writes queued before the
+            // request; under our range lock only a host write sent before it
+            // can be queued there, and it carries the data we just read, so
+            // "equal" can only be true of data the mirror ends up holding.
+            let theirs = match self.wait(sent).await {
+                Ok(()) => self.hashes.lock().expect("poisoned").remove(&id),
+                Err(_) => None,
+            };
+            if theirs == Some(local) {
+                let mut sh = self.shared();
+                if sh.epoch == epoch {
+                    sh.bitmap.clear(off, len);
+                    sh.resync_done += len;
+                    self.counters.resync_skipped_bytes.fetch_add(len, Relaxed);
+                }
+                return;
+            }
+        }
         let op = if data.iter().all(|&b| b == 0) {
             MirrorOp::WriteZeroes {
                 offset: off,

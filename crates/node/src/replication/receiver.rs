@@ -464,6 +464,35 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                 acks.push(Frame::Pong { id });
                 continue;
             }
+            Frame::HashRequest { id, offset, len } => {
+                // Hashed on the blocking pool; the reply goes out when ready.
+                match in_range(offset, u64::from(len), size) {
+                    Ok(()) => {
+                        let (backend, tx) = (t.backend.clone(), tx.clone());
+                        tokio::task::spawn_blocking(move || {
+                            let mut buf = vec![0u8; len as usize];
+                            let reply = match backend.read_at(&mut buf, offset) {
+                                Ok(()) => Frame::HashReply {
+                                    id,
+                                    hash: *blake3::hash(&buf).as_bytes(),
+                                },
+                                Err(e) => Frame::Nack {
+                                    id,
+                                    errno: 5,
+                                    message: e.to_string(),
+                                },
+                            };
+                            let _ = tx.send(vec![reply]);
+                        });
+                    }
+                    Err(message) => acks.push(Frame::Nack {
+                        id,
+                        errno: 22,
+                        message,
+                    }),
+                }
+                continue;
+            }
             Frame::SyncState {
                 id,
                 phase,
