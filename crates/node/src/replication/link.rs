@@ -54,7 +54,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Catch-up copies this much per request.
 const CATCH_UP_CHUNK: u64 = 1024 * 1024;
 /// Catch-up requests in flight at once.
-const CATCH_UP_WINDOW: usize = 8;
+const CATCH_UP_WINDOW: usize = 16;
 /// An iterative initial sync whose passes never leave less than the
 /// threshold (host writes outpace the copy) goes live after this many.
 const MAX_PASSES: u32 = 8;
