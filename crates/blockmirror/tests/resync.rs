@@ -405,3 +405,33 @@ fn checksum_resync_sends_only_regions_that_differ() {
         0x22
     ));
 }
+
+/// `--discard-local` on a connected mirror cuts its link; the primary
+/// reconnects, finds it blank and copies the whole volume again.
+#[test]
+fn discard_local_on_a_connected_mirror_forces_a_full_copy() {
+    require_tool("qemu-io");
+    let pair = PairBuilder::new(16 * MIB).start();
+    qemu_io_ok(pair.primary.uri(), &["write -P 0x66 0 2M", "flush"]);
+    let before = pair.primary_metric("blockmirror_resync_bytes_total");
+    let m_admin = pair.mirror.admin.to_string();
+    let out = cli(&[
+        "resync",
+        PAIR_VOLUME,
+        "--admin",
+        &m_admin,
+        "--discard-local",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        pair.logs()
+    );
+    pair.wait_in_sync(Duration::from_secs(60));
+    let copied = pair.primary_metric("blockmirror_resync_bytes_total") - before;
+    assert!(copied >= (16 * MIB) as f64, "copied {copied}");
+    pair.flush_primary();
+    pair.assert_images_identical();
+}

@@ -684,6 +684,7 @@ impl AdminSource for StatusSource {
                 reason: e.to_string(),
             })?;
         t.set_demoted();
+        t.cut_link();
         warn!(volume, generations = %m.generations.to_display(),
             "local changes discarded: a mirror again, waiting for a full copy from the primary");
         Ok(format!(

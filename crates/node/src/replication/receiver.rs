@@ -114,6 +114,14 @@ impl MirrorTarget {
         self.promoted.store(false, Ordering::SeqCst);
     }
 
+    /// Ends the current link, if any: its primary reconnects and judges the
+    /// generations again (after `--discard-local`, a full copy).
+    pub fn cut_link(&self) {
+        if let Some((_, _, token)) = self.current.lock().expect("poisoned").as_ref() {
+            token.cancel();
+        }
+    }
+
     /// The mirror's own state for /status: `in_sync`, `resyncing`,
     /// `inconsistent` or `degraded` (consistent but not connected); None
     /// when promoted.
@@ -325,8 +333,13 @@ async fn handle(
     // Without its primary, an in-sync mirror is a point in time the primary
     // passed through, and may fall behind.
     if target.meta.get().label == MirrorLabel::InSync {
+        // Conditional inside the update: a promote may have run meanwhile.
         if let Err(e) = target
-            .update_meta(|m| m.label = MirrorLabel::Consistent)
+            .update_meta(|m| {
+                if m.label == MirrorLabel::InSync {
+                    m.label = MirrorLabel::Consistent;
+                }
+            })
             .await
         {
             warn!(volume = %target.name, error = %e, "storing the mirror label failed");
