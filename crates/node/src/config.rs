@@ -120,6 +120,10 @@ pub struct ResyncConfig {
     /// the mirror for its BLAKE3 hash and send the data only if it differs
     /// (DRBD's csums-alg). Saves the link when marked regions mostly match.
     pub checksum: bool,
+    /// Key `resync_host_share` (percent, 0 to 90, default 0): while hosts
+    /// write (seen in the last 100 ms), the copy runs at `resync_rate` less
+    /// this share, leaving it to host I/O. Needs a `resync_rate`.
+    pub host_share: u8,
 }
 
 impl Default for ResyncConfig {
@@ -130,6 +134,7 @@ impl Default for ResyncConfig {
             max_suspension: Duration::from_millis(500),
             rate: 0,
             checksum: false,
+            host_share: 0,
         }
     }
 }
@@ -347,6 +352,7 @@ struct RawVolume {
     resync_rate: Option<toml::Value>,
     #[serde(default)]
     resync_checksum: bool,
+    resync_host_share: Option<i64>,
 }
 
 /// A `[[volume.mirror]]` table.
@@ -602,6 +608,16 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             resync.threshold = size_value(v).map_err(|r| cx.invalid(key("resync_threshold"), r))?;
         }
         resync.checksum = rv.resync_checksum;
+        match rv.resync_host_share {
+            None => {}
+            Some(n @ 0..=90) => resync.host_share = n as u8,
+            Some(n) => {
+                return Err(cx.invalid(
+                    key("resync_host_share"),
+                    format!("{n} is out of range (0 to 90 percent)"),
+                ))
+            }
+        }
         if let Some(v) = &rv.resync_rate {
             resync.rate = size_value(v).map_err(|r| cx.invalid(key("resync_rate"), r))?;
         }
@@ -956,12 +972,14 @@ consistency_group = "app"        # optional
                 max_suspension: Duration::from_millis(50),
                 rate: 100 << 20,
                 checksum: false,
+                host_share: 0,
             }
         );
         for (extra, k) in [
             ("initial_sync = \"fast\"", "initial_sync"),
             ("resync_threshold = \"lots\"", "resync_threshold"),
             ("resync_rate = -1", "resync_rate"),
+            ("resync_host_share = 95", "resync_host_share"),
             ("resync_max_suspension = \"2min\"", "resync_max_suspension"),
             ("resync_max_suspension = \"soon\"", "resync_max_suspension"),
         ] {

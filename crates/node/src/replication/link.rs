@@ -313,6 +313,8 @@ pub struct MirrorLink {
     bucket: Mutex<TokenBucket>,
     /// The bucket's clock.
     born: Instant,
+    /// When a host write last came through, on the bucket's clock (ns + 1; 0: never).
+    last_host_write: AtomicU64,
     /// HashReply payloads by request id, picked up by the copy that asked.
     hashes: Mutex<std::collections::HashMap<u64, [u8; 32]>>,
 }
@@ -397,6 +399,7 @@ impl MirrorLink {
             bucket: Mutex::new(TokenBucket::new(tuning.resync.rate, RATE_BURST, 0)),
             born: Instant::now(),
             hashes: Mutex::new(std::collections::HashMap::new()),
+            last_host_write: AtomicU64::new(0),
             counters: LinkCounters::default(),
             al_wake: tokio::sync::Notify::new(),
             group: std::sync::OnceLock::new(),
@@ -1360,11 +1363,23 @@ impl MirrorLink {
         info!(volume = %self.volume, peer = %self.peer, rate, "resync rate set (bytes/s, 0: unlimited)");
     }
 
-    /// Waits until `len` more bytes of resync copy fit the rate.
+    /// A host write came through (for `resync_host_share`).
+    pub fn note_host_write(&self) {
+        if self.resync.host_share > 0 {
+            let now = self.born.elapsed().as_nanos() as u64;
+            self.last_host_write.store(now + 1, Relaxed);
+        }
+    }
+
+    /// Waits until `len` more bytes of resync copy fit the rate (less the
+    /// host's share while hosts write).
     async fn pace(&self, len: u64, cancel: &CancellationToken) {
         let wait = {
             let now = self.born.elapsed().as_nanos() as u64;
-            self.bucket.lock().expect("poisoned").take(len, now)
+            let last = self.last_host_write.load(Relaxed);
+            let active = last != 0 && now.saturating_sub(last - 1) < HOST_ACTIVE_NS;
+            let charged = charged_bytes(len, self.resync.host_share, active);
+            self.bucket.lock().expect("poisoned").take(charged, now)
         };
         if wait > 0 {
             tokio::select! {
@@ -1575,6 +1590,19 @@ impl MirrorLink {
     }
 }
 
+/// Host writes within this long count as "hosts are writing".
+const HOST_ACTIVE_NS: u64 = 100_000_000;
+
+/// What `len` bytes of copy cost in the rate limiter: more while hosts write,
+/// so the copy runs at `(100 - share)%` of the rate and the rest is theirs.
+fn charged_bytes(len: u64, share: u8, host_active: bool) -> u64 {
+    if !host_active || share == 0 {
+        return len;
+    }
+    let keep = 100 - u64::from(share.min(90));
+    len.saturating_mul(100) / keep
+}
+
 /// A clear bitmap of the same shape as `b`.
 fn empty_like(b: &Bitmap) -> Bitmap {
     Bitmap::new(b.volume_size(), b.granularity()).expect("same shape as a valid bitmap")
@@ -1651,5 +1679,22 @@ async fn sender_loop(
             cancel.cancel();
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_share_slows_the_copy_only_while_hosts_write() {
+        assert_eq!(charged_bytes(1 << 20, 0, true), 1 << 20);
+        assert_eq!(charged_bytes(1 << 20, 50, false), 1 << 20);
+        // Half the rate for the copy: each byte costs two.
+        assert_eq!(charged_bytes(1 << 20, 50, true), 2 << 20);
+        // 25% kept for hosts: the copy gets 75% of the rate.
+        assert_eq!(charged_bytes(3 << 20, 25, true), 4 << 20);
+        // Capped at 90%, so the copy always progresses.
+        assert_eq!(charged_bytes(100, 200, true), 1000);
     }
 }

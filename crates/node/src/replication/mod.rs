@@ -137,6 +137,9 @@ impl Replicator {
         self.check_fence()?;
         let (offset, len) = op.range();
         let guard = self.locks.lock(offset, len).await;
+        for l in &self.links {
+            l.note_host_write();
+        }
         for (i, l) in self.links.iter().enumerate() {
             if let Err(e) = l.activate(offset, len).await {
                 warn!(error = %e, "write refused: it could not be recorded for resync");
