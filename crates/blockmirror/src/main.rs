@@ -91,6 +91,34 @@ enum Command {
         #[arg(long)]
         admin: Option<SocketAddr>,
     },
+    /// Make a mirror volume the primary (read-write export, new generation).
+    Promote {
+        volume: String,
+        /// Admin address of the mirror's node.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Promote even while the primary is connected, or the mirror is inconsistent.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Start or resume a resync and follow it until the mirror is in sync.
+    Resync {
+        volume: String,
+        /// Admin address of the node.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Resolve a split brain by throwing this side's changes away: it
+        /// becomes (or stays) the mirror and takes a full copy from its primary.
+        #[arg(long)]
+        discard_local: bool,
+        /// Return at once instead of following the resync.
+        #[arg(long)]
+        no_wait: bool,
+        /// On a primary: pace resync copies to this many bytes per second
+        /// (e.g. 100MiB; 0: unlimited), at once, also a running copy.
+        #[arg(long)]
+        rate: Option<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -184,6 +212,33 @@ async fn run(cli: Cli) -> Result<Outcome> {
                 println!("{volume} -> {p}: {mode}");
             }
             Ok(Outcome::Success)
+        }
+        Command::Promote {
+            volume,
+            admin,
+            force,
+        } => {
+            let addr = admin_addr(admin)?;
+            let path = format!("/volumes/{volume}/promote");
+            let msg = admin::post_control(addr, &path, &admin::PromoteRequest { force }).await?;
+            println!("{msg}");
+            Ok(Outcome::Success)
+        }
+        Command::Resync {
+            volume,
+            admin,
+            discard_local,
+            no_wait,
+            rate,
+        } => {
+            let rate = rate
+                .map(|r| config::parse_size(&r).map_err(|e| anyhow::anyhow!("--rate: {e}")))
+                .transpose()?;
+            let req = admin::ResyncRequest {
+                discard_local,
+                rate,
+            };
+            ok(resync(admin_addr(admin)?, &volume, req, no_wait).await)
         }
     }
 }
@@ -406,11 +461,105 @@ mode = "{mode}"
     Ok(())
 }
 
-async fn show_status(addr: Option<SocketAddr>, json: bool) -> Result<()> {
-    let addr = match addr {
+fn admin_addr(addr: Option<SocketAddr>) -> Result<SocketAddr> {
+    Ok(match addr {
         Some(a) => a,
         None => config::default_admin_addr(&std::env::current_dir()?),
-    };
+    })
+}
+
+/// Where a volume's resync stands, as one node's /status shows it.
+struct Progress {
+    done: u64,
+    total: u64,
+    in_sync: bool,
+    /// A state that no waiting will change (split brain, suspended).
+    stuck: Option<String>,
+    label: String,
+}
+
+fn progress(st: &status::NodeStatus, volume: &str) -> Result<Progress> {
+    let v = st
+        .volumes
+        .iter()
+        .find(|v| v.name == volume)
+        .with_context(|| format!("node {} has no volume {volume:?}", st.node))?;
+    if !v.mirrors.is_empty() {
+        let (mut done, mut total) = (0, 0);
+        let mut stuck = None;
+        for m in &v.mirrors {
+            done += m.resync_done_bytes;
+            total += m.resync_total_bytes;
+            if m.state == "split_brain" || m.state == "suspended" {
+                stuck = Some(format!(
+                    "mirror {}: {}: {}",
+                    m.peer,
+                    m.state,
+                    m.last_error.clone().unwrap_or_default()
+                ));
+            }
+        }
+        let in_sync = v.mirrors.iter().all(|m| m.state == "in_sync");
+        let states: Vec<&str> = v.mirrors.iter().map(|m| m.state.as_str()).collect();
+        return Ok(Progress {
+            done,
+            total,
+            in_sync,
+            stuck,
+            label: states.join(","),
+        });
+    }
+    let state = v.state.clone().unwrap_or_else(|| v.role.clone());
+    Ok(Progress {
+        // A mirror knows only what it applied; a full copy is the volume.
+        done: v.applied_bytes.unwrap_or(0).min(v.size_bytes),
+        total: v.size_bytes,
+        in_sync: state == "in_sync",
+        stuck: (v.role == "primary" && v.mirrors.is_empty())
+            .then(|| format!("{volume} is a primary without mirrors here")),
+        label: state,
+    })
+}
+
+async fn resync(
+    addr: SocketAddr,
+    volume: &str,
+    req: admin::ResyncRequest,
+    no_wait: bool,
+) -> Result<()> {
+    let path = format!("/volumes/{volume}/resync");
+    let msg = admin::post_control(addr, &path, &req).await?;
+    println!("{msg}");
+    if no_wait {
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg:12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    loop {
+        let p = progress(&admin::fetch_status(addr).await?, volume)?;
+        bar.set_length(p.total.max(1));
+        bar.set_position(p.done.min(p.total));
+        bar.set_message(p.label.clone());
+        if p.in_sync {
+            bar.finish_with_message("in_sync");
+            return Ok(());
+        }
+        if let Some(why) = p.stuck {
+            bar.abandon();
+            bail!("{why}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+async fn show_status(addr: Option<SocketAddr>, json: bool) -> Result<()> {
+    let addr = admin_addr(addr)?;
     let st = admin::fetch_status(addr).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&st)?);

@@ -273,7 +273,11 @@ fn status_metrics_and_cli() {
     assert_eq!(v["role"], "primary");
     assert_eq!(v["size_bytes"], 16 * MIB);
     assert_eq!(v["mirrors"], serde_json::json!([]));
-    assert!(v["generation"].as_str().unwrap().ends_with(":1"));
+    // `<volume id>:<current generation>`: a new primary starts a random lineage.
+    let (id, gen) = v["generation"].as_str().unwrap().split_once(':').unwrap();
+    assert_eq!((id.len(), gen.len()), (32, 16), "{v}");
+    assert_ne!(u64::from_str_radix(gen, 16).unwrap(), 0, "{v}");
+    assert!(v["generations"].as_str().unwrap().starts_with(gen), "{v}");
     let m = node.metrics();
     assert!(
         m.contains("blockmirror_host_bytes_written_total{volume=\"db\"} 1048576"),

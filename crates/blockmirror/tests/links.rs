@@ -118,6 +118,7 @@ fn corrupted_frame_on_an_authenticated_link_is_not_applied() {
                 volume_id: [1; 16],
                 size: 4 * MIB,
                 generation: 1,
+                history: [0; 4],
             },
         };
         blockmirror_repl::connect(&mut s, secret.as_bytes(), &hello)

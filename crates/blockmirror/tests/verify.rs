@@ -198,6 +198,7 @@ impl JobConn {
                 volume_id: [0; 16],
                 size: 16 * MIB,
                 generation: 0,
+                history: [0; blockmirror_repl::HISTORY_LEN],
             },
         };
         connect_for(&mut s, secret.trim().as_bytes(), &hello, Purpose::Jobs)

@@ -4,21 +4,28 @@
 //!
 //! - [`geometry`]: a volume's size and block sizes, and the range checks every
 //!   request goes through before it reaches a backend.
+//! - [`rate`]: the token bucket that paces a resync copy.
 //! - [`rangelock`]: range locks that keep overlapping writes in one order on disk and on the link.
 //! - [`jobs`]: seed 002's device and job records: the mirror's bounded job table and link ids.
 //! - [`meta`]: the durable volume metadata record (identity, generation, clean flag).
+//! - [`meta`]: the durable volume metadata record (identity, generation ids, mirror label, clean flag).
+//! - [`generation`]: generation ids and the decision that compares two sides' records
+//!   (in sync, which side is ahead, split brain, unrelated).
 //! - [`scheduler`]: the mirror's parallel apply scheduler: range groups, task mini-queues and
 //!   overlap counters, so overlapping operations apply in arrival order and others in parallel.
 //! - [`sequencer`]: releases a write's subtasks, prepared out of order, to the link in order.
 
 pub mod activity;
 pub mod bitmap;
+pub mod generation;
 pub mod geometry;
 pub mod jobs;
 pub mod meta;
 pub mod rangelock;
+pub mod rate;
 pub mod scheduler;
 pub mod sequencer;
 
+pub use generation::{compare as compare_generations, Generations, Relation};
 pub use geometry::{Geometry, RangeError};
-pub use meta::{MetaError, VolumeMeta};
+pub use meta::{MetaError, MirrorLabel, VolumeMeta};

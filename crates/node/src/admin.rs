@@ -1,15 +1,23 @@
-//! The admin HTTP server (`GET /status`, `GET /metrics`) and the small client
+//! The admin HTTP server (`GET /status`, `GET /metrics`, and the control
+//! endpoints `POST /volumes/{name}/promote` and `POST /volumes/{name}/resync`
+//! behind `blockmirror promote` and `blockmirror resync`) and the small client
 //! the CLI uses to talk to it.
+//!
+//! Control requests take a JSON body (`{"force": true}`,
+//! `{"discard_local": true}`; an empty body means all defaults) and answer
+//! 200 with a one-line text message, 404 for an unknown volume, 409 when
+//! refused (the message says why and what to do), 400 for a bad body, 500
+//! when the change could not be stored.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, Method, Request, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -17,6 +25,40 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::status::NodeStatus;
+
+/// `POST /volumes/{name}/promote`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PromoteRequest {
+    /// Promote even while the primary is connected, or the mirror is inconsistent.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /volumes/{name}/resync`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResyncRequest {
+    /// This side gives up its own changes (resolves a split brain): it
+    /// becomes or stays the mirror and takes a full copy from its primary.
+    #[serde(default)]
+    pub discard_local: bool,
+    /// On a primary: a new resync rate for its mirrors, bytes per second
+    /// (0: unlimited); applies at once, also to a copy that is running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u64>,
+}
+
+/// Why a control request was not carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("no volume named {0:?}")]
+    UnknownVolume(String),
+    /// Not allowed now; the text says why and what to do.
+    #[error("volume {volume}: {reason}")]
+    Refused { volume: String, reason: String },
+    /// Allowed, but the change could not be made durable.
+    #[error("volume {volume}: {reason}")]
+    Failed { volume: String, reason: String },
+}
 
 /// The `Content-Type` of `GET /metrics`: Prometheus text format 0.0.4.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -44,6 +86,21 @@ pub trait AdminSource: Send + Sync + 'static {
     fn set_mode(&self, volume: &str, req: &ModeRequest) -> Result<Vec<String>, (u16, String)> {
         let _ = (volume, req);
         Err((404, "mode switching is not available on this node".into()))
+    }
+    /// Makes a mirror volume the primary. Called on the blocking pool.
+    fn promote(&self, volume: &str, _req: &PromoteRequest) -> Result<String, ControlError> {
+        Err(ControlError::Refused {
+            volume: volume.into(),
+            reason: "promote is not supported by this node".into(),
+        })
+    }
+    /// Starts, resumes or (with `discard_local`) forces a resync. Called on
+    /// the blocking pool.
+    fn resync(&self, volume: &str, _req: &ResyncRequest) -> Result<String, ControlError> {
+        Err(ControlError::Refused {
+            volume: volume.into(),
+            reason: "resync is not supported by this node".into(),
+        })
     }
 }
 
@@ -90,6 +147,8 @@ pub fn router(source: Arc<dyn AdminSource>) -> Router {
         .route("/metrics", get(get_metrics))
         .route("/verify/{volume}", axum::routing::post(post_verify))
         .route("/mode/{volume}", axum::routing::post(post_mode))
+        .route("/volumes/{name}/promote", post(post_promote))
+        .route("/volumes/{name}/resync", post(post_resync))
         .fallback(not_found)
         .with_state(source)
 }
@@ -206,6 +265,56 @@ pub async fn start_verify(
     let s: VerifyStarted = serde_json::from_slice(&resp.body)
         .map_err(|source| AdminClientError::Decode { addr, path, source })?;
     Ok(s.id)
+}
+
+fn control_reply(r: Result<Result<String, ControlError>, String>) -> (StatusCode, String) {
+    match r {
+        Ok(Ok(msg)) => (StatusCode::OK, msg + "\n"),
+        Ok(Err(e)) => {
+            let code = match e {
+                ControlError::UnknownVolume(_) => StatusCode::NOT_FOUND,
+                ControlError::Refused { .. } => StatusCode::CONFLICT,
+                ControlError::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            (code, e.to_string() + "\n")
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, e + "\n"),
+    }
+}
+
+fn parse_body<T: Default + serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| format!("bad request body: {e}"))
+}
+
+async fn post_promote(
+    State(source): State<Arc<dyn AdminSource>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> impl IntoResponse {
+    let r = match parse_body::<PromoteRequest>(&body) {
+        Ok(req) => tokio::task::spawn_blocking(move || source.promote(&name, &req))
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    control_reply(r)
+}
+
+async fn post_resync(
+    State(source): State<Arc<dyn AdminSource>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> impl IntoResponse {
+    let r = match parse_body::<ResyncRequest>(&body) {
+        Ok(req) => tokio::task::spawn_blocking(move || source.resync(&name, &req))
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    control_reply(r)
 }
 
 async fn not_found() -> impl IntoResponse {
@@ -355,6 +464,31 @@ pub async fn fetch_status(addr: SocketAddr) -> Result<NodeStatus, AdminClientErr
     })
 }
 
+/// POSTs a control request (`body` as JSON) and returns the node's message
+/// on success; a refusal is [`AdminClientError::Status`] with its text.
+pub async fn post_control(
+    addr: SocketAddr,
+    path: &str,
+    body: &impl serde::Serialize,
+) -> Result<String, AdminClientError> {
+    let json = serde_json::to_vec(body).map_err(|source| AdminClientError::Decode {
+        addr,
+        path: path.to_string(),
+        source,
+    })?;
+    let resp = request(addr, Method::POST, path, Bytes::from(json)).await?;
+    let text = String::from_utf8_lossy(&resp.body).trim().to_string();
+    if !(200..300).contains(&resp.status) {
+        return Err(AdminClientError::Status {
+            addr,
+            path: path.to_string(),
+            status: resp.status,
+            body: text,
+        });
+    }
+    Ok(text)
+}
+
 /// `GET /metrics` from the node whose admin API is at `addr`.
 pub async fn fetch_metrics(addr: SocketAddr) -> Result<String, AdminClientError> {
     let body = get_ok(addr, "/metrics").await?;
@@ -395,8 +529,12 @@ mod tests {
                         oldest_request_ms: 0,
                         last_error: None,
                         last_verify: None,
+                        resync_passes: 0,
+                        resync_suspension_us: None,
+                        resync_rate_bytes_per_sec: 0,
                     }],
                     primary: None,
+                    ..Default::default()
                 }],
             }
         }
@@ -461,6 +599,72 @@ mod tests {
         assert_eq!(resp.status, 405);
 
         stop.send(()).unwrap();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn control_endpoints_map_errors_to_status_codes() {
+        struct Ctl;
+        impl AdminSource for Ctl {
+            fn status(&self) -> NodeStatus {
+                Fake.status()
+            }
+            fn metrics(&self) -> String {
+                String::new()
+            }
+            fn promote(&self, volume: &str, req: &PromoteRequest) -> Result<String, ControlError> {
+                match (volume, req.force) {
+                    ("db", true) => Ok("promoted db".into()),
+                    ("db", false) => Err(ControlError::Refused {
+                        volume: "db".into(),
+                        reason: "primary connected; use --force".into(),
+                    }),
+                    (v, _) => Err(ControlError::UnknownVolume(v.into())),
+                }
+            }
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, Arc::new(Ctl), async {
+            let _ = rx.await;
+        }));
+        let ok = post_control(addr, "/volumes/db/promote", &PromoteRequest { force: true })
+            .await
+            .unwrap();
+        assert_eq!(ok, "promoted db");
+        let e = post_control(addr, "/volumes/db/promote", &PromoteRequest::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, AdminClientError::Status { status: 409, body, .. } if body.contains("--force")),
+            "{e}"
+        );
+        let e = post_control(addr, "/volumes/nope/promote", &PromoteRequest::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, AdminClientError::Status { status: 404, .. }),
+            "{e}"
+        );
+        // The default resync handler refuses; a malformed body is a 400.
+        let e = post_control(addr, "/volumes/db/resync", &ResyncRequest::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, AdminClientError::Status { status: 409, .. }),
+            "{e}"
+        );
+        let resp = request(
+            addr,
+            Method::POST,
+            "/volumes/db/resync",
+            Bytes::from_static(b"{nope"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status, 400);
+        tx.send(()).unwrap();
         task.await.unwrap().unwrap();
     }
 

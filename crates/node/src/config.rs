@@ -102,6 +102,59 @@ pub struct VolumeConfig {
     /// for the mirrors (key `track_size`, default 64KiB; a power of two from
     /// 4KiB to 32MiB).
     pub track_size: u64,
+    /// How a primary fills and resyncs its mirrors (keys `initial_sync`,
+    /// `resync_threshold`, `resync_max_suspension`).
+    pub resync: ResyncConfig,
+}
+
+/// How a blank mirror (new, replaced, or discarded) is filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitialSync {
+    /// Seed 004 FIG. 2: host writes only mark the change mask while passes
+    /// copy what it marks; once a pass leaves at most `resync_threshold`
+    /// marked, host writes are suspended briefly for a final copy.
+    Iterative,
+    /// DRBD-style: the link is live at once (host writes replicated) and the
+    /// marked regions are copied under range locks.
+    Live,
+}
+
+/// Resync settings of one primary volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncConfig {
+    /// Key `initial_sync`: `iterative` (default) or `live`.
+    pub initial_sync: InitialSync,
+    /// Key `resync_threshold` (default 16MiB): an iterative sync suspends host
+    /// writes for its final copy once a pass leaves at most this much marked.
+    pub threshold: u64,
+    /// Key `resync_max_suspension` (default 500ms): a final copy that would
+    /// hold host writes longer is cut short; host writes resume and passes go on.
+    pub max_suspension: Duration,
+    /// Key `resync_rate` (bytes per second, default 0: unlimited): the copy
+    /// of every resync is paced to this, leaving the rest of the link and
+    /// the disks to host I/O. Changed at run time by `blockmirror resync --rate`.
+    pub rate: u64,
+    /// Key `resync_checksum` (default false): before copying a region, ask
+    /// the mirror for its BLAKE3 hash and send the data only if it differs
+    /// (DRBD's csums-alg). Saves the link when marked regions mostly match.
+    pub checksum: bool,
+    /// Key `resync_host_share` (percent, 0 to 90, default 0): while hosts
+    /// write (seen in the last 100 ms), the copy runs at `resync_rate` less
+    /// this share, leaving it to host I/O. Needs a `resync_rate`.
+    pub host_share: u8,
+}
+
+impl Default for ResyncConfig {
+    fn default() -> Self {
+        Self {
+            initial_sync: InitialSync::Iterative,
+            threshold: 16 << 20,
+            max_suspension: Duration::from_millis(500),
+            rate: 0,
+            checksum: false,
+            host_share: 0,
+        }
+    }
 }
 
 /// One `[[volume.mirror]]` table.
@@ -357,6 +410,13 @@ struct RawVolume {
     apply_groups: Option<i64>,
     apply_tasks_per_group: Option<i64>,
     track_size: Option<toml::Value>,
+    initial_sync: Option<String>,
+    resync_threshold: Option<toml::Value>,
+    resync_max_suspension: Option<String>,
+    resync_rate: Option<toml::Value>,
+    #[serde(default)]
+    resync_checksum: bool,
+    resync_host_share: Option<i64>,
 }
 
 /// A `[[volume.mirror]]` table.
@@ -673,6 +733,51 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             ));
         }
 
+        let mut resync = ResyncConfig::default();
+        match rv.initial_sync.as_deref() {
+            None | Some("iterative") => {}
+            Some("live") => resync.initial_sync = InitialSync::Live,
+            Some(other) => {
+                return Err(cx.invalid(
+                    key("initial_sync"),
+                    format!("{other:?}: expected \"iterative\" or \"live\""),
+                ))
+            }
+        }
+        if let Some(v) = &rv.resync_threshold {
+            resync.threshold = size_value(v).map_err(|r| cx.invalid(key("resync_threshold"), r))?;
+        }
+        resync.checksum = rv.resync_checksum;
+        match rv.resync_host_share {
+            None => {}
+            Some(n @ 0..=90) => resync.host_share = n as u8,
+            Some(n) => {
+                return Err(cx.invalid(
+                    key("resync_host_share"),
+                    format!("{n} is out of range (0 to 90 percent)"),
+                ))
+            }
+        }
+        if let Some(v) = &rv.resync_rate {
+            resync.rate = size_value(v).map_err(|r| cx.invalid(key("resync_rate"), r))?;
+        }
+        if let Some(t) = rv.resync_max_suspension.as_deref() {
+            resync.max_suspension = match humantime::parse_duration(t) {
+                Ok(d) if d >= Duration::from_millis(1) && d <= Duration::from_secs(60) => d,
+                Ok(_) => {
+                    return Err(
+                        cx.invalid(key("resync_max_suspension"), "must be between 1ms and 60s")
+                    )
+                }
+                Err(e) => {
+                    return Err(cx.invalid(
+                        key("resync_max_suspension"),
+                        format!("{t:?} is not a duration ({e}; examples: 200ms, 1s)"),
+                    ))
+                }
+            };
+        }
+
         volumes.push(VolumeConfig {
             name,
             path: vpath,
@@ -689,6 +794,7 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             apply_groups,
             apply_tasks_per_group,
             track_size,
+            resync,
         });
     }
 
@@ -1020,6 +1126,41 @@ consistency_group = "app"        # optional
             let text =
                 format!("{EXAMPLE}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\n{mode}{extra}\n");
             assert_err(&text, &format!("volume[0].mirror[0].{key}"), why);
+        }
+    }
+
+    #[test]
+    fn resync_settings_are_checked() {
+        let base = "secret_file = \"s\"\n";
+        let with = |extra: &str| format!("{base}{}", vol(extra));
+        let v = NodeConfig::parse(&with(""), Path::new("n.toml")).unwrap();
+        assert_eq!(v.volumes[0].resync, ResyncConfig::default());
+        let v = NodeConfig::parse(
+            &with("initial_sync = \"live\"\nresync_threshold = \"4MiB\"\nresync_max_suspension = \"50ms\"\nresync_rate = \"100MiB\""),
+            Path::new("n.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            v.volumes[0].resync,
+            ResyncConfig {
+                initial_sync: InitialSync::Live,
+                threshold: 4 << 20,
+                max_suspension: Duration::from_millis(50),
+                rate: 100 << 20,
+                checksum: false,
+                host_share: 0,
+            }
+        );
+        for (extra, k) in [
+            ("initial_sync = \"fast\"", "initial_sync"),
+            ("resync_threshold = \"lots\"", "resync_threshold"),
+            ("resync_rate = -1", "resync_rate"),
+            ("resync_host_share = 95", "resync_host_share"),
+            ("resync_max_suspension = \"2min\"", "resync_max_suspension"),
+            ("resync_max_suspension = \"soon\"", "resync_max_suspension"),
+        ] {
+            let e = NodeConfig::parse(&with(extra), Path::new("n.toml")).unwrap_err();
+            assert!(e.to_string().contains(k), "{extra}: {e}");
         }
     }
 

@@ -7,6 +7,7 @@
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use blockmirror_core::{MetaError, VolumeMeta};
 use thiserror::Error;
@@ -35,9 +36,24 @@ pub enum MetaFileError {
     },
 }
 
-/// Reads the record at `path`, or creates one for a new volume of `size` bytes.
-/// Returns the record and whether it was just created.
-pub fn load_or_create(path: &Path, size: u64) -> Result<(VolumeMeta, bool), MetaFileError> {
+/// A random non-zero generation id.
+pub fn new_generation_id() -> Result<u64, MetaFileError> {
+    getrandom::u64()
+        .map(|x| x.max(1))
+        .map_err(|e| MetaFileError::Io {
+            path: PathBuf::from("<random>"),
+            source: io::Error::other(e.to_string()),
+        })
+}
+
+/// Reads the record at `path`, or creates one for a new volume of `size`
+/// bytes: a fresh generation for a primary, a blank one for a mirror (it
+/// accepts a full copy). Returns the record and whether it was just created.
+pub fn load_or_create(
+    path: &Path,
+    size: u64,
+    mirror: bool,
+) -> Result<(VolumeMeta, bool), MetaFileError> {
     let io_err = |source| MetaFileError::Io {
         path: path.to_owned(),
         source,
@@ -60,7 +76,11 @@ pub fn load_or_create(path: &Path, size: u64) -> Result<(VolumeMeta, bool), Meta
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let mut id = [0u8; 16];
             getrandom::fill(&mut id).map_err(|e| io_err(io::Error::other(e.to_string())))?;
-            let meta = VolumeMeta::new(id, size);
+            let meta = if mirror {
+                VolumeMeta::new_mirror(id, size)
+            } else {
+                VolumeMeta::new(id, size, new_generation_id()?)
+            };
             store(path, &meta)?;
             Ok((meta, true))
         }
@@ -88,6 +108,44 @@ pub fn store(path: &Path, meta: &VolumeMeta) -> Result<(), MetaFileError> {
     Ok(())
 }
 
+/// A volume's record in memory and on disk: every change is stored durably
+/// (under the lock, so stores happen in the order of the changes) before it
+/// is visible to [`MetaCell::get`].
+pub struct MetaCell {
+    path: PathBuf,
+    meta: Mutex<VolumeMeta>,
+}
+
+impl MetaCell {
+    pub fn new(path: PathBuf, meta: VolumeMeta) -> Self {
+        Self {
+            path,
+            meta: Mutex::new(meta),
+        }
+    }
+
+    pub fn get(&self) -> VolumeMeta {
+        *self.meta.lock().expect("metadata lock poisoned")
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Applies `f` and stores the result (blocking: call it on the blocking
+    /// pool from async code). On a store error nothing changes in memory.
+    pub fn update(&self, f: impl FnOnce(&mut VolumeMeta)) -> Result<VolumeMeta, MetaFileError> {
+        let mut g = self.meta.lock().expect("metadata lock poisoned");
+        let mut next = *g;
+        f(&mut next);
+        if next != *g {
+            store(&self.path, &next)?;
+            *g = next;
+        }
+        Ok(next)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,22 +154,53 @@ mod tests {
     fn create_reload_and_refuse_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("state/v.meta");
-        let (m, created) = load_or_create(&p, 1 << 20).unwrap();
-        assert!(created && !m.clean && m.generation == 1);
-        let (again, created) = load_or_create(&p, 1 << 20).unwrap();
+        let (m, created) = load_or_create(&p, 1 << 20, false).unwrap();
+        assert!(created && !m.clean && !m.generations.is_blank());
+        let (again, created) = load_or_create(&p, 1 << 20, false).unwrap();
         assert!(!created);
         assert_eq!(again, m);
         store(&p, &VolumeMeta { clean: true, ..m }).unwrap();
-        assert!(load_or_create(&p, 1 << 20).unwrap().0.clean);
+        assert!(load_or_create(&p, 1 << 20, false).unwrap().0.clean);
         assert!(matches!(
-            load_or_create(&p, 2 << 20),
+            load_or_create(&p, 2 << 20, false),
             Err(MetaFileError::SizeMismatch { .. })
         ));
         let mut bytes = fs::read(&p).unwrap();
         bytes[20] ^= 0xff;
         fs::write(&p, bytes).unwrap();
-        let err = load_or_create(&p, 1 << 20).unwrap_err();
+        let err = load_or_create(&p, 1 << 20, false).unwrap_err();
         assert!(matches!(err, MetaFileError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("v.meta"));
+    }
+
+    #[test]
+    fn new_mirror_is_blank_and_cell_stores_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.meta");
+        let (m, created) = load_or_create(&p, 1 << 20, true).unwrap();
+        assert!(created && m.generations.is_blank());
+        assert_eq!(m.label, blockmirror_core::MirrorLabel::Inconsistent);
+        let cell = MetaCell::new(p.clone(), m);
+        let after = cell
+            .update(|m| {
+                m.generations.rotate(42);
+                m.label = blockmirror_core::MirrorLabel::None;
+            })
+            .unwrap();
+        assert_eq!(after.generations.current, 42);
+        assert_eq!(cell.get(), after);
+        assert_eq!(load_or_create(&p, 1 << 20, true).unwrap().0, after);
+        // A version 1 record of the previous build still loads.
+        let mut v1 = [0u8; 64];
+        v1[0..8].copy_from_slice(b"BMVOLMD1");
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        v1[32..40].copy_from_slice(&1u64.to_le_bytes());
+        v1[40..48].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        let crc = crc32c::crc32c(&v1[..60]);
+        v1[60..].copy_from_slice(&crc.to_le_bytes());
+        fs::write(&p, v1).unwrap();
+        let (old, created) = load_or_create(&p, 1 << 20, true).unwrap();
+        assert!(!created);
+        assert_eq!(old.generations.current, 1);
     }
 }

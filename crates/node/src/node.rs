@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use blockmirror_core::VolumeMeta;
 use blockmirror_nbd::{Export, Exports, ListenAddr, Listener};
 use blockmirror_storage::{Backend, FileBackend, FileOptions, StorageError};
 use thiserror::Error;
@@ -21,19 +20,19 @@ use tracing::{info, warn};
 use std::collections::HashMap;
 
 use blockmirror_core::activity::{ActivityLog, DEFAULT_CAPACITY, DEFAULT_EXTENT_SIZE};
-use blockmirror_repl::{NodeHello, VolumeIdentity};
+use blockmirror_core::MirrorLabel;
 
-use crate::admin::{self, AdminSource, VerifyRequest};
+use crate::admin::{self, AdminSource, ControlError, PromoteRequest, ResyncRequest, VerifyRequest};
 use crate::config::{NbdListen, NodeConfig, Role};
-use crate::meta_file::{self, MetaFileError};
+use crate::meta_file::{self, MetaCell, MetaFileError};
 use crate::metrics::{self, MetricType};
 use crate::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
 use crate::replication::apply::ApplyConfig;
 use crate::replication::group::SiteGroup;
 use crate::replication::jobs::{DeviceConstants, JobService, MAX_JOBS};
-use crate::replication::link::LinkContext;
+use crate::replication::link::{LinkContext, LinkTuning};
 use crate::replication::receiver::{self, MirrorTarget};
-use crate::replication::{MirrorLink, Replicator};
+use crate::replication::{GenState, MirrorLink, Replicator};
 use crate::status::{MirrorStatus, NodeStatus, VolumeStatus};
 use crate::verify::{VerifyService, VerifyVolume};
 use crate::volume::Volume;
@@ -64,8 +63,7 @@ pub enum NodeError {
 struct OpenVolume {
     volume: Arc<Volume>,
     nbd: NbdListen,
-    meta_path: PathBuf,
-    meta: VolumeMeta,
+    meta: Arc<MetaCell>,
     /// On a mirror volume: what the replication receiver applies to.
     target: Option<Arc<MirrorTarget>>,
 }
@@ -75,15 +73,6 @@ pub struct Node {
     config: NodeConfig,
     volumes: Vec<OpenVolume>,
     secret: Option<Arc<[u8]>>,
-}
-
-fn identity(name: &str, meta: &VolumeMeta) -> VolumeIdentity {
-    VolumeIdentity {
-        name: name.to_owned(),
-        volume_id: meta.volume_id,
-        size: meta.size,
-        generation: meta.generation,
-    }
 }
 
 /// Reads the shared secret: the file's bytes, without trailing whitespace.
@@ -148,7 +137,8 @@ impl Node {
             };
             let backend: Arc<dyn Backend> = Arc::new(FileBackend::open(&vc.name, &opts)?);
             let meta_path = state_dir.join(format!("{}.meta", vc.name));
-            let (mut meta, created) = meta_file::load_or_create(&meta_path, vc.size)?;
+            let (mut meta, created) =
+                meta_file::load_or_create(&meta_path, vc.size, vc.role == Role::Mirror)?;
             if created {
                 info!(volume = %vc.name, id = %meta.id_hex(), "new volume");
             } else if !meta.clean {
@@ -159,6 +149,22 @@ impl Node {
                 meta.clean = false;
                 meta_file::store(&meta_path, &meta)?;
             }
+            // A primary's record carries no mirror label; a mirror that was
+            // promoted and then restarted as a mirror keeps its (promoted)
+            // generation, so its old primary is refused (see generation.rs).
+            if vc.role == Role::Primary && meta.label != MirrorLabel::None {
+                meta.label = MirrorLabel::None;
+                meta_file::store(&meta_path, &meta)?;
+            }
+            if vc.role == Role::Mirror && meta.label == MirrorLabel::None {
+                // A volume configured as a mirror whose record was a primary's
+                // (its role changed in the config): consistent, not in sync.
+                meta.label = MirrorLabel::Consistent;
+                meta_file::store(&meta_path, &meta)?;
+            }
+            info!(volume = %vc.name, generations = %meta.generations.to_display(),
+                label = meta.label.as_str(), "volume metadata");
+            let meta_cell = Arc::new(MetaCell::new(meta_path.clone(), meta));
             let replicator = if vc.mirrors.is_empty() {
                 None
             } else {
@@ -194,7 +200,10 @@ impl Node {
                     links.push(Arc::new(MirrorLink::new(
                         &vc.name,
                         m,
-                        vc.mirror_timeout,
+                        LinkTuning {
+                            timeout: vc.mirror_timeout,
+                            resync: vc.resync,
+                        },
                         recovery.bitmap,
                         al,
                         Arc::new(store),
@@ -206,12 +215,13 @@ impl Node {
                     links,
                     vc.on_mirror_failure,
                     vc.track_size,
+                    Arc::new(GenState::new(&vc.name, meta_cell.clone())),
                 )))
             };
             let target = (vc.role == Role::Mirror).then(|| {
                 Arc::new(MirrorTarget::new(
                     &vc.name,
-                    identity(&vc.name, &meta),
+                    meta_cell.clone(),
                     backend.clone(),
                     ApplyConfig {
                         groups: vc.apply_groups,
@@ -225,14 +235,13 @@ impl Node {
                 vc.role,
                 backend,
                 vc.read_only,
-                meta,
+                meta_cell.clone(),
                 replicator,
             ));
             volumes.push(OpenVolume {
                 volume,
                 nbd: vc.nbd.clone(),
-                meta_path,
-                meta,
+                meta: meta_cell,
                 target,
             });
         }
@@ -331,7 +340,7 @@ impl Node {
                 self.config.job_timeout,
                 targets.values().map(|t| DeviceConstants {
                     volume: t.name.clone(),
-                    size: t.identity.size,
+                    size: t.identity().size,
                     backend: t.backend.clone(),
                 }),
             ));
@@ -358,16 +367,15 @@ impl Node {
                     .secret
                     .clone()
                     .expect("validated: mirrors need a secret"),
-                hello: NodeHello {
-                    node: self.config.node.clone(),
-                    volume: identity(v.volume.name(), &v.meta),
-                },
+                node: self.config.node.clone(),
+                volume: v.volume.name().to_owned(),
                 backend: v.volume.backend().clone(),
                 locks: r.locks.clone(),
+                gen: r.gen.clone(),
             };
             verifiable.push(VerifyVolume {
                 name: v.volume.name().to_owned(),
-                size: v.meta.size,
+                size: v.meta.get().size,
                 links: r.links.clone(),
                 ctx: ctx.clone(),
             });
@@ -472,8 +480,7 @@ impl Running {
             }
             match flushed {
                 Ok(()) => {
-                    v.meta.clean = true;
-                    meta_file::store(&v.meta_path, &v.meta)?;
+                    v.meta.update(|m| m.clean = true)?;
                     info!(volume = %v.volume.name(), "volume closed cleanly");
                 }
                 Err(e) => {
@@ -506,6 +513,15 @@ struct StatusSource {
     verify: Arc<VerifyService>,
     /// On a node with mirror volumes: its job table.
     jobs: Option<Arc<JobService>>,
+}
+
+impl StatusSource {
+    fn find(&self, volume: &str) -> Result<&Served, ControlError> {
+        self.volumes
+            .iter()
+            .find(|s| s.volume.name() == volume)
+            .ok_or_else(|| ControlError::UnknownVolume(volume.to_owned()))
+    }
 }
 
 impl AdminSource for StatusSource {
@@ -552,16 +568,157 @@ impl AdminSource for StatusSource {
                                                 .map_or(0, |d| d.as_millis() as u64),
                                             last_verify: self.verify.status(v.name(), &l.peer),
                                             last_error: s.last_error,
+                                            resync_passes: s.passes,
+                                            resync_suspension_us: s
+                                                .last_suspension
+                                                .map(|d| d.as_micros() as u64),
+                                            resync_rate_bytes_per_sec: s.resync_rate,
                                         }
                                     })
                                     .collect()
                             })
                             .unwrap_or_default(),
                         primary: target.as_ref().and_then(|t| t.primary()),
+                        state: target.as_ref().and_then(|t| t.state()).map(str::to_owned),
+                        generations: Some(v.meta().generations.to_display()),
+                        applied_bytes: target
+                            .as_ref()
+                            .map(|t| t.applied_bytes.load(std::sync::atomic::Ordering::Relaxed)),
                     },
                 )
                 .collect(),
         }
+    }
+
+    fn promote(&self, volume: &str, req: &PromoteRequest) -> Result<String, ControlError> {
+        let s = self.find(volume)?;
+        let refused = |reason: String| ControlError::Refused {
+            volume: volume.to_owned(),
+            reason,
+        };
+        let Some(t) = &s.target else {
+            return Err(refused(
+                "this node is its configured primary: nothing to promote".into(),
+            ));
+        };
+        if s.volume.role() == Role::Primary {
+            return Err(refused("already primary (promoted)".into()));
+        }
+        if let Some(p) = t.primary() {
+            if !req.force {
+                return Err(refused(format!(
+                    "its primary {p} is connected and feeding it; stop that node first, or use --force"
+                )));
+            }
+        }
+        let m = s.volume.meta();
+        if m.label == MirrorLabel::Inconsistent && !req.force {
+            return Err(refused(
+                "its data is inconsistent (a resync did not finish); use --force to promote it anyway"
+                    .into(),
+            ));
+        }
+        // Refuse the link first, so nothing of the old primary lands after
+        // the new generation; then the durable record; then the export.
+        t.set_promoted();
+        let failed = |e: MetaFileError| ControlError::Failed {
+            volume: volume.to_owned(),
+            reason: e.to_string(),
+        };
+        let id = meta_file::new_generation_id().map_err(failed)?;
+        let m = s
+            .volume
+            .meta_cell()
+            .update(|m| {
+                m.generations.rotate(id);
+                m.label = MirrorLabel::None;
+            })
+            .map_err(|e| {
+                t.set_demoted();
+                failed(e)
+            })?;
+        s.volume.set_role(Role::Primary);
+        warn!(volume, generations = %m.generations.to_display(), forced = req.force,
+            "promoted to primary: the export is read-write, new generation");
+        Ok(format!(
+            "{volume}: promoted to primary (generation {}); new NBD connections are read-write",
+            m.generations.to_display()
+        ))
+    }
+
+    fn resync(&self, volume: &str, req: &ResyncRequest) -> Result<String, ControlError> {
+        let s = self.find(volume)?;
+        let refused = |reason: String| ControlError::Refused {
+            volume: volume.to_owned(),
+            reason,
+        };
+        if let Some(r) = s.volume.replicator() {
+            if req.discard_local {
+                return Err(refused(
+                    "this node is the volume's configured primary: run --discard-local on the \
+                     mirror node whose changes are to be thrown away (turning a configured \
+                     primary into a mirror is failback, not built yet)"
+                        .into(),
+                ));
+            }
+            if let Some(rate) = req.rate {
+                for l in &r.links {
+                    l.set_resync_rate(rate);
+                }
+            }
+            let states: Vec<String> = r
+                .links
+                .iter()
+                .map(|l| {
+                    let sn = l.snapshot();
+                    format!("{} {}", sn.peer, sn.state.as_str())
+                })
+                .collect();
+            let rate = match req.rate {
+                Some(0) => "; resync rate unlimited".to_string(),
+                Some(n) => format!("; resync rate {n} bytes/s"),
+                None => String::new(),
+            };
+            return Ok(format!(
+                "{volume}: resync runs whenever a mirror connects ({}){rate}",
+                states.join(", ")
+            ));
+        }
+        let Some(t) = &s.target else {
+            return Err(refused("not mirrored".into()));
+        };
+        if req.rate.is_some() {
+            return Err(refused(
+                "--rate is set on the primary, which paces the copy".into(),
+            ));
+        }
+        if !req.discard_local {
+            return Ok(format!(
+                "{volume}: a mirror is resynced by its primary when it connects (state {})",
+                t.state().unwrap_or("primary")
+            ));
+        }
+        // Give up this side's data: a mirror again (writes refused), blank
+        // (the primary copies the whole volume), inconsistent until then.
+        s.volume.set_role(Role::Mirror);
+        let m = s
+            .volume
+            .meta_cell()
+            .update(|m| {
+                m.generations.discard();
+                m.label = MirrorLabel::Inconsistent;
+            })
+            .map_err(|e| ControlError::Failed {
+                volume: volume.to_owned(),
+                reason: e.to_string(),
+            })?;
+        t.set_demoted();
+        t.cut_link();
+        warn!(volume, generations = %m.generations.to_display(),
+            "local changes discarded: a mirror again, waiting for a full copy from the primary");
+        Ok(format!(
+            "{volume}: local changes discarded; read-only mirror, a full resync follows when its primary connects"
+        ))
     }
 
     fn metrics(&self) -> String {
@@ -721,7 +878,7 @@ fn render_apply_metrics(out: &mut String, volumes: &[Served]) {
 fn render_link_metrics(out: &mut String, volumes: &[Served]) {
     use std::sync::atomic::Ordering::Relaxed;
     type Get = fn(&MirrorLink, &crate::replication::link::LinkSnapshot) -> f64;
-    let families: [(&str, MetricType, &str, Get); 12] = [
+    let families: [(&str, MetricType, &str, Get); 16] = [
         (
             "blockmirror_mirror_lag_bytes",
             MetricType::Gauge,
@@ -783,6 +940,30 @@ fn render_link_metrics(out: &mut String, volumes: &[Served]) {
             |l, _| l.counters.resync_bytes.load(Relaxed) as f64,
         ),
         (
+            "blockmirror_resync_skipped_bytes_total",
+            MetricType::Counter,
+            "Bytes a checksum resync found equal on the mirror and did not send.",
+            |l, _| l.counters.resync_skipped_bytes.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_resync_suspensions_total",
+            MetricType::Counter,
+            "Final copies of an iterative initial sync (each suspends host writes briefly).",
+            |l, _| l.counters.suspensions.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_resync_suspended_seconds_total",
+            MetricType::Counter,
+            "Time host writes were suspended by final copies, summed.",
+            |l, _| l.counters.suspended_us.load(Relaxed) as f64 / 1e6,
+        ),
+        (
+            "blockmirror_resync_last_suspension_seconds",
+            MetricType::Gauge,
+            "How long the last final copy suspended host writes.",
+            |_, s| s.last_suspension.map_or(0.0, |d| d.as_secs_f64()),
+        ),
+        (
             "blockmirror_mirror_inflight_requests",
             MetricType::Gauge,
             "Requests sent to the mirror and not yet acknowledged.",
@@ -817,7 +998,14 @@ fn render_link_metrics(out: &mut String, volumes: &[Served]) {
         "1 for the mirror's current state.",
     );
     for ((vol, l), s) in links.iter().zip(&snaps) {
-        for st in ["in_sync", "resyncing", "degraded", "inconsistent"] {
+        for st in [
+            "in_sync",
+            "resyncing",
+            "degraded",
+            "inconsistent",
+            "suspended",
+            "split_brain",
+        ] {
             let v = u8::from(s.state.as_str() == st);
             metrics::write_sample(
                 out,

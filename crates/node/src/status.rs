@@ -16,7 +16,7 @@ pub struct NodeStatus {
 }
 
 /// One volume.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VolumeStatus {
     pub name: String,
     /// `primary` or `mirror`.
@@ -38,6 +38,17 @@ pub struct VolumeStatus {
     /// On a mirror, the primary that feeds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary: Option<String>,
+    /// On a mirror, its own data state: `in_sync`, `resyncing`,
+    /// `inconsistent` (a resync was cut short) or `degraded` (consistent,
+    /// possibly behind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The generation record: current id, then earlier ones (`a <- b`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generations: Option<String>,
+    /// Bytes the replication receiver applied (on a mirror).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_bytes: Option<u64>,
 }
 
 /// One replication link.
@@ -72,6 +83,15 @@ pub struct MirrorStatus {
     /// The running or last verify of this mirror (`blockmirror verify`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verify: Option<crate::verify::VerifyStatus>,
+    /// Passes of the last iterative initial sync (0: none ran).
+    #[serde(default)]
+    pub resync_passes: u32,
+    /// How long its final copy suspended host writes, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_suspension_us: Option<u64>,
+    /// The resync copy's rate limit in bytes per second (0: unlimited).
+    #[serde(default)]
+    pub resync_rate_bytes_per_sec: u64,
 }
 
 /// `bytes` in binary units with one decimal: `512 B`, `1.0 GiB`, `1.5 MiB`.
@@ -161,12 +181,16 @@ pub fn render_table(status: &NodeStatus) -> String {
 
     for v in &status.volumes {
         out.push('\n');
-        match &v.primary {
-            Some(p) => out.push_str(&format!("{}: mirror of {p}", v.name)),
-            None => out.push_str(&format!("{}:", v.name)),
+        match (&v.primary, &v.state) {
+            (Some(p), Some(st)) => out.push_str(&format!("{}: mirror of {p}, {st}", v.name)),
+            (Some(p), None) => out.push_str(&format!("{}: mirror of {p}", v.name)),
+            (None, Some(st)) => {
+                out.push_str(&format!("{}: mirror, no primary connected, {st}", v.name))
+            }
+            (None, None) => out.push_str(&format!("{}:", v.name)),
         }
         if v.mirrors.is_empty() {
-            out.push_str(if v.primary.is_some() {
+            out.push_str(if v.primary.is_some() || v.state.is_some() {
                 "\n"
             } else {
                 " no mirrors\n"
@@ -185,7 +209,7 @@ pub fn render_table(status: &NodeStatus) -> String {
             "VERIFY",
         ])];
         for m in &v.mirrors {
-            let resync = if m.resync_total_bytes == 0 {
+            let mut resync = if m.resync_total_bytes == 0 {
                 "-".to_string()
             } else {
                 let pct = m.resync_done_bytes as f64 * 100.0 / m.resync_total_bytes as f64;
@@ -195,6 +219,12 @@ pub fn render_table(status: &NodeStatus) -> String {
                     human_bytes(m.resync_total_bytes)
                 )
             };
+            if m.resync_passes > 0 {
+                resync += &format!(", {} passes", m.resync_passes);
+            }
+            if let Some(us) = m.resync_suspension_us {
+                resync += &format!(", writes suspended {:.1} ms", us as f64 / 1000.0);
+            }
             rows.push(vec![
                 m.peer.clone(),
                 m.mode.clone(),
@@ -287,8 +317,12 @@ mod tests {
                             marked_bytes: 0,
                             error: None,
                         }),
+                        resync_passes: 2,
+                        resync_suspension_us: Some(1500),
+                        resync_rate_bytes_per_sec: 0,
                     }],
                     primary: None,
+                    ..Default::default()
                 },
                 VolumeStatus {
                     name: "logs".into(),
@@ -300,6 +334,7 @@ mod tests {
                     connections: 0,
                     mirrors: vec![],
                     primary: None,
+                    ..Default::default()
                 },
                 VolumeStatus {
                     name: "copy".into(),
@@ -311,6 +346,8 @@ mod tests {
                     connections: 1,
                     mirrors: vec![],
                     primary: Some("site-b".into()),
+                    state: Some("resyncing".into()),
+                    ..Default::default()
                 },
             ],
         }
@@ -408,7 +445,7 @@ mod tests {
             "1.0 MiB / 4.0 MiB (25.0%)",
             "differ: 128.0 KiB in 2 ranges (checksums)",
             "logs: no mirrors",
-            "copy: mirror of site-b",
+            "copy: mirror of site-b, resyncing",
         ] {
             assert!(t.contains(needle), "table lacks {needle:?}:\n{t}");
         }

@@ -690,7 +690,7 @@ impl JobClient {
                 .await
                 .map_err(|e| format!("connect {addr}: {e}"))?;
             s.set_nodelay(true).map_err(|e| e.to_string())?;
-            connect_for(&mut s, &v.ctx.secret, &v.ctx.hello, Purpose::Jobs)
+            connect_for(&mut s, &v.ctx.secret, &v.ctx.hello(), Purpose::Jobs)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok::<_, String>(s)

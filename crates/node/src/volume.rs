@@ -7,6 +7,7 @@
 //! O_DIRECT, block devices) goes to tokio's blocking pool, so one slow request
 //! never holds up the others on its connection.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,20 +18,30 @@ use bytes::{Bytes, BytesMut};
 use tracing::warn;
 
 use crate::config::Role;
+use crate::meta_file::MetaCell;
 use crate::metrics::VolumeMetrics;
 use crate::replication::{MirrorOp, Replicator};
 use blockmirror_core::VolumeMeta;
 
 /// A served volume.
+///
+/// Its role can change at run time (`promote`, `resync --discard-local`):
+/// the role and the export's read-only flag are atomics. A connection
+/// negotiated before a switch keeps the flags it was told, but every host
+/// write checks the role now, so a demoted volume refuses writes with EPERM
+/// on old connections too.
 pub struct Volume {
     name: String,
-    role: Role,
+    /// True while the volume is a mirror.
+    mirror: AtomicBool,
     backend: Arc<dyn Backend>,
     size: u64,
-    read_only: bool,
+    read_only: AtomicBool,
+    /// The `read_only` config key as a primary would have it.
+    primary_read_only: bool,
     fast: bool,
     metrics: VolumeMetrics,
-    meta: VolumeMeta,
+    meta: Arc<MetaCell>,
     replicator: Option<Arc<Replicator>>,
 }
 
@@ -40,7 +51,7 @@ impl Volume {
         role: Role,
         backend: Arc<dyn Backend>,
         read_only: bool,
-        meta: VolumeMeta,
+        meta: Arc<MetaCell>,
         replicator: Option<Arc<Replicator>>,
     ) -> Self {
         let size = backend.size();
@@ -48,19 +59,42 @@ impl Volume {
         metrics.set_size_bytes(size);
         Self {
             name: name.to_owned(),
-            role,
+            mirror: AtomicBool::new(role == Role::Mirror),
             fast: backend.is_fast(),
             backend,
             size,
-            read_only,
+            read_only: AtomicBool::new(read_only),
+            primary_read_only: read_only && role == Role::Primary,
             metrics,
             meta,
             replicator,
         }
     }
 
-    pub fn meta(&self) -> &VolumeMeta {
+    pub fn meta(&self) -> VolumeMeta {
+        self.meta.get()
+    }
+
+    pub fn meta_cell(&self) -> &Arc<MetaCell> {
         &self.meta
+    }
+
+    /// Switches the role: a mirror's export is read-only and refuses every
+    /// host write; a primary's is read-write (unless configured read-only).
+    pub fn set_role(&self, role: Role) {
+        let mirror = role == Role::Mirror;
+        self.read_only
+            .store(mirror || self.primary_read_only, Ordering::SeqCst);
+        self.mirror.store(mirror, Ordering::SeqCst);
+    }
+
+    /// EPERM while the volume is a mirror (only its primary writes it).
+    fn check_writable(&self) -> Result<(), Errno> {
+        if self.mirror.load(Ordering::SeqCst) {
+            Err(Errno::Perm)
+        } else {
+            Ok(())
+        }
     }
 
     pub fn replicator(&self) -> Option<&Arc<Replicator>> {
@@ -68,7 +102,11 @@ impl Volume {
     }
 
     pub fn role(&self) -> Role {
-        self.role
+        if self.mirror.load(Ordering::SeqCst) {
+            Role::Mirror
+        } else {
+            Role::Primary
+        }
     }
 
     pub fn metrics(&self) -> &VolumeMetrics {
@@ -76,7 +114,7 @@ impl Volume {
     }
 
     pub fn generation(&self) -> String {
-        self.meta.generation_string()
+        self.meta.get().generation_string()
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -160,7 +198,7 @@ impl Export for Volume {
     }
 
     fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::SeqCst)
     }
 
     fn fast_zeroes(&self) -> bool {
@@ -181,6 +219,7 @@ impl Export for Volume {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Errno> {
+        self.check_writable()?;
         match &self.replicator {
             None => self.local_write(offset, data, fua).await,
             Some(r) => {
@@ -203,6 +242,7 @@ impl Export for Volume {
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {
+        self.check_writable()?;
         match &self.replicator {
             None => self.local_trim(offset, len, fua).await,
             Some(r) => {
@@ -223,6 +263,7 @@ impl Export for Volume {
         may_trim: bool,
         fua: bool,
     ) -> Result<(), Errno> {
+        self.check_writable()?;
         match &self.replicator {
             None => self.local_zeroes(offset, len, may_trim, fua).await,
             Some(r) => {

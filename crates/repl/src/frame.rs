@@ -40,6 +40,9 @@
 //! | JobNotReady | 69 | echoed | none | link id u64, retry_after_ms u32 |
 //! | JobClosed | 70 | echoed | none | link id u64 |
 //! | JobError | 71 | echoed | none | link id u64, u32 [`JobErrorCode`], UTF-8 message |
+//! | SyncState | 80 | request | none | exactly [`SYNC_STATE_LEN`] bytes: u8 state (1 resyncing, 2 in sync), u64 generation, 4 x u64 history |
+//! | HashRequest | 81 | request | none | none; offset and len are the range to hash (checksum resync) |
+//! | HashReply | 82 | echoed | none | exactly [`HASH_LEN`] bytes: the BLAKE3 hash of the mirror's range |
 //!
 //! The job kinds (64 and up) travel on a *job connection*: one the primary
 //! opened for verify and remote reads (see [`crate::handshake::Purpose`]),
@@ -124,6 +127,14 @@ pub enum Kind {
     JobNotReady = 69,
     JobClosed = 70,
     JobError = 71,
+    /// The primary tells its mirror how its data relates to the primary's
+    /// (resync starting, or in sync at a generation); acknowledged once stored.
+    SyncState = 80,
+    /// Checksum resync (DRBD's csums-alg): the primary asks for the hash of
+    /// a range of the mirror's data before deciding to send it.
+    HashRequest = 81,
+    /// The mirror's answer: the BLAKE3 hash of that range.
+    HashReply = 82,
 }
 
 /// How a kind uses the header's id, offset and len fields and its payload.
@@ -140,6 +151,8 @@ enum Shape {
     /// A job frame: the payload starts with a link id and obeys `payload`;
     /// offset and len are a range when `range`, else zero.
     Job { range: bool, payload: JobPayload },
+    /// offset zero; len = payload_len = exactly this many bytes.
+    Fixed(u32),
 }
 
 /// How a job kind's payload length follows from its header.
@@ -155,7 +168,7 @@ enum JobPayload {
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 22] = [
+    pub const ALL: [Kind; 25] = [
         Kind::Hello,
         Kind::Challenge,
         Kind::Auth,
@@ -178,6 +191,9 @@ impl Kind {
         Kind::JobNotReady,
         Kind::JobClosed,
         Kind::JobError,
+        Kind::SyncState,
+        Kind::HashRequest,
+        Kind::HashReply,
     ];
 
     pub fn code(self) -> u8 {
@@ -211,6 +227,7 @@ impl Kind {
         match self.shape() {
             Shape::Data => MAX_DATA,
             Shape::Control { .. } => MAX_CONTROL_PAYLOAD,
+            Shape::Fixed(n) => n,
             Shape::Bare { .. } | Shape::Range => 0,
             Shape::Job { payload, .. } => match payload {
                 JobPayload::Exact(n) => n,
@@ -267,6 +284,9 @@ impl Kind {
                 range: false,
                 payload: JobPayload::AtLeast((LINK_LEN + CODE_LEN) as u32),
             },
+            Kind::SyncState => Shape::Fixed(SYNC_STATE_LEN),
+            Kind::HashRequest => Shape::Range,
+            Kind::HashReply => Shape::Fixed(HASH_LEN as u32),
         }
     }
 
@@ -294,6 +314,9 @@ impl Kind {
             Kind::JobNotReady => "JobNotReady",
             Kind::JobClosed => "JobClosed",
             Kind::JobError => "JobError",
+            Kind::SyncState => "SyncState",
+            Kind::HashRequest => "HashRequest",
+            Kind::HashReply => "HashReply",
         }
     }
 }
@@ -595,6 +618,17 @@ impl RawHeader {
                 zero("offset", self.offset)?;
                 len_is_payload()?;
             }
+            Shape::Fixed(n) => {
+                zero("offset", self.offset)?;
+                len_is_payload()?;
+                if self.payload_len != n {
+                    return Err(WireError::Malformed {
+                        kind,
+                        id,
+                        reason: format!("payload is {} bytes, must be {n}", self.payload_len),
+                    });
+                }
+            }
             Shape::Range => range()?,
             Shape::Data => {
                 match Codec::from_flags(self.flags) {
@@ -786,6 +820,24 @@ pub enum Frame {
         code: JobErrorCode,
         message: String,
     },
+    /// The primary's view of the mirror's data (see [`SyncPhase`]).
+    SyncState {
+        id: u64,
+        phase: SyncPhase,
+        generation: u64,
+        history: [u64; SYNC_HISTORY_LEN],
+    },
+    /// Hash `len` bytes of the mirror's data at `offset` (checksum resync).
+    HashRequest {
+        id: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// The hash of request `id`'s range.
+    HashReply {
+        id: u64,
+        hash: [u8; HASH_LEN],
+    },
 }
 
 /// Why a job request failed (the code of a JobError frame).
@@ -852,6 +904,41 @@ pub fn hash_count(len: u32, block: u32) -> u32 {
     len.div_ceil(block.max(1))
 }
 
+/// Length of a [`Frame::HashReply`] payload (a BLAKE3 hash).
+pub const HASH_LEN: usize = 32;
+
+/// What a [`Frame::SyncState`] announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyncPhase {
+    /// A resync starts: until it ends the mirror's image is inconsistent.
+    Resyncing,
+    /// Every region is copied and acknowledged: the mirror holds the
+    /// primary's data of `generation` and adopts its record.
+    InSync,
+}
+
+impl SyncPhase {
+    pub fn code(self) -> u8 {
+        match self {
+            SyncPhase::Resyncing => 1,
+            SyncPhase::InSync => 2,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(SyncPhase::Resyncing),
+            2 => Some(SyncPhase::InSync),
+            _ => None,
+        }
+    }
+}
+
+/// Generation ids a SyncState frame carries besides the current one.
+pub const SYNC_HISTORY_LEN: usize = 4;
+/// The exact payload length of a SyncState frame.
+pub const SYNC_STATE_LEN: u32 = 1 + 8 + 8 * SYNC_HISTORY_LEN as u32;
+
 impl Frame {
     pub fn kind(&self) -> Kind {
         match self {
@@ -877,6 +964,9 @@ impl Frame {
             Frame::JobNotReady { .. } => Kind::JobNotReady,
             Frame::JobClosed { .. } => Kind::JobClosed,
             Frame::JobError { .. } => Kind::JobError,
+            Frame::SyncState { .. } => Kind::SyncState,
+            Frame::HashRequest { .. } => Kind::HashRequest,
+            Frame::HashReply { .. } => Kind::HashReply,
         }
     }
 
@@ -896,7 +986,10 @@ impl Frame {
             | Frame::Nack { id, .. }
             | Frame::Error { id, .. }
             | Frame::Ping { id }
-            | Frame::Pong { id } => *id,
+            | Frame::Pong { id }
+            | Frame::SyncState { id, .. }
+            | Frame::HashRequest { id, .. }
+            | Frame::HashReply { id, .. } => *id,
             Frame::JobHash { id, .. }
             | Frame::JobRead { id, .. }
             | Frame::JobClose { id, .. }
@@ -991,6 +1084,33 @@ impl Frame {
             }
             Kind::Ping => Frame::Ping { id },
             Kind::Pong => Frame::Pong { id },
+            Kind::SyncState => {
+                // validate() fixed the length; judge the contents.
+                let phase =
+                    SyncPhase::from_code(payload[0]).ok_or_else(|| WireError::Malformed {
+                        kind,
+                        id,
+                        reason: format!("unknown sync phase {}", payload[0]),
+                    })?;
+                let u64_at =
+                    |o: usize| u64::from_be_bytes(payload[o..o + 8].try_into().expect("8 bytes"));
+                let mut history = [0u64; SYNC_HISTORY_LEN];
+                for (i, h) in history.iter_mut().enumerate() {
+                    *h = u64_at(9 + 8 * i);
+                }
+                Frame::SyncState {
+                    id,
+                    phase,
+                    generation: u64_at(1),
+                    history,
+                }
+            }
+            Kind::HashRequest => Frame::HashRequest { id, offset, len },
+            Kind::HashReply => Frame::HashReply {
+                id,
+                // validate() fixed the length.
+                hash: payload[..].try_into().expect("HASH_LEN bytes"),
+            },
             k if k.is_job() => build_job(k, h, payload)?,
             k => unreachable!("every kind is handled: {k}"),
         })
@@ -1083,6 +1203,49 @@ impl Frame {
             Frame::Ack { id } => bare(Kind::Ack, *id).encode(out),
             Frame::Ping { id } => bare(Kind::Ping, *id).encode(out),
             Frame::Pong { id } => bare(Kind::Pong, *id).encode(out),
+            Frame::SyncState {
+                id,
+                phase,
+                generation,
+                history,
+            } => {
+                let mut p = BytesMut::with_capacity(SYNC_STATE_LEN as usize);
+                p.put_u8(phase.code());
+                p.put_u64(*generation);
+                for h in history {
+                    p.put_u64(*h);
+                }
+                RawHeader {
+                    kind: Kind::SyncState.code(),
+                    flags: 0,
+                    id: *id,
+                    offset: 0,
+                    len: SYNC_STATE_LEN,
+                    payload_len: SYNC_STATE_LEN,
+                    payload_crc: crc32c::crc32c(&p),
+                }
+                .encode(out);
+                out.put_slice(&p);
+            }
+            Frame::HashRequest { id, offset, len } => RawHeader {
+                offset: *offset,
+                len: *len,
+                ..bare(Kind::HashRequest, *id)
+            }
+            .encode(out),
+            Frame::HashReply { id, hash } => {
+                RawHeader {
+                    kind: Kind::HashReply.code(),
+                    flags: 0,
+                    id: *id,
+                    offset: 0,
+                    len: HASH_LEN as u32,
+                    payload_len: HASH_LEN as u32,
+                    payload_crc: crc32c::crc32c(hash),
+                }
+                .encode(out);
+                out.put_slice(hash);
+            }
             Frame::Nack { id, errno, message } => {
                 encode_code_and_message(Kind::Nack, *id, *errno, message, out)
             }
@@ -1549,6 +1712,26 @@ mod tests {
             }),
             any::<u64>().prop_map(|id| Frame::Ping { id }),
             any::<u64>().prop_map(|id| Frame::Pong { id }),
+            (
+                any::<u64>(),
+                any::<bool>(),
+                any::<u64>(),
+                any::<[u64; SYNC_HISTORY_LEN]>()
+            )
+                .prop_map(|(id, in_sync, generation, history)| Frame::SyncState {
+                    id,
+                    phase: if in_sync {
+                        SyncPhase::InSync
+                    } else {
+                        SyncPhase::Resyncing
+                    },
+                    generation,
+                    history,
+                }),
+            (any::<u64>(), 0..u64::MAX / 2, any::<u32>())
+                .prop_map(|(id, offset, len)| Frame::HashRequest { id, offset, len }),
+            (any::<u64>(), any::<[u8; HASH_LEN]>())
+                .prop_map(|(id, hash)| Frame::HashReply { id, hash }),
             job_frame(),
         ]
     }
@@ -2247,6 +2430,139 @@ mod tests {
                 })
             ));
         }
+    }
+
+    /// SyncState: the header layer refuses any length but the fixed one
+    /// (before the payload is read); the payload layer refuses unknown phases.
+    #[test]
+    fn malformed_sync_state() {
+        for n in [0u32, 1, SYNC_STATE_LEN - 1, SYNC_STATE_LEN + 1, 4096] {
+            let h = RawHeader {
+                kind: Kind::SyncState.code(),
+                flags: 0,
+                id: 9,
+                offset: 0,
+                len: n,
+                payload_len: n,
+                payload_crc: 0,
+            };
+            assert!(
+                matches!(
+                    h.validate(),
+                    Err(WireError::Malformed {
+                        kind: Kind::SyncState,
+                        ..
+                    } | WireError::PayloadTooLarge {
+                        kind: Kind::SyncState,
+                        ..
+                    })
+                ),
+                "length {n}"
+            );
+        }
+        let good = encoded(&Frame::SyncState {
+            id: 9,
+            phase: SyncPhase::InSync,
+            generation: 7,
+            history: [6, 5, 0, 0],
+        });
+        for phase in [0u8, 3, 255] {
+            let mut payload = good[HEADER_LEN..].to_vec();
+            payload[0] = phase;
+            let h = RawHeader {
+                kind: Kind::SyncState.code(),
+                flags: 0,
+                id: 9,
+                offset: 0,
+                len: SYNC_STATE_LEN,
+                payload_len: SYNC_STATE_LEN,
+                payload_crc: crc32c::crc32c(&payload),
+            };
+            let mut b = header_bytes(h);
+            b.put_slice(&payload);
+            assert!(matches!(
+                decode_all(b),
+                Err(WireError::Malformed {
+                    kind: Kind::SyncState,
+                    id: 9,
+                    ..
+                })
+            ));
+        }
+        // Offset must be zero.
+        let h = RawHeader {
+            kind: Kind::SyncState.code(),
+            flags: 0,
+            id: 9,
+            offset: 1,
+            len: SYNC_STATE_LEN,
+            payload_len: SYNC_STATE_LEN,
+            payload_crc: 0,
+        };
+        assert!(matches!(
+            h.validate(),
+            Err(WireError::NonZeroField {
+                field: "offset",
+                ..
+            })
+        ));
+    }
+
+    /// HashReply has exactly one length; HashRequest's range must not overflow.
+    #[test]
+    fn malformed_hash_frames() {
+        for n in [0u32, 31, 33] {
+            let h = RawHeader {
+                kind: Kind::HashReply.code(),
+                flags: 0,
+                id: 4,
+                offset: 0,
+                len: n,
+                payload_len: n,
+                payload_crc: 0,
+            };
+            assert!(
+                matches!(
+                    h.validate(),
+                    Err(WireError::Malformed {
+                        kind: Kind::HashReply,
+                        ..
+                    } | WireError::PayloadTooLarge {
+                        kind: Kind::HashReply,
+                        ..
+                    })
+                ),
+                "length {n}"
+            );
+        }
+        let h = RawHeader {
+            kind: Kind::HashRequest.code(),
+            flags: 0,
+            id: 4,
+            offset: u64::MAX,
+            len: 2,
+            payload_len: 0,
+            payload_crc: crc32c::crc32c(&[]),
+        };
+        assert!(matches!(
+            h.validate(),
+            Err(WireError::RangeOverflow {
+                kind: Kind::HashRequest,
+                ..
+            })
+        ));
+        let h = RawHeader {
+            offset: 0,
+            payload_len: 1,
+            ..h
+        };
+        assert!(matches!(
+            h.validate(),
+            Err(WireError::PayloadTooLarge {
+                kind: Kind::HashRequest,
+                ..
+            })
+        ));
     }
 
     #[test]

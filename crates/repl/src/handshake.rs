@@ -38,7 +38,12 @@
 //!
 //! Payload layouts (big-endian; a string is a u16 byte length then UTF-8, at
 //! most [`MAX_NAME_LEN`] bytes; a volume identity is name string, 16-byte
-//! volume id, u64 size, u64 generation):
+//! volume id, u64 size, u64 current generation, then [`HISTORY_LEN`] u64
+//! earlier generations, most recent first). Both identities are inside the
+//! transcript `T`, so the generation ids each side reports are authenticated
+//! with the rest; they decide the resync direction and detect a split brain
+//! (`blockmirror_core::generation`). A build from before the history was added
+//! is refused with a malformed-payload error (the identity is 32 bytes longer).
 //!
 //! | frame | payload |
 //! |---|---|
@@ -98,8 +103,14 @@ pub struct VolumeIdentity {
     pub volume_id: [u8; 16],
     /// Size in bytes.
     pub size: u64,
+    /// The current generation id (0: a blank volume).
     pub generation: u64,
+    /// Earlier generation ids, most recent first (0: unused).
+    pub history: [u64; HISTORY_LEN],
 }
+
+/// Earlier generation ids a volume identity carries.
+pub const HISTORY_LEN: usize = 4;
 
 /// What the primary announces about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -605,6 +616,9 @@ fn put_volume(out: &mut BytesMut, v: &VolumeIdentity) {
     out.put_slice(&v.volume_id);
     out.put_u64(v.size);
     out.put_u64(v.generation);
+    for h in &v.history {
+        out.put_u64(*h);
+    }
 }
 
 /// A cursor over a handshake payload that never reads out of bounds. Errors
@@ -653,6 +667,13 @@ impl<'a> Cursor<'a> {
             volume_id: self.array()?,
             size: self.u64()?,
             generation: self.u64()?,
+            history: {
+                let mut h = [0u64; HISTORY_LEN];
+                for x in h.iter_mut() {
+                    *x = self.u64()?;
+                }
+                h
+            },
         })
     }
 
@@ -676,6 +697,7 @@ mod tests {
             volume_id: [3; 16],
             size,
             generation: 9,
+            history: [8, 7, 0, 0],
         }
     }
 

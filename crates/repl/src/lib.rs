@@ -33,12 +33,12 @@ pub mod link;
 pub use compress::{Codec, EncodedWrite};
 pub use frame::{
     encode_encoded_write_header, encode_write_header, hash_count, ErrorCode, Frame, FrameDecoder,
-    JobErrorCode, Kind, RawHeader, WireError, DIGEST_LEN, FLAG_FUA, FLAG_LZ4, FLAG_NO_TRIM,
-    FLAG_ZSTD, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA, MAX_HASH_BLOCK, MAX_JOB_HASHES,
-    MIN_HASH_BLOCK, VERSION,
+    JobErrorCode, Kind, RawHeader, SyncPhase, WireError, DIGEST_LEN, FLAG_FUA, FLAG_LZ4,
+    FLAG_NO_TRIM, FLAG_ZSTD, HASH_LEN, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA,
+    MAX_HASH_BLOCK, MAX_JOB_HASHES, MIN_HASH_BLOCK, SYNC_HISTORY_LEN, SYNC_STATE_LEN, VERSION,
 };
 pub use handshake::{
     accept, accept_any, connect, connect_for, AuthFailure, HandshakeError, NodeHello, PeerInfo,
-    Purpose, VolumeIdentity,
+    Purpose, VolumeIdentity, HISTORY_LEN,
 };
 pub use link::{FrameReader, FrameWriter, LinkError};

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use blockmirror_repl::handshake::{NONCE_LEN, PROOF_LEN};
+use blockmirror_repl::handshake::{HISTORY_LEN, NONCE_LEN, PROOF_LEN};
 use blockmirror_repl::{
     accept, connect, AuthFailure, ErrorCode, Frame, FrameReader, FrameWriter, HandshakeError, Kind,
     NodeHello, PeerInfo, RawHeader, VolumeIdentity, WireError, HEADER_LEN,
@@ -28,6 +28,7 @@ fn vol(name: &str, size: u64, id: u8) -> VolumeIdentity {
         volume_id: [id; 16],
         size,
         generation: u64::from(id) * 10,
+        history: [u64::from(id) * 10 - 1, 3, 0, 0],
     }
 }
 
@@ -254,6 +255,7 @@ async fn impostor_mirror_without_the_secret_is_refused() {
         p.extend_from_slice(&[2; 16]);
         p.extend_from_slice(&u64::MAX.to_be_bytes());
         p.extend_from_slice(&1u64.to_be_bytes());
+        p.extend_from_slice(&[0; 8 * HISTORY_LEN]);
         p.extend_from_slice(&[9; NONCE_LEN]);
         p.extend_from_slice(&[0xab; PROOF_LEN]);
         b.write_all(&enc(&Frame::Challenge { payload: p.into() }))
@@ -432,6 +434,7 @@ async fn malformed_hello_is_refused() {
     good.extend_from_slice(&[1; 16]);
     good.extend_from_slice(&(1u64 << 20).to_be_bytes());
     good.extend_from_slice(&1u64.to_be_bytes());
+    good.extend_from_slice(&[0; 8 * HISTORY_LEN]);
     good.extend_from_slice(&[5; NONCE_LEN]);
     let mut trailing = good.clone();
     trailing.push(0);

@@ -572,6 +572,7 @@ mod tests {
                 volume_id: [1; 16],
                 size: SIZE,
                 generation: 1,
+                history: [0; blockmirror_repl::HISTORY_LEN],
             },
         }
     }

@@ -23,7 +23,12 @@ use std::collections::VecDeque;
 
 use blockmirror_core::activity::{ActivityError, ActivityLog, Begin};
 use blockmirror_core::bitmap::Bitmap;
-use blockmirror_repl::{Codec, EncodedWrite, Frame, FrameReader, FrameWriter, NodeHello};
+use blockmirror_core::rate::TokenBucket;
+use blockmirror_core::{compare_generations, Generations, Relation};
+use blockmirror_repl::{
+    Codec, EncodedWrite, Frame, FrameReader, FrameWriter, NodeHello, PeerInfo, SyncPhase,
+    VolumeIdentity,
+};
 use blockmirror_storage::Backend;
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
@@ -33,7 +38,8 @@ use tracing::{debug, info, warn};
 
 use super::group::SiteGroup;
 use super::locks::RangeLocks;
-use crate::config::{LagPolicy, MirrorConfig, MirrorMode};
+use super::GenState;
+use crate::config::{InitialSync, LagPolicy, MirrorConfig, MirrorMode, ResyncConfig};
 use crate::oos_store::OosStore;
 
 /// The live link asks the mirror to flush this often when it has written
@@ -49,7 +55,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Catch-up copies this much per request.
 const CATCH_UP_CHUNK: u64 = 1024 * 1024;
 /// Catch-up requests in flight at once.
-const CATCH_UP_WINDOW: usize = 8;
+const CATCH_UP_WINDOW: usize = 16;
+/// An iterative initial sync whose passes never leave less than the
+/// threshold (host writes outpace the copy) goes live after this many.
+const MAX_PASSES: u32 = 8;
+/// The resync rate limiter lets this much go at once.
+const RATE_BURST: u64 = 4 * CATCH_UP_CHUNK;
+/// Final copies cut short by `resync_max_suspension` before it goes live.
+const MAX_SUSPENSION_ATTEMPTS: u32 = 3;
 
 /// The connection, as /status spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +92,12 @@ pub enum SyncState {
     /// recorded instead of sent, so the mirror lacks some that later ones
     /// may depend on, until a resync copies them.
     Inconsistent,
+    /// Automatic resync refused: the peer was promoted (it is ahead), or
+    /// its data is unrelated. Nothing is copied.
+    Suspended,
+    /// Both sides were written since they last agreed. Nothing is copied
+    /// until an operator discards one side (`resync --discard-local`).
+    SplitBrain,
 }
 
 impl SyncState {
@@ -88,6 +107,8 @@ impl SyncState {
             SyncState::Resyncing => "resyncing",
             SyncState::Degraded => "degraded",
             SyncState::Inconsistent => "inconsistent",
+            SyncState::Suspended => "suspended",
+            SyncState::SplitBrain => "split_brain",
         }
     }
 }
@@ -114,6 +135,16 @@ pub enum MirrorOp {
     Flush,
     /// A liveness probe on an idle link (answered by Pong).
     Ping,
+    /// Asks the mirror for the BLAKE3 hash of a range (checksum resync).
+    Hash {
+        offset: u64,
+        len: u32,
+    },
+    /// Tells the mirror a resync starts, or that it is in sync at a generation.
+    SyncState {
+        phase: SyncPhase,
+        generations: Generations,
+    },
 }
 
 impl MirrorOp {
@@ -124,7 +155,10 @@ impl MirrorOp {
             MirrorOp::Trim { offset, len, .. } | MirrorOp::WriteZeroes { offset, len, .. } => {
                 (*offset, u64::from(*len))
             }
-            MirrorOp::Flush | MirrorOp::Ping => (0, 0),
+            MirrorOp::Flush
+            | MirrorOp::Ping
+            | MirrorOp::Hash { .. }
+            | MirrorOp::SyncState { .. } => (0, 0),
         }
     }
 
@@ -156,6 +190,13 @@ impl MirrorOp {
             },
             MirrorOp::Flush => Frame::Flush { id },
             MirrorOp::Ping => Frame::Ping { id },
+            MirrorOp::Hash { offset, len } => Frame::HashRequest { id, offset, len },
+            MirrorOp::SyncState { phase, generations } => Frame::SyncState {
+                id,
+                phase,
+                generation: generations.current,
+                history: generations.history,
+            },
         }
     }
 }
@@ -227,6 +268,15 @@ struct Shared {
     resync_done: u64,
     resync_total: u64,
     last_error: Option<String>,
+    /// The generation check found a blank mirror: fill it from scratch.
+    fill_from_scratch: bool,
+    /// An iterative initial sync is running: host writes only mark the
+    /// bitmap (the change mask), they are not sent.
+    copy_only: bool,
+    /// Passes of the current (or last) iterative initial sync.
+    passes: u32,
+    /// How long the last final copy held host writes.
+    last_suspension: Option<Duration>,
 }
 
 /// Counters for /metrics.
@@ -245,6 +295,11 @@ pub struct LinkCounters {
     pub async_unwaited: AtomicU64,
     /// Async: host writes that waited because the lag was past its bound.
     pub throttled: AtomicU64,
+    /// Host writes suspended, summed over final copies, in microseconds.
+    pub suspended_us: AtomicU64,
+    pub suspensions: AtomicU64,
+    /// Bytes a checksum resync found equal on the mirror and did not send.
+    pub resync_skipped_bytes: AtomicU64,
 }
 
 /// A point-in-time view of a link, for /status and /metrics.
@@ -265,6 +320,17 @@ pub struct LinkSnapshot {
     pub resync_done: u64,
     pub resync_total: u64,
     pub last_error: Option<String>,
+    pub passes: u32,
+    pub last_suspension: Option<Duration>,
+    pub resync_rate: u64,
+}
+
+/// A link's timing settings from its volume's config.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkTuning {
+    /// `mirror_timeout`: a request unanswered this long fails the link.
+    pub timeout: Duration,
+    pub resync: ResyncConfig,
 }
 
 /// One mirror of one primary volume.
@@ -298,6 +364,15 @@ pub struct MirrorLink {
     /// eviction, so an evicted extent holds nothing the local disk could lose.
     local: Arc<dyn Backend>,
     pub counters: LinkCounters,
+    resync: ResyncConfig,
+    /// Paces the resync copy (`resync_rate`; 0: unlimited).
+    bucket: Mutex<TokenBucket>,
+    /// The bucket's clock.
+    born: Instant,
+    /// When a host write last came through, on the bucket's clock (ns + 1; 0: never).
+    last_host_write: AtomicU64,
+    /// HashReply payloads by request id, picked up by the copy that asked.
+    hashes: Mutex<std::collections::HashMap<u64, [u8; 32]>>,
 }
 
 /// Why a write could not be protected by the activity log.
@@ -321,6 +396,9 @@ pub enum Prepared {
     },
     /// The mirror is not reachable: the region was marked out of sync.
     Marked,
+    /// An iterative initial sync runs: the region was marked in its change
+    /// mask and will be copied by it. Not a failure.
+    Deferred,
 }
 
 /// The sending half of a [`Prepared::Live`] request: what the pipeline
@@ -353,7 +431,7 @@ impl Prepared {
                 id: *id,
                 epoch: *epoch,
             }),
-            Prepared::Marked => None,
+            Prepared::Marked | Prepared::Deferred => None,
         }
     }
 
@@ -363,6 +441,7 @@ impl Prepared {
         match self {
             Prepared::Live { id, epoch, rx } => (Some(Ticket { id, epoch }), Sent::Waiting(rx)),
             Prepared::Marked => (None, Sent::Marked),
+            Prepared::Deferred => (None, Sent::Deferred),
         }
     }
 }
@@ -371,6 +450,8 @@ impl Prepared {
 pub enum Sent {
     Waiting(oneshot::Receiver<Result<(), MirrorFailure>>),
     Marked,
+    /// See [`Prepared::Deferred`].
+    Deferred,
 }
 
 impl MirrorLink {
@@ -379,7 +460,7 @@ impl MirrorLink {
     pub fn new(
         volume: &str,
         cfg: &MirrorConfig,
-        timeout: Duration,
+        tuning: LinkTuning,
         bitmap: Bitmap,
         al: ActivityLog,
         store: Arc<OosStore>,
@@ -399,7 +480,7 @@ impl MirrorLink {
             ctx: std::sync::OnceLock::new(),
             compression: cfg.compression,
             volume: volume.to_owned(),
-            timeout,
+            timeout: tuning.timeout,
             next_id: AtomicU64::new(1),
             shared: Mutex::new(Shared {
                 connection: Connection::Disconnected,
@@ -418,7 +499,16 @@ impl MirrorLink {
                 resync_done: 0,
                 resync_total: 0,
                 last_error: None,
+                fill_from_scratch: false,
+                copy_only: false,
+                passes: 0,
+                last_suspension: None,
             }),
+            resync: tuning.resync,
+            bucket: Mutex::new(TokenBucket::new(tuning.resync.rate, RATE_BURST, 0)),
+            born: Instant::now(),
+            hashes: Mutex::new(std::collections::HashMap::new()),
+            last_host_write: AtomicU64::new(0),
             counters: LinkCounters::default(),
             al_wake: tokio::sync::Notify::new(),
             group: std::sync::OnceLock::new(),
@@ -605,6 +695,18 @@ impl MirrorLink {
             sh.bitmap.mark(offset, len);
             return Prepared::Marked;
         }
+        if sh.copy_only {
+            // Marked before the local I/O starts: a copy of this region that
+            // is running now holds its range lock, so it finished before this
+            // write started, and clears nothing this write marks.
+            sh.bitmap.mark(offset, len);
+            return Prepared::Deferred;
+        }
+        self.register(&mut sh, offset, len)
+    }
+
+    /// Registers a request on the live connection (the caller checked it).
+    fn register(&self, sh: &mut Shared, offset: u64, len: u64) -> Prepared {
         let id = self.next_id.fetch_add(1, Relaxed);
         let (done, rx) = oneshot::channel();
         let epoch = sh.epoch;
@@ -655,7 +757,8 @@ impl MirrorLink {
     pub fn send(&self, p: Prepared, op: &MirrorOp) -> Sent {
         let (ticket, sent) = p.split();
         let Some(ticket) = ticket else {
-            return Sent::Marked;
+            // Marked, or deferred to a running initial sync.
+            return sent;
         };
         let ok = match op {
             MirrorOp::Write { offset, data, fua } if self.compression != Codec::None => {
@@ -900,6 +1003,7 @@ impl MirrorLink {
     /// Waits for a sent request. The watchdog bounds the wait.
     pub async fn wait(&self, s: Sent) -> Result<(), MirrorFailure> {
         match s {
+            Sent::Deferred => Ok(()),
             Sent::Marked => Err(self.failure("not connected; change recorded for resync")),
             Sent::Waiting(rx) => rx
                 .await
@@ -946,6 +1050,10 @@ impl MirrorLink {
             sh.epoch += 1;
             sh.connection = Connection::Disconnected;
             sh.last_error = Some(reason.to_owned());
+            if std::mem::take(&mut sh.copy_only) {
+                // Still blank in parts: the next connection fills it again.
+                sh.fill_from_scratch = true;
+            }
             if sh.tx.take().is_none() {
                 // Connected but not yet live (waiting for its group): nothing
                 // was sent on this connection.
@@ -1073,6 +1181,9 @@ impl MirrorLink {
             resync_done: sh.resync_done,
             resync_total: sh.resync_total,
             last_error: sh.last_error.clone(),
+            passes: sh.passes,
+            last_suspension: sh.last_suspension,
+            resync_rate: self.resync_rate(),
         }
     }
 
@@ -1091,16 +1202,24 @@ impl MirrorLink {
             self.shared().connection = Connection::Connecting;
             let started = Instant::now();
             match self.connect(&ctx).await {
-                Ok((stream, peer_node)) => {
+                Ok((stream, peer)) => {
                     if !first {
                         self.counters.reconnects.fetch_add(1, Relaxed);
                     }
                     first = false;
                     quiet = false;
-                    info!(volume = %self.volume, peer = %self.peer, peer_node = %peer_node, "mirror link connected");
-                    self.clone()
-                        .serve_connection(stream, peer_node, &ctx, &shutdown)
-                        .await;
+                    let peer_node = peer.node.clone();
+                    if self.judge_generations(&ctx, &peer) {
+                        info!(volume = %self.volume, peer = %self.peer, peer_node = %peer_node, "mirror link connected");
+                        self.clone()
+                            .serve_connection(stream, peer_node, &ctx, &shutdown)
+                            .await;
+                    } else {
+                        drop(stream);
+                        let mut sh = self.shared();
+                        sh.connection = Connection::Disconnected;
+                        sh.peer_node = Some(peer_node);
+                    }
                 }
                 Err(e) => {
                     let mut sh = self.shared();
@@ -1131,16 +1250,106 @@ impl MirrorLink {
         self.close_for_shutdown(epoch);
     }
 
-    async fn connect(&self, ctx: &LinkContext) -> Result<(TcpStream, String), String> {
+    /// Compares the mirror's generation record with ours (both authenticated
+    /// by the handshake). Returns whether the link may go live; if not, the
+    /// state says why (split brain, or suspended) and nothing is copied. A
+    /// blank mirror gets the whole volume marked.
+    fn judge_generations(&self, ctx: &LinkContext, peer: &PeerInfo) -> bool {
+        let local = ctx.gen.meta.get().generations;
+        let theirs = Generations {
+            current: peer.volume.generation,
+            history: peer.volume.history,
+        };
+        let rel = compare_generations(&local, &theirs);
+        let mut sh = self.shared();
+        if rel.primary_may_sync() {
+            if rel.needs_full_copy() {
+                let size = sh.bitmap.volume_size();
+                sh.bitmap.mark(0, size);
+                sh.fill_from_scratch = true;
+                info!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node,
+                    "mirror holds no data lineage (new, or discarded): copying the whole volume");
+            } else if rel == Relation::LocalAhead {
+                info!(volume = %self.volume, peer = %self.peer, out_of_sync = sh.bitmap.dirty_bytes(),
+                    "this primary wrote while the mirror was away: copying what the bitmap marks");
+            }
+            return true;
+        }
+        let (state, why) = match rel {
+            Relation::SplitBrain => (
+                SyncState::SplitBrain,
+                format!(
+                    "split brain: both sides were written since they last agreed \
+                     (ours {}, mirror {}); no automatic resync: run `blockmirror resync \
+                     {} --discard-local` on the side whose changes are to be thrown away",
+                    local.to_display(),
+                    theirs.to_display(),
+                    self.volume
+                ),
+            ),
+            Relation::PeerAhead => (
+                SyncState::Suspended,
+                format!(
+                    "the mirror was promoted (its generation {} descends from ours {}): \
+                     not overwriting it; this side must be demoted",
+                    theirs.to_display(),
+                    local.to_display()
+                ),
+            ),
+            _ => (
+                SyncState::Suspended,
+                format!(
+                    "mirror data is unrelated to ours ({}: ours {}, mirror {}); \
+                     run `blockmirror resync {} --discard-local` on the mirror to replace it",
+                    rel.as_str(),
+                    local.to_display(),
+                    theirs.to_display(),
+                    self.volume
+                ),
+            ),
+        };
+        if sh.state != state || sh.last_error.as_deref() != Some(why.as_str()) {
+            warn!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node, relation = rel.as_str(), "{why}");
+        }
+        sh.state = state;
+        sh.last_error = Some(why);
+        false
+    }
+
+    /// Sends a SyncState on this connection and waits for the mirror to store
+    /// it. "In sync" is sent after a FLUSH, so what it covers is durable.
+    async fn announce(&self, epoch: u64, ctx: &LinkContext, phase: SyncPhase) -> bool {
+        if phase == SyncPhase::InSync {
+            let Some(p) = self.prepare_flush() else {
+                return false;
+            };
+            let sent = self.send(p, &MirrorOp::Flush);
+            if self.wait(sent).await.is_err() {
+                return false;
+            }
+        }
+        let generations = ctx.gen.meta.get().generations;
+        let Some(p) = self.prepare_for_epoch(epoch, 0, 0) else {
+            return false;
+        };
+        let sent = self.send(p, &MirrorOp::SyncState { phase, generations });
+        let ok = self.wait(sent).await.is_ok();
+        if ok && phase == SyncPhase::InSync {
+            ctx.gen.announced();
+        }
+        ok
+    }
+
+    async fn connect(&self, ctx: &LinkContext) -> Result<(TcpStream, PeerInfo), String> {
         let attempt = async {
             let mut s = TcpStream::connect(self.addr)
                 .await
                 .map_err(|e| format!("connect {}: {e}", self.addr))?;
             s.set_nodelay(true).map_err(|e| e.to_string())?;
-            let peer = blockmirror_repl::connect(&mut s, &ctx.secret, &ctx.hello)
+            let peer = blockmirror_repl::connect(&mut s, &ctx.secret, &ctx.hello())
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok((s, peer.node))
+            Ok((s, peer))
         };
         tokio::time::timeout(CONNECT_TIMEOUT, attempt)
             .await
@@ -1187,6 +1396,9 @@ impl MirrorLink {
                 return;
             }
             sh.tx = Some(tx);
+            sh.copy_only = std::mem::take(&mut sh.fill_from_scratch)
+                && self.resync.initial_sync == InitialSync::Iterative
+                && !sh.bitmap.is_clear();
             sh.state = if sh.bitmap.is_clear() {
                 SyncState::InSync
             } else {
@@ -1236,6 +1448,10 @@ impl MirrorLink {
             };
             match frame {
                 Ok(Some(Frame::Ack { id })) | Ok(Some(Frame::Pong { id })) => ids.push(id),
+                Ok(Some(Frame::HashReply { id, hash })) => {
+                    self.hashes.lock().expect("poisoned").insert(id, hash);
+                    ids.push(id);
+                }
                 Ok(Some(Frame::Nack { id, errno, message })) => {
                     break format!("mirror failed request {id} with errno {errno}: {message}");
                 }
@@ -1345,6 +1561,8 @@ impl MirrorLink {
     async fn catch_up(self: Arc<Self>, epoch: u64, ctx: LinkContext, cancel: CancellationToken) {
         let total = self.shared().bitmap.dirty_bytes();
         if total == 0 {
+            // Nothing to copy: the mirror holds our generation.
+            self.announce(epoch, &ctx, SyncPhase::InSync).await;
             return;
         }
         {
@@ -1352,8 +1570,16 @@ impl MirrorLink {
             sh.resync_total = total;
             sh.resync_done = 0;
         }
-        info!(volume = %self.volume, peer = %self.peer, bytes = total, "catching up: copying out-of-sync regions");
+        // The mirror is inconsistent from its first resync write on.
+        if !self.announce(epoch, &ctx, SyncPhase::Resyncing).await {
+            return;
+        }
         let started = Instant::now();
+        if self.shared().copy_only && !self.iterative_fill(epoch, &ctx, &cancel).await {
+            return;
+        }
+        info!(volume = %self.volume, peer = %self.peer, bytes = self.shared().bitmap.dirty_bytes(),
+            "catching up (live): copying out-of-sync regions");
         let mut window = tokio::task::JoinSet::new();
         let mut cursor = 0u64;
         loop {
@@ -1369,6 +1595,11 @@ impl MirrorLink {
                 // regions marked meanwhile are copied too.
                 while window.join_next().await.is_some() {}
                 if cancel.is_cancelled() {
+                    return;
+                }
+                if self.shared().bitmap.is_clear()
+                    && !self.announce(epoch, &ctx, SyncPhase::InSync).await
+                {
                     return;
                 }
                 let mut sh = self.shared();
@@ -1391,30 +1622,264 @@ impl MirrorLink {
             while window.len() >= CATCH_UP_WINDOW {
                 window.join_next().await;
             }
+            self.pace(len, &cancel).await;
             let link = self.clone();
             let ctx = ctx.clone();
-            window.spawn(async move { link.copy_chunk(epoch, &ctx, off, len).await });
+            window.spawn(async move { link.copy_chunk(epoch, &ctx, off, len, true).await });
         }
     }
 
-    async fn copy_chunk(&self, epoch: u64, ctx: &LinkContext, off: u64, len: u64) {
-        let guard = ctx.locks.lock(off, len).await;
+    /// Seed 004 FIG. 2, for a mirror filled from scratch. Host writes only
+    /// mark the bitmap (the change mask, already clear of nothing: a blank
+    /// mirror has every region marked). Each pass copies what is marked, each
+    /// chunk under its range lock, so a host write racing with the copy of
+    /// its region lands its mark after the copy cleared the bits, and the
+    /// next pass copies it again. Once a pass leaves at most
+    /// `resync_threshold` marked, host writes are suspended (the range lock
+    /// over the whole volume), the rest is copied, and the link goes live
+    /// before the lock is released: no write can fall between.
+    ///
+    /// Returns false when the connection ended. Returns true with the link
+    /// live: either in sync, or (host writes outpacing the copy, or final
+    /// copies too long for `resync_max_suspension`) handed to the live
+    /// catch-up, which always converges.
+    async fn iterative_fill(
+        self: &Arc<Self>,
+        epoch: u64,
+        ctx: &LinkContext,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let size = self.shared().bitmap.volume_size();
+        let mut attempts = 0;
+        let started = Instant::now();
+        info!(volume = %self.volume, peer = %self.peer, bytes = size, threshold = self.resync.threshold,
+            "initial sync (iterative): host writes mark the change mask while passes copy");
+        for pass in 1.. {
+            {
+                let mut sh = self.shared();
+                sh.passes = pass;
+                sh.resync_total = sh.resync_done + sh.bitmap.dirty_bytes();
+            }
+            if !self.copy_pass(epoch, ctx, cancel).await {
+                return false;
+            }
+            let left = self.shared().bitmap.dirty_bytes();
+            info!(volume = %self.volume, peer = %self.peer, pass, changed = left, "initial sync pass done");
+            if left <= self.resync.threshold {
+                match self.final_copy(epoch, ctx, cancel, size).await {
+                    Some(true) => {
+                        info!(volume = %self.volume, peer = %self.peer, passes = pass,
+                            ms = started.elapsed().as_millis() as u64, "initial sync copied; live");
+                        return true;
+                    }
+                    Some(false) => {
+                        attempts += 1;
+                        if attempts >= MAX_SUSPENSION_ATTEMPTS {
+                            warn!(volume = %self.volume, peer = %self.peer, attempts,
+                                "final copies keep exceeding resync_max_suspension: going live (range-locked catch-up)");
+                            break;
+                        }
+                    }
+                    None => return false,
+                }
+            } else if pass >= MAX_PASSES {
+                warn!(volume = %self.volume, peer = %self.peer, passes = pass, changed = left,
+                    "host writes outpace the copy: going live (range-locked catch-up)");
+                break;
+            }
+        }
+        let mut sh = self.shared();
+        if sh.epoch != epoch {
+            return false;
+        }
+        sh.copy_only = false;
+        true
+    }
+
+    /// The resync rate in bytes per second (0: unlimited).
+    pub fn resync_rate(&self) -> u64 {
+        self.bucket.lock().expect("poisoned").rate()
+    }
+
+    /// Changes the resync rate at once, also for a copy that is running.
+    pub fn set_resync_rate(&self, rate: u64) {
+        let now = self.born.elapsed().as_nanos() as u64;
+        self.bucket.lock().expect("poisoned").set_rate(rate, now);
+        info!(volume = %self.volume, peer = %self.peer, rate, "resync rate set (bytes/s, 0: unlimited)");
+    }
+
+    /// A host write came through (for `resync_host_share`).
+    pub fn note_host_write(&self) {
+        if self.resync.host_share > 0 {
+            let now = self.born.elapsed().as_nanos() as u64;
+            self.last_host_write.store(now + 1, Relaxed);
+        }
+    }
+
+    /// Waits until `len` more bytes of resync copy fit the rate (less the
+    /// host's share while hosts write).
+    async fn pace(&self, len: u64, cancel: &CancellationToken) {
+        let wait = {
+            let now = self.born.elapsed().as_nanos() as u64;
+            let last = self.last_host_write.load(Relaxed);
+            let active = last != 0 && now.saturating_sub(last - 1) < HOST_ACTIVE_NS;
+            let charged = charged_bytes(len, self.resync.host_share, active);
+            self.bucket.lock().expect("poisoned").take(charged, now)
+        };
+        if wait > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_nanos(wait)) => {}
+                _ = cancel.cancelled() => {}
+            }
+        }
+    }
+
+    /// One walk over the bitmap, copying each marked run under its range lock.
+    async fn copy_pass(
+        self: &Arc<Self>,
+        epoch: u64,
+        ctx: &LinkContext,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let mut window = tokio::task::JoinSet::new();
+        let mut cursor = 0u64;
+        loop {
+            if cancel.is_cancelled() || self.shared().epoch != epoch {
+                return false;
+            }
+            let next = next_run(&self.shared().bitmap, cursor, CATCH_UP_CHUNK);
+            let Some((off, len)) = next else { break };
+            cursor = off + len;
+            while window.len() >= CATCH_UP_WINDOW {
+                window.join_next().await;
+            }
+            self.pace(len, cancel).await;
+            let (link, ctx) = (self.clone(), ctx.clone());
+            window.spawn(async move { link.copy_chunk(epoch, &ctx, off, len, true).await });
+        }
+        while window.join_next().await.is_some() {}
+        !cancel.is_cancelled() && self.shared().epoch == epoch
+    }
+
+    /// Suspends host writes (the range lock over the whole volume), copies
+    /// what is still marked, and goes live before resuming them. Some(true):
+    /// done; Some(false): cut short by `resync_max_suspension` (host writes
+    /// resume, still only marking); None: the connection ended.
+    async fn final_copy(
+        self: &Arc<Self>,
+        epoch: u64,
+        ctx: &LinkContext,
+        cancel: &CancellationToken,
+        size: u64,
+    ) -> Option<bool> {
+        let asked = Instant::now();
+        let guard = tokio::select! {
+            g = ctx.locks.lock(0, size) => g,
+            _ = cancel.cancelled() => return None,
+        };
+        let locked_after = asked.elapsed();
+        let deadline = asked + self.resync.max_suspension;
+        let mut window = tokio::task::JoinSet::new();
+        let mut cursor = 0u64;
+        let mut cut_short = false;
+        loop {
+            if cancel.is_cancelled() || self.shared().epoch != epoch {
+                return None;
+            }
+            if Instant::now() >= deadline {
+                cut_short = true;
+                break;
+            }
+            let next = next_run(&self.shared().bitmap, cursor, CATCH_UP_CHUNK);
+            let Some((off, len)) = next else { break };
+            cursor = off + len;
+            while window.len() >= CATCH_UP_WINDOW {
+                window.join_next().await;
+            }
+            let (link, ctx) = (self.clone(), ctx.clone());
+            // We hold the whole volume: the chunk takes no lock of its own.
+            window.spawn(async move { link.copy_chunk(epoch, &ctx, off, len, false).await });
+        }
+        while window.join_next().await.is_some() {}
+        let done = {
+            let mut sh = self.shared();
+            if sh.epoch != epoch {
+                return None;
+            }
+            let done = !cut_short && sh.bitmap.is_clear();
+            if done {
+                // Host writes waiting on the lock go to the mirror from now on.
+                sh.copy_only = false;
+            }
+            done
+        };
+        drop(guard);
+        let held = asked.elapsed();
+        {
+            let mut sh = self.shared();
+            sh.last_suspension = Some(held);
+        }
+        self.counters
+            .suspended_us
+            .fetch_add(held.as_micros() as u64, Relaxed);
+        self.counters.suspensions.fetch_add(1, Relaxed);
+        if done {
+            info!(volume = %self.volume, peer = %self.peer, suspended_us = held.as_micros() as u64,
+                waited_for_writes_us = locked_after.as_micros() as u64,
+                "initial sync final copy: host writes were suspended");
+        } else {
+            warn!(volume = %self.volume, peer = %self.peer, suspended_us = held.as_micros() as u64,
+                max_ms = self.resync.max_suspension.as_millis() as u64,
+                "initial sync final copy cut short at resync_max_suspension; host writes resumed");
+        }
+        Some(done)
+    }
+
+    async fn copy_chunk(&self, epoch: u64, ctx: &LinkContext, off: u64, len: u64, lock: bool) {
+        let guard = if lock {
+            Some(ctx.locks.lock(off, len).await)
+        } else {
+            None
+        };
         let backend = ctx.backend.clone();
+        let checksum = self.resync.checksum;
+        // With checksums, ask for the mirror's hash while the local read runs.
+        let asked = if checksum {
+            self.prepare_for_epoch(epoch, 0, 0).map(|p| {
+                let id = match &p {
+                    Prepared::Live { id, .. } => *id,
+                    _ => 0,
+                };
+                let sent = self.send(
+                    p,
+                    &MirrorOp::Hash {
+                        offset: off,
+                        len: len as u32,
+                    },
+                );
+                (id, sent)
+            })
+        } else {
+            None
+        };
         let codec = self.compression;
-        // Read, and compress when the link does, off the runtime's threads.
+        // Read, hash when asked, and compress when the link does, off the
+        // runtime's threads.
         let read = tokio::task::spawn_blocking(move || {
             let mut buf = BytesMut::zeroed(len as usize);
             backend.read_at(&mut buf, off).map(|()| {
+                let hash = checksum.then(|| *blake3::hash(&buf).as_bytes());
                 let data = buf.freeze();
-                if data.iter().all(|&b| b == 0) {
+                let data = if data.iter().all(|&b| b == 0) {
                     None
                 } else {
                     Some(EncodedWrite::new(data, codec))
-                }
+                };
+                (data, hash)
             })
         })
         .await;
-        let data = match read {
+        let (data, local_hash) = match read {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 warn!(error = %e, "catch-up read failed; region stays marked");
@@ -1422,6 +1887,25 @@ impl MirrorLink {
             }
             Err(_) => return,
         };
+        if let (Some((id, sent)), Some(local)) = (asked, local_hash) {
+            // The mirror hashes without waiting for writes queued before the
+            // request; under our range lock only a host write sent before it
+            // can be queued there, and it carries the data we just read, so
+            // "equal" can only be true of data the mirror ends up holding.
+            let theirs = match self.wait(sent).await {
+                Ok(()) => self.hashes.lock().expect("poisoned").remove(&id),
+                Err(_) => None,
+            };
+            if theirs == Some(local) {
+                let mut sh = self.shared();
+                if sh.epoch == epoch {
+                    sh.bitmap.clear(off, len);
+                    sh.resync_done += len;
+                    self.counters.resync_skipped_bytes.fetch_add(len, Relaxed);
+                }
+                return;
+            }
+        }
         let p = self.prepare_for_epoch(epoch, off, len);
         let Some(p) = p else { return };
         let sent = match data {
@@ -1455,18 +1939,25 @@ impl MirrorLink {
 
     /// Like `prepare`, but only on the given connection and without marking.
     fn prepare_for_epoch(&self, epoch: u64, offset: u64, len: u64) -> Option<Prepared> {
-        let sh = self.shared();
+        let mut sh = self.shared();
         if sh.epoch != epoch || sh.tx.is_none() {
             return None;
         }
-        drop(sh);
-        match self.prepare(offset, len) {
-            Prepared::Live { id, epoch: e, rx } if e == epoch => {
-                Some(Prepared::Live { id, epoch, rx })
-            }
-            _ => None,
-        }
+        Some(self.register(&mut sh, offset, len))
     }
+}
+
+/// Host writes within this long count as "hosts are writing".
+const HOST_ACTIVE_NS: u64 = 100_000_000;
+
+/// What `len` bytes of copy cost in the rate limiter: more while hosts write,
+/// so the copy runs at `(100 - share)%` of the rate and the rest is theirs.
+fn charged_bytes(len: u64, share: u8, host_active: bool) -> u64 {
+    if !host_active || share == 0 {
+        return len;
+    }
+    let keep = 100 - u64::from(share.min(90));
+    len.saturating_mul(100) / keep
 }
 
 /// A clear bitmap of the same shape as `b`.
@@ -1493,9 +1984,29 @@ fn next_run(b: &Bitmap, from: u64, max: u64) -> Option<(u64, u64)> {
 #[derive(Clone)]
 pub struct LinkContext {
     pub secret: Arc<[u8]>,
-    pub hello: NodeHello,
+    /// This node's name.
+    pub node: String,
+    pub volume: String,
     pub backend: Arc<dyn Backend>,
     pub locks: RangeLocks,
+    pub gen: Arc<GenState>,
+}
+
+impl LinkContext {
+    /// The Hello of a new connection: the volume's record as it is now.
+    pub fn hello(&self) -> NodeHello {
+        let m = self.gen.meta.get();
+        NodeHello {
+            node: self.node.clone(),
+            volume: VolumeIdentity {
+                name: self.volume.clone(),
+                volume_id: m.volume_id,
+                size: m.size,
+                generation: m.generations.current,
+                history: m.generations.history,
+            },
+        }
+    }
 }
 
 async fn sender_loop(
@@ -1589,5 +2100,22 @@ fn mode_code(m: MirrorMode) -> u8 {
     match m {
         MirrorMode::Sync => 0,
         MirrorMode::Async => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_share_slows_the_copy_only_while_hosts_write() {
+        assert_eq!(charged_bytes(1 << 20, 0, true), 1 << 20);
+        assert_eq!(charged_bytes(1 << 20, 50, false), 1 << 20);
+        // Half the rate for the copy: each byte costs two.
+        assert_eq!(charged_bytes(1 << 20, 50, true), 2 << 20);
+        // 25% kept for hosts: the copy gets 75% of the rate.
+        assert_eq!(charged_bytes(3 << 20, 25, true), 4 << 20);
+        // Capped at 90%, so the copy always progresses.
+        assert_eq!(charged_bytes(100, 200, true), 1000);
     }
 }

@@ -30,6 +30,14 @@
 //!    link, or the watchdog's timeout) has the region marked and is
 //!    degraded; the host's request succeeds ("degrade") or fails with EIO
 //!    ("fence").
+//!
+//! Generations ([`GenState`], `blockmirror_core::generation`): the first
+//! write that some mirror will lack (its link is away, or fails under the
+//! write) starts a new generation, durably, before the host is told the
+//! write is done, but only when a mirror may hold the current generation as
+//! "in sync" (it was announced to one since the last rotation, or the node
+//! just started). So a mirror promoted during the outage, and written, is
+//! seen as a split brain when the link comes back.
 
 pub mod apply;
 pub mod group;
@@ -40,18 +48,86 @@ pub mod pipeline;
 pub mod receiver;
 
 use std::future::Future;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering, Ordering::Relaxed};
 use std::sync::Arc;
 
 use blockmirror_nbd::Errno;
 use bytes::Bytes;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{FailurePolicy, LagPolicy};
+use crate::meta_file::{self, MetaCell, MetaFileError};
 use crate::metrics::{self, MetricType};
 pub use link::{MirrorLink, MirrorOp};
 pub use locks::RangeLocks;
 pub use pipeline::Pipeline;
+
+/// A primary volume's generation record, shared by its write path and its
+/// links.
+pub struct GenState {
+    pub volume: String,
+    pub meta: Arc<MetaCell>,
+    /// True when some mirror may hold the current generation as in sync, so
+    /// the next write a mirror misses must start a new generation first.
+    announced: AtomicBool,
+    rotating: tokio::sync::Mutex<()>,
+}
+
+impl GenState {
+    /// After a start nothing is known about what the mirrors hold: the first
+    /// write a mirror misses starts a new generation.
+    pub fn new(volume: &str, meta: Arc<MetaCell>) -> Self {
+        Self {
+            volume: volume.to_owned(),
+            meta,
+            announced: AtomicBool::new(true),
+            rotating: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// A mirror acknowledged that it holds the current generation in sync.
+    pub fn announced(&self) {
+        self.announced.store(true, Ordering::SeqCst);
+    }
+
+    /// Starts a new generation if a mirror may hold the current one; returns
+    /// once the new record is durable. Writes racing here wait for it.
+    pub async fn diverge(&self) -> Result<(), MetaFileError> {
+        if !self.announced.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _one = self.rotating.lock().await;
+        if !self.announced.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Cleared before the store: an announcement racing with this
+        // rotation (of the old id) sets it again, which is conservative.
+        self.announced.store(false, Ordering::SeqCst);
+        let meta = self.meta.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            let id = meta_file::new_generation_id()?;
+            meta.update(|m| m.generations.rotate(id))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(MetaFileError::Io {
+                path: self.meta.path().to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        });
+        match stored {
+            Ok(m) => {
+                info!(volume = %self.volume, generations = %m.generations.to_display(),
+                    "a mirror misses writes: new generation");
+                Ok(())
+            }
+            Err(e) => {
+                self.announced.store(true, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+}
 
 /// The mirrors of one primary volume.
 pub struct Replicator {
@@ -60,18 +136,21 @@ pub struct Replicator {
     pub locks: RangeLocks,
     pub policy: FailurePolicy,
     pub pipeline: Pipeline,
+    pub gen: Arc<GenState>,
 }
 
 impl Replicator {
     /// The mirrors `links` of `volume`, with a pipeline that splits writes
-    /// into `track_size` tracks.
+    /// into `track_size` tracks, and the volume's generation state.
     pub fn new(
         volume: &str,
         links: Vec<Arc<MirrorLink>>,
         policy: FailurePolicy,
         track_size: u64,
+        gen: Arc<GenState>,
     ) -> Replicator {
         Replicator {
+            gen,
             volume: volume.to_owned(),
             pipeline: Pipeline::new(
                 volume,
@@ -104,6 +183,9 @@ impl Replicator {
         }
         let (offset, len) = op.range();
         let guard = self.locks.lock(offset, len).await;
+        for l in &self.links {
+            l.note_host_write();
+        }
         for (i, l) in self.links.iter().enumerate() {
             if let Err(e) = l.activate(offset, len).await {
                 warn!(error = %e, "write refused: it could not be recorded for resync");
@@ -120,6 +202,16 @@ impl Replicator {
             .zip(&modes)
             .map(|(l, m)| m.prepare(l, offset, len))
             .collect();
+        if prepared.iter().any(|p| matches!(p, link::Prepared::Marked)) {
+            if let Err(e) = self.gen.diverge().await {
+                warn!(error = %e, "write refused: a new generation could not be stored");
+                for (l, p) in self.links.iter().zip(prepared) {
+                    l.abandon(p, offset, len);
+                    l.end(offset, len);
+                }
+                return Err(Errno::Io);
+            }
+        }
         if let Err(e) = local().await {
             for (l, p) in self.links.iter().zip(prepared) {
                 l.abandon(p, offset, len);
@@ -147,7 +239,15 @@ impl Replicator {
             .map(|(l, p)| vec![l.send(p, &op)])
             .collect();
         drop(guard);
-        let result = self.wait_links(sent, &modes).await;
+        let (mut result, missed) = self.wait_links(sent, &modes).await;
+        if missed {
+            // A mirror lacks this write: the host hears "done" only once a
+            // new generation records that.
+            if let Err(e) = self.gen.diverge().await {
+                warn!(error = %e, "a new generation could not be stored");
+                result = Err(Errno::Io);
+            }
+        }
         for (l, d) in self.links.iter().zip(deferred) {
             if !d {
                 l.end(offset, len);
@@ -241,6 +341,7 @@ impl Replicator {
             .map(|_| Vec::with_capacity(pieces.len()))
             .collect();
         let mut tickets_all: Vec<(usize, link::Ticket)> = Vec::new();
+        let mut any_marked = false;
         for (i, &(off, n)) in pieces.iter().enumerate() {
             let tickets: Vec<_> = self
                 .links
@@ -248,7 +349,9 @@ impl Replicator {
                 .zip(waits.iter_mut())
                 .enumerate()
                 .map(|(li, (l, w))| {
-                    let (t, sent) = modes[li].prepare(l, off, n).split();
+                    let p = modes[li].prepare(l, off, n);
+                    any_marked |= matches!(p, link::Prepared::Marked);
+                    let (t, sent) = p.split();
                     w.push(sent);
                     if let Some(t) = t {
                         tickets_all.push((li, t));
@@ -288,7 +391,15 @@ impl Replicator {
             .collect();
         ctx.release().await;
         drop(guard);
-        let result = self.wait_links(waits, &modes).await;
+        let (mut result, missed) = self.wait_links(waits, &modes).await;
+        if missed || any_marked {
+            // A mirror lacks (part of) this write: a new generation records
+            // that before the host hears "done".
+            if let Err(e) = self.gen.diverge().await {
+                warn!(error = %e, "a new generation could not be stored");
+                result = Err(Errno::Io);
+            }
+        }
         for (l, d) in self.links.iter().zip(deferred) {
             if !d {
                 l.end(offset, len);
@@ -312,6 +423,9 @@ impl Replicator {
             .iter()
             .map(|l| match l.prepare_flush() {
                 Some(p) => l.send(p, &MirrorOp::Flush),
+                // Connected but filling (iterative initial sync): the mirror
+                // holds no host data to flush yet.
+                None if l.is_live() => link::Sent::Deferred,
                 None => link::Sent::Marked,
             })
             .collect();
@@ -329,7 +443,7 @@ impl Replicator {
                 }
             })
             .collect();
-        let mirrors = self
+        let (mirrors, _) = self
             .wait_links(sent.into_iter().map(|s| vec![s]).collect(), &modes)
             .await;
         local.and(mirrors)
@@ -353,8 +467,9 @@ impl Replicator {
         &self,
         sent: Vec<Vec<link::Sent>>,
         modes: &[LinkWrite],
-    ) -> Result<(), Errno> {
+    ) -> (Result<(), Errno>, bool) {
         let mut result = Ok(());
+        let mut missed = false;
         for ((l, sent), m) in self.links.iter().zip(sent).zip(modes) {
             let wait = match m {
                 LinkWrite::Sync => true,
@@ -373,13 +488,14 @@ impl Replicator {
             for s in sent {
                 if let Err(e) = l.wait(s).await {
                     debug!(error = %e, "mirror did not take a request");
+                    missed = true;
                     if self.policy == FailurePolicy::Fence {
                         result = Err(Errno::Io);
                     }
                 }
             }
         }
-        result
+        (result, missed)
     }
 }
 

@@ -22,15 +22,19 @@
 //! A FUA write is written with RWF_DSYNC on its task.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use blockmirror_repl::{ErrorCode, Frame, FrameReader, FrameWriter, VolumeIdentity};
+use blockmirror_core::{compare_generations, Generations, MirrorLabel, Relation, VolumeMeta};
+use blockmirror_repl::{ErrorCode, Frame, FrameReader, FrameWriter, SyncPhase, VolumeIdentity};
 use blockmirror_storage::Backend;
+
+use crate::meta_file::{MetaCell, MetaFileError};
 
 use super::apply::{Applied, ApplyConfig, ApplyEngine, ApplyMetrics, ApplyOp};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -42,8 +46,11 @@ const UNANSWERED: u64 = u64::MAX;
 /// A mirror volume as the receiver sees it.
 pub struct MirrorTarget {
     pub name: String,
-    pub identity: VolumeIdentity,
     pub backend: Arc<dyn Backend>,
+    /// The volume's record: generations and mirror label.
+    pub meta: Arc<MetaCell>,
+    /// Set by `promote`: the volume is a primary here, and refuses links.
+    promoted: AtomicBool,
     /// The link feeding it now: primary node, connection number, and what
     /// cancels that link.
     current: Mutex<Option<(String, u64, CancellationToken)>>,
@@ -60,7 +67,7 @@ pub struct MirrorTarget {
 impl MirrorTarget {
     pub fn new(
         name: &str,
-        identity: VolumeIdentity,
+        meta: Arc<MetaCell>,
         backend: Arc<dyn Backend>,
         apply: ApplyConfig,
     ) -> Self {
@@ -68,7 +75,8 @@ impl MirrorTarget {
             apply,
             apply_metrics: Arc::new(ApplyMetrics::new(apply.groups)),
             name: name.to_owned(),
-            identity,
+            meta,
+            promoted: AtomicBool::new(false),
             backend,
             current: Mutex::new(None),
             next_conn: AtomicU64::new(1),
@@ -76,6 +84,91 @@ impl MirrorTarget {
             applied_bytes: AtomicU64::new(0),
             applied_ops: AtomicU64::new(0),
         }
+    }
+
+    /// The identity the handshake reports: the record as it is now.
+    pub fn identity(&self) -> VolumeIdentity {
+        let m = self.meta.get();
+        VolumeIdentity {
+            name: self.name.clone(),
+            volume_id: m.volume_id,
+            size: m.size,
+            generation: m.generations.current,
+            history: m.generations.history,
+        }
+    }
+
+    pub fn is_promoted(&self) -> bool {
+        self.promoted.load(Ordering::SeqCst)
+    }
+
+    /// The volume becomes a primary here: the current link (if any) is cut
+    /// and new ones are refused. (The caller stores the new generation.)
+    pub fn set_promoted(&self) {
+        self.promoted.store(true, Ordering::SeqCst);
+        if let Some((_, _, token)) = self.current.lock().expect("poisoned").as_ref() {
+            token.cancel();
+        }
+    }
+
+    /// The volume is a mirror again and accepts its primary.
+    pub fn set_demoted(&self) {
+        self.promoted.store(false, Ordering::SeqCst);
+    }
+
+    /// Ends the current link, if any: its primary reconnects and judges the
+    /// generations again (after `--discard-local`, a full copy).
+    pub fn cut_link(&self) {
+        if let Some((_, _, token)) = self.current.lock().expect("poisoned").as_ref() {
+            token.cancel();
+        }
+    }
+
+    /// The mirror's own state for /status: `in_sync`, `resyncing`,
+    /// `inconsistent` or `degraded` (consistent but not connected); None
+    /// when promoted.
+    pub fn state(&self) -> Option<&'static str> {
+        if self.is_promoted() {
+            return None;
+        }
+        let connected = self.primary().is_some();
+        Some(match (self.meta.get().label, connected) {
+            (MirrorLabel::InSync, true) => "in_sync",
+            (MirrorLabel::Inconsistent, true) => "resyncing",
+            (MirrorLabel::Inconsistent, false) => "inconsistent",
+            _ => "degraded",
+        })
+    }
+
+    /// Stores what a SyncState frame announces.
+    async fn store_sync_state(
+        &self,
+        phase: SyncPhase,
+        generations: Generations,
+    ) -> Result<VolumeMeta, MetaFileError> {
+        self.update_meta(move |m| match phase {
+            SyncPhase::Resyncing => m.label = MirrorLabel::Inconsistent,
+            SyncPhase::InSync => {
+                m.generations = generations;
+                m.label = MirrorLabel::InSync;
+            }
+        })
+        .await
+    }
+
+    async fn update_meta(
+        &self,
+        f: impl FnOnce(&mut VolumeMeta) + Send + 'static,
+    ) -> Result<VolumeMeta, MetaFileError> {
+        let meta = self.meta.clone();
+        tokio::task::spawn_blocking(move || meta.update(f))
+            .await
+            .unwrap_or_else(|e| {
+                Err(MetaFileError::Io {
+                    path: self.meta.path().to_owned(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
     }
 
     pub fn primary(&self) -> Option<String> {
@@ -144,7 +237,7 @@ async fn handle(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let lookup = |name: &str| targets.get(name).map(|t| t.identity.clone());
+    let lookup = |name: &str| targets.get(name).map(|t| t.identity());
     let hs = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         blockmirror_repl::accept_any(&mut stream, secret, node, lookup),
@@ -170,6 +263,54 @@ async fn handle(
     let Some(target) = targets.get(&volume.name).cloned() else {
         return;
     };
+    // Generations (authenticated by the handshake): a mirror takes data only
+    // from a primary that is at its generation or ahead of it, or when it
+    // holds nothing (blank). A promoted volume takes nothing.
+    let mine = Generations {
+        current: volume.generation,
+        history: volume.history,
+    };
+    let theirs = Generations {
+        current: primary.volume.generation,
+        history: primary.volume.history,
+    };
+    let rel = compare_generations(&mine, &theirs);
+    let refusal = if target.is_promoted() {
+        Some(format!(
+            "volume {} is a primary on this node (promoted); it takes no replication",
+            target.name
+        ))
+    } else if matches!(
+        rel,
+        Relation::Same | Relation::PeerAhead | Relation::LocalBlank
+    ) {
+        None
+    } else {
+        Some(format!(
+            "volume {}: generation check refused the primary ({}: ours {}, primary {}){}",
+            target.name,
+            rel.as_str(),
+            mine.to_display(),
+            theirs.to_display(),
+            if rel == Relation::SplitBrain {
+                "; split brain: resolve with `blockmirror resync --discard-local` on one side"
+            } else {
+                ""
+            }
+        ))
+    };
+    if let Some(msg) = refusal {
+        warn!(%peer, primary = %primary.node, "{msg}");
+        let mut w = FrameWriter::new(stream);
+        let _ = w
+            .send(&Frame::Error {
+                id: 0,
+                code: ErrorCode::Busy,
+                message: msg,
+            })
+            .await;
+        return;
+    }
     let conn = target.next_conn.fetch_add(1, Relaxed);
     let token = shutdown.child_token();
     let busy = {
@@ -209,6 +350,21 @@ async fn handle(
     };
     info!(volume = %target.name, primary = %primary.node, %peer, "replication link up");
     let reason = apply_loop(stream, &target, token).await;
+    // Without its primary, an in-sync mirror is a point in time the primary
+    // passed through, and may fall behind.
+    if target.meta.get().label == MirrorLabel::InSync {
+        // Conditional inside the update: a promote may have run meanwhile.
+        if let Err(e) = target
+            .update_meta(|m| {
+                if m.label == MirrorLabel::InSync {
+                    m.label = MirrorLabel::Consistent;
+                }
+            })
+            .await
+        {
+            warn!(volume = %target.name, error = %e, "storing the mirror label failed");
+        }
+    }
     drop(slot);
     {
         let mut current = target.current.lock().expect("poisoned");
@@ -233,6 +389,8 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
     let (rd, wr) = stream.into_split();
     let mut reader = FrameReader::new(rd);
     let mut writer = FrameWriter::new(wr);
+    // Replies computed off the loop (checksum-resync hashes).
+    let (bg_tx, mut bg_rx) = mpsc::unbounded_channel::<Frame>();
     let mut engine = match ApplyEngine::new(t.backend.clone(), t.apply, t.apply_metrics.clone()) {
         Ok(e) => e,
         Err(e) => {
@@ -247,13 +405,16 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
             return e.to_string();
         }
     };
-    let size = t.identity.size;
+    let size = t.meta.get().size;
     // Replies gathered until the loop would wait, then sent together.
     let mut acks: Vec<Frame> = Vec::new();
     let mut applied: Vec<Applied> = Vec::new();
     let reason = loop {
         engine.ready(&mut applied);
         to_acks(t, &mut applied, &mut acks);
+        while let Ok(f) = bg_rx.try_recv() {
+            acks.push(f);
+        }
         let frame = if engine.is_full() {
             None
         } else {
@@ -276,6 +437,10 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                 tokio::select! {
                     _ = shutdown.cancelled() => break "link closed (replaced, or the node is shutting down)".to_string(),
                     _ = engine.completions(&mut applied) => continue,
+                    Some(f) = bg_rx.recv() => {
+                        acks.push(f);
+                        continue;
+                    }
                     f = reader.next(), if !engine.is_full() => match f {
                         Ok(Some(f)) => Ok(f),
                         Ok(None) => break "primary closed the link".into(),
@@ -348,6 +513,63 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
             ),
             Frame::Ping { id } => {
                 acks.push(Frame::Pong { id });
+                continue;
+            }
+            Frame::HashRequest { id, offset, len } => {
+                // Hashed on the blocking pool; the reply goes out when ready.
+                match in_range(offset, u64::from(len), size) {
+                    Ok(()) => {
+                        let (backend, tx) = (t.backend.clone(), bg_tx.clone());
+                        tokio::task::spawn_blocking(move || {
+                            let mut buf = vec![0u8; len as usize];
+                            let reply = match backend.read_at(&mut buf, offset) {
+                                Ok(()) => Frame::HashReply {
+                                    id,
+                                    hash: *blake3::hash(&buf).as_bytes(),
+                                },
+                                Err(e) => Frame::Nack {
+                                    id,
+                                    errno: 5,
+                                    message: e.to_string(),
+                                },
+                            };
+                            let _ = tx.send(reply);
+                        });
+                    }
+                    Err(message) => acks.push(Frame::Nack {
+                        id,
+                        errno: 22,
+                        message,
+                    }),
+                }
+                continue;
+            }
+            Frame::SyncState {
+                id,
+                phase,
+                generation,
+                history,
+            } => {
+                // Rare (a resync's start and end): stored before the Ack.
+                let g = Generations {
+                    current: generation,
+                    history,
+                };
+                acks.push(match t.store_sync_state(phase, g).await {
+                    Ok(m) => {
+                        info!(volume = %t.name, label = m.label.as_str(),
+                            generations = %m.generations.to_display(), "mirror state stored");
+                        Frame::Ack { id }
+                    }
+                    Err(e) => {
+                        warn!(volume = %t.name, error = %e, "storing the mirror state failed");
+                        Frame::Nack {
+                            id,
+                            errno: 5,
+                            message: e.to_string(),
+                        }
+                    }
+                });
                 continue;
             }
             f => {
