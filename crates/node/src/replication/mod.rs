@@ -239,10 +239,26 @@ impl Replicator {
             .map(|(l, p)| vec![l.send(p, &op)])
             .collect();
         drop(guard);
-        let (mut result, missed) = self.wait_links(sent, &modes).await;
+        let (result, missed) = self.wait_links(sent, &modes).await;
+        self.finish(offset, len, &modes, &deferred, result, missed)
+            .await
+    }
+
+    /// The end of a host write on every link: a new generation if a mirror
+    /// missed it, activity-log ends that are not deferred to an async
+    /// mirror's acknowledgement, and the epoch note for async links.
+    async fn finish(
+        &self,
+        offset: u64,
+        len: u64,
+        modes: &[LinkWrite],
+        deferred: &[bool],
+        mut result: Result<(), Errno>,
+        missed: bool,
+    ) -> Result<(), Errno> {
         if missed {
-            // A mirror lacks this write: the host hears "done" only once a
-            // new generation records that.
+            // A mirror lacks (part of) this write: the host hears "done" only
+            // once a new generation records that.
             if let Err(e) = self.gen.diverge().await {
                 warn!(error = %e, "a new generation could not be stored");
                 result = Err(Errno::Io);
@@ -253,7 +269,7 @@ impl Replicator {
                 l.end(offset, len);
             }
         }
-        self.answered(&modes, &result);
+        self.answered(modes, &result);
         result
     }
 
@@ -391,22 +407,9 @@ impl Replicator {
             .collect();
         ctx.release().await;
         drop(guard);
-        let (mut result, missed) = self.wait_links(waits, &modes).await;
-        if missed || any_marked {
-            // A mirror lacks (part of) this write: a new generation records
-            // that before the host hears "done".
-            if let Err(e) = self.gen.diverge().await {
-                warn!(error = %e, "a new generation could not be stored");
-                result = Err(Errno::Io);
-            }
-        }
-        for (l, d) in self.links.iter().zip(deferred) {
-            if !d {
-                l.end(offset, len);
-            }
-        }
-        self.answered(&modes, &result);
-        result
+        let (result, missed) = self.wait_links(waits, &modes).await;
+        self.finish(offset, len, &modes, &deferred, result, missed || any_marked)
+            .await
     }
 
     /// FLUSH: durable locally (by `local`) and on every live mirror.
