@@ -437,7 +437,8 @@ mode = "{mode}"
     let muri = &mirror.endpoints.exports[0].1;
     let (pa, ma) = (primary.endpoints.admin, mirror.endpoints.admin);
     println!(
-        "blockmirror demo is running: a primary and a {mode} mirror on loopback ({}).",
+        "blockmirror demo is running: a primary and {} {mode} mirror on loopback ({}).",
+        if mode == "async" { "an" } else { "a" },
         dir.display()
     );
     println!();
