@@ -33,10 +33,11 @@
 //! only when every mirror acknowledged every track, so a later dependent
 //! write is opened after it completed, and the sequencer's cross-context
 //! rule has nothing to hold (see `blockmirror_core::sequencer`). Async mode
-//! (not built yet) replies before the mirrors have a write: it must call
-//! `Sequencer::acknowledged(ctx)` before the reply, and send small writes
-//! through `Sequencer::submit` instead of straight to the links, so that a
-//! write issued after that reply is released after every track of this one.
+//! replies before the mirrors have a write, but only after
+//! [`OpenContext::release`] returned, that is after every track was handed to
+//! every link's sender queue: a write issued after that reply is queued
+//! behind all of them (and behind the epoch barrier the link puts first), so
+//! the cross-context rule is not needed there either.
 //!
 //! A track of a FUA write carries FUA itself: the mirror may apply the
 //! tracks of one write in parallel (seed 003), so one sync after the last
