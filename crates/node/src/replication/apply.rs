@@ -436,7 +436,7 @@ impl ApplyEngine {
     }
 
     /// Publishes the scheduler's counters and gauges to the metrics: at
-    /// most every [`PUBLISH_EVERY`] while busy (reading the scheduler's
+    /// most every `PUBLISH_EVERY` while busy (reading the scheduler's
     /// stats costs a little), and once whenever it has gone idle.
     pub fn publish(&mut self) {
         let idle = self.sched.held() == 0;
