@@ -194,12 +194,17 @@ async fn post_verify(
     };
     match source.start_verify(&volume, &req) {
         Ok(id) => (StatusCode::ACCEPTED, Json(VerifyStarted { id })).into_response(),
-        Err((code, msg)) => (
-            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            format!("{msg}\n"),
-        )
-            .into_response(),
+        Err((code, msg)) => refused(code, &msg),
     }
+}
+
+/// A refusal from an [`AdminSource`] call as an HTTP answer.
+fn refused(code: u16, msg: &str) -> axum::response::Response {
+    (
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        format!("{msg}\n"),
+    )
+        .into_response()
 }
 
 async fn post_mode(
@@ -215,11 +220,7 @@ async fn post_mode(
     };
     match source.set_mode(&volume, &req) {
         Ok(peers) => Json(ModeSet { peers }).into_response(),
-        Err((code, msg)) => (
-            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            format!("{msg}\n"),
-        )
-            .into_response(),
+        Err((code, msg)) => refused(code, &msg),
     }
 }
 
@@ -229,19 +230,7 @@ pub async fn set_mode(
     volume: &str,
     req: &ModeRequest,
 ) -> Result<Vec<String>, AdminClientError> {
-    let path = format!("/mode/{volume}");
-    let body = Bytes::from(serde_json::to_vec(req).expect("serialisable"));
-    let resp = request(addr, Method::POST, &path, body).await?;
-    if !(200..300).contains(&resp.status) {
-        return Err(AdminClientError::Status {
-            addr,
-            path,
-            status: resp.status,
-            body: String::from_utf8_lossy(&resp.body).into_owned(),
-        });
-    }
-    let s: ModeSet = serde_json::from_slice(&resp.body)
-        .map_err(|source| AdminClientError::Decode { addr, path, source })?;
+    let s: ModeSet = post_json(addr, format!("/mode/{volume}"), req).await?;
     Ok(s.peers)
 }
 
@@ -251,7 +240,16 @@ pub async fn start_verify(
     volume: &str,
     req: &VerifyRequest,
 ) -> Result<u64, AdminClientError> {
-    let path = format!("/verify/{volume}");
+    let s: VerifyStarted = post_json(addr, format!("/verify/{volume}"), req).await?;
+    Ok(s.id)
+}
+
+/// POSTs `req` as JSON and decodes a 2xx answer's JSON body.
+async fn post_json<T: serde::de::DeserializeOwned>(
+    addr: SocketAddr,
+    path: String,
+    req: &impl serde::Serialize,
+) -> Result<T, AdminClientError> {
     let body = Bytes::from(serde_json::to_vec(req).expect("serialisable"));
     let resp = request(addr, Method::POST, &path, body).await?;
     if !(200..300).contains(&resp.status) {
@@ -262,9 +260,11 @@ pub async fn start_verify(
             body: String::from_utf8_lossy(&resp.body).into_owned(),
         });
     }
-    let s: VerifyStarted = serde_json::from_slice(&resp.body)
-        .map_err(|source| AdminClientError::Decode { addr, path, source })?;
-    Ok(s.id)
+    serde_json::from_slice(&resp.body).map_err(|source| AdminClientError::Decode {
+        addr,
+        path,
+        source,
+    })
 }
 
 fn control_reply(r: Result<Result<String, ControlError>, String>) -> (StatusCode, String) {

@@ -800,7 +800,7 @@ impl MirrorLink {
                     // A write was answered since the last barrier: this one
                     // may depend on it, so it starts a new epoch (DESIGN.md
                     // guarantee 2). Under the lock, so no send overtakes it.
-                    self.send_barrier(&mut sh, &tx);
+                    self.send_barrier(&sh, &tx);
                 }
                 let p = sh.inflight.get_mut(&id).expect("checked above");
                 p.sent = Some(Instant::now());
@@ -842,8 +842,10 @@ impl MirrorLink {
 
     /// Queues an epoch barrier. It has id 0: the mirror does not answer
     /// it (nothing waits for an epoch to lift; the writes after it are what
-    /// the primary tracks), which keeps a barrier per write cheap.
-    fn send_barrier(&self, _sh: &mut Shared, tx: &mpsc::UnboundedSender<Outgoing>) {
+    /// the primary tracks), which keeps a barrier per write cheap. Taking
+    /// the link's state shows the caller holds its lock: no other send can
+    /// come between the barrier and the write it goes before.
+    fn send_barrier(&self, _locked: &Shared, tx: &mpsc::UnboundedSender<Outgoing>) {
         if tx
             .send(Outgoing::Frame(Frame::Barrier {
                 id: 0,
@@ -879,9 +881,9 @@ impl MirrorLink {
         if old != mode_code(mode) {
             info!(volume = %self.volume, peer = %self.peer, mode = mode.as_str(), "mirror mode changed");
             if mode == MirrorMode::Sync && self.completed.swap(false, SeqCst) {
-                let mut sh = self.shared();
+                let sh = self.shared();
                 if let Some(tx) = sh.tx.clone() {
-                    self.send_barrier(&mut sh, &tx);
+                    self.send_barrier(&sh, &tx);
                 }
             }
         }
