@@ -203,6 +203,59 @@ impl Relation {
     }
 }
 
+/// Where a primary that may sync a peer ([`compare`] gave `Same` or
+/// `LocalAhead`) learns what to copy. A bitmap this node keeps for a peer
+/// starts when this node becomes a primary by promotion (it is cleared
+/// then), so it says nothing about a peer that was last in step with this
+/// node before that promotion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncBasis {
+    /// The bitmap covers every difference (the peer was in step with this
+    /// primary at a generation it made).
+    Bitmap,
+    /// Failback: the peer is the primary this node was promoted from, still
+    /// at that generation. The bitmap (this node's writes since the
+    /// promotion) plus the regions the peer reports (its own writes the
+    /// promotion did not see).
+    BitmapAndPeer,
+    /// Nothing here records how the peer differs (it was another mirror of
+    /// the old primary, or fell behind before the promotion): compare every
+    /// block by checksum and copy those that differ.
+    CompareAll,
+}
+
+/// Decides the [`ResyncBasis`] for a peer. `promoted_from` is the generation
+/// that was current when this node was last promoted (0: never);
+/// `peer_was_primary` says the peer wrote its current generation as a
+/// primary itself.
+pub fn resync_basis(
+    local: &Generations,
+    promoted_from: u64,
+    peer: &Generations,
+    peer_was_primary: bool,
+) -> ResyncBasis {
+    // Position in the local record: 0 the current id, 1.. the history
+    // (larger is older).
+    let pos = |id: u64| -> Option<usize> {
+        if id == 0 {
+            return None;
+        }
+        std::iter::once(local.current)
+            .chain(local.history.iter().copied())
+            .position(|x| x == id)
+    };
+    let Some(promoted) = pos(promoted_from) else {
+        // Never promoted, or so long ago that the record forgot it: every
+        // generation it still holds was made here as a primary.
+        return ResyncBasis::Bitmap;
+    };
+    match pos(peer.current) {
+        Some(p) if p < promoted => ResyncBasis::Bitmap,
+        Some(p) if p == promoted && peer_was_primary => ResyncBasis::BitmapAndPeer,
+        _ => ResyncBasis::CompareAll,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,5 +413,32 @@ mod tests {
         fn never_panics(a in any::<u64>(), ah in any::<[u64; HISTORY_LEN]>(), b in any::<u64>(), bh in any::<[u64; HISTORY_LEN]>()) {
             let _ = compare(&Generations { current: a, history: ah }, &Generations { current: b, history: bh });
         }
+    }
+
+    #[test]
+    fn resync_basis_follows_the_promotion() {
+        // Promoted from 1 to 2, then a rotation to 3 while a peer was away.
+        let local = g(3, &[2, 1]);
+        use ResyncBasis::*;
+        // Never promoted: the bitmap always covers.
+        assert_eq!(resync_basis(&local, 0, &g(1, &[]), false), Bitmap);
+        // In step since the promotion.
+        assert_eq!(resync_basis(&local, 1, &g(3, &[2, 1]), false), Bitmap);
+        assert_eq!(resync_basis(&local, 1, &g(2, &[1]), false), Bitmap);
+        // The old primary comes back: its report plus the bitmap.
+        assert_eq!(resync_basis(&local, 1, &g(1, &[]), true), BitmapAndPeer);
+        // Another mirror of the old primary: nothing records it.
+        assert_eq!(resync_basis(&local, 1, &g(1, &[]), false), CompareAll);
+        // Behind the promotion point: nothing records it either, even if it
+        // once was a primary.
+        assert_eq!(
+            resync_basis(&g(3, &[2, 1, 9]), 1, &g(9, &[]), true),
+            CompareAll
+        );
+        // The promotion fell off the history: what is left was made here.
+        assert_eq!(
+            resync_basis(&g(6, &[5, 4, 3, 2]), 1, &g(3, &[]), false),
+            Bitmap
+        );
     }
 }

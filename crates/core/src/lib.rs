@@ -26,6 +26,8 @@ pub mod rate;
 pub mod scheduler;
 pub mod sequencer;
 
-pub use generation::{compare as compare_generations, Generations, Relation};
+pub use generation::{
+    compare as compare_generations, resync_basis, Generations, Relation, ResyncBasis,
+};
 pub use geometry::{Geometry, RangeError};
 pub use meta::{MetaError, MirrorLabel, VolumeMeta};

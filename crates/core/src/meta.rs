@@ -1,37 +1,45 @@
 //! The volume metadata record: a volume's identity, its generation ids, its
 //! mirror label, and whether it was shut down cleanly.
 //!
-//! On disk (all integers little-endian), version 2, 128 bytes:
+//! On disk (all integers little-endian), version 3, 128 bytes:
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `BMVOLMD1` |
-//! | 8 | 4 | format version (2) |
+//! | 8 | 4 | format version (3) |
 //! | 12 | 4 | flags (bit 0: clean shutdown) |
 //! | 16 | 16 | volume id (random, fixed at creation) |
 //! | 32 | 8 | current generation id (0: blank) |
 //! | 40 | 8 | size in bytes |
 //! | 48 | 32 | generation history: 4 ids, most recent first (0: unused) |
 //! | 80 | 1 | mirror label: 0 none (primary), 1 in sync, 2 consistent, 3 inconsistent |
-//! | 81 | 43 | reserved, zero |
+//! | 81 | 7 | reserved, zero |
+//! | 88 | 8 | promoted from: the generation that was current when this node was last promoted (0: never) |
+//! | 96 | 8 | primary at: the last generation this node wrote as a primary (0: never) |
+//! | 104 | 20 | reserved, zero |
 //! | 124 | 4 | crc32c of bytes 0..124 |
 //!
+//! Version 2 records (the same layout with 81..124 reserved) still load:
+//! "promoted from" is 0, and "primary at" is the current generation when the
+//! label says primary (0 otherwise).
 //! Version 1 records (64 bytes: the same fields up to the size, then 12
 //! reserved bytes and the crc32c at 60) still load: their generation becomes
 //! the current id with an empty history, and the label is "consistent".
-//! Every store writes version 2.
+//! Every store writes version 3.
 
 use thiserror::Error;
 
 use crate::generation::{Generations, HISTORY_LEN};
 
 pub const META_MAGIC: [u8; 8] = *b"BMVOLMD1";
-pub const META_VERSION: u32 = 2;
+pub const META_VERSION: u32 = 3;
 pub const META_LEN: usize = 128;
 /// Length of a version 1 record.
 pub const META_V1_LEN: usize = 64;
 const FLAG_CLEAN: u32 = 1;
 const LABEL_AT: usize = 80;
+const PROMOTED_FROM_AT: usize = 88;
+const PRIMARY_AT_AT: usize = 96;
 const CRC_AT: usize = META_LEN - 4;
 
 /// What a mirror's data is worth (seed 004's mirror label).
@@ -88,6 +96,15 @@ pub struct VolumeMeta {
     /// clears it when it opens the volume, so finding it false at start means
     /// the last run crashed.
     pub clean: bool,
+    /// The generation that was current when this node was last promoted
+    /// (its old primary's), 0 if never. A bitmap this node keeps for a peer
+    /// starts at the promotion: a peer still at (or before) this generation
+    /// is resynced from what it reports (failback), not from the bitmap.
+    pub promoted_from: u64,
+    /// The last generation this node wrote as a primary, 0 if never. When it
+    /// equals the current generation, this node's own writes of that
+    /// generation may be missing on its peers (their bitmaps here say where).
+    pub primary_at: u64,
 }
 
 /// Why a metadata record was refused.
@@ -118,6 +135,8 @@ impl VolumeMeta {
             label: MirrorLabel::None,
             size,
             clean: false,
+            promoted_from: 0,
+            primary_at: generation,
         }
     }
 
@@ -130,6 +149,8 @@ impl VolumeMeta {
             label: MirrorLabel::Inconsistent,
             size,
             clean: false,
+            promoted_from: 0,
+            primary_at: 0,
         }
     }
 
@@ -156,6 +177,9 @@ impl VolumeMeta {
             b[48 + 8 * i..56 + 8 * i].copy_from_slice(&h.to_le_bytes());
         }
         b[LABEL_AT] = self.label.code();
+        b[PROMOTED_FROM_AT..PROMOTED_FROM_AT + 8]
+            .copy_from_slice(&self.promoted_from.to_le_bytes());
+        b[PRIMARY_AT_AT..PRIMARY_AT_AT + 8].copy_from_slice(&self.primary_at.to_le_bytes());
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -173,8 +197,8 @@ impl VolumeMeta {
         let version = u32_at(8);
         let crc_at = match (version, b.len()) {
             (1, META_V1_LEN) => META_V1_LEN - 4,
-            (META_VERSION, META_LEN) => CRC_AT,
-            (1 | META_VERSION, n) => return Err(MetaError::Length(n)),
+            (2 | META_VERSION, META_LEN) => CRC_AT,
+            (1..=META_VERSION, n) => return Err(MetaError::Length(n)),
             (v, _) => return Err(MetaError::Version(v)),
         };
         let stored = u32_at(crc_at);
@@ -190,16 +214,38 @@ impl VolumeMeta {
             current: u64_at(32),
             history: [0; HISTORY_LEN],
         };
-        let label = if version == 1 {
-            MirrorLabel::Consistent
-        } else {
-            for (i, h) in generations.history.iter_mut().enumerate() {
-                *h = u64_at(48 + 8 * i);
+        let (label, promoted_from, primary_at) = match version {
+            1 => (MirrorLabel::Consistent, 0, 0),
+            _ => {
+                for (i, h) in generations.history.iter_mut().enumerate() {
+                    *h = u64_at(48 + 8 * i);
+                }
+                let reserved = if version == 2 {
+                    &b[LABEL_AT + 1..CRC_AT]
+                } else {
+                    &b[LABEL_AT + 1..PROMOTED_FROM_AT]
+                };
+                let tail = &b[PRIMARY_AT_AT + 8..CRC_AT];
+                if reserved
+                    .iter()
+                    .chain(if version == 2 { &[][..] } else { tail })
+                    .any(|&x| x != 0)
+                {
+                    return Err(MetaError::Reserved);
+                }
+                let label =
+                    MirrorLabel::from_code(b[LABEL_AT]).ok_or(MetaError::Label(b[LABEL_AT]))?;
+                if version == 2 {
+                    let primary_at = if label == MirrorLabel::None {
+                        generations.current
+                    } else {
+                        0
+                    };
+                    (label, 0, primary_at)
+                } else {
+                    (label, u64_at(PROMOTED_FROM_AT), u64_at(PRIMARY_AT_AT))
+                }
             }
-            if b[LABEL_AT + 1..CRC_AT].iter().any(|&x| x != 0) {
-                return Err(MetaError::Reserved);
-            }
-            MirrorLabel::from_code(b[LABEL_AT]).ok_or(MetaError::Label(b[LABEL_AT]))?
         };
         Ok(Self {
             volume_id: b[16..32].try_into().expect("16 bytes"),
@@ -207,6 +253,8 @@ impl VolumeMeta {
             label,
             size: u64_at(40),
             clean: flags & FLAG_CLEAN != 0,
+            promoted_from,
+            primary_at,
         })
     }
 }
@@ -228,14 +276,19 @@ mod tests {
             label(),
             any::<u64>(),
             any::<bool>(),
+            any::<(u64, u64)>(),
         )
             .prop_map(
-                |(volume_id, current, history, label, size, clean)| VolumeMeta {
-                    volume_id,
-                    generations: Generations { current, history },
-                    label,
-                    size,
-                    clean,
+                |(volume_id, current, history, label, size, clean, (promoted_from, primary_at))| {
+                    VolumeMeta {
+                        volume_id,
+                        generations: Generations { current, history },
+                        label,
+                        size,
+                        clean,
+                        promoted_from,
+                        primary_at,
+                    }
                 },
             )
     }
@@ -285,6 +338,29 @@ mod tests {
             prop_assert_eq!(m.label, MirrorLabel::Consistent);
         }
 
+        /// A version 2 record (as the previous build wrote it) loads, with
+        /// "primary at" derived from its label.
+        #[test]
+        fn v2_records_load(m in meta()) {
+            let mut b = m.encode();
+            b[8..12].copy_from_slice(&2u32.to_le_bytes());
+            b[PROMOTED_FROM_AT..PRIMARY_AT_AT + 8].fill(0);
+            let crc = crc32c::crc32c(&b[..CRC_AT]);
+            b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+            let d = VolumeMeta::decode(&b).unwrap();
+            prop_assert_eq!(d.generations, m.generations);
+            prop_assert_eq!(d.label, m.label);
+            prop_assert_eq!(d.promoted_from, 0);
+            let expect = if m.label == MirrorLabel::None { m.generations.current } else { 0 };
+            prop_assert_eq!(d.primary_at, expect);
+            // A v2 record with bytes in what v3 uses is refused (they were reserved).
+            let mut bad = b;
+            bad[PROMOTED_FROM_AT] = 1;
+            let crc = crc32c::crc32c(&bad[..CRC_AT]);
+            bad[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+            prop_assert_eq!(VolumeMeta::decode(&bad), Err(MetaError::Reserved));
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..160)) {
             let _ = VolumeMeta::decode(&b);
@@ -317,10 +393,12 @@ mod tests {
         let mut b = m.encode();
         b[8] = 9;
         assert_eq!(VolumeMeta::decode(&b), Err(MetaError::Version(9)));
-        // A v2 header on a v1-sized record.
-        let mut b = v1([1; 16], 1, 4096, false);
-        b[8] = 2;
-        assert_eq!(VolumeMeta::decode(&b), Err(MetaError::Length(64)));
+        // A v2 or v3 header on a v1-sized record.
+        for v in [2, 3] {
+            let mut b = v1([1; 16], 1, 4096, false);
+            b[8] = v;
+            assert_eq!(VolumeMeta::decode(&b), Err(MetaError::Length(64)));
+        }
         let reseal = |mut b: [u8; META_LEN]| {
             let crc = crc32c::crc32c(&b[..CRC_AT]);
             b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
@@ -329,9 +407,12 @@ mod tests {
         let mut b = m.encode();
         b[LABEL_AT] = 9;
         assert_eq!(VolumeMeta::decode(&reseal(b)), Err(MetaError::Label(9)));
-        let mut b = m.encode();
-        b[100] = 1;
-        assert_eq!(VolumeMeta::decode(&reseal(b)), Err(MetaError::Reserved));
+        for at in [84, 110] {
+            let mut b = m.encode();
+            b[at] = 1;
+            assert_eq!(VolumeMeta::decode(&reseal(b)), Err(MetaError::Reserved));
+        }
+        assert_eq!(m.primary_at, 0x1234);
         assert_eq!(
             m.generation_string(),
             format!("{}:0000000000001234", "07".repeat(16))
