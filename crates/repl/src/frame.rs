@@ -9,7 +9,7 @@
 //! | 4 | 1 | version (1) |
 //! | 5 | 1 | kind (see [`Kind`]) |
 //! | 6 | 2 | flags ([`FLAG_FUA`], [`FLAG_NO_TRIM`], [`FLAG_LZ4`], [`FLAG_ZSTD`]; which are allowed depends on the kind) |
-//! | 8 | 8 | id: the request id; 0 for handshake frames |
+//! | 8 | 8 | id: the request id; 0 for handshake and Divergence frames |
 //! | 16 | 8 | offset: byte offset of a Write, Trim or WriteZeroes; 0 otherwise |
 //! | 24 | 4 | len: bytes written, trimmed or zeroed; the payload length for frames with a payload (for a compressed Write: the data's length before compression); 0 otherwise |
 //! | 28 | 4 | payload_len |
@@ -43,6 +43,7 @@
 //! | SyncState | 80 | request | none | exactly [`SYNC_STATE_LEN`] bytes: u8 state (1 resyncing, 2 in sync), u64 generation, 4 x u64 history |
 //! | HashRequest | 81 | request | none | none; offset and len are the range to hash (checksum resync) |
 //! | HashReply | 82 | echoed | none | exactly [`HASH_LEN`] bytes: the BLAKE3 hash of the mirror's range |
+//! | Divergence | 83 | 0 | none | u8 flags (bit 0 was_primary, bit 1 last), 3 zero bytes, u32 count, count x (u64 offset, u64 len): non-empty ranges, ascending, disjoint; <= [`MAX_CONTROL_PAYLOAD`] (see [`divergence_frames`]) |
 //!
 //! The job kinds (64 and up) travel on a *job connection*: one the primary
 //! opened for verify and remote reads (see [`crate::handshake::Purpose`]),
@@ -100,6 +101,19 @@ pub const MIN_HASH_BLOCK: u32 = 4096;
 pub const MAX_HASH_BLOCK: u32 = 16 << 20;
 /// Length of a blake3 digest.
 pub const DIGEST_LEN: usize = 32;
+/// Bytes of a Divergence payload before its ranges: flags, 3 reserved
+/// bytes, count.
+const DIVERGENCE_PREFIX: usize = 8;
+/// Bytes of one Divergence range: u64 offset, u64 len.
+const DIVERGENCE_RANGE_LEN: usize = 16;
+/// Most ranges one Divergence frame carries (its payload stays within
+/// [`MAX_CONTROL_PAYLOAD`]).
+pub const MAX_DIVERGENCE_RANGES: usize =
+    (MAX_CONTROL_PAYLOAD as usize - DIVERGENCE_PREFIX) / DIVERGENCE_RANGE_LEN;
+/// Divergence payload flags: the sender was a primary before it was demoted.
+const DIVERGENCE_WAS_PRIMARY: u8 = 1 << 0;
+/// Divergence payload flags: the sender's last Divergence frame.
+const DIVERGENCE_LAST: u8 = 1 << 1;
 
 /// A frame's kind: the byte at offset 5.
 #[repr(u8)]
@@ -135,6 +149,10 @@ pub enum Kind {
     HashRequest = 81,
     /// The mirror's answer: the BLAKE3 hash of that range.
     HashReply = 82,
+    /// Right after the handshake, the mirror lists the regions where its
+    /// data may differ from the primary's (for a demoted primary: what its
+    /// out-of-sync bitmaps mark), so the primary copies them too.
+    Divergence = 83,
 }
 
 /// How a kind uses the header's id, offset and len fields and its payload.
@@ -153,6 +171,9 @@ enum Shape {
     Job { range: bool, payload: JobPayload },
     /// offset zero; len = payload_len = exactly this many bytes.
     Fixed(u32),
+    /// id and offset zero; len = payload_len = `prefix` + n x `record`
+    /// bytes, <= MAX_CONTROL_PAYLOAD.
+    Records { prefix: u32, record: u32 },
 }
 
 /// How a job kind's payload length follows from its header.
@@ -168,7 +189,7 @@ enum JobPayload {
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 25] = [
+    pub const ALL: [Kind; 26] = [
         Kind::Hello,
         Kind::Challenge,
         Kind::Auth,
@@ -194,6 +215,7 @@ impl Kind {
         Kind::SyncState,
         Kind::HashRequest,
         Kind::HashReply,
+        Kind::Divergence,
     ];
 
     pub fn code(self) -> u8 {
@@ -226,7 +248,7 @@ impl Kind {
     pub fn max_payload(self) -> u32 {
         match self.shape() {
             Shape::Data => MAX_DATA,
-            Shape::Control { .. } => MAX_CONTROL_PAYLOAD,
+            Shape::Control { .. } | Shape::Records { .. } => MAX_CONTROL_PAYLOAD,
             Shape::Fixed(n) => n,
             Shape::Bare { .. } | Shape::Range => 0,
             Shape::Job { payload, .. } => match payload {
@@ -287,6 +309,10 @@ impl Kind {
             Kind::SyncState => Shape::Fixed(SYNC_STATE_LEN),
             Kind::HashRequest => Shape::Range,
             Kind::HashReply => Shape::Fixed(HASH_LEN as u32),
+            Kind::Divergence => Shape::Records {
+                prefix: DIVERGENCE_PREFIX as u32,
+                record: DIVERGENCE_RANGE_LEN as u32,
+            },
         }
     }
 
@@ -317,6 +343,7 @@ impl Kind {
             Kind::SyncState => "SyncState",
             Kind::HashRequest => "HashRequest",
             Kind::HashReply => "HashReply",
+            Kind::Divergence => "Divergence",
         }
     }
 }
@@ -629,6 +656,21 @@ impl RawHeader {
                     });
                 }
             }
+            Shape::Records { prefix, record } => {
+                zero("id", id)?;
+                zero("offset", self.offset)?;
+                len_is_payload()?;
+                let n = self.payload_len;
+                if n < prefix || (n - prefix) % record != 0 {
+                    return Err(WireError::Malformed {
+                        kind,
+                        id,
+                        reason: format!(
+                            "payload is {n} bytes, must be {prefix} plus a multiple of {record}"
+                        ),
+                    });
+                }
+            }
             Shape::Range => range()?,
             Shape::Data => {
                 match Codec::from_flags(self.flags) {
@@ -838,6 +880,17 @@ pub enum Frame {
         id: u64,
         hash: [u8; HASH_LEN],
     },
+    /// The mirror's regions that may differ from the primary's data, as
+    /// `(offset, len)` byte ranges: non-empty, ascending, disjoint. Sent
+    /// right after the handshake, in as many frames as it takes (see
+    /// [`divergence_frames`]); `last` marks the final one. `was_primary`:
+    /// the mirror was a primary before it was demoted, and the ranges are
+    /// what its out-of-sync bitmaps mark (writes its peers may lack).
+    Divergence {
+        was_primary: bool,
+        last: bool,
+        ranges: Vec<(u64, u64)>,
+    },
 }
 
 /// Why a job request failed (the code of a JobError frame).
@@ -967,16 +1020,18 @@ impl Frame {
             Frame::SyncState { .. } => Kind::SyncState,
             Frame::HashRequest { .. } => Kind::HashRequest,
             Frame::HashReply { .. } => Kind::HashReply,
+            Frame::Divergence { .. } => Kind::Divergence,
         }
     }
 
-    /// The request id (0 for handshake frames).
+    /// The request id (0 for handshake and Divergence frames).
     pub fn id(&self) -> u64 {
         match self {
             Frame::Hello { .. }
             | Frame::Challenge { .. }
             | Frame::Auth { .. }
-            | Frame::Welcome { .. } => 0,
+            | Frame::Welcome { .. }
+            | Frame::Divergence { .. } => 0,
             Frame::Write { id, .. }
             | Frame::Trim { id, .. }
             | Frame::WriteZeroes { id, .. }
@@ -1111,6 +1166,7 @@ impl Frame {
                 // validate() fixed the length.
                 hash: payload[..].try_into().expect("HASH_LEN bytes"),
             },
+            Kind::Divergence => parse_divergence(id, &payload)?,
             k if k.is_job() => build_job(k, h, payload)?,
             k => unreachable!("every kind is handled: {k}"),
         })
@@ -1121,10 +1177,11 @@ impl Frame {
     ///
     /// # Panics
     ///
-    /// If a Write's data exceeds [`MAX_DATA`] or a handshake payload exceeds
-    /// [`MAX_CONTROL_PAYLOAD`]: the sender must split writes (the NBD front
-    /// end already caps requests at the same size), and handshake messages
-    /// are a few hundred bytes.
+    /// If a Write's data exceeds [`MAX_DATA`], a handshake payload exceeds
+    /// [`MAX_CONTROL_PAYLOAD`] or a Divergence carries more than
+    /// [`MAX_DIVERGENCE_RANGES`]: the sender must split writes (the NBD front
+    /// end already caps requests at the same size), handshake messages are a
+    /// few hundred bytes, and [`divergence_frames`] splits range lists.
     pub fn encode(&self, out: &mut BytesMut) {
         let bare = |kind: Kind, id: u64| RawHeader {
             kind: kind.code(),
@@ -1246,6 +1303,44 @@ impl Frame {
                 .encode(out);
                 out.put_slice(hash);
             }
+            Frame::Divergence {
+                was_primary,
+                last,
+                ranges,
+            } => {
+                assert!(
+                    ranges.len() <= MAX_DIVERGENCE_RANGES,
+                    "Divergence of {} ranges exceeds {MAX_DIVERGENCE_RANGES}",
+                    ranges.len()
+                );
+                debug_assert_eq!(check_divergence_ranges(ranges), Ok(()));
+                let n = DIVERGENCE_PREFIX + ranges.len() * DIVERGENCE_RANGE_LEN;
+                let mut p = BytesMut::with_capacity(n);
+                p.put_u8(
+                    (if *was_primary {
+                        DIVERGENCE_WAS_PRIMARY
+                    } else {
+                        0
+                    }) | (if *last { DIVERGENCE_LAST } else { 0 }),
+                );
+                p.put_bytes(0, 3);
+                p.put_u32(ranges.len() as u32);
+                for &(offset, len) in ranges {
+                    p.put_u64(offset);
+                    p.put_u64(len);
+                }
+                RawHeader {
+                    kind: Kind::Divergence.code(),
+                    flags: 0,
+                    id: 0,
+                    offset: 0,
+                    len: n as u32,
+                    payload_len: n as u32,
+                    payload_crc: crc32c::crc32c(&p),
+                }
+                .encode(out);
+                out.put_slice(&p);
+            }
             Frame::Nack { id, errno, message } => {
                 encode_code_and_message(Kind::Nack, *id, *errno, message, out)
             }
@@ -1255,6 +1350,105 @@ impl Frame {
             f => encode_job(f, out),
         }
     }
+}
+
+/// Cuts a region list into Divergence frames: always at least one (an
+/// empty list is one frame without ranges), at most
+/// [`MAX_DIVERGENCE_RANGES`] ranges each, `last` set only on the final one.
+///
+/// `ranges` must be what a receiver accepts: each `(offset, len)` non-empty
+/// and within u64, sorted by offset, none overlapping the next
+/// (`next.offset >= prev.offset + prev.len`; touching is fine). The frames
+/// then carry them in order, so the order also holds across frames.
+/// Checked in debug builds only.
+pub fn divergence_frames(was_primary: bool, ranges: &[(u64, u64)]) -> Vec<Frame> {
+    debug_assert_eq!(check_divergence_ranges(ranges), Ok(()));
+    if ranges.is_empty() {
+        return vec![Frame::Divergence {
+            was_primary,
+            last: true,
+            ranges: Vec::new(),
+        }];
+    }
+    let n = ranges.len().div_ceil(MAX_DIVERGENCE_RANGES);
+    ranges
+        .chunks(MAX_DIVERGENCE_RANGES)
+        .enumerate()
+        .map(|(i, chunk)| Frame::Divergence {
+            was_primary,
+            last: i + 1 == n,
+            ranges: chunk.to_vec(),
+        })
+        .collect()
+}
+
+/// Why `ranges` may not be sent in a Divergence frame, if they may not:
+/// an empty range, one past u64, or one that does not start at or after
+/// the end of the one before.
+fn check_divergence_ranges(ranges: &[(u64, u64)]) -> Result<(), String> {
+    let mut prev_end: Option<u64> = None;
+    for (i, &(offset, len)) in ranges.iter().enumerate() {
+        if len == 0 {
+            return Err(format!("range {i} at offset {offset} is empty"));
+        }
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| format!("range {i} of {len} bytes at offset {offset} overflows"))?;
+        if let Some(prev_end) = prev_end {
+            if offset < prev_end {
+                return Err(format!(
+                    "range {i} at offset {offset} starts before the end of range {} ({prev_end}): \
+                     ranges must ascend and not overlap",
+                    i - 1
+                ));
+            }
+        }
+        prev_end = Some(end);
+    }
+    Ok(())
+}
+
+/// Parses a Divergence payload (the header is validated: id and offset are
+/// zero, the length is the prefix plus whole ranges, within the limit).
+fn parse_divergence(id: u64, payload: &[u8]) -> Result<Frame, WireError> {
+    let kind = Kind::Divergence;
+    let malformed = |reason: String| WireError::Malformed { kind, id, reason };
+    if payload.len() < DIVERGENCE_PREFIX {
+        return Err(malformed(format!(
+            "payload of {} bytes is shorter than its {DIVERGENCE_PREFIX}-byte prefix",
+            payload.len()
+        )));
+    }
+    let flags = payload[0];
+    let unknown = flags & !(DIVERGENCE_WAS_PRIMARY | DIVERGENCE_LAST);
+    if unknown != 0 {
+        return Err(malformed(format!("unknown flag bits {unknown:#04x}")));
+    }
+    if payload[1..4] != [0; 3] {
+        return Err(malformed(format!(
+            "reserved bytes {:02x?} must be zero",
+            &payload[1..4]
+        )));
+    }
+    let count = u32::from_be_bytes(payload[4..8].try_into().expect("4 bytes"));
+    let body = &payload[DIVERGENCE_PREFIX..];
+    if body.len() as u64 != u64::from(count) * DIVERGENCE_RANGE_LEN as u64 {
+        return Err(malformed(format!(
+            "count {count} does not match {} bytes of ranges ({DIVERGENCE_RANGE_LEN} each)",
+            body.len()
+        )));
+    }
+    let u64_at = |c: &[u8], o: usize| u64::from_be_bytes(c[o..o + 8].try_into().expect("8 bytes"));
+    let ranges: Vec<(u64, u64)> = body
+        .chunks_exact(DIVERGENCE_RANGE_LEN)
+        .map(|c| (u64_at(c, 0), u64_at(c, 8)))
+        .collect();
+    check_divergence_ranges(&ranges).map_err(malformed)?;
+    Ok(Frame::Divergence {
+        was_primary: flags & DIVERGENCE_WAS_PRIMARY != 0,
+        last: flags & DIVERGENCE_LAST != 0,
+        ranges,
+    })
 }
 
 /// Parses a job frame's payload (the header is validated: its length fits
@@ -1732,8 +1926,41 @@ mod tests {
                 .prop_map(|(id, offset, len)| Frame::HashRequest { id, offset, len }),
             (any::<u64>(), any::<[u8; HASH_LEN]>())
                 .prop_map(|(id, hash)| Frame::HashReply { id, hash }),
+            (any::<bool>(), any::<bool>(), divergence_ranges(40)).prop_map(
+                |(was_primary, last, ranges)| Frame::Divergence {
+                    was_primary,
+                    last,
+                    ranges
+                }
+            ),
             job_frame(),
         ]
+    }
+
+    /// Up to `max` non-empty, ascending, disjoint (sometimes touching)
+    /// ranges, some ending at the top of u64.
+    fn divergence_ranges(max: usize) -> impl Strategy<Value = Vec<(u64, u64)>> {
+        let step = (
+            prop_oneof![Just(0u64), 1u64..1 << 40],
+            prop_oneof![Just(1u64), 1u64..1 << 40],
+        );
+        (0..u64::MAX / 2, vec(step, 0..=max), any::<bool>()).prop_map(|(base, steps, to_top)| {
+            let mut at = base;
+            let mut out: Vec<(u64, u64)> = steps
+                .into_iter()
+                .map(|(gap, len)| {
+                    let offset = at + gap;
+                    at = offset + len;
+                    (offset, len)
+                })
+                .collect();
+            if to_top {
+                if let Some(r) = out.last_mut() {
+                    r.1 = u64::MAX - r.0;
+                }
+            }
+            out
+        })
     }
 
     /// Every job kind, with valid parameters.
@@ -2078,6 +2305,46 @@ mod tests {
                     prop_assert_eq!(encoded(&f), all, "{:?}", f);
                 }
                 Ok(None) => prop_assert!(payload.len() < h.payload_len as usize),
+                Err(_) => {}
+            }
+        }
+
+        /// Divergence payloads with a correct checksum, built from parts
+        /// that are each sometimes wrong (flag bits, reserved bytes, count,
+        /// range order, lengths, overflow): the decoder refuses them, or
+        /// decodes a frame whose encoding is exactly the input.
+        #[test]
+        fn arbitrary_divergence_payloads_decode_canonically_or_are_refused(
+            flags in prop_oneof![0u8..4, any::<u8>()],
+            reserved in prop_oneof![Just([0u8; 3]), any::<[u8; 3]>()],
+            count_skew in prop_oneof![Just(0i64), -2i64..=2, Just(i64::from(u32::MAX))],
+            ranges in prop_oneof![
+                divergence_ranges(6),
+                vec((prop_oneof![Just(0u64), Just(u64::MAX), 0..1u64 << 20],
+                     prop_oneof![Just(0u64), Just(u64::MAX), 0..1u64 << 20]), 0..6),
+            ],
+            tail in prop_oneof![Just(Vec::new()), vec(any::<u8>(), 1..20)],
+        ) {
+            let count = (ranges.len() as i64 + count_skew).clamp(0, i64::from(u32::MAX)) as u32;
+            let mut payload = vec![flags];
+            payload.extend_from_slice(&reserved);
+            payload.extend_from_slice(&count.to_be_bytes());
+            for (o, l) in &ranges {
+                payload.extend_from_slice(&o.to_be_bytes());
+                payload.extend_from_slice(&l.to_be_bytes());
+            }
+            payload.extend_from_slice(&tail);
+            let input = divergence_bytes(&payload);
+            let all = input.clone();
+            match decode_all(input) {
+                Ok(Some(f)) => {
+                    prop_assert_eq!(encoded(&f), all, "{:?}", f);
+                    let Frame::Divergence { ranges: got, .. } = f else {
+                        return Err(TestCaseError::fail("not a Divergence"));
+                    };
+                    prop_assert_eq!(check_divergence_ranges(&got), Ok(()));
+                }
+                Ok(None) => prop_assert!(false, "a whole frame is incomplete"),
                 Err(_) => {}
             }
         }
@@ -2735,6 +3002,344 @@ mod tests {
             data: Bytes::from(vec![3u8; MAX_DATA as usize]),
         };
         assert_eq!(decode_all(encoded(&f)), Ok(Some(f)));
+    }
+
+    /// A Divergence frame with a valid header (and checksums) for `payload`.
+    fn divergence_bytes(payload: &[u8]) -> BytesMut {
+        let n = payload.len() as u32;
+        let mut b = header_bytes(RawHeader {
+            kind: Kind::Divergence.code(),
+            flags: 0,
+            id: 0,
+            offset: 0,
+            len: n,
+            payload_len: n,
+            payload_crc: crc32c::crc32c(payload),
+        });
+        b.put_slice(payload);
+        b
+    }
+
+    /// A Divergence payload: `flags`, zero reserved bytes, `count`, `ranges`.
+    fn divergence_payload(flags: u8, count: u32, ranges: &[(u64, u64)]) -> Vec<u8> {
+        let mut p = vec![flags, 0, 0, 0];
+        p.extend_from_slice(&count.to_be_bytes());
+        for (o, l) in ranges {
+            p.extend_from_slice(&o.to_be_bytes());
+            p.extend_from_slice(&l.to_be_bytes());
+        }
+        p
+    }
+
+    fn assert_divergence_malformed(payload: &[u8], what: &str) {
+        let r = decode_all(divergence_bytes(payload));
+        assert!(
+            matches!(
+                r,
+                Err(WireError::Malformed {
+                    kind: Kind::Divergence,
+                    id: 0,
+                    ..
+                })
+            ),
+            "{what}: {r:?}"
+        );
+    }
+
+    /// `n` ascending ranges of varying length and gap (some touching).
+    fn sample_ranges(n: usize) -> Vec<(u64, u64)> {
+        let mut at = 1u64 << 30;
+        (0..n as u64)
+            .map(|i| {
+                let offset = at + (i % 3) * 4096;
+                let len = 512 * (1 + i % 7);
+                at = offset + len;
+                (offset, len)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn max_divergence_ranges_fill_one_control_payload() {
+        assert_eq!(
+            MAX_DIVERGENCE_RANGES,
+            (MAX_CONTROL_PAYLOAD as usize - 8) / 16
+        );
+        let f = Frame::Divergence {
+            was_primary: true,
+            last: true,
+            ranges: sample_ranges(MAX_DIVERGENCE_RANGES),
+        };
+        let b = encoded(&f);
+        assert_eq!(b.len(), HEADER_LEN + 8 + 16 * MAX_DIVERGENCE_RANGES);
+        assert!(b.len() - HEADER_LEN <= MAX_CONTROL_PAYLOAD as usize);
+        assert!(b.len() - HEADER_LEN + 16 > MAX_CONTROL_PAYLOAD as usize);
+        assert_eq!(decode_all(b), Ok(Some(f)));
+    }
+
+    #[test]
+    #[should_panic(expected = "exceeds")]
+    fn encoding_too_many_divergence_ranges_panics() {
+        encoded(&Frame::Divergence {
+            was_primary: false,
+            last: true,
+            ranges: sample_ranges(MAX_DIVERGENCE_RANGES + 1),
+        });
+    }
+
+    /// divergence_frames: as many frames as needed (at least one), each
+    /// within the limit, `last` only on the final one, `was_primary` on
+    /// all; the frames' ranges, decoded and concatenated, are the input.
+    #[test]
+    fn divergence_frames_roundtrip() {
+        let m = MAX_DIVERGENCE_RANGES;
+        for (n, frames) in [(0, 1), (1, 1), (m, 1), (m + 1, 2), (3 * m + 5, 4)] {
+            let input = sample_ranges(n);
+            for was_primary in [false, true] {
+                let fs = divergence_frames(was_primary, &input);
+                assert_eq!(fs.len(), frames, "{n} ranges");
+                let mut stream = BytesMut::new();
+                for f in &fs {
+                    f.encode(&mut stream);
+                }
+                let mut d = FrameDecoder::new();
+                let mut got = Vec::new();
+                for i in 0..frames {
+                    match d.decode(&mut stream) {
+                        Ok(Some(Frame::Divergence {
+                            was_primary: w,
+                            last,
+                            ranges,
+                        })) => {
+                            assert_eq!(w, was_primary, "{n} ranges, frame {i}");
+                            assert_eq!(last, i + 1 == frames, "{n} ranges, frame {i}");
+                            assert!(ranges.len() <= m);
+                            assert!(!ranges.is_empty() || n == 0);
+                            got.extend(ranges);
+                        }
+                        other => panic!("{n} ranges, frame {i}: {other:?}"),
+                    }
+                }
+                assert_eq!(d.decode(&mut stream), Ok(None));
+                assert!(stream.is_empty());
+                assert_eq!(got, input, "{n} ranges");
+            }
+        }
+    }
+
+    /// Every single-bit flip of an encoded Divergence is refused by a
+    /// checksum. And with the checksum recomputed (a flip the checksum
+    /// cannot see), a flip in the payload is refused by the payload checks
+    /// or decodes to another frame, never silently to the same one.
+    #[test]
+    fn every_bit_flip_in_a_divergence_is_caught() {
+        let f = Frame::Divergence {
+            was_primary: true,
+            last: false,
+            ranges: vec![
+                (0, 4096),
+                (4096, 512),
+                (1 << 40, 1 << 20),
+                (u64::MAX - 7, 7),
+            ],
+        };
+        let good = encoded(&f);
+        for bit in 0..good.len() * 8 {
+            let mut b = good.clone();
+            b[bit / 8] ^= 1 << (bit % 8);
+            let r = decode_all(b);
+            assert!(
+                matches!(
+                    r,
+                    Err(WireError::BadMagic(_)
+                        | WireError::UnsupportedVersion(_)
+                        | WireError::HeaderChecksum { .. }
+                        | WireError::PayloadChecksum { .. })
+                ),
+                "flipping bit {bit} gave {r:?}"
+            );
+        }
+        let payload = &good[HEADER_LEN..];
+        let (mut refused, mut changed) = (0, 0);
+        for bit in 0..payload.len() * 8 {
+            let mut p = payload.to_vec();
+            p[bit / 8] ^= 1 << (bit % 8);
+            let input = divergence_bytes(&p);
+            match decode_all(input.clone()) {
+                Err(WireError::Malformed {
+                    kind: Kind::Divergence,
+                    ..
+                }) => refused += 1,
+                Ok(Some(g)) => {
+                    assert_ne!(g, f, "payload bit {bit}");
+                    assert_eq!(encoded(&g), input, "payload bit {bit}");
+                    changed += 1;
+                }
+                other => panic!("payload bit {bit}: {other:?}"),
+            }
+        }
+        // Flags bits 2..8, the reserved bytes and the count are always
+        // refused; flips in the ranges may still be valid ranges.
+        assert!(refused >= 6 + 24 + 32, "{refused} refused");
+        assert!(changed > 0);
+    }
+
+    /// A payload cut short: refused when the header promised more than
+    /// arrived, and, when the header matches the cut payload, refused by
+    /// the header's length rule or by the count.
+    #[test]
+    fn truncated_divergence_payloads_are_refused() {
+        let f = Frame::Divergence {
+            was_primary: false,
+            last: true,
+            ranges: sample_ranges(3),
+        };
+        let good = encoded(&f);
+        let h = RawHeader::decode(good[..HEADER_LEN].try_into().unwrap()).unwrap();
+        let payload = Bytes::copy_from_slice(&good[HEADER_LEN..]);
+        for cut in 0..payload.len() {
+            assert!(
+                matches!(
+                    Frame::from_parts(&h, payload.slice(..cut)),
+                    Err(WireError::Malformed {
+                        kind: Kind::Divergence,
+                        ..
+                    })
+                ),
+                "cut at {cut}"
+            );
+            assert_divergence_malformed(&payload[..cut], &format!("consistent cut at {cut}"));
+        }
+    }
+
+    #[test]
+    fn bad_divergence_ranges_are_refused() {
+        let cases: [(&str, &[(u64, u64)]); 8] = [
+            ("unsorted", &[(8192, 512), (0, 512)]),
+            ("overlapping", &[(0, 4096), (4095, 512)]),
+            ("duplicate", &[(0, 4096), (0, 4096)]),
+            ("contained", &[(0, 8192), (4096, 512)]),
+            ("zero length", &[(0, 512), (4096, 0)]),
+            ("zero length first", &[(0, 0)]),
+            ("overflowing", &[(u64::MAX - 511, 512)]),
+            ("overflowing after others", &[(0, 512), (1, u64::MAX)]),
+        ];
+        for (what, ranges) in cases {
+            let p = divergence_payload(DIVERGENCE_LAST, ranges.len() as u32, ranges);
+            assert_divergence_malformed(&p, what);
+        }
+        // Touching ranges and one ending exactly at the top of u64 are fine.
+        let ok = [(0, 512), (512, 512), (u64::MAX - 512, 512)];
+        let p = divergence_payload(DIVERGENCE_LAST, 3, &ok);
+        assert_eq!(
+            decode_all(divergence_bytes(&p)),
+            Ok(Some(Frame::Divergence {
+                was_primary: false,
+                last: true,
+                ranges: ok.to_vec(),
+            }))
+        );
+    }
+
+    #[test]
+    fn divergence_flag_and_reserved_bits_are_refused() {
+        let ranges = [(0, 4096)];
+        for bit in 2..8 {
+            let p = divergence_payload(1 << bit, 1, &ranges);
+            assert_divergence_malformed(&p, &format!("flag bit {bit}"));
+        }
+        for byte in 1..4 {
+            let mut p = divergence_payload(0, 1, &ranges);
+            p[byte] = 0x80;
+            assert_divergence_malformed(&p, &format!("reserved byte {byte}"));
+        }
+        // Header flags, id and offset must be zero; len must equal the
+        // payload length.
+        let p = divergence_payload(0, 1, &ranges);
+        let base = RawHeader {
+            kind: Kind::Divergence.code(),
+            flags: 0,
+            id: 0,
+            offset: 0,
+            len: p.len() as u32,
+            payload_len: p.len() as u32,
+            payload_crc: crc32c::crc32c(&p),
+        };
+        assert!(matches!(
+            RawHeader {
+                flags: FLAG_FUA,
+                ..base
+            }
+            .validate(),
+            Err(WireError::BadFlags {
+                kind: Kind::Divergence,
+                ..
+            })
+        ));
+        assert!(matches!(
+            RawHeader { id: 3, ..base }.validate(),
+            Err(WireError::NonZeroField { field: "id", .. })
+        ));
+        assert!(matches!(
+            RawHeader { offset: 3, ..base }.validate(),
+            Err(WireError::NonZeroField {
+                field: "offset",
+                ..
+            })
+        ));
+        assert!(matches!(
+            RawHeader { len: 0, ..base }.validate(),
+            Err(WireError::LengthMismatch { .. })
+        ));
+        assert_eq!(base.validate(), Ok(Kind::Divergence));
+    }
+
+    /// The count must match the ranges that follow; a length that is not
+    /// the prefix plus whole ranges is refused from the header alone.
+    #[test]
+    fn divergence_count_must_match_length() {
+        let ranges = sample_ranges(3);
+        for count in [0, 2, 4, 5, u32::MAX] {
+            let p = divergence_payload(0, count, &ranges);
+            assert_divergence_malformed(&p, &format!("count {count} for 3 ranges"));
+        }
+        for n in [0u32, 7, 9, 8 + 15, 8 + 17, MAX_CONTROL_PAYLOAD] {
+            let h = RawHeader {
+                kind: Kind::Divergence.code(),
+                flags: 0,
+                id: 0,
+                offset: 0,
+                len: n,
+                payload_len: n,
+                payload_crc: 0,
+            };
+            assert!(
+                matches!(
+                    h.validate(),
+                    Err(WireError::Malformed {
+                        kind: Kind::Divergence,
+                        ..
+                    })
+                ),
+                "length {n}"
+            );
+        }
+        let h = RawHeader {
+            kind: Kind::Divergence.code(),
+            flags: 0,
+            id: 0,
+            offset: 0,
+            len: MAX_CONTROL_PAYLOAD + 16,
+            payload_len: MAX_CONTROL_PAYLOAD + 16,
+            payload_crc: 0,
+        };
+        assert!(matches!(
+            h.validate(),
+            Err(WireError::PayloadTooLarge {
+                kind: Kind::Divergence,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -21,7 +21,10 @@
 //! After the handshake the link carries `Write`, `Trim`, `WriteZeroes` and
 //! `Flush` requests from the primary, each with a request id that the mirror
 //! echoes in an `Ack` or a `Nack`; `Ping`/`Pong` measure liveness; `Error` is
-//! fatal and is the last frame its sender writes.
+//! fatal and is the last frame its sender writes. Right after the handshake
+//! the mirror may list, in `Divergence` frames, the regions where its data may
+//! differ from the primary's (a demoted primary's out-of-sync regions), which
+//! the primary then copies too.
 
 #![forbid(unsafe_code)]
 
@@ -32,10 +35,11 @@ pub mod link;
 
 pub use compress::{Codec, EncodedWrite};
 pub use frame::{
-    encode_encoded_write_header, encode_write_header, hash_count, ErrorCode, Frame, FrameDecoder,
-    JobErrorCode, Kind, RawHeader, SyncPhase, WireError, DIGEST_LEN, FLAG_FUA, FLAG_LZ4,
-    FLAG_NO_TRIM, FLAG_ZSTD, HASH_LEN, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA,
-    MAX_HASH_BLOCK, MAX_JOB_HASHES, MIN_HASH_BLOCK, SYNC_HISTORY_LEN, SYNC_STATE_LEN, VERSION,
+    divergence_frames, encode_encoded_write_header, encode_write_header, hash_count, ErrorCode,
+    Frame, FrameDecoder, JobErrorCode, Kind, RawHeader, SyncPhase, WireError, DIGEST_LEN, FLAG_FUA,
+    FLAG_LZ4, FLAG_NO_TRIM, FLAG_ZSTD, HASH_LEN, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA,
+    MAX_DIVERGENCE_RANGES, MAX_HASH_BLOCK, MAX_JOB_HASHES, MIN_HASH_BLOCK, SYNC_HISTORY_LEN,
+    SYNC_STATE_LEN, VERSION,
 };
 pub use handshake::{
     accept, accept_any, connect, connect_for, AuthFailure, HandshakeError, NodeHello, PeerInfo,
