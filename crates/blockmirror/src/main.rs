@@ -101,6 +101,14 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Make a primary volume a mirror (read-only export; it waits for a new
+    /// primary, which resyncs it with only what differs).
+    Demote {
+        volume: String,
+        /// Admin address of the primary's node.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
     /// Start or resume a resync and follow it until the mirror is in sync.
     Resync {
         volume: String,
@@ -221,6 +229,13 @@ async fn run(cli: Cli) -> Result<Outcome> {
             let addr = admin_addr(admin)?;
             let path = format!("/volumes/{volume}/promote");
             let msg = admin::post_control(addr, &path, &admin::PromoteRequest { force }).await?;
+            println!("{msg}");
+            Ok(Outcome::Success)
+        }
+        Command::Demote { volume, admin } => {
+            let addr = admin_addr(admin)?;
+            let path = format!("/volumes/{volume}/demote");
+            let msg = admin::post_control(addr, &path, &admin::DemoteRequest {}).await?;
             println!("{msg}");
             Ok(Outcome::Success)
         }

@@ -1,6 +1,6 @@
 //! The admin HTTP server (`GET /status`, `GET /metrics`, and the control
-//! endpoints `POST /volumes/{name}/promote` and `POST /volumes/{name}/resync`
-//! behind `blockmirror promote` and `blockmirror resync`) and the small client
+//! endpoints `POST /volumes/{name}/promote`, `.../demote` and `.../resync`
+//! behind `blockmirror promote`, `demote` and `resync`) and the small client
 //! the CLI uses to talk to it.
 //!
 //! Control requests take a JSON body (`{"force": true}`,
@@ -33,6 +33,10 @@ pub struct PromoteRequest {
     #[serde(default)]
     pub force: bool,
 }
+
+/// `POST /volumes/{name}/demote`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DemoteRequest {}
 
 /// `POST /volumes/{name}/resync`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -94,6 +98,14 @@ pub trait AdminSource: Send + Sync + 'static {
             reason: "promote is not supported by this node".into(),
         })
     }
+    /// Makes a primary volume a mirror (read-only export, waits for a
+    /// primary). Called on the blocking pool.
+    fn demote(&self, volume: &str, _req: &DemoteRequest) -> Result<String, ControlError> {
+        Err(ControlError::Refused {
+            volume: volume.into(),
+            reason: "demote is not supported by this node".into(),
+        })
+    }
     /// Starts, resumes or (with `discard_local`) forces a resync. Called on
     /// the blocking pool.
     fn resync(&self, volume: &str, _req: &ResyncRequest) -> Result<String, ControlError> {
@@ -148,6 +160,7 @@ pub fn router(source: Arc<dyn AdminSource>) -> Router {
         .route("/verify/{volume}", axum::routing::post(post_verify))
         .route("/mode/{volume}", axum::routing::post(post_mode))
         .route("/volumes/{name}/promote", post(post_promote))
+        .route("/volumes/{name}/demote", post(post_demote))
         .route("/volumes/{name}/resync", post(post_resync))
         .fallback(not_found)
         .with_state(source)
@@ -296,6 +309,20 @@ async fn post_promote(
 ) -> impl IntoResponse {
     let r = match parse_body::<PromoteRequest>(&body) {
         Ok(req) => tokio::task::spawn_blocking(move || source.promote(&name, &req))
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    control_reply(r)
+}
+
+async fn post_demote(
+    State(source): State<Arc<dyn AdminSource>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> impl IntoResponse {
+    let r = match parse_body::<DemoteRequest>(&body) {
+        Ok(req) => tokio::task::spawn_blocking(move || source.demote(&name, &req))
             .await
             .map_err(|e| e.to_string()),
         Err(e) => Err(e),

@@ -556,12 +556,6 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
         };
 
         let mut mirrors = Vec::with_capacity(rv.mirror.len());
-        if role == Role::Mirror && !rv.mirror.is_empty() {
-            return Err(cx.invalid(
-                key("mirror"),
-                "a mirror volume cannot have mirrors of its own (cascading is not supported)",
-            ));
-        }
         for (m, rm) in rv.mirror.into_iter().enumerate() {
             let mkey = |k: &str| format!("volume[{i}].mirror[{m}].{k}");
             let peer = cx.required(rm.peer, &mkey("peer"))?;
@@ -1247,8 +1241,11 @@ consistency_group = "app"        # optional
         let c = NodeConfig::parse(&text, Path::new("n.toml")).unwrap();
         assert_eq!(c.volumes[0].role, Role::Mirror);
         assert!(c.volumes[0].read_only, "a mirror's export is read-only");
-        let cascade = format!("{text}[[volume.mirror]]\npeer = \"127.0.0.1:7702\"\n");
-        assert_err(&cascade, "volume[0].mirror", "cannot have mirrors");
+        // A mirror may list the peers it mirrors to once promoted (failback).
+        let symmetric = format!("{text}[[volume.mirror]]\npeer = \"127.0.0.1:7702\"\n");
+        let c = NodeConfig::parse(&symmetric, Path::new("n.toml")).unwrap();
+        assert_eq!(c.volumes[0].role, Role::Mirror);
+        assert_eq!(c.volumes[0].mirrors.len(), 1);
     }
 
     #[test]

@@ -22,7 +22,9 @@ use std::collections::HashMap;
 use blockmirror_core::activity::{ActivityLog, DEFAULT_CAPACITY, DEFAULT_EXTENT_SIZE};
 use blockmirror_core::MirrorLabel;
 
-use crate::admin::{self, AdminSource, ControlError, PromoteRequest, ResyncRequest, VerifyRequest};
+use crate::admin::{
+    self, AdminSource, ControlError, DemoteRequest, PromoteRequest, ResyncRequest, VerifyRequest,
+};
 use crate::config::{NbdListen, NodeConfig, Role};
 use crate::meta_file::{self, MetaCell, MetaFileError};
 use crate::metrics::{self, MetricType};
@@ -149,18 +151,27 @@ impl Node {
                 meta.clean = false;
                 meta_file::store(&meta_path, &meta)?;
             }
-            // A primary's record carries no mirror label; a mirror that was
-            // promoted and then restarted as a mirror keeps its (promoted)
-            // generation, so its old primary is refused (see generation.rs).
-            if vc.role == Role::Primary && meta.label != MirrorLabel::None {
-                meta.label = MirrorLabel::None;
-                meta_file::store(&meta_path, &meta)?;
+            // The role it starts in. A new volume takes its configured role;
+            // after that the record decides (no label: primary), because
+            // `promote` and `demote` (and a returning old primary that found
+            // its mirror promoted past it) change roles at run time and a
+            // reboot must not undo that: a demoted node never comes back as
+            // a second primary, a promoted one stays primary.
+            let role = if created {
+                vc.role
+            } else if meta.label == MirrorLabel::None {
+                Role::Primary
+            } else {
+                Role::Mirror
+            };
+            if role != vc.role {
+                warn!(volume = %vc.name, configured = vc.role.as_str(), role = role.as_str(),
+                    "the role changed at run time (promote or demote) and stays: starting as {}",
+                    role.as_str());
             }
-            if vc.role == Role::Mirror && meta.label == MirrorLabel::None {
-                // A volume configured as a mirror whose record was a primary's
-                // (its role changed in the config): consistent, not in sync.
-                meta.label = MirrorLabel::Consistent;
-                meta_file::store(&meta_path, &meta)?;
+            if role == Role::Mirror && config.listen.is_none() {
+                warn!(volume = %vc.name,
+                    "a mirror on a node without `listen`: no primary can feed it; add `listen`");
             }
             info!(volume = %vc.name, generations = %meta.generations.to_display(),
                 label = meta.label.as_str(), "volume metadata");
@@ -218,7 +229,9 @@ impl Node {
                     Arc::new(GenState::new(&vc.name, meta_cell.clone())),
                 )))
             };
-            let target = (vc.role == Role::Mirror).then(|| {
+            // Every volume of a node with a replication listener can be fed
+            // by a primary: a mirror now, a primary after a demote.
+            let target = config.listen.is_some().then(|| {
                 Arc::new(MirrorTarget::new(
                     &vc.name,
                     meta_cell.clone(),
@@ -228,11 +241,21 @@ impl Node {
                         tasks_per_group: vc.apply_tasks_per_group,
                         ..ApplyConfig::default()
                     },
+                    role == Role::Primary,
                 ))
             });
+            if let (Some(t), Some(r)) = (&target, &replicator) {
+                t.set_own_links(r.links.clone());
+            }
+            if role == Role::Mirror {
+                if let Some(r) = &replicator {
+                    // Dormant until the volume is promoted here.
+                    r.start_parked();
+                }
+            }
             let volume = Arc::new(Volume::new(
                 &vc.name,
-                vc.role,
+                role,
                 backend,
                 vc.read_only,
                 meta_cell.clone(),
@@ -372,6 +395,19 @@ impl Node {
                 backend: v.volume.backend().clone(),
                 locks: r.locks.clone(),
                 gen: r.gen.clone(),
+                on_peer_ahead: v.target.clone().map(|t| {
+                    let vol = v.volume.clone();
+                    Arc::new(move |why: String| {
+                        let (vol, t) = (vol.clone(), t.clone());
+                        tokio::spawn(async move {
+                            if vol.role() == Role::Primary {
+                                if let Err(e) = demote_volume(&vol, &t, &why).await {
+                                    warn!(volume = %vol.name(), error = %e, "demote after finding a newer primary failed");
+                                }
+                            }
+                        });
+                    }) as Arc<dyn Fn(String) + Send + Sync>
+                }),
             };
             verifiable.push(VerifyVolume {
                 name: v.volume.name().to_owned(),
@@ -493,6 +529,63 @@ impl Running {
     }
 }
 
+/// Makes `volume` a mirror on this node: `demote`, `resync --discard-local`
+/// on a primary, and a returning old primary that found its mirror promoted
+/// past it (failback). New host writes get EPERM at once; the writes in
+/// progress finish; every live mirror is flushed and the links park (what
+/// they had not confirmed stays marked, and is reported to the next primary
+/// as this side's divergent regions); the local disk is flushed; the record
+/// says "consistent"; then a primary may connect.
+async fn demote_volume(
+    volume: &Volume,
+    target: &MirrorTarget,
+    why: &str,
+) -> Result<String, ControlError> {
+    let name = volume.name().to_owned();
+    let _one = target.role_lock.lock().await;
+    if volume.role() == Role::Mirror {
+        return Err(ControlError::Refused {
+            volume: name,
+            reason: "already a mirror".into(),
+        });
+    }
+    let started = std::time::Instant::now();
+    volume.set_role(Role::Mirror);
+    if let Some(r) = volume.replicator() {
+        r.park(volume.meta().size).await;
+    }
+    let backend = volume.backend().clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || backend.flush()).await {
+        warn!(volume = %name, error = %e, "flushing the local disk before the demote failed");
+    }
+    let cell = volume.meta_cell().clone();
+    let m = tokio::task::spawn_blocking(move || {
+        cell.update(|m| {
+            if m.label == MirrorLabel::None {
+                m.label = MirrorLabel::Consistent;
+            }
+        })
+    })
+    .await
+    .map_err(|e| ControlError::Failed {
+        volume: name.clone(),
+        reason: e.to_string(),
+    })?
+    .map_err(|e| ControlError::Failed {
+        volume: name.clone(),
+        reason: e.to_string(),
+    })?;
+    target.set_demoted();
+    warn!(volume = %name, why, generations = %m.generations.to_display(),
+        ms = started.elapsed().as_millis() as u64,
+        "demoted: a read-only mirror now, waiting for its new primary to connect");
+    Ok(format!(
+        "{name}: demoted to mirror (generation {}); the export is read-only; the primary that \
+         connects next copies only what differs",
+        m.generations.to_display()
+    ))
+}
+
 /// Where the node keeps its durable metadata: `state-<node>` beside the config
 /// file, so that two nodes configured from one folder never share it.
 pub fn state_dir(config: &NodeConfig) -> PathBuf {
@@ -516,6 +609,48 @@ struct StatusSource {
 }
 
 impl StatusSource {
+    /// `resync --discard-local`: this side gives up its data. A mirror again
+    /// (writes refused; a primary here is demoted first), blank, so its
+    /// primary copies the whole volume, and inconsistent until then.
+    fn discard_local(&self, s: &Served) -> Result<String, ControlError> {
+        let volume = s.volume.name();
+        let Some(t) = &s.target else {
+            return Err(ControlError::Refused {
+                volume: volume.to_owned(),
+                reason: "this node has no `listen` address, so it cannot become a mirror: run \
+                         --discard-local on the mirror node whose changes are to be thrown away"
+                    .into(),
+            });
+        };
+        if s.volume.role() == Role::Primary {
+            tokio::runtime::Handle::current().block_on(demote_volume(
+                &s.volume,
+                t,
+                "resync --discard-local",
+            ))?;
+        }
+        let _one = t.role_lock.blocking_lock();
+        let m = s
+            .volume
+            .meta_cell()
+            .update(|m| {
+                m.generations.discard();
+                m.label = MirrorLabel::Inconsistent;
+            })
+            .map_err(|e| ControlError::Failed {
+                volume: volume.to_owned(),
+                reason: e.to_string(),
+            })?;
+        s.volume.set_role(Role::Mirror);
+        t.set_demoted();
+        t.cut_link();
+        warn!(volume, generations = %m.generations.to_display(),
+            "local changes discarded: a mirror again, waiting for a full copy from the primary");
+        Ok(format!(
+            "{volume}: local changes discarded; read-only mirror, a full resync follows when its primary connects"
+        ))
+    }
+
     fn find(&self, volume: &str) -> Result<&Served, ControlError> {
         self.volumes
             .iter()
@@ -546,6 +681,7 @@ impl AdminSource for StatusSource {
                         connections: v.metrics().connections(),
                         mirrors: v
                             .replicator()
+                            .filter(|_| v.role() == Role::Primary)
                             .map(|r| {
                                 r.links
                                     .iter()
@@ -597,12 +733,15 @@ impl AdminSource for StatusSource {
             reason,
         };
         let Some(t) = &s.target else {
-            return Err(refused(
-                "this node is its configured primary: nothing to promote".into(),
-            ));
+            return Err(refused(if s.volume.role() == Role::Primary {
+                "already primary".into()
+            } else {
+                "this node has no `listen` address: it cannot be a mirror, nor be promoted".into()
+            }));
         };
+        let _one = t.role_lock.blocking_lock();
         if s.volume.role() == Role::Primary {
-            return Err(refused("already primary (promoted)".into()));
+            return Err(refused("already primary".into()));
         }
         if let Some(p) = t.primary() {
             if !req.force {
@@ -619,7 +758,8 @@ impl AdminSource for StatusSource {
             ));
         }
         // Refuse the link first, so nothing of the old primary lands after
-        // the new generation; then the durable record; then the export.
+        // the new generation; then the durable record; then the links to
+        // this volume's own mirrors; then the export.
         t.set_promoted();
         let failed = |e: MetaFileError| ControlError::Failed {
             volume: volume.to_owned(),
@@ -630,20 +770,45 @@ impl AdminSource for StatusSource {
             .volume
             .meta_cell()
             .update(|m| {
+                m.promoted_from = m.generations.current;
                 m.generations.rotate(id);
+                m.primary_at = m.generations.current;
                 m.label = MirrorLabel::None;
             })
             .map_err(|e| {
                 t.set_demoted();
                 failed(e)
             })?;
+        let mirrors = match s.volume.replicator() {
+            Some(r) => {
+                tokio::runtime::Handle::current().block_on(r.unpark_promoted());
+                format!("; mirroring to {}", r.links.iter().map(|l| l.peer.as_str()).collect::<Vec<_>>().join(", "))
+            }
+            None => {
+                warn!(volume, "promoted without [[volume.mirror]] tables: nothing mirrors it now, and its old primary cannot fail back to it");
+                "; no mirrors configured here (add [[volume.mirror]] for failback)".into()
+            }
+        };
         s.volume.set_role(Role::Primary);
         warn!(volume, generations = %m.generations.to_display(), forced = req.force,
             "promoted to primary: the export is read-write, new generation");
         Ok(format!(
-            "{volume}: promoted to primary (generation {}); new NBD connections are read-write",
+            "{volume}: promoted to primary (generation {}); new NBD connections are read-write{mirrors}",
             m.generations.to_display()
         ))
+    }
+
+    fn demote(&self, volume: &str, _req: &DemoteRequest) -> Result<String, ControlError> {
+        let s = self.find(volume)?;
+        let Some(t) = &s.target else {
+            return Err(ControlError::Refused {
+                volume: volume.to_owned(),
+                reason: "this node has no `listen` address, so no primary could feed the volume \
+                         as a mirror; add `listen` to its config"
+                    .into(),
+            });
+        };
+        tokio::runtime::Handle::current().block_on(demote_volume(&s.volume, t, "demote requested"))
     }
 
     fn resync(&self, volume: &str, req: &ResyncRequest) -> Result<String, ControlError> {
@@ -652,15 +817,13 @@ impl AdminSource for StatusSource {
             volume: volume.to_owned(),
             reason,
         };
-        if let Some(r) = s.volume.replicator() {
-            if req.discard_local {
-                return Err(refused(
-                    "this node is the volume's configured primary: run --discard-local on the \
-                     mirror node whose changes are to be thrown away (turning a configured \
-                     primary into a mirror is failback, not built yet)"
-                        .into(),
-                ));
-            }
+        if req.discard_local {
+            return self.discard_local(s);
+        }
+        if s.volume.role() == Role::Primary {
+            let Some(r) = s.volume.replicator() else {
+                return Err(refused("not mirrored".into()));
+            };
             if let Some(rate) = req.rate {
                 for l in &r.links {
                     l.set_resync_rate(rate);
@@ -692,32 +855,9 @@ impl AdminSource for StatusSource {
                 "--rate is set on the primary, which paces the copy".into(),
             ));
         }
-        if !req.discard_local {
-            return Ok(format!(
-                "{volume}: a mirror is resynced by its primary when it connects (state {})",
-                t.state().unwrap_or("primary")
-            ));
-        }
-        // Give up this side's data: a mirror again (writes refused), blank
-        // (the primary copies the whole volume), inconsistent until then.
-        s.volume.set_role(Role::Mirror);
-        let m = s
-            .volume
-            .meta_cell()
-            .update(|m| {
-                m.generations.discard();
-                m.label = MirrorLabel::Inconsistent;
-            })
-            .map_err(|e| ControlError::Failed {
-                volume: volume.to_owned(),
-                reason: e.to_string(),
-            })?;
-        t.set_demoted();
-        t.cut_link();
-        warn!(volume, generations = %m.generations.to_display(),
-            "local changes discarded: a mirror again, waiting for a full copy from the primary");
         Ok(format!(
-            "{volume}: local changes discarded; read-only mirror, a full resync follows when its primary connects"
+            "{volume}: a mirror is resynced by its primary when it connects (state {})",
+            t.state().unwrap_or("primary")
         ))
     }
 

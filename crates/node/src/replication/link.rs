@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use blockmirror_core::activity::{ActivityError, ActivityLog, Begin};
 use blockmirror_core::bitmap::Bitmap;
 use blockmirror_core::rate::TokenBucket;
-use blockmirror_core::{compare_generations, Generations, Relation};
+use blockmirror_core::{compare_generations, resync_basis, Generations, Relation, ResyncBasis};
 use blockmirror_repl::{
     Codec, EncodedWrite, Frame, FrameReader, FrameWriter, NodeHello, PeerInfo, SyncPhase,
     VolumeIdentity,
@@ -32,7 +32,7 @@ use blockmirror_repl::{
 use blockmirror_storage::Backend;
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -50,6 +50,9 @@ const BITMAP_STORE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long connecting plus the handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the mirror may take to report its divergent regions after the
+/// handshake.
+const DIVERGENCE_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Catch-up copies this much per request.
@@ -300,6 +303,9 @@ pub struct LinkCounters {
     pub suspensions: AtomicU64,
     /// Bytes a checksum resync found equal on the mirror and did not send.
     pub resync_skipped_bytes: AtomicU64,
+    /// Bytes the mirror reported as its own divergent writes (a returning
+    /// old primary's, at failback), added to what is copied.
+    pub divergent_bytes: AtomicU64,
 }
 
 /// A point-in-time view of a link, for /status and /metrics.
@@ -373,6 +379,12 @@ pub struct MirrorLink {
     last_host_write: AtomicU64,
     /// HashReply payloads by request id, picked up by the copy that asked.
     hashes: Mutex<std::collections::HashMap<u64, [u8; 32]>>,
+    /// False while the volume is a mirror on this node: the link stays
+    /// disconnected (a dormant link, used once the volume is promoted).
+    active: watch::Sender<bool>,
+    /// The next catch-up compares every block by checksum (nothing records
+    /// how the mirror differs; see [`ResyncBasis::CompareAll`]).
+    compare_all: AtomicBool,
 }
 
 /// Why a write could not be protected by the activity log.
@@ -509,6 +521,8 @@ impl MirrorLink {
             born: Instant::now(),
             hashes: Mutex::new(std::collections::HashMap::new()),
             last_host_write: AtomicU64::new(0),
+            active: watch::Sender::new(true),
+            compare_all: AtomicBool::new(false),
             counters: LinkCounters::default(),
             al_wake: tokio::sync::Notify::new(),
             group: std::sync::OnceLock::new(),
@@ -1200,18 +1214,53 @@ impl MirrorLink {
         let mut backoff = BACKOFF_MIN;
         let mut first = true;
         let mut quiet = false;
+        let mut active = self.active.subscribe();
         loop {
+            if !*active.borrow_and_update() {
+                // Dormant while the volume is a mirror here.
+                self.shared().connection = Connection::Disconnected;
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = active.wait_for(|a| *a) => {}
+                }
+                backoff = BACKOFF_MIN;
+                continue;
+            }
             self.shared().connection = Connection::Connecting;
             let started = Instant::now();
             match self.connect(&ctx).await {
-                Ok((stream, peer)) => {
+                Ok((mut stream, peer)) => {
                     if !first {
                         self.counters.reconnects.fetch_add(1, Relaxed);
                     }
                     first = false;
                     quiet = false;
                     let peer_node = peer.node.clone();
-                    if self.judge_generations(&ctx, &peer) {
+                    let judged = self.judge_generations(&ctx, &peer);
+                    let go = match judged {
+                        Judged::Sync(rel) => match read_divergence(&mut stream).await {
+                            Ok((was_primary, ranges)) => {
+                                self.take_divergence(&ctx, &peer, rel, was_primary, &ranges);
+                                true
+                            }
+                            Err(e) => {
+                                warn!(volume = %self.volume, peer = %self.peer, error = %e, "mirror did not report its divergent regions");
+                                self.shared().last_error = Some(e);
+                                false
+                            }
+                        },
+                        Judged::PeerAhead => {
+                            if let Some(hook) = &ctx.on_peer_ahead {
+                                hook(format!(
+                                    "mirror {} ({peer_node}) holds a newer generation (it was promoted)",
+                                    self.peer
+                                ));
+                            }
+                            false
+                        }
+                        Judged::Refused => false,
+                    };
+                    if go && *self.active.borrow() {
                         info!(volume = %self.volume, peer = %self.peer, peer_node = %peer_node, "mirror link connected");
                         self.clone()
                             .serve_connection(stream, peer_node, &ctx, &shutdown)
@@ -1245,6 +1294,7 @@ impl MirrorLink {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(backoff) => {}
+                _ = active.wait_for(|a| !*a) => {}
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -1253,10 +1303,10 @@ impl MirrorLink {
     }
 
     /// Compares the mirror's generation record with ours (both authenticated
-    /// by the handshake). Returns whether the link may go live; if not, the
+    /// by the handshake). Says whether the link may go live; if not, the
     /// state says why (split brain, or suspended) and nothing is copied. A
     /// blank mirror gets the whole volume marked.
-    fn judge_generations(&self, ctx: &LinkContext, peer: &PeerInfo) -> bool {
+    fn judge_generations(&self, ctx: &LinkContext, peer: &PeerInfo) -> Judged {
         let local = ctx.gen.meta.get().generations;
         let theirs = Generations {
             current: peer.volume.generation,
@@ -1275,7 +1325,7 @@ impl MirrorLink {
                 info!(volume = %self.volume, peer = %self.peer, out_of_sync = sh.bitmap.dirty_bytes(),
                     "this primary wrote while the mirror was away: copying what the bitmap marks");
             }
-            return true;
+            return Judged::Sync(rel);
         }
         let (state, why) = match rel {
             Relation::SplitBrain => (
@@ -1315,7 +1365,105 @@ impl MirrorLink {
         }
         sh.state = state;
         sh.last_error = Some(why);
-        false
+        if rel == Relation::PeerAhead {
+            Judged::PeerAhead
+        } else {
+            Judged::Refused
+        }
+    }
+
+    /// Adds what the mirror reported after the handshake to what is copied,
+    /// and decides whether the bitmap can be trusted at all
+    /// ([`resync_basis`]): after a promotion this node's bitmaps start
+    /// empty, so a peer last in step before it is compared block by block,
+    /// unless it is the old primary itself, whose report names its own
+    /// writes (failback without a full copy).
+    fn take_divergence(
+        &self,
+        ctx: &LinkContext,
+        peer: &PeerInfo,
+        rel: Relation,
+        was_primary: bool,
+        ranges: &[(u64, u64)],
+    ) {
+        let meta = ctx.gen.meta.get();
+        let theirs = Generations {
+            current: peer.volume.generation,
+            history: peer.volume.history,
+        };
+        let mut sh = self.shared();
+        let size = sh.bitmap.volume_size();
+        let mut reported = 0u64;
+        for &(off, len) in ranges {
+            let end = off.saturating_add(len).min(size);
+            if off < end {
+                sh.bitmap.mark(off, end - off);
+                reported += end - off;
+            }
+        }
+        self.counters.divergent_bytes.fetch_add(reported, Relaxed);
+        if rel.needs_full_copy() {
+            return;
+        }
+        match resync_basis(&meta.generations, meta.promoted_from, &theirs, was_primary) {
+            ResyncBasis::Bitmap => {
+                if reported > 0 {
+                    info!(volume = %self.volume, peer = %self.peer, reported,
+                        "the mirror reports regions of its own: copying them too");
+                }
+            }
+            ResyncBasis::BitmapAndPeer => {
+                info!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node, reported,
+                    written_here = sh.bitmap.dirty_bytes().saturating_sub(reported),
+                    out_of_sync = sh.bitmap.dirty_bytes(),
+                    "failback: the old primary returns as a mirror; copying what it wrote after the \
+                     promotion missed it and what was written here since");
+            }
+            ResyncBasis::CompareAll => {
+                sh.bitmap.mark(0, size);
+                self.compare_all.store(true, SeqCst);
+                info!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node,
+                    "nothing here records how this mirror differs (it was last in step before \
+                     this node was promoted): comparing every block by checksum");
+            }
+        }
+    }
+
+    /// Whether the link may connect (false while the volume is a mirror).
+    pub fn is_active(&self) -> bool {
+        *self.active.borrow()
+    }
+
+    /// Wakes a dormant link, or parks a running one: its connection closes
+    /// (what was in flight is marked) and it stays disconnected.
+    pub fn set_active(&self, on: bool) {
+        self.active.send_replace(on);
+        if !on {
+            self.fail_inner(None, "the volume is a mirror on this node now", false, true);
+        }
+    }
+
+    /// This node became the primary by promotion: what the bitmap marked
+    /// belongs to an older role; from now on it records what this primary
+    /// writes while the mirror is away ([`resync_basis`] decides what else
+    /// a returning peer needs).
+    pub fn reset_for_promotion(&self) {
+        let mut sh = self.shared();
+        sh.bitmap.clear_all();
+        sh.unflushed.clear_all();
+        sh.flushing.clear();
+    }
+
+    /// The regions this link's bitmap marks (what the peer may lack of this
+    /// node's writes), as sorted byte ranges.
+    pub fn marked_ranges(&self) -> Vec<(u64, u64)> {
+        self.shared().bitmap.runs().collect()
+    }
+
+    /// Forgets what the bitmap marks (this volume is a mirror in sync with
+    /// another primary now: its own old writes are superseded).
+    pub fn clear_marks(&self) {
+        self.shared().bitmap.clear_all();
     }
 
     /// Sends a SyncState on this connection and waits for the mirror to store
@@ -1370,6 +1518,12 @@ impl MirrorLink {
         let cancel = shutdown.child_token();
         let epoch = {
             let mut sh = self.shared();
+            // Checked under the lock that `set_active(false)` takes after
+            // clearing the flag: either this sees it cleared, or that sees
+            // this connection and closes it.
+            if !*self.active.borrow() {
+                return;
+            }
             sh.epoch += 1;
             sh.conn_cancel = Some(cancel.clone());
             sh.connection = Connection::Connected;
@@ -1612,6 +1766,7 @@ impl MirrorLink {
                     sh.state = SyncState::InSync;
                     sh.resync_done = sh.resync_total;
                     drop(sh);
+                    self.compare_all.store(false, SeqCst);
                     info!(volume = %self.volume, peer = %self.peer, bytes = total,
                         ms = started.elapsed().as_millis() as u64, "mirror in sync");
                     return;
@@ -1844,7 +1999,7 @@ impl MirrorLink {
             None
         };
         let backend = ctx.backend.clone();
-        let checksum = self.resync.checksum;
+        let checksum = self.resync.checksum || self.compare_all.load(SeqCst);
         // With checksums, ask for the mirror's hash while the local read runs.
         let asked = if checksum {
             self.prepare_for_epoch(epoch, 0, 0).map(|p| {
@@ -1992,6 +2147,59 @@ pub struct LinkContext {
     pub backend: Arc<dyn Backend>,
     pub locks: RangeLocks,
     pub gen: Arc<GenState>,
+    /// Called when a mirror turns out to hold a newer generation than ours
+    /// (it was promoted while this node was away): the node demotes the
+    /// volume, which then becomes that primary's mirror (failback).
+    pub on_peer_ahead: Option<Arc<dyn Fn(String) + Send + Sync>>,
+}
+
+/// What the generation check allows.
+enum Judged {
+    /// Copy and go live.
+    Sync(Relation),
+    /// The mirror was promoted past us: this side must become its mirror.
+    PeerAhead,
+    Refused,
+}
+
+/// Reads the Divergence frames a mirror sends right after the handshake:
+/// whether it wrote its current generation as a primary, and the regions it
+/// may hold that we lack. The mirror sends nothing else until it is asked,
+/// so the reader dropped here buffers nothing of what follows.
+async fn read_divergence(stream: &mut TcpStream) -> Result<(bool, Vec<(u64, u64)>), String> {
+    let mut reader = FrameReader::new(stream);
+    let mut all = Vec::new();
+    let read = async {
+        loop {
+            match reader.next().await {
+                Ok(Some(Frame::Divergence {
+                    was_primary,
+                    last,
+                    ranges,
+                })) => {
+                    all.extend(ranges);
+                    if last {
+                        return Ok(was_primary);
+                    }
+                }
+                Ok(Some(Frame::Error { code, message, .. })) => {
+                    return Err(format!("mirror refused the link: {code:?}: {message}"))
+                }
+                Ok(Some(f)) => {
+                    return Err(format!(
+                        "expected the mirror's Divergence report, got {:?}",
+                        f.kind()
+                    ))
+                }
+                Ok(None) => return Err("mirror closed the connection after the handshake".into()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    let was_primary = tokio::time::timeout(DIVERGENCE_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| Err(format!("no Divergence report within {DIVERGENCE_TIMEOUT:?}")))?;
+    Ok((was_primary, all))
 }
 
 impl LinkContext {

@@ -106,7 +106,10 @@ impl GenState {
         let meta = self.meta.clone();
         let stored = tokio::task::spawn_blocking(move || {
             let id = meta_file::new_generation_id()?;
-            meta.update(|m| m.generations.rotate(id))
+            meta.update(|m| {
+                m.generations.rotate(id);
+                m.primary_at = m.generations.current;
+            })
         })
         .await
         .unwrap_or_else(|e| {
@@ -137,6 +140,10 @@ pub struct Replicator {
     pub policy: FailurePolicy,
     pub pipeline: Pipeline,
     pub gen: Arc<GenState>,
+    /// Set while the volume is a mirror on this node: host writes that got
+    /// past the role check before a demote are refused under their range
+    /// lock, so none lands after the links were parked.
+    parked: AtomicBool,
 }
 
 impl Replicator {
@@ -163,7 +170,71 @@ impl Replicator {
             links,
             locks: RangeLocks::new(),
             policy,
+            parked: AtomicBool::new(false),
         }
+    }
+
+    /// The volume is a mirror on this node (at start, before any write).
+    pub fn start_parked(&self) {
+        self.parked.store(true, Ordering::SeqCst);
+        for l in &self.links {
+            l.set_active(false);
+        }
+    }
+
+    /// The volume becomes a mirror here (demote): waits for the host writes
+    /// in progress (the range lock over the whole volume; later ones are
+    /// refused), makes what every live mirror acknowledged durable there (a
+    /// FLUSH each, async mirrors too), then parks every link. What was
+    /// still in flight is marked in the bitmaps, which a new primary is told
+    /// about when it connects (failback).
+    pub async fn park(&self, size: u64) {
+        let _all = self.locks.lock(0, size).await;
+        self.parked.store(true, Ordering::SeqCst);
+        let sent: Vec<_> = self
+            .links
+            .iter()
+            .filter_map(|l| l.prepare_flush().map(|p| (l, l.send(p, &MirrorOp::Flush))))
+            .collect();
+        for (l, s) in sent {
+            if let Err(e) = l.wait(s).await {
+                warn!(volume = %self.volume, error = %e, "last flush before the demote failed");
+            }
+        }
+        for l in &self.links {
+            l.set_active(false);
+        }
+        if let Err(e) = self.persist().await {
+            warn!(volume = %self.volume, error = %e, "storing the out-of-sync bitmaps failed");
+        }
+    }
+
+    /// The volume became the primary here by promotion: every link starts
+    /// from an empty bitmap (see `MirrorLink::reset_for_promotion`) and
+    /// connects.
+    pub async fn unpark_promoted(&self) {
+        for l in &self.links {
+            l.reset_for_promotion();
+        }
+        if let Err(e) = self.persist().await {
+            warn!(volume = %self.volume, error = %e, "storing the out-of-sync bitmaps failed");
+        }
+        self.parked.store(false, Ordering::SeqCst);
+        for l in &self.links {
+            l.set_active(true);
+        }
+    }
+
+    /// Whether the volume is a mirror here (its links parked).
+    pub fn is_parked(&self) -> bool {
+        self.parked.load(Ordering::SeqCst)
+    }
+
+    async fn persist(&self) -> Result<(), link::ActivateError> {
+        for l in &self.links {
+            l.persist_bitmap().await?;
+        }
+        Ok(())
     }
 
     /// Applies `op` locally with `local` and on every mirror, as described
@@ -183,6 +254,9 @@ impl Replicator {
         }
         let (offset, len) = op.range();
         let guard = self.locks.lock(offset, len).await;
+        if self.is_parked() {
+            return Err(Errno::Perm);
+        }
         for l in &self.links {
             l.note_host_write();
         }
@@ -320,6 +394,9 @@ impl Replicator {
     {
         let len = data.len() as u64;
         let guard = self.locks.lock(offset, len).await;
+        if self.is_parked() {
+            return Err(Errno::Perm);
+        }
         for (i, l) in self.links.iter().enumerate() {
             if let Err(e) = l.activate(offset, len).await {
                 warn!(error = %e, "write refused: it could not be recorded for resync");

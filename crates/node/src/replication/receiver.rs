@@ -62,21 +62,32 @@ pub struct MirrorTarget {
     /// How the apply engine is cut up, and what it has done.
     pub apply: ApplyConfig,
     pub apply_metrics: Arc<ApplyMetrics>,
+    /// The volume's own links (its `[[volume.mirror]]` tables), dormant while
+    /// it is a mirror: their bitmaps are what this node wrote as a primary
+    /// that its peers may lack, reported to a new primary (failback).
+    own_links: std::sync::OnceLock<Vec<Arc<super::MirrorLink>>>,
+    /// Held while the volume changes role (promote, demote, discard).
+    pub role_lock: tokio::sync::Mutex<()>,
 }
 
 impl MirrorTarget {
+    /// A target that accepts its primary; `promoted` (a primary volume on a
+    /// node that can also serve it as a mirror) refuses links until demoted.
     pub fn new(
         name: &str,
         meta: Arc<MetaCell>,
         backend: Arc<dyn Backend>,
         apply: ApplyConfig,
+        promoted: bool,
     ) -> Self {
         Self {
             apply,
             apply_metrics: Arc::new(ApplyMetrics::new(apply.groups)),
             name: name.to_owned(),
             meta,
-            promoted: AtomicBool::new(false),
+            promoted: AtomicBool::new(promoted),
+            own_links: std::sync::OnceLock::new(),
+            role_lock: tokio::sync::Mutex::new(()),
             backend,
             current: Mutex::new(None),
             next_conn: AtomicU64::new(1),
@@ -96,6 +107,36 @@ impl MirrorTarget {
             generation: m.generations.current,
             history: m.generations.history,
         }
+    }
+
+    /// Gives the target the volume's own links (once, at start).
+    pub fn set_own_links(&self, links: Vec<Arc<super::MirrorLink>>) {
+        let _ = self.own_links.set(links);
+    }
+
+    /// What this volume reports to a new primary: whether it wrote its
+    /// current generation as a primary itself, and if so the regions its own
+    /// links mark (writes some peer may lack: the new primary among them).
+    pub fn divergence(&self) -> (bool, Vec<(u64, u64)>) {
+        let m = self.meta.get();
+        let was_primary = m.generations.current != 0 && m.primary_at == m.generations.current;
+        if !was_primary {
+            return (false, Vec::new());
+        }
+        let mut marks: Option<blockmirror_core::bitmap::Bitmap> = None;
+        for l in self.own_links.get().into_iter().flatten() {
+            let b = l.bitmap();
+            match &mut marks {
+                None => marks = Some(b),
+                Some(m) => {
+                    if m.union_with(&b).is_err() {
+                        // Different shapes cannot happen (one volume); be safe.
+                        m.mark_all();
+                    }
+                }
+            }
+        }
+        (true, marks.map(|b| b.runs().collect()).unwrap_or_default())
     }
 
     pub fn is_promoted(&self) -> bool {
@@ -154,6 +195,15 @@ impl MirrorTarget {
             }
         })
         .await
+        .inspect(|_| {
+            if phase == SyncPhase::InSync {
+                // In step with this primary: what this node once wrote as a
+                // primary is superseded (and already reported to it).
+                for l in self.own_links.get().into_iter().flatten() {
+                    l.clear_marks();
+                }
+            }
+        })
     }
 
     async fn update_meta(
@@ -348,8 +398,32 @@ async fn handle(
         p = target.apply_slot.clone().acquire_owned() => p.expect("never closed"),
         _ = token.cancelled() => return,
     };
-    info!(volume = %target.name, primary = %primary.node, %peer, "replication link up");
-    let reason = apply_loop(stream, &target, token).await;
+    // Before anything else, tell the primary what this side may hold that
+    // it lacks (a returning old primary's own writes; usually nothing).
+    let (was_primary, ranges) = target.divergence();
+    let reported: u64 = ranges.iter().map(|r| r.1).sum();
+    if was_primary {
+        info!(volume = %target.name, primary = %primary.node, regions = ranges.len(), bytes = reported,
+            "this node wrote its current generation as a primary: reporting its divergent regions");
+    }
+    let reason = {
+        let mut w = FrameWriter::new(&mut stream);
+        let mut sent = Ok(());
+        for f in blockmirror_repl::divergence_frames(was_primary, &ranges) {
+            w.queue(&f);
+        }
+        if let Err(e) = w.flush().await {
+            sent = Err(e);
+        }
+        sent.err().map(|e| format!("sending the divergence report: {e}"))
+    };
+    let reason = match reason {
+        Some(r) => r,
+        None => {
+            info!(volume = %target.name, primary = %primary.node, %peer, "replication link up");
+            apply_loop(stream, &target, token).await
+        }
+    };
     // Without its primary, an in-sync mirror is a point in time the primary
     // passed through, and may fall behind.
     if target.meta.get().label == MirrorLabel::InSync {
