@@ -1018,7 +1018,7 @@ fn render_apply_metrics(out: &mut String, volumes: &[Served]) {
 fn render_link_metrics(out: &mut String, volumes: &[Served]) {
     use std::sync::atomic::Ordering::Relaxed;
     type Get = fn(&MirrorLink, &crate::replication::link::LinkSnapshot) -> f64;
-    let families: [(&str, MetricType, &str, Get); 16] = [
+    let families: [(&str, MetricType, &str, Get); 17] = [
         (
             "blockmirror_mirror_lag_bytes",
             MetricType::Gauge,
@@ -1078,6 +1078,12 @@ fn render_link_metrics(out: &mut String, volumes: &[Served]) {
             MetricType::Counter,
             "Bytes copied to the mirror to bring it back in sync.",
             |l, _| l.counters.resync_bytes.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_resync_divergent_bytes_total",
+            MetricType::Counter,
+            "Bytes the mirror reported as its own writes this primary may lack (a returning old primary's, at failback), copied from here.",
+            |l, _| l.counters.divergent_bytes.load(Relaxed) as f64,
         ),
         (
             "blockmirror_resync_skipped_bytes_total",

@@ -280,6 +280,11 @@ struct Shared {
     passes: u32,
     /// How long the last final copy held host writes.
     last_suspension: Option<Duration>,
+    /// Marked regions the mirror only *may* lack (what it reported of its
+    /// own after a crash, or everything when nothing records how it
+    /// differs): the catch-up hashes them on both sides before sending.
+    /// Regions marked here for this primary's own writes are sent at once.
+    maybe: Option<Bitmap>,
 }
 
 /// Counters for /metrics.
@@ -382,9 +387,6 @@ pub struct MirrorLink {
     /// False while the volume is a mirror on this node: the link stays
     /// disconnected (a dormant link, used once the volume is promoted).
     active: watch::Sender<bool>,
-    /// The next catch-up compares every block by checksum (nothing records
-    /// how the mirror differs; see [`ResyncBasis::CompareAll`]).
-    compare_all: AtomicBool,
 }
 
 /// Why a write could not be protected by the activity log.
@@ -515,6 +517,7 @@ impl MirrorLink {
                 copy_only: false,
                 passes: 0,
                 last_suspension: None,
+                maybe: None,
             }),
             resync: tuning.resync,
             bucket: Mutex::new(TokenBucket::new(tuning.resync.rate, RATE_BURST, 0)),
@@ -522,7 +525,6 @@ impl MirrorLink {
             hashes: Mutex::new(std::collections::HashMap::new()),
             last_host_write: AtomicU64::new(0),
             active: watch::Sender::new(true),
-            compare_all: AtomicBool::new(false),
             counters: LinkCounters::default(),
             al_wake: tokio::sync::Notify::new(),
             group: std::sync::OnceLock::new(),
@@ -1392,17 +1394,23 @@ impl MirrorLink {
             history: peer.volume.history,
         };
         let mut sh = self.shared();
+        sh.maybe = None;
         let size = sh.bitmap.volume_size();
+        // What the peer reports is what it *may* hold (whole activity-log
+        // extents after a crash, mostly equal to ours): hashed before it is
+        // sent. What our own bitmap marks is sent at once.
+        let mut maybe = empty_like(&sh.bitmap);
         let mut reported = 0u64;
         for &(off, len) in ranges {
             let end = off.saturating_add(len).min(size);
             if off < end {
-                sh.bitmap.mark(off, end - off);
+                maybe.mark(off, end - off);
                 reported += end - off;
             }
         }
         self.counters.divergent_bytes.fetch_add(reported, Relaxed);
         if rel.needs_full_copy() {
+            sh.bitmap.mark(0, size);
             return;
         }
         match resync_basis(&meta.generations, meta.promoted_from, &theirs, was_primary) {
@@ -1420,12 +1428,21 @@ impl MirrorLink {
                      promotion missed it and what was written here since");
             }
             ResyncBasis::CompareAll => {
-                sh.bitmap.mark(0, size);
-                self.compare_all.store(true, SeqCst);
+                maybe.mark(0, size);
                 info!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node,
                     "nothing here records how this mirror differs (it was last in step before \
                      this node was promoted): comparing every block by checksum");
             }
+        }
+        // Hashed first: what is only possibly different, less what this
+        // primary knows it wrote (sent at once, at the bitmap's grain).
+        let own: Vec<(u64, u64)> = sh.bitmap.runs().collect();
+        for (off, len) in own {
+            maybe.clear(off, len);
+        }
+        if !maybe.is_clear() {
+            sh.bitmap.union_with(&maybe).expect("same shape");
+            sh.maybe = Some(maybe);
         }
     }
 
@@ -1744,7 +1761,7 @@ impl MirrorLink {
             }
             let next = {
                 let sh = self.shared();
-                next_run(&sh.bitmap, cursor, CATCH_UP_CHUNK)
+                next_run_split(&sh.bitmap, sh.maybe.as_ref(), cursor, CATCH_UP_CHUNK)
             };
             let Some((off, len)) = next else {
                 // Wait for what is in flight, then look again from the start:
@@ -1765,10 +1782,16 @@ impl MirrorLink {
                 if sh.bitmap.is_clear() {
                     sh.state = SyncState::InSync;
                     sh.resync_done = sh.resync_total;
+                    sh.maybe = None;
                     drop(sh);
-                    self.compare_all.store(false, SeqCst);
                     info!(volume = %self.volume, peer = %self.peer, bytes = total,
                         ms = started.elapsed().as_millis() as u64, "mirror in sync");
+                    // Stored now rather than at the next periodic store: a
+                    // crash soon after a long resync then replays only the
+                    // activity log, not the whole resync again.
+                    if let Err(e) = self.persist_bitmap().await {
+                        warn!(volume = %self.volume, peer = %self.peer, error = %e, "storing the out-of-sync bitmap failed");
+                    }
                     return;
                 }
                 drop(sh);
@@ -1999,7 +2022,12 @@ impl MirrorLink {
             None
         };
         let backend = ctx.backend.clone();
-        let checksum = self.resync.checksum || self.compare_all.load(SeqCst);
+        let checksum = self.resync.checksum
+            || self
+                .shared()
+                .maybe
+                .as_ref()
+                .is_some_and(|m| m.is_marked(off));
         // With checksums, ask for the mirror's hash while the local read runs.
         let asked = if checksum {
             self.prepare_for_epoch(epoch, 0, 0).map(|p| {
@@ -2124,6 +2152,24 @@ fn empty_like(b: &Bitmap) -> Bitmap {
 
 /// The first run of marked bytes at or after `from` (region-aligned), at
 /// most `max` long (rounded to whole regions).
+/// [`next_run`], cut where membership in `maybe` changes, so a run is
+/// either all "hash first" or all "send".
+fn next_run_split(b: &Bitmap, maybe: Option<&Bitmap>, from: u64, max: u64) -> Option<(u64, u64)> {
+    let (start, len) = next_run(b, from, max)?;
+    let Some(m) = maybe else {
+        return Some((start, len));
+    };
+    let g = b.granularity();
+    let region = b.region_of(start);
+    let boundary = if m.is_region_marked(region) {
+        m.next_clean(region)
+    } else {
+        m.next_dirty(region)
+    };
+    let end = boundary.map_or(start + len, |r| (r * g).min(start + len));
+    Some((start, end.max(start + g.min(len)) - start))
+}
+
 fn next_run(b: &Bitmap, from: u64, max: u64) -> Option<(u64, u64)> {
     if from >= b.volume_size() {
         return None;
