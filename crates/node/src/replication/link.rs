@@ -1775,15 +1775,20 @@ impl MirrorLink {
                 {
                     return;
                 }
-                let mut sh = self.shared();
-                if sh.epoch != epoch {
-                    return;
-                }
-                if sh.bitmap.is_clear() {
-                    sh.state = SyncState::InSync;
-                    sh.resync_done = sh.resync_total;
-                    sh.maybe = None;
-                    drop(sh);
+                let in_sync = {
+                    let mut sh = self.shared();
+                    if sh.epoch != epoch {
+                        return;
+                    }
+                    let clear = sh.bitmap.is_clear();
+                    if clear {
+                        sh.state = SyncState::InSync;
+                        sh.resync_done = sh.resync_total;
+                        sh.maybe = None;
+                    }
+                    clear
+                };
+                if in_sync {
                     info!(volume = %self.volume, peer = %self.peer, bytes = total,
                         ms = started.elapsed().as_millis() as u64, "mirror in sync");
                     // Stored now rather than at the next periodic store: a
@@ -1794,7 +1799,6 @@ impl MirrorLink {
                     }
                     return;
                 }
-                drop(sh);
                 cursor = 0;
                 continue;
             };
