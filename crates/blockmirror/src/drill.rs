@@ -299,10 +299,7 @@ pub async fn run(dir: &Path, size_text: &str, size: u64) -> Result<bool> {
     println!("  logs: {}  {}", a.log.display(), b.log.display());
     let mut ok = true;
     let mut check = |what: &str, pass: bool| {
-        println!(
-            "             {} {what}",
-            if pass { "ok  " } else { "FAIL" }
-        );
+        println!("             {} {what}", if pass { "ok  " } else { "FAIL" });
         ok &= pass;
     };
 
@@ -365,14 +362,12 @@ pub async fn run(dir: &Path, size_text: &str, size: u64) -> Result<bool> {
     let promoted = lost.elapsed();
     clock.step(&format!("promote B: {msg}"));
     let uri = b.uri.clone();
-    let first = host(move || {
+    host(move || {
         let mut h = Host::open(&uri)?;
-        h.write(size - 4096, &pattern(size - 4096, 4096, 2))?;
-        Ok(())
+        h.write(size - 4096, &pattern(size - 4096, 4096, 2))
     })
     .await
     .context("first host write on B")?;
-    let _ = first;
     let rto = lost.elapsed();
     clock.step(&format!(
         "first host write acknowledged by B: RTO {:.1} ms (loss noticed {} ms, promoted {} ms)",
@@ -470,7 +465,10 @@ pub async fn run(dir: &Path, size_text: &str, size: u64) -> Result<bool> {
         }),
     );
     println!();
-    println!("  RTO (loss of A to the first write acknowledged by B): {:.1} ms", rto.as_secs_f64() * 1e3);
+    println!(
+        "  RTO (loss of A to the first write acknowledged by B): {:.1} ms",
+        rto.as_secs_f64() * 1e3
+    );
     println!(
         "  failback: {} written on B while apart, {} reported by A, {} sent ({:.1}% of the volume)",
         human_bytes(apart),

@@ -782,7 +782,14 @@ impl AdminSource for StatusSource {
         let mirrors = match s.volume.replicator() {
             Some(r) => {
                 tokio::runtime::Handle::current().block_on(r.unpark_promoted());
-                format!("; mirroring to {}", r.links.iter().map(|l| l.peer.as_str()).collect::<Vec<_>>().join(", "))
+                format!(
+                    "; mirroring to {}",
+                    r.links
+                        .iter()
+                        .map(|l| l.peer.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             }
             None => {
                 warn!(volume, "promoted without [[volume.mirror]] tables: nothing mirrors it now, and its old primary cannot fail back to it");

@@ -334,6 +334,7 @@ pub struct PairBuilder {
     mirror_ip: String,
     mirror_launcher: Vec<String>,
     mirror_timeout: String,
+    symmetric: bool,
 }
 
 impl PairBuilder {
@@ -349,7 +350,16 @@ impl PairBuilder {
             mirror_ip: "127.0.0.1".into(),
             mirror_launcher: Vec::new(),
             mirror_timeout: "1s".into(),
+            symmetric: false,
         }
+    }
+
+    /// Configure both nodes as each other's mirror (DRBD-style): the primary
+    /// gets a replication listener, the mirror a `[[volume.mirror]]` table
+    /// naming it, used once the mirror is promoted (failover and failback).
+    pub fn symmetric(mut self) -> Self {
+        self.symmetric = true;
+        self
     }
 
     /// Extra keys for the primary's `[[volume]]` table (e.g. `on_mirror_failure = "fence"`).
@@ -419,9 +429,18 @@ impl PairBuilder {
         let mdir = tempfile::tempdir().unwrap();
         std::fs::write(mdir.path().join("secret.key"), format!("{secret}\n")).unwrap();
         let mimg = mdir.path().join(format!("{PAIR_VOLUME}.img"));
+        let p_listen: Option<SocketAddr> = self
+            .symmetric
+            .then(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
+        let back_table = p_listen.map_or(String::new(), |l| {
+            format!(
+                "mirror_timeout = \"{}\"\n[[volume.mirror]]\npeer = \"{l}\"\n{}",
+                self.mirror_timeout, self.mirror_table
+            )
+        });
         let mtext = format!(
             "node = \"mirror\"\nlisten = \"{m_listen}\"\nadmin = \"{m_admin}\"\nsecret_file = \"secret.key\"\n\n\
-             [[volume]]\nname = \"{PAIR_VOLUME}\"\npath = \"{}\"\nsize = {}\nrole = \"mirror\"\nnbd = \"{m_nbd}\"\n{}",
+             [[volume]]\nname = \"{PAIR_VOLUME}\"\npath = \"{}\"\nsize = {}\nrole = \"mirror\"\nnbd = \"{m_nbd}\"\n{}{back_table}",
             mimg.display(),
             self.size,
             self.mirror_volume_extra
@@ -454,8 +473,9 @@ impl PairBuilder {
         };
         std::fs::write(pdir.path().join("secret.key"), format!("{psecret}\n")).unwrap();
         let pimg = pdir.path().join(format!("{PAIR_VOLUME}.img"));
+        let listen_line = p_listen.map_or(String::new(), |l| format!("listen = \"{l}\"\n"));
         let ptext = format!(
-            "node = \"primary\"\nadmin = \"{p_admin}\"\nsecret_file = \"secret.key\"\n\n\
+            "node = \"primary\"\n{listen_line}admin = \"{p_admin}\"\nsecret_file = \"secret.key\"\n\n\
              [[volume]]\nname = \"{PAIR_VOLUME}\"\npath = \"{}\"\nsize = {}\nrole = \"primary\"\nnbd = \"{p_nbd}\"\n\
              mirror_timeout = \"{}\"\n{}\n[[volume.mirror]]\npeer = \"{peer}\"\n{}",
             pimg.display(),
@@ -476,6 +496,7 @@ impl PairBuilder {
             mirror,
             primary,
             mirror_listen: m_listen,
+            primary_listen: p_listen,
             proxy,
         };
         if self.wait_in_sync {
@@ -492,6 +513,8 @@ pub struct Pair {
     pub mirror: TestNode,
     /// The mirror node's replication listener.
     pub mirror_listen: SocketAddr,
+    /// The primary node's, when [`PairBuilder::symmetric`].
+    pub primary_listen: Option<SocketAddr>,
     /// The delay proxy between them, if [`PairBuilder::through_delay`].
     pub proxy: Option<blockmirror_testkit::delay::DelayProxy>,
 }

@@ -2248,7 +2248,11 @@ async fn read_divergence(stream: &mut TcpStream) -> Result<(bool, Vec<(u64, u64)
     };
     let was_primary = tokio::time::timeout(DIVERGENCE_TIMEOUT, read)
         .await
-        .unwrap_or_else(|_| Err(format!("no Divergence report within {DIVERGENCE_TIMEOUT:?}")))?;
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no Divergence report within {DIVERGENCE_TIMEOUT:?}"
+            ))
+        })?;
     Ok((was_primary, all))
 }
 

@@ -415,7 +415,8 @@ async fn handle(
         if let Err(e) = w.flush().await {
             sent = Err(e);
         }
-        sent.err().map(|e| format!("sending the divergence report: {e}"))
+        sent.err()
+            .map(|e| format!("sending the divergence report: {e}"))
     };
     let reason = match reason {
         Some(r) => r,

@@ -1,0 +1,424 @@
+//! Failover and failback with real processes and real clients (seed 004: a
+//! failed primary promotes a mirror; issue 9): the drill end to end, a
+//! returning old primary that demotes itself and gets only what differs, a
+//! planned switchover (demote, promote) that copies exactly what was written
+//! meanwhile, the refusals, and a promoted mirror that keeps mirroring to the
+//! others.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    run(c.arg(uri))
+}
+
+fn qemu_io_ok(uri: &str, cmds: &[&str]) {
+    let out = qemu_io(uri, cmds);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmds:?} on {uri}: {text}"
+    );
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    run(Command::new(BIN).args(args))
+}
+
+fn cli_ok(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "blockmirror {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cli_refused(args: &[&str], needle: &str) {
+    let out = cli(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(needle),
+        "blockmirror {args:?} should be refused with {needle:?}: {err}"
+    );
+}
+
+fn volume(node: &TestNode) -> serde_json::Value {
+    node.status_json()["volumes"][0].clone()
+}
+
+/// The first mirror link of `node` (a primary), by /status.
+fn link_of(node: &TestNode) -> serde_json::Value {
+    volume(node)["mirrors"][0].clone()
+}
+
+fn wait_in_sync_from(primary: &TestNode, what: &str, logs: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let l = link_of(primary);
+        if l["connection"] == "connected" && l["state"] == "in_sync" && l["out_of_sync_bytes"] == 0
+        {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}: {l}\n{}", logs());
+        }
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}
+
+fn images_identical(a: &std::path::Path, b: &std::path::Path) -> bool {
+    run(Command::new("cmp").arg(a).arg(b)).status.success()
+}
+
+/// The drill an operator runs: every step passes and the RTO is printed.
+#[test]
+fn demo_drill_passes_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(Command::new(BIN).args([
+        "demo",
+        "--drill",
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--size",
+        "64MiB",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let logs = ["site-a.log", "site-b.log"]
+        .iter()
+        .map(|f| std::fs::read_to_string(dir.path().join("drill").join(f)).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    assert!(
+        out.status.success() && text.contains("result: PASS"),
+        "drill failed ({}):\n{text}\n{}\n{logs}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "site A killed",
+        "RTO",
+        "ok   B holds every byte written to A",
+        "demoted itself",
+        "ok   A and B are identical after the failback",
+    ] {
+        assert!(text.contains(step), "missing step {step:?}:\n{text}");
+    }
+    assert!(!text.contains("FAIL"), "{text}");
+}
+
+/// The primary dies under a write load; the mirror is promoted and written;
+/// the old primary restarts with its config unchanged, finds the mirror
+/// promoted past it, demotes itself, reports the regions it may hold that
+/// the new primary lacks, and the failback copies those (hashed first) and
+/// what was written meanwhile, never the whole volume; the images end
+/// identical, including whatever the old primary wrote in its last moment.
+#[test]
+fn old_primary_returns_as_a_mirror_and_gets_only_what_differs() {
+    require_tool("qemu-io");
+    require_tool("fio");
+    let mut pair = PairBuilder::new(64 * MIB).symmetric().start();
+    let (p_admin, m_admin) = (
+        pair.primary.admin.to_string(),
+        pair.mirror.admin.to_string(),
+    );
+    // While its primary feeds it, the mirror is not promoted without --force,
+    // and a primary cannot be promoted.
+    cli_refused(&["promote", PAIR_VOLUME, "--admin", &m_admin], "--force");
+    cli_refused(
+        &["promote", PAIR_VOLUME, "--admin", &p_admin],
+        "already primary",
+    );
+    cli_refused(
+        &["demote", PAIR_VOLUME, "--admin", &m_admin],
+        "already a mirror",
+    );
+
+    // A write load over the first 32 MiB; the primary is killed under it.
+    let load = fio_load(pair.primary.uri(), 30);
+    wait_for(
+        "host writes on the primary",
+        Duration::from_secs(30),
+        || {
+            (metric(
+                &pair.primary.metrics(),
+                "blockmirror_host_bytes_written_total",
+            )
+            .unwrap_or(0.0)
+                > (8 * MIB) as f64)
+                .then_some(())
+        },
+    );
+    pair.primary.stop_with("KILL");
+    let _ = load.wait_with_output();
+    wait_for(
+        "the mirror to see its primary gone",
+        Duration::from_secs(30),
+        || volume(&pair.mirror).get("primary").is_none().then_some(()),
+    );
+    let msg = cli_ok(&["promote", PAIR_VOLUME, "--admin", &m_admin]);
+    assert!(msg.contains("promoted"), "{msg}");
+    assert_eq!(volume(&pair.mirror)["role"], "primary");
+    // The new primary is written while the old one is away.
+    qemu_io_ok(pair.mirror.uri(), &["write -P 0x5a 40M 4M", "flush"]);
+
+    // The old primary comes back with its config unchanged.
+    pair.primary.restart();
+    wait_for(
+        "the old primary to demote itself",
+        Duration::from_secs(30),
+        || (volume(&pair.primary)["role"] == "mirror").then_some(()),
+    );
+    // Its export refuses writes now.
+    let out = qemu_io(pair.primary.uri(), &["write -P 0x11 0 4k"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("failed"),
+        "a demoted primary took a write: {text}"
+    );
+    wait_in_sync_from(&pair.mirror, "the failback", || pair.logs());
+    qemu_io_ok(pair.mirror.uri(), &["flush"]);
+    assert!(
+        images_identical(pair.primary.image(), pair.mirror.image()),
+        "images differ after the failback\n{}",
+        pair.logs()
+    );
+    let m = pair.mirror.metrics();
+    let sent = metric(&m, "blockmirror_resync_bytes_total").unwrap_or(0.0);
+    let reported = metric(&m, "blockmirror_resync_divergent_bytes_total").unwrap_or(0.0);
+    let equal = metric(&m, "blockmirror_resync_skipped_bytes_total").unwrap_or(0.0);
+    assert!(
+        reported > 0.0,
+        "the old primary reports the extents it was writing: {m}"
+    );
+    assert!(
+        sent >= (4 * MIB) as f64,
+        "what the new primary wrote is copied: {sent}"
+    );
+    assert!(
+        sent < (64 * MIB) as f64 && equal > 0.0,
+        "no full copy: sent {sent}, found equal {equal}\n{m}"
+    );
+    let st = volume(&pair.primary);
+    assert_eq!(st["state"], "in_sync", "{st}");
+    assert_eq!(st["primary"], "mirror", "{st}");
+    assert_eq!(
+        st["generations"],
+        volume(&pair.mirror)["generations"],
+        "both hold one lineage"
+    );
+    // The demoted role survives a restart: no second primary by rebooting.
+    pair.primary.stop_with("TERM");
+    pair.primary.restart();
+    wait_in_sync_from(&pair.mirror, "the restarted mirror", || pair.logs());
+    assert_eq!(volume(&pair.primary)["role"], "mirror");
+}
+
+/// A planned switchover: demote the primary, promote the mirror; with the
+/// old primary away meanwhile, exactly what the new primary wrote is copied
+/// when it returns, and nothing it reports.
+#[test]
+fn planned_switchover_copies_exactly_what_was_written() {
+    require_tool("qemu-io");
+    let mut pair = PairBuilder::new(32 * MIB).symmetric().start();
+    let (p_admin, m_admin) = (
+        pair.primary.admin.to_string(),
+        pair.mirror.admin.to_string(),
+    );
+    qemu_io_ok(pair.primary.uri(), &["write -P 0x11 0 8M", "flush"]);
+    let msg = cli_ok(&["demote", PAIR_VOLUME, "--admin", &p_admin]);
+    assert!(msg.contains("demoted"), "{msg}");
+    let st = volume(&pair.primary);
+    assert_eq!(st["role"], "mirror", "{st}");
+    assert_eq!(st["read_only"], true, "{st}");
+    // The mirror sees its primary go and is promoted without --force.
+    wait_for(
+        "the mirror to see its primary gone",
+        Duration::from_secs(30),
+        || volume(&pair.mirror).get("primary").is_none().then_some(()),
+    );
+    // The old primary is away (cleanly stopped) while the new one writes.
+    pair.primary.stop_with("TERM");
+    cli_ok(&["promote", PAIR_VOLUME, "--admin", &m_admin]);
+    qemu_io_ok(
+        pair.mirror.uri(),
+        &["write -P 0x22 1M 1M", "write -P 0x33 20M 3M", "flush"],
+    );
+    pair.primary.restart();
+    wait_in_sync_from(&pair.mirror, "the switchover", || pair.logs());
+    assert_eq!(volume(&pair.primary)["role"], "mirror");
+    let m = pair.mirror.metrics();
+    assert_eq!(
+        metric(&m, "blockmirror_resync_bytes_total"),
+        Some((4 * MIB) as f64),
+        "exactly what was written while apart is copied: {m}"
+    );
+    assert_eq!(
+        metric(&m, "blockmirror_resync_divergent_bytes_total"),
+        Some(0.0),
+        "a clean demote leaves nothing divergent: {m}"
+    );
+    qemu_io_ok(pair.mirror.uri(), &["flush"]);
+    assert!(images_identical(pair.primary.image(), pair.mirror.image()));
+    // And back again: demote B, promote A; A becomes primary, B its mirror.
+    cli_ok(&["demote", PAIR_VOLUME, "--admin", &m_admin]);
+    wait_for("A to see its primary gone", Duration::from_secs(30), || {
+        volume(&pair.primary).get("primary").is_none().then_some(())
+    });
+    cli_ok(&["promote", PAIR_VOLUME, "--admin", &p_admin]);
+    qemu_io_ok(pair.primary.uri(), &["write -P 0x44 2M 64k", "flush"]);
+    wait_in_sync_from(&pair.primary, "the switch back", || pair.logs());
+    assert!(images_identical(pair.primary.image(), pair.mirror.image()));
+}
+
+/// A mirror whose resync did not finish is not promoted without --force.
+#[test]
+fn promoting_an_inconsistent_mirror_needs_force() {
+    let mut pair = PairBuilder::new(64 * MIB)
+        .symmetric()
+        .primary_volume("resync_rate = \"4MiB\"")
+        .no_wait()
+        .start();
+    let m_admin = pair.mirror.admin.to_string();
+    wait_for(
+        "the mirror to be resyncing",
+        Duration::from_secs(30),
+        || (volume(&pair.mirror)["state"] == "resyncing").then_some(()),
+    );
+    pair.primary.stop_with("KILL");
+    wait_for(
+        "the mirror to see its primary gone",
+        Duration::from_secs(30),
+        || (volume(&pair.mirror)["state"] == "inconsistent").then_some(()),
+    );
+    cli_refused(
+        &["promote", PAIR_VOLUME, "--admin", &m_admin],
+        "inconsistent",
+    );
+    assert_eq!(volume(&pair.mirror)["role"], "mirror");
+    cli_ok(&["promote", PAIR_VOLUME, "--admin", &m_admin, "--force"]);
+    assert_eq!(volume(&pair.mirror)["role"], "primary");
+}
+
+/// Seed 004's "with one less mirror": A mirrors to B and C; A is lost; B is
+/// promoted and keeps mirroring to C (compared block by block, since nothing
+/// recorded how C differs from B), and A, when it returns, becomes B's
+/// mirror too. All three end identical.
+#[test]
+fn promoted_mirror_keeps_mirroring_to_the_others() {
+    require_tool("qemu-io");
+    let secret = new_secret();
+    let ports: Vec<(SocketAddr, SocketAddr, SocketAddr)> = (0..3)
+        .map(|_| {
+            let p = |_| -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
+            (p(0), p(1), p(2))
+        })
+        .collect();
+    let names = ["site-a", "site-b", "site-c"];
+    let mut nodes: Vec<TestNode> = (0..3)
+        .map(|i| {
+            let (listen, admin, nbd) = ports[i];
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("secret.key"), format!("{secret}\n")).unwrap();
+            let img = dir.path().join("db.img");
+            let role = if i == 0 { "primary" } else { "mirror" };
+            let mut text = format!(
+                "node = \"{}\"\nlisten = \"{listen}\"\nadmin = \"{admin}\"\nsecret_file = \"secret.key\"\n\n\
+                 [[volume]]\nname = \"db\"\npath = \"{}\"\nsize = {}\nrole = \"{role}\"\nnbd = \"{nbd}\"\nmirror_timeout = \"1s\"\n",
+                names[i],
+                img.display(),
+                32 * MIB
+            );
+            for (j, (l, _, _)) in ports.iter().enumerate() {
+                if j != i {
+                    text += &format!("\n[[volume.mirror]]\npeer = \"{l}\"\n");
+                }
+            }
+            TestNode::from_config(dir, &text, admin, vec![format!("nbd://{nbd}/db")], vec![img], Vec::new())
+        })
+        .collect();
+    let all_logs = |nodes: &[TestNode]| {
+        nodes
+            .iter()
+            .map(|n| n.all_logs())
+            .collect::<Vec<_>>()
+            .join("\n=====\n")
+    };
+    let in_sync = |n: &TestNode| {
+        let v = volume(n);
+        v["mirrors"].as_array().is_some_and(|ls| {
+            ls.len() == 2
+                && ls.iter().all(|l| {
+                    l["connection"] == "connected"
+                        && l["state"] == "in_sync"
+                        && l["out_of_sync_bytes"] == 0
+                })
+        })
+    };
+    wait_for("A in sync with B and C", Duration::from_secs(60), || {
+        in_sync(&nodes[0]).then_some(())
+    });
+    qemu_io_ok(nodes[0].uri(), &["write -P 0x11 0 8M", "flush"]);
+    nodes[0].stop_with("KILL");
+    let b_admin = nodes[1].admin.to_string();
+    wait_for("B to see A gone", Duration::from_secs(30), || {
+        volume(&nodes[1]).get("primary").is_none().then_some(())
+    });
+    cli_ok(&["promote", "db", "--admin", &b_admin]);
+    qemu_io_ok(nodes[1].uri(), &["write -P 0x22 16M 2M", "flush"]);
+    // B mirrors to C (A is still away).
+    wait_for("B's link to C in sync", Duration::from_secs(60), || {
+        let v = volume(&nodes[1]);
+        v["mirrors"]
+            .as_array()?
+            .iter()
+            .any(|l| {
+                l["peer"] == ports[2].0.to_string()
+                    && l["connection"] == "connected"
+                    && l["state"] == "in_sync"
+            })
+            .then_some(())
+    });
+    let equal = metric(
+        &nodes[1].metrics(),
+        "blockmirror_resync_skipped_bytes_total",
+    )
+    .unwrap_or(0.0);
+    assert!(
+        equal >= (16 * MIB) as f64,
+        "C was compared block by block and mostly found equal: {equal}\n{}",
+        all_logs(&nodes)
+    );
+    // A returns and becomes B's mirror as well.
+    nodes[0].restart();
+    wait_for("B in sync with A and C", Duration::from_secs(60), || {
+        in_sync(&nodes[1]).then_some(())
+    });
+    assert_eq!(volume(&nodes[0])["role"], "mirror");
+    assert_eq!(volume(&nodes[2])["role"], "mirror");
+    qemu_io_ok(nodes[1].uri(), &["flush"]);
+    for i in [0, 2] {
+        assert!(
+            images_identical(nodes[1].image(), nodes[i].image()),
+            "{} differs from site-b\n{}",
+            names[i],
+            all_logs(&nodes)
+        );
+    }
+}
