@@ -152,9 +152,15 @@ fn corrupted_frame_on_an_authenticated_link_is_not_applied() {
             .await
             .unwrap();
         let mut r = FrameReader::new(rd);
-        tokio::time::timeout(Duration::from_secs(10), r.next())
-            .await
-            .expect("the mirror answers or closes")
+        // The mirror first reports its divergent regions (none here).
+        loop {
+            let f = tokio::time::timeout(Duration::from_secs(10), r.next())
+                .await
+                .expect("the mirror answers or closes");
+            if !matches!(f, Ok(Some(Frame::Divergence { .. }))) {
+                break f;
+            }
+        }
     });
     match reply {
         Ok(Some(Frame::Error { message, .. })) => {
