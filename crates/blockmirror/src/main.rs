@@ -421,10 +421,11 @@ async fn demo(dir: &Path, size: &str, mode: Option<&str>) -> Result<()> {
         std::fs::write(&secret, hex + "\n")
             .with_context(|| format!("writing {}", secret.display()))?;
     }
-    let (p_nbd, p_admin) = (free_port(10809)?, free_port(7780)?);
+    let (p_nbd, p_admin, p_listen) = (free_port(10809)?, free_port(7780)?, free_port(7700)?);
     let (m_nbd, m_admin, m_listen) = (free_port(10810)?, free_port(7781)?, free_port(7701)?);
     let mirror_text = format!(
-        r#"# blockmirror demo: the mirror node (site B).
+        r#"# blockmirror demo: the mirror node (site B). Its mirror table names
+# site A, used once B is promoted (failover), so that A can fail back.
 node = "demo-mirror"
 listen = "127.0.0.1:{m_listen}"
 admin = "127.0.0.1:{m_admin}"
@@ -436,11 +437,17 @@ path = "mirror/demo.img"
 size = "{size}"
 role = "mirror"
 nbd = "127.0.0.1:{m_nbd}"
+
+[[volume.mirror]]
+peer = "127.0.0.1:{p_listen}"
+mode = "{mode}"
 "#
     );
     let primary_text = format!(
         r#"# blockmirror demo: the primary node (site A), mirrored ({mode}) to site B.
+# Its listener lets it become B's mirror after a demote (or a failover).
 node = "demo-primary"
+listen = "127.0.0.1:{p_listen}"
 admin = "127.0.0.1:{p_admin}"
 secret_file = "secret.key"
 
@@ -471,9 +478,24 @@ mode = "{mode}"
     let primary = Node::open(NodeConfig::load(&p_cfg)?)?
         .start(stop_primary)
         .await?;
-    let uri = &primary.endpoints.exports[0].1;
-    let muri = &mirror.endpoints.exports[0].1;
-    let (pa, ma) = (primary.endpoints.admin, mirror.endpoints.admin);
+    let (mut uri, mut muri) = (
+        primary.endpoints.exports[0].1.clone(),
+        mirror.endpoints.exports[0].1.clone(),
+    );
+    let (mut pa, mut ma) = (primary.endpoints.admin, mirror.endpoints.admin);
+    // Roles survive restarts: after a switchover in an earlier run, site B
+    // is the primary now.
+    let role = |st: Option<status::NodeStatus>| {
+        st.and_then(|s| s.volumes.first().map(|v| v.role.clone()))
+            .unwrap_or_default()
+    };
+    if role(admin::fetch_status(pa).await.ok()) == "mirror"
+        && role(admin::fetch_status(ma).await.ok()) == "primary"
+    {
+        std::mem::swap(&mut uri, &mut muri);
+        std::mem::swap(&mut pa, &mut ma);
+        println!("(site B is the primary since a switchover in an earlier run)");
+    }
     println!(
         "blockmirror demo is running: a primary and {} {mode} mirror on loopback ({}).",
         if mode == "async" { "an" } else { "a" },
@@ -490,6 +512,8 @@ mode = "{mode}"
     println!("  fio --name=w --ioengine=nbd --uri={uri} --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based");
     println!("  blockmirror status --admin {pa}");
     println!("  blockmirror verify demo --admin {pa}              # compare primary and mirror");
+    println!("  blockmirror demote demo --admin {pa} && blockmirror promote demo --admin {ma}   # switch over");
+    println!("  blockmirror demo --drill                          # a disaster drill (separate processes)");
     println!();
     println!("Press Ctrl-C to stop.");
     let primary_result = primary.wait().await;
