@@ -477,6 +477,14 @@ pub async fn run(dir: &Path, size_text: &str, size: u64) -> Result<bool> {
         copied as f64 * 100.0 / size as f64
     );
     println!("  result: {}", if ok { "PASS" } else { "FAIL" });
+    // One line for scripts (bench/drill.py).
+    println!(
+        "drill-summary ok={ok} rto_ms={:.3} detect_ms={} promote_ms={} failback_s={:.3} size_bytes={size} apart_bytes={apart} reported_bytes={reported} sent_bytes={copied} equal_bytes={skipped}",
+        rto.as_secs_f64() * 1e3,
+        detected.as_millis(),
+        promoted.as_millis(),
+        failback.as_secs_f64()
+    );
     b.stop();
     a.stop();
     Ok(ok)
