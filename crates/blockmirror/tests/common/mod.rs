@@ -334,7 +334,7 @@ pub struct PairBuilder {
     mirror_ip: String,
     mirror_launcher: Vec<String>,
     mirror_timeout: String,
-    symmetric: bool,
+    symmetric: Option<String>,
 }
 
 impl PairBuilder {
@@ -350,7 +350,7 @@ impl PairBuilder {
             mirror_ip: "127.0.0.1".into(),
             mirror_launcher: Vec::new(),
             mirror_timeout: "1s".into(),
-            symmetric: false,
+            symmetric: None,
         }
     }
 
@@ -358,7 +358,14 @@ impl PairBuilder {
     /// gets a replication listener, the mirror a `[[volume.mirror]]` table
     /// naming it, used once the mirror is promoted (failover and failback).
     pub fn symmetric(mut self) -> Self {
-        self.symmetric = true;
+        self.symmetric = Some("127.0.0.1".into());
+        self
+    }
+
+    /// [`PairBuilder::symmetric`], with the primary's replication listener
+    /// on `ip` (reachable from a mirror in another namespace).
+    pub fn symmetric_at(mut self, ip: &str) -> Self {
+        self.symmetric = Some(ip.into());
         self
     }
 
@@ -431,7 +438,8 @@ impl PairBuilder {
         let mimg = mdir.path().join(format!("{PAIR_VOLUME}.img"));
         let p_listen: Option<SocketAddr> = self
             .symmetric
-            .then(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
+            .as_ref()
+            .map(|ip| format!("{ip}:{}", free_port()).parse().unwrap());
         let back_table = p_listen.map_or(String::new(), |l| {
             format!(
                 "mirror_timeout = \"{}\"\n[[volume.mirror]]\npeer = \"{l}\"\n{}",

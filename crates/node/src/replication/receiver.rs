@@ -40,6 +40,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A link that brings no frame for this long is taken as dead: a primary
+/// pings an idle link at least every second (its watchdog), so only a
+/// primary that is gone (power loss, partition: no FIN ever arrives) stays
+/// this silent. The mirror then shows no primary, and can be promoted
+/// without `--force`.
+const PRIMARY_SILENCE: Duration = Duration::from_secs(10);
 /// The apply tag of an operation nobody waits for (a Barrier with id 0).
 const UNANSWERED: u64 = u64::MAX;
 
@@ -484,6 +490,7 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
     // Replies gathered until the loop would wait, then sent together.
     let mut acks: Vec<Frame> = Vec::new();
     let mut applied: Vec<Applied> = Vec::new();
+    let mut heard = tokio::time::Instant::now();
     let reason = loop {
         engine.ready(&mut applied);
         to_acks(t, &mut applied, &mut acks);
@@ -521,9 +528,15 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                         Ok(None) => break "primary closed the link".into(),
                         Err(e) => Err(e),
                     },
+                    _ = tokio::time::sleep_until(heard + PRIMARY_SILENCE), if !engine.is_full() => {
+                        warn!(volume = %t.name, silent_s = PRIMARY_SILENCE.as_secs(),
+                            "no frame from the primary (not even its pings): taking the link as dead");
+                        break format!("no frame from the primary for {PRIMARY_SILENCE:?}");
+                    }
                 }
             }
         };
+        heard = tokio::time::Instant::now();
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
