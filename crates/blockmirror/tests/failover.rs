@@ -316,13 +316,8 @@ fn promoting_an_inconsistent_mirror_needs_force() {
     assert_eq!(volume(&pair.mirror)["role"], "primary");
 }
 
-/// Seed 004's "with one less mirror": A mirrors to B and C; A is lost; B is
-/// promoted and keeps mirroring to C (compared block by block, since nothing
-/// recorded how C differs from B), and A, when it returns, becomes B's
-/// mirror too. All three end identical.
-#[test]
-fn promoted_mirror_keeps_mirroring_to_the_others() {
-    require_tool("qemu-io");
+/// Three sites, each listing the other two as mirrors; site-a is the primary.
+fn three_sites() -> (Vec<TestNode>, Vec<SocketAddr>) {
     let secret = new_secret();
     let ports: Vec<(SocketAddr, SocketAddr, SocketAddr)> = (0..3)
         .map(|_| {
@@ -330,8 +325,7 @@ fn promoted_mirror_keeps_mirroring_to_the_others() {
             (p(0), p(1), p(2))
         })
         .collect();
-    let names = ["site-a", "site-b", "site-c"];
-    let mut nodes: Vec<TestNode> = (0..3)
+    let nodes = (0..3)
         .map(|i| {
             let (listen, admin, nbd) = ports[i];
             let dir = tempfile::tempdir().unwrap();
@@ -341,7 +335,7 @@ fn promoted_mirror_keeps_mirroring_to_the_others() {
             let mut text = format!(
                 "node = \"{}\"\nlisten = \"{listen}\"\nadmin = \"{admin}\"\nsecret_file = \"secret.key\"\n\n\
                  [[volume]]\nname = \"db\"\npath = \"{}\"\nsize = {}\nrole = \"{role}\"\nnbd = \"{nbd}\"\nmirror_timeout = \"1s\"\n",
-                names[i],
+                SITES[i],
                 img.display(),
                 32 * MIB
             );
@@ -353,26 +347,41 @@ fn promoted_mirror_keeps_mirroring_to_the_others() {
             TestNode::from_config(dir, &text, admin, vec![format!("nbd://{nbd}/db")], vec![img], Vec::new())
         })
         .collect();
-    let all_logs = |nodes: &[TestNode]| {
-        nodes
-            .iter()
-            .map(|n| n.all_logs())
-            .collect::<Vec<_>>()
-            .join("\n=====\n")
-    };
-    let in_sync = |n: &TestNode| {
-        let v = volume(n);
-        v["mirrors"].as_array().is_some_and(|ls| {
-            ls.len() == 2
-                && ls.iter().all(|l| {
-                    l["connection"] == "connected"
-                        && l["state"] == "in_sync"
-                        && l["out_of_sync_bytes"] == 0
-                })
-        })
-    };
+    (nodes, ports.iter().map(|p| p.0).collect())
+}
+
+const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+
+fn all_logs(nodes: &[TestNode]) -> String {
+    nodes
+        .iter()
+        .map(|n| n.all_logs())
+        .collect::<Vec<_>>()
+        .join("\n=====\n")
+}
+
+/// Every one of `n`'s links (a primary's) is connected and in sync.
+fn all_in_sync(n: &TestNode, links: usize) -> bool {
+    volume(n)["mirrors"].as_array().is_some_and(|ls| {
+        ls.len() == links
+            && ls.iter().all(|l| {
+                l["connection"] == "connected"
+                    && l["state"] == "in_sync"
+                    && l["out_of_sync_bytes"] == 0
+            })
+    })
+}
+
+/// Seed 004's "with one less mirror": A mirrors to B and C; A is lost; B is
+/// promoted and keeps mirroring to C (compared block by block, since nothing
+/// recorded how C differs from B), and A, when it returns, becomes B's
+/// mirror too. All three end identical.
+#[test]
+fn promoted_mirror_keeps_mirroring_to_the_others() {
+    require_tool("qemu-io");
+    let (mut nodes, listens) = three_sites();
     wait_for("A in sync with B and C", Duration::from_secs(60), || {
-        in_sync(&nodes[0]).then_some(())
+        all_in_sync(&nodes[0], 2).then_some(())
     });
     qemu_io_ok(nodes[0].uri(), &["write -P 0x11 0 8M", "flush"]);
     nodes[0].stop_with("KILL");
@@ -389,7 +398,7 @@ fn promoted_mirror_keeps_mirroring_to_the_others() {
             .as_array()?
             .iter()
             .any(|l| {
-                l["peer"] == ports[2].0.to_string()
+                l["peer"] == listens[2].to_string()
                     && l["connection"] == "connected"
                     && l["state"] == "in_sync"
             })
@@ -408,7 +417,7 @@ fn promoted_mirror_keeps_mirroring_to_the_others() {
     // A returns and becomes B's mirror as well.
     nodes[0].restart();
     wait_for("B in sync with A and C", Duration::from_secs(60), || {
-        in_sync(&nodes[1]).then_some(())
+        all_in_sync(&nodes[1], 2).then_some(())
     });
     assert_eq!(volume(&nodes[0])["role"], "mirror");
     assert_eq!(volume(&nodes[2])["role"], "mirror");
@@ -417,7 +426,54 @@ fn promoted_mirror_keeps_mirroring_to_the_others() {
         assert!(
             images_identical(nodes[1].image(), nodes[i].image()),
             "{} differs from site-b\n{}",
-            names[i],
+            SITES[i],
+            all_logs(&nodes)
+        );
+    }
+}
+
+/// Two mirrors, one away: the primary's new generation (C misses writes) is
+/// told to the live, in-sync B, so promoting B after A is lost is a clean
+/// failover, not a false split brain; A and C both come back as B's mirrors.
+#[test]
+fn promoting_the_live_mirror_while_another_was_away_is_no_split_brain() {
+    require_tool("qemu-io");
+    let (mut nodes, _) = three_sites();
+    wait_for("A in sync with B and C", Duration::from_secs(60), || {
+        all_in_sync(&nodes[0], 2).then_some(())
+    });
+    nodes[2].stop_with("TERM");
+    qemu_io_ok(nodes[0].uri(), &["write -P 0x33 0 4M", "flush"]);
+    let a_gens = volume(&nodes[0])["generations"].clone();
+    wait_for(
+        "B to hold A's new generation",
+        Duration::from_secs(30),
+        || (volume(&nodes[1])["generations"] == a_gens).then_some(()),
+    );
+    nodes[0].stop_with("KILL");
+    let b_admin = nodes[1].admin.to_string();
+    wait_for("B to see A gone", Duration::from_secs(30), || {
+        volume(&nodes[1]).get("primary").is_none().then_some(())
+    });
+    cli_ok(&["promote", "db", "--admin", &b_admin]);
+    qemu_io_ok(nodes[1].uri(), &["write -P 0x44 8M 1M", "flush"]);
+    nodes[0].restart();
+    nodes[2].restart();
+    wait_for("B in sync with A and C", Duration::from_secs(60), || {
+        all_in_sync(&nodes[1], 2).then_some(())
+    });
+    let st = volume(&nodes[1]);
+    assert!(
+        !st.to_string().contains("split_brain"),
+        "{st}\n{}",
+        all_logs(&nodes)
+    );
+    qemu_io_ok(nodes[1].uri(), &["flush"]);
+    for i in [0, 2] {
+        assert!(
+            images_identical(nodes[1].image(), nodes[i].image()),
+            "{} differs from site-b\n{}",
+            SITES[i],
             all_logs(&nodes)
         );
     }

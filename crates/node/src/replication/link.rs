@@ -1483,6 +1483,25 @@ impl MirrorLink {
         self.shared().bitmap.clear_all();
     }
 
+    /// The primary started a new generation (another mirror misses writes):
+    /// a mirror that is live and in sync holds every write, so it is told
+    /// the new record (after a FLUSH, like every "in sync").
+    pub fn reannounce(self: Arc<Self>) {
+        let epoch = {
+            let sh = self.shared();
+            if sh.state != SyncState::InSync || sh.tx.is_none() {
+                return;
+            }
+            sh.epoch
+        };
+        let Some(ctx) = self.ctx.get().cloned() else {
+            return;
+        };
+        tokio::spawn(async move {
+            self.announce(epoch, &ctx, SyncPhase::InSync).await;
+        });
+    }
+
     /// Sends a SyncState on this connection and waits for the mirror to store
     /// it. "In sync" is sent after a FLUSH, so what it covers is durable.
     async fn announce(&self, epoch: u64, ctx: &LinkContext, phase: SyncPhase) -> bool {

@@ -71,6 +71,10 @@ pub struct GenState {
     /// the next write a mirror misses must start a new generation first.
     announced: AtomicBool,
     rotating: tokio::sync::Mutex<()>,
+    /// The volume's links: after a rotation, the ones live and in sync are
+    /// told the new generation, so a later promotion of one of them is
+    /// seen as what it is (it holds every write), not as a split brain.
+    links: std::sync::OnceLock<Vec<std::sync::Weak<MirrorLink>>>,
 }
 
 impl GenState {
@@ -82,6 +86,7 @@ impl GenState {
             meta,
             announced: AtomicBool::new(true),
             rotating: tokio::sync::Mutex::new(()),
+            links: std::sync::OnceLock::new(),
         }
     }
 
@@ -122,6 +127,11 @@ impl GenState {
             Ok(m) => {
                 info!(volume = %self.volume, generations = %m.generations.to_display(),
                     "a mirror misses writes: new generation");
+                for l in self.links.get().into_iter().flatten() {
+                    if let Some(l) = l.upgrade() {
+                        l.reannounce();
+                    }
+                }
                 Ok(())
             }
             Err(e) => {
@@ -156,6 +166,7 @@ impl Replicator {
         track_size: u64,
         gen: Arc<GenState>,
     ) -> Replicator {
+        let _ = gen.links.set(links.iter().map(Arc::downgrade).collect());
         Replicator {
             gen,
             volume: volume.to_owned(),
