@@ -256,6 +256,13 @@ fn planned_switchover_copies_exactly_what_was_written() {
     // The old primary is away (cleanly stopped) while the new one writes.
     pair.primary.stop_with("TERM");
     cli_ok(&["promote", PAIR_VOLUME, "--admin", &m_admin]);
+    // The promotion survives a restart of B (its config still says mirror):
+    // it comes back primary and read-write.
+    pair.mirror.stop_with("TERM");
+    pair.mirror.restart();
+    let st = volume(&pair.mirror);
+    assert_eq!(st["role"], "primary", "{st}");
+    assert_eq!(st["read_only"], false, "{st}");
     qemu_io_ok(
         pair.mirror.uri(),
         &["write -P 0x22 1M 1M", "write -P 0x33 20M 3M", "flush"],
@@ -477,4 +484,72 @@ fn promoting_the_live_mirror_while_another_was_away_is_no_split_brain() {
             all_logs(&nodes)
         );
     }
+}
+
+/// Both sides written after the split (A came back while B was down, and
+/// wrote): a split brain, seen by both, nothing copied; `resync
+/// --discard-local` on A (a primary here) demotes it and throws its changes
+/// away, and B copies the whole volume to it.
+#[test]
+fn split_brain_between_symmetric_sites_is_resolved_by_discarding_one() {
+    require_tool("qemu-io");
+    let mut pair = PairBuilder::new(16 * MIB).symmetric().start();
+    let (p_admin, m_admin) = (
+        pair.primary.admin.to_string(),
+        pair.mirror.admin.to_string(),
+    );
+    qemu_io_ok(pair.primary.uri(), &["write -P 0x11 0 4M", "flush"]);
+    pair.primary.stop_with("KILL");
+    wait_for("B to see A gone", Duration::from_secs(30), || {
+        volume(&pair.mirror).get("primary").is_none().then_some(())
+    });
+    cli_ok(&["promote", PAIR_VOLUME, "--admin", &m_admin]);
+    qemu_io_ok(pair.mirror.uri(), &["write -P 0x22 1M 1M", "flush"]);
+    // B goes down; A returns, finds nobody, and is written.
+    pair.mirror.stop_with("TERM");
+    pair.primary.restart();
+    qemu_io_ok(pair.primary.uri(), &["write -P 0x33 2M 1M", "flush"]);
+    pair.mirror.restart();
+    // Each side sees the other as a split brain; nothing is copied.
+    wait_for(
+        "A to report the split brain",
+        Duration::from_secs(30),
+        || (link_of(&pair.primary)["state"] == "split_brain").then_some(()),
+    );
+    wait_for(
+        "B to report the split brain",
+        Duration::from_secs(30),
+        || (link_of(&pair.mirror)["state"] == "split_brain").then_some(()),
+    );
+    assert_eq!(volume(&pair.primary)["role"], "primary");
+    assert_eq!(volume(&pair.mirror)["role"], "primary");
+    // A's changes are thrown away: it becomes B's mirror, fully copied.
+    cli_ok(&[
+        "resync",
+        PAIR_VOLUME,
+        "--admin",
+        &p_admin,
+        "--discard-local",
+        "--no-wait",
+    ]);
+    wait_in_sync_from(&pair.mirror, "the full copy to A", || pair.logs());
+    assert_eq!(volume(&pair.primary)["role"], "mirror");
+    assert!(
+        metric(&pair.mirror.metrics(), "blockmirror_resync_bytes_total").unwrap_or(0.0)
+            >= (16 * MIB) as f64
+    );
+    qemu_io_ok(pair.mirror.uri(), &["flush"]);
+    assert!(images_identical(pair.primary.image(), pair.mirror.image()));
+    let out = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-r",
+        "-c",
+        "read -P 0x22 1M 1M",
+        pair.primary.uri(),
+    ]));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("read 1048576/1048576"),
+        "A holds B's data: {out:?}"
+    );
 }

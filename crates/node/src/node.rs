@@ -257,7 +257,9 @@ impl Node {
                 &vc.name,
                 role,
                 backend,
-                vc.read_only,
+                // `read_only` as it applies to a primary (the config sets it
+                // for every mirror-role volume).
+                vc.read_only && vc.role == Role::Primary,
                 meta_cell.clone(),
                 replicator,
             ));

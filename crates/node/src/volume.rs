@@ -46,11 +46,13 @@ pub struct Volume {
 }
 
 impl Volume {
+    /// A volume in `role`; `primary_read_only` is the `read_only` key as it
+    /// applies while the volume is a primary (a mirror is always read-only).
     pub fn new(
         name: &str,
         role: Role,
         backend: Arc<dyn Backend>,
-        read_only: bool,
+        primary_read_only: bool,
         meta: Arc<MetaCell>,
         replicator: Option<Arc<Replicator>>,
     ) -> Self {
@@ -63,8 +65,8 @@ impl Volume {
             fast: backend.is_fast(),
             backend,
             size,
-            read_only: AtomicBool::new(read_only),
-            primary_read_only: read_only && role == Role::Primary,
+            read_only: AtomicBool::new(primary_read_only || role == Role::Mirror),
+            primary_read_only,
             metrics,
             meta,
             replicator,
