@@ -930,6 +930,14 @@ impl AdminSource for StatusSource {
     }
 
     fn start_verify(&self, volume: &str, req: &VerifyRequest) -> Result<u64, (u16, String)> {
+        if let Some(s) = self.volumes.iter().find(|s| s.volume.name() == volume) {
+            if s.volume.role() == Role::Mirror {
+                return Err((
+                    409,
+                    format!("volume {volume} is a mirror on this node: run verify on its primary"),
+                ));
+            }
+        }
         self.verify
             .start(
                 volume,
@@ -1133,6 +1141,9 @@ fn render_link_metrics(out: &mut String, volumes: &[Served]) {
     ];
     let links: Vec<(&str, &Arc<MirrorLink>)> = volumes
         .iter()
+        // A mirror's own links are parked: not shown (they would read as
+        // degraded mirrors).
+        .filter(|s| s.volume.role() == Role::Primary)
         .filter_map(|s| s.volume.replicator().map(|r| (s.volume.name(), r)))
         .flat_map(|(name, r)| r.links.iter().map(move |l| (name, l)))
         .collect();
