@@ -518,7 +518,11 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => break "link closed (replaced, or the node is shutting down)".to_string(),
-                    _ = engine.completions(&mut applied) => continue,
+                    _ = engine.completions(&mut applied) => {
+                        // The primary's silence counts from the last answer.
+                        heard = tokio::time::Instant::now();
+                        continue;
+                    }
                     Some(f) = bg_rx.recv() => {
                         acks.push(f);
                         continue;
@@ -528,7 +532,9 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                         Ok(None) => break "primary closed the link".into(),
                         Err(e) => Err(e),
                     },
-                    _ = tokio::time::sleep_until(heard + PRIMARY_SILENCE), if !engine.is_full() => {
+                    // Only while nothing is being applied: a primary waiting
+                    // for a slow operation here sends nothing, rightly.
+                    _ = tokio::time::sleep_until(heard + PRIMARY_SILENCE), if engine.held() == 0 && !engine.has_running() => {
                         warn!(volume = %t.name, silent_s = PRIMARY_SILENCE.as_secs(),
                             "no frame from the primary (not even its pings): taking the link as dead");
                         break format!("no frame from the primary for {PRIMARY_SILENCE:?}");
