@@ -176,6 +176,11 @@ pub struct MirrorConfig {
     pub max_lag: Duration,
     /// Async: what happens past either bound (key `lag_policy`).
     pub lag_policy: LagPolicy,
+    /// Async: every epoch is made durable on the mirror (an fdatasync)
+    /// before the next one starts (key `durable_barriers`, default false),
+    /// so the mirror stays crash-consistent across an OS crash or power
+    /// loss of its own, not only a crash of its process.
+    pub durable_barriers: bool,
 }
 
 /// What an async mirror does when its lag passes a bound.
@@ -429,6 +434,7 @@ struct RawMirror {
     max_lag_bytes: Option<toml::Value>,
     max_lag_seconds: Option<toml::Value>,
     lag_policy: Option<String>,
+    durable_barriers: Option<bool>,
 }
 
 // ---------------------------------------------------------------------------
@@ -627,6 +633,7 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                 max_lag_bytes,
                 max_lag,
                 lag_policy,
+                durable_barriers: rm.durable_barriers.unwrap_or(false),
             });
         }
         let on_mirror_failure = match rv.on_mirror_failure.as_deref() {
@@ -1089,7 +1096,8 @@ consistency_group = "app"        # optional
         assert_eq!(v.mirrors[0].lag_policy, LagPolicy::Throttle);
         let text = format!(
             "{EXAMPLE}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\"\nmode = \"async\"\n\
-             max_lag_bytes = \"8MiB\"\nmax_lag_seconds = 0.5\nlag_policy = \"bitmap\"\n"
+             max_lag_bytes = \"8MiB\"\nmax_lag_seconds = 0.5\nlag_policy = \"bitmap\"\n\
+             durable_barriers = true\n"
         );
         let c = NodeConfig::parse(&text, Path::new("/etc/bm/node.toml")).unwrap();
         let m = &c.volumes[0].mirrors[0];
@@ -1097,6 +1105,7 @@ consistency_group = "app"        # optional
         assert_eq!(m.max_lag_bytes, 8 << 20);
         assert_eq!(m.max_lag, Duration::from_millis(500));
         assert_eq!(m.lag_policy, LagPolicy::Bitmap);
+        assert!(m.durable_barriers);
         for (extra, key, why) in [
             ("mode = \"later\"", "mode", "not a mode"),
             ("max_lag_bytes = 0", "max_lag_bytes", "greater than zero"),

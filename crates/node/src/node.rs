@@ -954,7 +954,7 @@ fn render_apply_metrics(out: &mut String, volumes: &[Served]) {
     use crate::replication::apply::ApplyMetrics;
     use std::sync::atomic::Ordering::Relaxed;
     type Get = fn(&ApplyMetrics) -> u64;
-    let families: [(&str, MetricType, &str, Get); 7] = [
+    let families: [(&str, MetricType, &str, Get); 9] = [
         (
             "blockmirror_apply_ops_total",
             MetricType::Counter,
@@ -984,6 +984,18 @@ fn render_apply_metrics(out: &mut String, volumes: &[Served]) {
             MetricType::Counter,
             "Operations that waited on an overlap counter (several earlier overlaps).",
             |m| m.counter_waits.load(Relaxed),
+        ),
+        (
+            "blockmirror_apply_barriers_total",
+            MetricType::Counter,
+            "Async epoch barriers that lifted (everything before each was applied).",
+            |m| m.barriers.load(Relaxed),
+        ),
+        (
+            "blockmirror_apply_durable_barriers_total",
+            MetricType::Counter,
+            "Async epoch barriers that were made durable (durable_barriers: an fdatasync each).",
+            |m| m.durable_barriers.load(Relaxed),
         ),
         (
             "blockmirror_apply_full_stalls_total",

@@ -169,6 +169,8 @@ pub struct ApplyMetrics {
     pub counter_waits: AtomicU64,
     /// Epoch barriers that lifted.
     pub barriers: AtomicU64,
+    /// Epoch barriers that were durable (an fdatasync each).
+    pub durable_barriers: AtomicU64,
     /// Times the receive loop stopped reading because the engine was full.
     pub full_stalls: AtomicU64,
     /// Operations held now.
@@ -340,6 +342,9 @@ impl ApplyEngine {
     /// Hands one operation (already counted in `held_bytes`) to the
     /// scheduler, or runs it at once; a barrier takes effect here.
     fn start_op(&mut self, tag: u64, op: ApplyOp, out: &mut Vec<Applied>) {
+        if let ApplyOp::Barrier { durable: true } = op {
+            self.metrics.durable_barriers.fetch_add(1, Relaxed);
+        }
         if let ApplyOp::Barrier { durable: false } = op {
             // Lifts as soon as nothing before it is held (see `settle`).
             self.barrier = Some(Barrier { tag, flush: None });

@@ -353,6 +353,8 @@ pub struct MirrorLink {
     max_lag_bytes: u64,
     max_lag: Duration,
     pub lag_policy: LagPolicy,
+    /// Async: epochs are flushed on the mirror (`durable_barriers`).
+    durable_barriers: bool,
     /// Async: a write was answered to the host since the last epoch
     /// barrier, so the next write sent must start a new epoch.
     completed: AtomicBool,
@@ -489,6 +491,7 @@ impl MirrorLink {
             max_lag_bytes: cfg.max_lag_bytes,
             max_lag: cfg.max_lag,
             lag_policy: cfg.lag_policy,
+            durable_barriers: cfg.durable_barriers,
             completed: AtomicBool::new(false),
             barriers: AtomicU64::new(0),
             ctx: std::sync::OnceLock::new(),
@@ -865,7 +868,7 @@ impl MirrorLink {
         if tx
             .send(Outgoing::Frame(Frame::Barrier {
                 id: 0,
-                durable: false,
+                durable: self.durable_barriers,
             }))
             .is_ok()
         {
