@@ -177,20 +177,21 @@ fn old_primary_returns_as_a_mirror_and_gets_only_what_differs() {
     // The new primary is written while the old one is away.
     qemu_io_ok(pair.mirror.uri(), &["write -P 0x5a 40M 4M", "flush"]);
 
-    // The old primary comes back with its config unchanged.
+    // The old primary comes back with its config unchanged. A host that
+    // writes to it at once is held (start_wait) until its link has met the
+    // promoted mirror, then refused: no split brain.
     pair.primary.restart();
-    wait_for(
-        "the old primary to demote itself",
-        Duration::from_secs(30),
-        || (volume(&pair.primary)["role"] == "mirror").then_some(()),
-    );
-    // Its export refuses writes now.
     let out = qemu_io(pair.primary.uri(), &["write -P 0x11 0 4k"]);
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() || text.contains("failed"),
-        "a demoted primary took a write: {text}"
+        "a returning old primary took a write: {text}"
+    );
+    wait_for(
+        "the old primary to demote itself",
+        Duration::from_secs(30),
+        || (volume(&pair.primary)["role"] == "mirror").then_some(()),
     );
     wait_in_sync_from(&pair.mirror, "the failback", || pair.logs());
     qemu_io_ok(pair.mirror.uri(), &["flush"]);
@@ -552,4 +553,53 @@ fn split_brain_between_symmetric_sites_is_resolved_by_discarding_one() {
         String::from_utf8_lossy(&out.stdout).contains("read 1048576/1048576"),
         "A holds B's data: {out:?}"
     );
+}
+
+/// A returning old primary whose link to its (promoted) mirror is slow to
+/// come up: a host that writes to it at once is held by `start_wait` until
+/// the link has met the peer, then refused (the volume demoted itself), so
+/// no split brain arises; with `start_wait = "0s"` the same write lands and
+/// the two sides split.
+#[test]
+fn returning_primary_holds_host_writes_until_it_met_its_peer() {
+    require_tool("qemu-io");
+    for (wait, expect_split) in [("5s", false), ("0s", true)] {
+        let mut pair = PairBuilder::new(8 * MIB)
+            .symmetric()
+            .primary_volume(&format!("start_wait = \"{wait}\""))
+            .through_delay(blockmirror_testkit::delay::Shape {
+                delay: Duration::from_millis(150),
+                rate: None,
+            })
+            .start();
+        let m_admin = pair.mirror.admin.to_string();
+        pair.primary.stop_with("KILL");
+        wait_for("B to see A gone", Duration::from_secs(30), || {
+            volume(&pair.mirror).get("primary").is_none().then_some(())
+        });
+        cli_ok(&["promote", PAIR_VOLUME, "--admin", &m_admin]);
+        pair.primary.restart();
+        let out = qemu_io(pair.primary.uri(), &["write -P 0x11 0 4k"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        let took = out.status.success() && !text.contains("failed");
+        assert_eq!(
+            took,
+            expect_split,
+            "start_wait {wait}: the write {} taken: {text}\n{}",
+            if took { "was" } else { "was not" },
+            pair.logs()
+        );
+        if expect_split {
+            // A wrote after the split: B sees a split brain, copies nothing.
+            wait_for(
+                "B to report the split brain",
+                Duration::from_secs(30),
+                || (link_of(&pair.mirror)["state"] == "split_brain").then_some(()),
+            );
+        } else {
+            wait_in_sync_from(&pair.mirror, "the failback", || pair.logs());
+            assert_eq!(volume(&pair.primary)["role"], "mirror");
+        }
+    }
 }

@@ -34,6 +34,8 @@ const ADDR_FORM: &str = "HOST:PORT, e.g. 127.0.0.1:7780";
 pub const DEFAULT_MAX_LAG_BYTES: u64 = 64 << 20;
 /// Default for `max_lag_seconds` of an async mirror.
 pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(5);
+/// Default for `start_wait`.
+pub const DEFAULT_START_WAIT: Duration = Duration::from_secs(5);
 /// Default for `mirror_timeout`.
 pub const DEFAULT_MIRROR_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for `bitmap_granularity`.
@@ -92,6 +94,12 @@ pub struct VolumeConfig {
     pub on_mirror_failure: FailurePolicy,
     /// A mirror request unanswered this long fails the link (key `mirror_timeout`, default 5s).
     pub mirror_timeout: Duration,
+    /// A primary with mirrors holds host writes at start until each link
+    /// has met its peer once (or failed to reach it), at most this long
+    /// (key `start_wait`, default 5s; "0s": not at all). A returning old
+    /// primary thus learns that its mirror was promoted, and demotes
+    /// itself, before a host can write to it and cause a split brain.
+    pub start_wait: Duration,
     /// Granularity of the out-of-sync bitmap (key `bitmap_granularity`, default 64KiB).
     pub bitmap_granularity: u64,
     /// On a mirror: range groups of the apply engine (key `apply_groups`, default 4).
@@ -411,6 +419,7 @@ struct RawVolume {
     mirror: Vec<RawMirror>,
     on_mirror_failure: Option<String>,
     mirror_timeout: Option<String>,
+    start_wait: Option<String>,
     bitmap_granularity: Option<toml::Value>,
     apply_groups: Option<i64>,
     apply_tasks_per_group: Option<i64>,
@@ -659,6 +668,19 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                 }
             },
         };
+        let start_wait = match rv.start_wait.as_deref() {
+            None => DEFAULT_START_WAIT,
+            Some(t) => match humantime::parse_duration(t) {
+                Ok(d) if d <= Duration::from_secs(3600) => d,
+                Ok(_) => return Err(cx.invalid(key("start_wait"), "must be at most 1h")),
+                Err(e) => {
+                    return Err(cx.invalid(
+                        key("start_wait"),
+                        format!("{t:?} is not a duration ({e}; examples: 5s, 0s)"),
+                    ))
+                }
+            },
+        };
         let bitmap_granularity = match &rv.bitmap_granularity {
             None => DEFAULT_BITMAP_GRANULARITY,
             Some(v) => {
@@ -791,6 +813,7 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             mirrors,
             on_mirror_failure,
             mirror_timeout,
+            start_wait,
             bitmap_granularity,
             apply_groups,
             apply_tasks_per_group,
@@ -1088,6 +1111,7 @@ consistency_group = "app"        # optional
         assert_eq!(v.mirrors[0].addr, "127.0.0.1:7701".parse().unwrap());
         assert_eq!(v.on_mirror_failure, FailurePolicy::Degrade);
         assert_eq!(v.mirror_timeout, DEFAULT_MIRROR_TIMEOUT);
+        assert_eq!(v.start_wait, DEFAULT_START_WAIT);
         assert_eq!(c.job_timeout, DEFAULT_JOB_TIMEOUT);
         assert_eq!(v.bitmap_granularity, 64 * 1024);
         assert_eq!(v.track_size, DEFAULT_TRACK_SIZE);

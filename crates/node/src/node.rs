@@ -226,7 +226,11 @@ impl Node {
                     links,
                     vc.on_mirror_failure,
                     vc.track_size,
-                    Arc::new(GenState::new(&vc.name, meta_cell.clone())),
+                    {
+                        let gen = Arc::new(GenState::new(&vc.name, meta_cell.clone()));
+                        gen.hold_writes_at_start(vc.start_wait);
+                        gen
+                    },
                 )))
             };
             // Every volume of a node with a replication listener can be fed
@@ -400,12 +404,15 @@ impl Node {
                 on_peer_ahead: v.target.clone().map(|t| {
                     let vol = v.volume.clone();
                     Arc::new(move |why: String| {
+                        // Host writes stop here, before the link reports
+                        // back; the rest of the demote runs on its own.
+                        if !vol.demote_now() {
+                            return;
+                        }
                         let (vol, t) = (vol.clone(), t.clone());
                         tokio::spawn(async move {
-                            if vol.role() == Role::Primary {
-                                if let Err(e) = demote_volume(&vol, &t, &why).await {
-                                    warn!(volume = %vol.name(), error = %e, "demote after finding a newer primary failed");
-                                }
+                            if let Err(e) = finish_demote(&vol, &t, &why).await {
+                                warn!(volume = %vol.name(), error = %e, "demote after finding a newer primary failed");
                             }
                         });
                     }) as Arc<dyn Fn(String) + Send + Sync>
@@ -544,15 +551,24 @@ async fn demote_volume(
     why: &str,
 ) -> Result<String, ControlError> {
     let name = volume.name().to_owned();
-    let _one = target.role_lock.lock().await;
-    if volume.role() == Role::Mirror {
+    if !volume.demote_now() {
         return Err(ControlError::Refused {
             volume: name,
             reason: "already a mirror".into(),
         });
     }
+    finish_demote(volume, target, why).await
+}
+
+/// The rest of a demote, after [`Volume::demote_now`] refused new writes.
+async fn finish_demote(
+    volume: &Volume,
+    target: &MirrorTarget,
+    why: &str,
+) -> Result<String, ControlError> {
+    let name = volume.name().to_owned();
+    let _one = target.role_lock.lock().await;
     let started = std::time::Instant::now();
-    volume.set_role(Role::Mirror);
     if let Some(r) = volume.replicator() {
         r.park(volume.meta().size).await;
     }

@@ -90,6 +90,18 @@ impl Volume {
         self.mirror.store(mirror, Ordering::SeqCst);
     }
 
+    /// Makes a primary a mirror now (read-only, host writes refused); false
+    /// if it already was one. The first half of a demote: atomic, so two
+    /// callers never both go on to demote it.
+    pub fn demote_now(&self) -> bool {
+        let was_mirror = self.mirror.swap(true, Ordering::SeqCst);
+        self.read_only.store(true, Ordering::SeqCst);
+        if let Some(r) = &self.replicator {
+            r.refuse_writes();
+        }
+        !was_mirror
+    }
+
     /// EPERM while the volume is a mirror (only its primary writes it).
     fn check_writable(&self) -> Result<(), Errno> {
         if self.mirror.load(Ordering::SeqCst) {

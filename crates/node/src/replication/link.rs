@@ -389,6 +389,8 @@ pub struct MirrorLink {
     /// False while the volume is a mirror on this node: the link stays
     /// disconnected (a dormant link, used once the volume is promoted).
     active: watch::Sender<bool>,
+    /// Whether this link told the start gate it met its peer (once).
+    reported: AtomicBool,
 }
 
 /// Why a write could not be protected by the activity log.
@@ -528,6 +530,7 @@ impl MirrorLink {
             hashes: Mutex::new(std::collections::HashMap::new()),
             last_host_write: AtomicU64::new(0),
             active: watch::Sender::new(true),
+            reported: AtomicBool::new(false),
             counters: LinkCounters::default(),
             al_wake: tokio::sync::Notify::new(),
             group: std::sync::OnceLock::new(),
@@ -1265,6 +1268,12 @@ impl MirrorLink {
                         }
                         Judged::Refused => false,
                     };
+                    if !go {
+                        // After the PeerAhead hook: a volume that must
+                        // demote refuses host writes before they pass. A
+                        // link that goes live reports once it is live.
+                        self.report_met(&ctx);
+                    }
                     if go && *self.active.borrow() {
                         info!(volume = %self.volume, peer = %self.peer, peer_node = %peer_node, "mirror link connected");
                         self.clone()
@@ -1282,6 +1291,8 @@ impl MirrorLink {
                     sh.connection = Connection::Disconnected;
                     sh.last_error = Some(e.clone());
                     drop(sh);
+                    // Unreachable: nothing to learn from it; writes go on.
+                    self.report_met(&ctx);
                     if quiet {
                         debug!(volume = %self.volume, peer = %self.peer, error = %e, "mirror link connect failed");
                     } else {
@@ -1449,6 +1460,13 @@ impl MirrorLink {
         }
     }
 
+    /// Tells the volume's start gate, once, that this link met its peer.
+    fn report_met(&self, ctx: &LinkContext) {
+        if !self.reported.swap(true, SeqCst) {
+            ctx.gen.link_judged();
+        }
+    }
+
     /// Whether the link may connect (false while the volume is a mirror).
     pub fn is_active(&self) -> bool {
         *self.active.borrow()
@@ -1591,6 +1609,7 @@ impl MirrorLink {
                 return;
             }
             sh.tx = Some(tx);
+            self.report_met(ctx);
             sh.copy_only = std::mem::take(&mut sh.fill_from_scratch)
                 && self.resync.initial_sync == InitialSync::Iterative
                 && !sh.bitmap.is_clear();

@@ -75,6 +75,13 @@ pub struct GenState {
     /// told the new generation, so a later promotion of one of them is
     /// seen as what it is (it holds every write), not as a split brain.
     links: std::sync::OnceLock<Vec<std::sync::Weak<MirrorLink>>>,
+    /// The start gate: host writes wait until every link has met its peer
+    /// once (`link_judged`) or `start_wait` has passed since the start.
+    gate_open: AtomicBool,
+    gate: tokio::sync::Notify,
+    judged: std::sync::atomic::AtomicUsize,
+    born: std::time::Instant,
+    start_wait: std::sync::atomic::AtomicU64,
 }
 
 impl GenState {
@@ -87,6 +94,59 @@ impl GenState {
             announced: AtomicBool::new(true),
             rotating: tokio::sync::Mutex::new(()),
             links: std::sync::OnceLock::new(),
+            gate_open: AtomicBool::new(true),
+            gate: tokio::sync::Notify::new(),
+            judged: std::sync::atomic::AtomicUsize::new(0),
+            born: std::time::Instant::now(),
+            start_wait: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Host writes wait at start for the links, at most `d` (`start_wait`).
+    /// Called once, before the node serves.
+    pub fn hold_writes_at_start(&self, d: std::time::Duration) {
+        self.start_wait
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+        self.gate_open.store(d.is_zero(), Ordering::SeqCst);
+    }
+
+    /// A link met its peer (or failed to reach it) for the first time.
+    pub fn link_judged(&self) {
+        let n = self.judged.fetch_add(1, Ordering::SeqCst) + 1;
+        if n >= self.links.get().map_or(0, Vec::len) {
+            self.open_gate();
+        }
+    }
+
+    /// Host writes no longer wait (every link reported, the wait is over,
+    /// or the volume was promoted here).
+    pub fn open_gate(&self) {
+        if !self.gate_open.swap(true, Ordering::SeqCst) {
+            self.gate.notify_waiters();
+        }
+    }
+
+    /// Waits, on host writes just after a start, until every link has met
+    /// its peer once, at most `start_wait` after the start. Costs one
+    /// atomic load afterwards.
+    pub async fn wait_start(&self) {
+        if self.gate_open.load(Ordering::SeqCst) {
+            return;
+        }
+        let deadline = tokio::time::Instant::from_std(
+            self.born + std::time::Duration::from_millis(self.start_wait.load(Ordering::SeqCst)),
+        );
+        loop {
+            let woken = self.gate.notified();
+            if self.gate_open.load(Ordering::SeqCst) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                warn!(volume = %self.volume,
+                    "start_wait passed before every mirror link met its peer: host writes go on");
+                self.open_gate();
+                return;
+            }
         }
     }
 
@@ -200,8 +260,8 @@ impl Replicator {
     /// still in flight is marked in the bitmaps, which a new primary is told
     /// about when it connects (failback).
     pub async fn park(&self, size: u64) {
+        self.refuse_writes();
         let _all = self.locks.lock(0, size).await;
-        self.parked.store(true, Ordering::SeqCst);
         let sent: Vec<_> = self
             .links
             .iter()
@@ -231,9 +291,16 @@ impl Replicator {
             warn!(volume = %self.volume, error = %e, "storing the out-of-sync bitmaps failed");
         }
         self.parked.store(false, Ordering::SeqCst);
+        self.gen.open_gate();
         for l in &self.links {
             l.set_active(true);
         }
+    }
+
+    /// Host writes that have not taken their range lock yet are refused
+    /// from now on (EPERM); those holding it finish.
+    pub fn refuse_writes(&self) {
+        self.parked.store(true, Ordering::SeqCst);
     }
 
     /// Whether the volume is a mirror here (its links parked).
@@ -264,6 +331,7 @@ impl Replicator {
             self.pipeline.counters.direct_writes.fetch_add(1, Relaxed);
         }
         let (offset, len) = op.range();
+        self.gen.wait_start().await;
         let guard = self.locks.lock(offset, len).await;
         if self.is_parked() {
             return Err(Errno::Perm);
@@ -404,6 +472,7 @@ impl Replicator {
         Fut: Future<Output = Result<(), Errno>>,
     {
         let len = data.len() as u64;
+        self.gen.wait_start().await;
         let guard = self.locks.lock(offset, len).await;
         if self.is_parked() {
             return Err(Errno::Perm);
