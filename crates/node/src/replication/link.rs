@@ -1084,7 +1084,7 @@ impl MirrorLink {
                 return;
             }
             if expected {
-                info!(volume = %self.volume, peer = %self.peer, inflight = sh.inflight.len(), "mirror link closed: node shutting down");
+                info!(volume = %self.volume, peer = %self.peer, inflight = sh.inflight.len(), %reason, "mirror link closed");
             } else {
                 warn!(volume = %self.volume, peer = %self.peer, %reason, inflight = sh.inflight.len(), "mirror link failed; degraded");
                 self.counters.failures.fetch_add(1, Relaxed);
@@ -1490,12 +1490,6 @@ impl MirrorLink {
         sh.bitmap.clear_all();
         sh.unflushed.clear_all();
         sh.flushing.clear();
-    }
-
-    /// The regions this link's bitmap marks (what the peer may lack of this
-    /// node's writes), as sorted byte ranges.
-    pub fn marked_ranges(&self) -> Vec<(u64, u64)> {
-        self.shared().bitmap.runs().collect()
     }
 
     /// Forgets what the bitmap marks (this volume is a mirror in sync with
