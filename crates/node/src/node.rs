@@ -24,9 +24,11 @@ use blockmirror_core::MirrorLabel;
 
 use crate::admin::{self, AdminSource, ControlError, PromoteRequest, ResyncRequest, VerifyRequest};
 use crate::config::{NbdListen, NodeConfig, Role};
+use crate::local_disk::{FaultRequest, LocalDisk, LocalDiskError};
 use crate::meta_file::{self, MetaCell, MetaFileError};
 use crate::metrics::{self, MetricType};
 use crate::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
+use crate::reads::ReadRouter;
 use crate::replication::apply::ApplyConfig;
 use crate::replication::group::SiteGroup;
 use crate::replication::jobs::{DeviceConstants, JobService, MAX_JOBS};
@@ -45,6 +47,8 @@ pub enum NodeError {
     Meta(#[from] MetaFileError),
     #[error(transparent)]
     MirrorState(#[from] OosStoreError),
+    #[error(transparent)]
+    LocalDisk(#[from] LocalDiskError),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind {
         what: String,
@@ -135,7 +139,8 @@ impl Node {
                 create: true,
                 read_only: false,
             };
-            let backend: Arc<dyn Backend> = Arc::new(FileBackend::open(&vc.name, &opts)?);
+            let disk = LocalDisk::open(vc, FileBackend::open(&vc.name, &opts)?, &state_dir)?;
+            let backend: Arc<dyn Backend> = disk.clone();
             let meta_path = state_dir.join(format!("{}.meta", vc.name));
             let (mut meta, created) =
                 meta_file::load_or_create(&meta_path, vc.size, vc.role == Role::Mirror)?;
@@ -230,14 +235,26 @@ impl Node {
                     },
                 ))
             });
-            let volume = Arc::new(Volume::new(
-                &vc.name,
-                vc.role,
-                backend,
-                vc.read_only,
-                meta_cell.clone(),
-                replicator,
-            ));
+            let reads = replicator.as_ref().map(|r| {
+                ReadRouter::new(
+                    &vc.name,
+                    vc.size,
+                    vc.read_policy,
+                    r.links.clone(),
+                    vc.mirror_timeout,
+                )
+            });
+            let volume = Arc::new(
+                Volume::new(
+                    &vc.name,
+                    vc.role,
+                    backend,
+                    vc.read_only,
+                    meta_cell.clone(),
+                    replicator,
+                )
+                .with_disk(disk, reads),
+            );
             volumes.push(OpenVolume {
                 volume,
                 nbd: vc.nbd.clone(),
@@ -573,6 +590,9 @@ impl AdminSource for StatusSource {
                                                 .last_suspension
                                                 .map(|d| d.as_micros() as u64),
                                             resync_rate_bytes_per_sec: s.resync_rate,
+                                            reads_served: v
+                                                .reads()
+                                                .map_or(0, |r| r.served_by(&l.peer)),
                                         }
                                     })
                                     .collect()
@@ -584,6 +604,8 @@ impl AdminSource for StatusSource {
                         applied_bytes: target
                             .as_ref()
                             .map(|t| t.applied_bytes.load(std::sync::atomic::Ordering::Relaxed)),
+                        local_disk: v.disk().map(|d| d.state_str().to_owned()),
+                        read_policy: v.reads().map(|r| r.policy().as_str().to_owned()),
                     },
                 )
                 .collect(),
@@ -733,6 +755,17 @@ impl AdminSource for StatusSource {
             .filter_map(|s| s.volume.replicator().map(|r| &**r))
             .collect();
         crate::replication::render_metrics(&mut out, &replicators);
+        let reads: Vec<crate::reads::ReadMetrics<'_>> = self
+            .volumes
+            .iter()
+            .filter(|s| s.volume.replicator().is_some())
+            .map(|s| crate::reads::ReadMetrics {
+                volume: s.volume.name(),
+                router: s.volume.reads(),
+                disk: s.volume.disk().map(|d| &**d),
+            })
+            .collect();
+        crate::reads::render_metrics(&mut out, &reads);
         self.verify.render_metrics(&mut out);
         if let Some(j) = &self.jobs {
             j.render_metrics(&mut out);
@@ -778,6 +811,20 @@ impl AdminSource for StatusSource {
                 l.peer.clone()
             })
             .collect())
+    }
+
+    fn set_faults(&self, volume: &str, req: &FaultRequest) -> Result<(), (u16, String)> {
+        let s = self.find(volume).map_err(|e| (404, e.to_string()))?;
+        match s.volume.disk() {
+            Some(d) if d.set_faults(req) => {
+                warn!(volume, faults = ?req, "injected faults set (fault_injection)");
+                Ok(())
+            }
+            _ => Err((
+                409,
+                format!("volume {volume}: fault_injection is off (a test-only volume key)"),
+            )),
+        }
     }
 
     fn start_verify(&self, volume: &str, req: &VerifyRequest) -> Result<u64, (u16, String)> {
