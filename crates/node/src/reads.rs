@@ -484,23 +484,32 @@ impl ReadRouter {
             .record_error(path, self.now_ns());
     }
 
-    /// (path label, reads served, EWMA seconds if measured, probes), local first.
-    fn paths(&self) -> Vec<(String, u64, Option<f64>, u64)> {
+    /// Every path's figures, local first.
+    fn paths(&self) -> Vec<PathStats> {
         let c = self.chooser.lock().expect("poisoned");
         std::iter::once("local".to_owned())
             .chain(self.links.iter().map(|l| l.peer.clone()))
             .enumerate()
             .map(|(i, name)| {
                 let e = c.estimate(i).copied().unwrap_or_default();
-                (
+                PathStats {
                     name,
-                    self.served[i].load(Relaxed),
-                    e.ewma_ns.map(|n| n / 1e9),
-                    e.probes,
-                )
+                    served: self.served[i].load(Relaxed),
+                    ewma_seconds: e.ewma_ns.map(|n| n / 1e9),
+                    probes: e.probes,
+                }
             })
             .collect()
     }
+}
+
+/// One read path's figures for /metrics.
+struct PathStats {
+    /// `local`, or the mirror's peer.
+    name: String,
+    served: u64,
+    ewma_seconds: Option<f64>,
+    probes: u64,
 }
 
 /// One primary volume's read and local-disk state for /metrics.
@@ -513,7 +522,7 @@ pub struct ReadMetrics<'a> {
 /// The read-path families: reads per path, latency average per path,
 /// probes, remote-read errors, and the local disk's state.
 pub fn render_metrics(out: &mut String, volumes: &[ReadMetrics<'_>]) {
-    let routed: Vec<(&str, &ReadRouter, Vec<(String, u64, Option<f64>, u64)>)> = volumes
+    let routed: Vec<(&str, &ReadRouter, Vec<PathStats>)> = volumes
         .iter()
         .filter_map(|v| v.router.map(|r| (v.volume, r, r.paths())))
         .collect();
@@ -526,8 +535,8 @@ pub fn render_metrics(out: &mut String, volumes: &[ReadMetrics<'_>]) {
             "Host reads served, by path: local, or the mirror (peer) that served it.",
         );
         for (vol, _, paths) in &routed {
-            for (p, n, _, _) in paths {
-                metrics::write_sample(out, name, &[("volume", vol), ("path", p)], *n);
+            for p in paths {
+                metrics::write_sample(out, name, &[("volume", vol), ("path", &p.name)], p.served);
             }
         }
         let name = "blockmirror_read_probes_total";
@@ -538,8 +547,8 @@ pub fn render_metrics(out: &mut String, volumes: &[ReadMetrics<'_>]) {
             "Balanced reads sent to a path to refresh its latency estimate.",
         );
         for (vol, _, paths) in &routed {
-            for (p, _, _, probes) in paths {
-                metrics::write_sample(out, name, &[("volume", vol), ("path", p)], *probes);
+            for p in paths {
+                metrics::write_sample(out, name, &[("volume", vol), ("path", &p.name)], p.probes);
             }
         }
         let name = "blockmirror_read_latency_ewma_seconds";
@@ -550,9 +559,9 @@ pub fn render_metrics(out: &mut String, volumes: &[ReadMetrics<'_>]) {
             "Moving average of read latency per path (balanced policy; absent before a sample).",
         );
         for (vol, _, paths) in &routed {
-            for (p, _, e, _) in paths {
-                if let Some(e) = e {
-                    metrics::write_sample(out, name, &[("volume", vol), ("path", p)], *e);
+            for p in paths {
+                if let Some(e) = p.ewma_seconds {
+                    metrics::write_sample(out, name, &[("volume", vol), ("path", &p.name)], e);
                 }
             }
         }
