@@ -366,3 +366,45 @@ fn faults_are_refused_without_fault_injection() {
     let (code, _) = http_post(pair.primary.admin, "/volumes/nope/faults", "{}");
     assert_eq!(code, 404);
 }
+
+#[test]
+fn no_read_goes_to_a_mirror_that_is_resyncing() {
+    let mut pair = balanced_pair("mode = \"sync\"");
+    fio_verify(pair.primary.uri(), "16M", true);
+    pair.mirror.stop_with("KILL");
+    // Changed while the mirror is away: 16 MiB to copy when it is back,
+    // at 1 MiB/s, so it stays resyncing while we read.
+    fio_verify(pair.primary.uri(), "16M", true);
+    let (code, body) = http_post(
+        pair.primary.admin,
+        &format!("/volumes/{PAIR_VOLUME}/resync"),
+        r#"{"rate": 1048576}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    pair.mirror.restart();
+    pair.wait_link("resyncing", Duration::from_secs(30), |l| {
+        l["connection"] == "connected" && l["state"] == "resyncing"
+    });
+    set_faults(&pair, r#"{"read_latency_us": 2000}"#);
+    let (l0, m0) = reads(&pair);
+    fio_verify(pair.primary.uri(), "16M", false);
+    let (l1, m1) = reads(&pair);
+    assert_eq!(
+        pair.link()["state"],
+        "resyncing",
+        "still resyncing after the reads"
+    );
+    assert_eq!(m1, m0, "no read went to a mirror that is resyncing");
+    assert!(l1 - l0 >= 4096.0, "local {}", l1 - l0);
+    // Unthrottled, it gets in sync, and then it serves reads.
+    let (code, body) = http_post(
+        pair.primary.admin,
+        &format!("/volumes/{PAIR_VOLUME}/resync"),
+        r#"{"rate": 0}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    pair.wait_in_sync(Duration::from_secs(60));
+    fio_verify(pair.primary.uri(), "16M", false);
+    let (_, m2) = reads(&pair);
+    assert!(m2 > m1, "an in-sync mirror serves reads again");
+}
