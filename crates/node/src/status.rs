@@ -200,6 +200,9 @@ pub fn render_table(status: &NodeStatus) -> String {
             }
             (None, None) => out.push_str(&format!("{}:", v.name)),
         }
+        if v.local_disk.as_deref() == Some("failed") {
+            out.push_str(" local disk FAILED, served from the mirror;");
+        }
         if v.mirrors.is_empty() {
             out.push_str(if v.primary.is_some() || v.state.is_some() {
                 "\n"
@@ -363,6 +366,21 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn a_failed_local_disk_shows_in_the_table() {
+        let mut s = sample();
+        assert!(!render_table(&s).contains("FAILED"));
+        s.volumes[0].local_disk = Some("failed".into());
+        let t = render_table(&s);
+        assert!(
+            t.contains("db: local disk FAILED, served from the mirror;"),
+            "{t}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["volumes"][0]["local_disk"], "failed");
+        assert_eq!(json["volumes"][0]["mirrors"][0]["reads_served"], 0);
     }
 
     #[test]
