@@ -25,10 +25,14 @@
 //! - So that an estimate cannot go stale (the losing path is otherwise never
 //!   measured again, and a disk that was slow for a second would never win
 //!   back its reads), every `probe_every`-th read goes to an eligible path
-//!   other than the best, the one whose last sample is oldest; and a path
-//!   whose last sample is older than `max_age` is probed at the next read
-//!   whatever the counter says. At the default 1 in 64 the cost is bounded:
-//!   at most 1/64 of reads take the slower path.
+//!   other than the best, the one whose last sample is oldest, unless that
+//!   path was sampled less than `min_probe_interval` ago; and a path whose
+//!   last sample is older than `max_age` is probed at the next read
+//!   whatever the counter says. So at most 1 in 64 reads (the default)
+//!   takes the slower path, and at most one per 10 ms per path: freshness
+//!   is a matter of time, not of load, and a busy volume (100k reads/s)
+//!   would otherwise send 1600 probes a second, each costing CPU on both
+//!   nodes, to learn what 100 tell.
 //! - A failed read through a path (the caller fell back to another) counts
 //!   as a sample of `error_penalty` (default 1 s), so a path that errors
 //!   loses its reads at once and wins them back only when probes show it
@@ -49,6 +53,8 @@ pub struct ChooserConfig {
     pub probe_every: u64,
     /// A path whose last sample is older than this (ns) is probed next.
     pub max_age_ns: u64,
+    /// A probe by count skips a path sampled less than this (ns) ago.
+    pub min_probe_interval_ns: u64,
     /// The sample a failed read counts as (ns).
     pub error_penalty_ns: u64,
 }
@@ -59,6 +65,7 @@ impl Default for ChooserConfig {
             weight: 1.0 / 8.0,
             probe_every: 64,
             max_age_ns: 1_000_000_000,
+            min_probe_interval_ns: 10_000_000,
             error_penalty_ns: 1_000_000_000,
         }
     }
@@ -156,11 +163,11 @@ impl ReadChooser {
                 .filter(|&i| i != best)
                 .min_by_key(|&i| (self.paths[i].last_sample_ns, i));
             let by_count = self.cfg.probe_every > 0 && self.reads % self.cfg.probe_every == 0;
+            let age = |s: usize| now_ns.saturating_sub(self.paths[s].last_sample_ns);
             match stalest {
                 Some(s)
-                    if by_count
-                        || now_ns.saturating_sub(self.paths[s].last_sample_ns)
-                            > self.cfg.max_age_ns =>
+                    if (by_count && age(s) >= self.cfg.min_probe_interval_ns)
+                        || age(s) > self.cfg.max_age_ns =>
                 {
                     // Refreshed by this read: the age rule fires once, not
                     // for every read until the sample comes back.
@@ -231,6 +238,15 @@ mod tests {
         }
     }
 
+    /// Probes by count only, whatever the time between reads.
+    fn by_count() -> ChooserConfig {
+        ChooserConfig {
+            max_age_ns: u64::MAX,
+            min_probe_interval_ns: 0,
+            ..ChooserConfig::default()
+        }
+    }
+
     #[test]
     fn unknown_paths_are_measured_first_then_the_fastest_wins() {
         let mut c = ReadChooser::new(2, no_probes());
@@ -292,11 +308,7 @@ mod tests {
 
     #[test]
     fn one_read_in_probe_every_refreshes_the_loser() {
-        let cfg = ChooserConfig {
-            max_age_ns: u64::MAX,
-            ..ChooserConfig::default()
-        };
-        let mut c = ReadChooser::new(2, cfg);
+        let mut c = ReadChooser::new(2, by_count());
         c.record(0, 0, 10_000);
         c.record(1, 0, 100_000);
         let mut probes = 0;
@@ -312,10 +324,40 @@ mod tests {
     }
 
     #[test]
+    fn probes_by_count_are_at_most_one_per_interval() {
+        // 100k reads a second for one second: 1 in 64 would be 1562 probes.
+        let mut c = ReadChooser::new(2, ChooserConfig::default());
+        c.record(0, 0, 10_000);
+        c.record(1, 0, 100_000);
+        let mut probes = 0;
+        for i in 1..=100_000u64 {
+            let t = i * 10_000;
+            let ch = c.choose(t, &[true, true]).unwrap();
+            probes += u64::from(ch.path == 1);
+            c.record(ch.path, t, if ch.path == 0 { 10_000 } else { 100_000 });
+        }
+        // At most one per 10 ms (the next 64th read after it: 97 or so).
+        assert!((90..=100).contains(&probes), "one per 10 ms: {probes}");
+        // At 100 reads a second, the count rules: 1 in 64.
+        let mut c = ReadChooser::new(2, ChooserConfig::default());
+        c.record(0, 0, 10_000);
+        c.record(1, 0, 100_000);
+        let mut probes = 0;
+        for i in 1..=6400u64 {
+            let t = i * 10_000_000;
+            let ch = c.choose(t, &[true, true]).unwrap();
+            probes += u64::from(ch.path == 1);
+            c.record(ch.path, t, if ch.path == 0 { 10_000 } else { 100_000 });
+        }
+        assert_eq!(probes, 100);
+    }
+
+    #[test]
     fn a_stale_estimate_is_probed_once_then_again_after_max_age() {
         let cfg = ChooserConfig {
             probe_every: 0,
             max_age_ns: 100 * MS,
+            min_probe_interval_ns: 0,
             ..ChooserConfig::default()
         };
         let mut c = ReadChooser::new(2, cfg);
@@ -475,7 +517,7 @@ mod tests {
             probe_every in 2u64..16,
         ) {
             let n = lats.len();
-            let cfg = ChooserConfig { probe_every, max_age_ns: u64::MAX, ..ChooserConfig::default() };
+            let cfg = ChooserConfig { probe_every, ..by_count() };
             let mut c = ReadChooser::new(n, cfg);
             let all = vec![true; n];
             let mut last = vec![0u64; n];
