@@ -136,30 +136,26 @@ impl ReadChooser {
     /// (indexed like the paths; missing entries count as not eligible).
     /// None when no path is eligible.
     pub fn choose(&mut self, now_ns: u64, eligible: &[bool]) -> Option<Choice> {
-        let ok = |i: usize| eligible.get(i).copied().unwrap_or(false);
-        let candidates: Vec<usize> = (0..self.paths.len()).filter(|&i| ok(i)).collect();
-        if candidates.is_empty() {
+        let n = self.paths.len();
+        // Called for every host read: iterators, no allocation.
+        let candidates = || (0..n).filter(|&i| eligible.get(i).copied().unwrap_or(false));
+        let count = candidates().count();
+        if count == 0 {
             return None;
         }
         self.reads += 1;
         // Unknown first: one read measures it.
-        let choice = if let Some(&i) = candidates
-            .iter()
-            .find(|&&i| self.paths[i].ewma_ns.is_none())
-        {
+        let choice = if let Some(i) = candidates().find(|&i| self.paths[i].ewma_ns.is_none()) {
             Choice {
                 path: i,
-                probe: candidates.len() > 1,
+                probe: count > 1,
             }
         } else {
-            let best = *candidates
-                .iter()
-                .min_by(|&&a, &&b| self.ewma(a).total_cmp(&self.ewma(b)).then(a.cmp(&b)))
+            let best = candidates()
+                .min_by(|&a, &b| self.ewma(a).total_cmp(&self.ewma(b)).then(a.cmp(&b)))
                 .expect("not empty");
             // The stalest other path, if probing is due.
-            let stalest = candidates
-                .iter()
-                .copied()
+            let stalest = candidates()
                 .filter(|&i| i != best)
                 .min_by_key(|&i| (self.paths[i].last_sample_ns, i));
             let by_count = self.cfg.probe_every > 0 && self.reads % self.cfg.probe_every == 0;

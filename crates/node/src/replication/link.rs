@@ -2127,10 +2127,14 @@ impl MirrorLink {
         if !self.in_sync_now(&sh) {
             return false;
         }
-        let first = sh.bitmap.region_of(offset);
-        let last = sh.bitmap.region_of(offset.saturating_add(len - 1));
-        if sh.bitmap.next_dirty(first).is_some_and(|r| r <= last) {
-            return false;
+        // Usually clear (O(1)); otherwise only the read's own regions (at
+        // most 32 MiB / granularity), never a scan to the volume's end.
+        if !sh.bitmap.is_clear() {
+            let first = sh.bitmap.region_of(offset);
+            let last = sh.bitmap.region_of(offset.saturating_add(len - 1));
+            if (first..=last).any(|r| sh.bitmap.is_region_marked(r)) {
+                return false;
+            }
         }
         let end = offset.saturating_add(len);
         !sh.inflight
