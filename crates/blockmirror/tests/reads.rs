@@ -117,6 +117,19 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
     (ok, text)
 }
 
+/// One NBD FLUSH on a fresh connection; the reply's error (0: done, 5: EIO).
+fn nbd_flush(uri: &str) -> u32 {
+    use blockmirror_testkit::nbd;
+    const CMD_FLUSH: u16 = 3;
+    let mut c = nbd::connect(&nbd::Uri::parse(uri).unwrap()).unwrap();
+    let mut buf = bytes::BytesMut::new();
+    nbd::request(CMD_FLUSH, 0, 1, 0, 0, &mut buf);
+    c.stream.write_all(&buf).unwrap();
+    let (error, cookie) = nbd::read_simple_reply(&mut c.stream).unwrap();
+    assert_eq!(cookie, 1);
+    error
+}
+
 fn balanced_pair(mirror_table: &str) -> Pair {
     require_tool("fio");
     require_tool("qemu-io");
@@ -150,6 +163,14 @@ fn balanced_reads_return_the_data_and_stay_mostly_local_on_a_healthy_pair() {
             "latency estimate for {p}:\n{m}"
         );
     }
+    // The remote reads share a few long-lived job connections (one job
+    // each), not one per read.
+    let mm = pair.mirror.metrics();
+    let opened = metric(&mm, "blockmirror_jobs_opened_total").unwrap_or(0.0);
+    assert!(
+        (1.0..=2.0).contains(&opened),
+        "jobs opened on the mirror for {mirror} remote reads: {opened}"
+    );
     let st = pair.primary.status_json();
     assert_eq!(st["volumes"][0]["read_policy"], "balanced", "{st}");
     assert_eq!(st["volumes"][0]["local_disk"], "ok", "{st}");
@@ -407,4 +428,36 @@ fn no_read_goes_to_a_mirror_that_is_resyncing() {
     fio_verify(pair.primary.uri(), "16M", false);
     let (_, m2) = reads(&pair);
     assert!(m2 > m1, "an in-sync mirror serves reads again");
+}
+
+#[test]
+fn a_failed_disk_with_no_mirror_left_gives_eio() {
+    require_tool("qemu-io");
+    let mut pair = PairBuilder::new(16 * MIB)
+        .primary_volume("on_primary_failure = \"serve_from_mirror\"\nfault_injection = true")
+        .start();
+    let uri = pair.primary.uri().to_owned();
+    let (ok, out) = qemu_io(&uri, &["write -P 0x11 0 1M", "flush"]);
+    assert!(ok, "{out}");
+    set_faults(&pair, r#"{"fail_reads": {"offset": 0, "len": 65536}}"#);
+    let (ok, out) = qemu_io(&uri, &["read -P 0x11 0 64k"]);
+    assert!(ok, "served by the mirror: {out}");
+    assert_eq!(
+        pair.primary.status_json()["volumes"][0]["local_disk"],
+        "failed"
+    );
+    // The only copy goes away: nothing can serve the volume any more.
+    pair.mirror.stop_with("KILL");
+    pair.wait_link("away", Duration::from_secs(30), |l| {
+        l["connection"] != "connected"
+    });
+    let (ok, out) = qemu_io(&uri, &["read -P 0x11 512k 64k"]);
+    assert!(!ok && out.contains("Input/output error"), "read: {out}");
+    let (ok, out) = qemu_io(&uri, &["write -P 0x22 0 64k"]);
+    assert!(!ok && out.contains("Input/output error"), "write: {out}");
+    // qemu-io skips a FLUSH when nothing was written since the last one:
+    // send one with the test kit's raw client.
+    assert_eq!(nbd_flush(&uri), 5, "FLUSH answered EIO");
+    // The local disk was not touched after it failed.
+    assert_filled(pair.primary.image(), 0, MIB, 0x11);
 }
