@@ -446,6 +446,7 @@ fn a_failed_disk_with_no_mirror_left_gives_eio() {
         pair.primary.status_json()["volumes"][0]["local_disk"],
         "failed"
     );
+    assert_eq!(nbd_flush(&uri), 0, "a FLUSH is done on the in-sync mirror");
     // The only copy goes away: nothing can serve the volume any more.
     pair.mirror.stop_with("KILL");
     pair.wait_link("away", Duration::from_secs(30), |l| {
