@@ -5,6 +5,7 @@
 //! - [`geometry`]: a volume's size and block sizes, and the range checks every
 //!   request goes through before it reaches a backend.
 //! - [`rate`]: the token bucket that paces a resync copy.
+//! - [`readpath`]: read balancing (seed 004 FIG. 9): a latency average per read path and the chooser.
 //! - [`rangelock`]: range locks that keep overlapping writes in one order on disk and on the link.
 //! - [`jobs`]: seed 002's device and job records: the mirror's bounded job table and link ids.
 //! - [`meta`]: the durable volume metadata record (identity, generation, clean flag).
@@ -23,6 +24,7 @@ pub mod jobs;
 pub mod meta;
 pub mod rangelock;
 pub mod rate;
+pub mod readpath;
 pub mod scheduler;
 pub mod sequencer;
 

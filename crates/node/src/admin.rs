@@ -91,6 +91,16 @@ pub trait AdminSource: Send + Sync + 'static {
         let _ = (volume, req);
         Err((404, "mode switching is not available on this node".into()))
     }
+    /// `POST /volumes/{name}/faults` (tests only): replaces the faults
+    /// injected into the volume's backend; 409 unless `fault_injection`.
+    fn set_faults(
+        &self,
+        volume: &str,
+        req: &crate::local_disk::FaultRequest,
+    ) -> Result<(), (u16, String)> {
+        let _ = (volume, req);
+        Err((404, "fault injection is not available on this node".into()))
+    }
     /// Makes a mirror volume the primary. Called on the blocking pool.
     fn promote(&self, volume: &str, _req: &PromoteRequest) -> Result<String, ControlError> {
         Err(ControlError::Refused {
@@ -162,6 +172,7 @@ pub fn router(source: Arc<dyn AdminSource>) -> Router {
         .route("/volumes/{name}/promote", post(post_promote))
         .route("/volumes/{name}/demote", post(post_demote))
         .route("/volumes/{name}/resync", post(post_resync))
+        .route("/volumes/{name}/faults", post(post_faults))
         .fallback(not_found)
         .with_state(source)
 }
@@ -342,6 +353,20 @@ async fn post_resync(
         Err(e) => Err(e),
     };
     control_reply(r)
+}
+
+async fn post_faults(
+    State(source): State<Arc<dyn AdminSource>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> axum::response::Response {
+    match parse_body::<crate::local_disk::FaultRequest>(&body) {
+        Ok(req) => match source.set_faults(&name, &req) {
+            Ok(()) => (StatusCode::OK, format!("{name}: faults set\n")).into_response(),
+            Err((code, msg)) => refused(code, &msg),
+        },
+        Err(e) => (StatusCode::BAD_REQUEST, e + "\n").into_response(),
+    }
 }
 
 async fn not_found() -> impl IntoResponse {
@@ -559,6 +584,7 @@ mod tests {
                         resync_passes: 0,
                         resync_suspension_us: None,
                         resync_rate_bytes_per_sec: 0,
+                        reads_served: 0,
                     }],
                     primary: None,
                     ..Default::default()

@@ -113,6 +113,53 @@ pub struct VolumeConfig {
     /// How a primary fills and resyncs its mirrors (keys `initial_sync`,
     /// `resync_threshold`, `resync_max_suspension`).
     pub resync: ResyncConfig,
+    /// On a primary: where host reads go (key `read_policy`, default "primary").
+    pub read_policy: ReadPolicy,
+    /// On a primary: what a local backend I/O error does (key
+    /// `on_primary_failure`, default "fail").
+    pub on_primary_failure: PrimaryFailurePolicy,
+    /// For tests only: wrap the backend in a fault injector that
+    /// `POST /volumes/{name}/faults` sets (key `fault_injection`, default false).
+    pub fault_injection: bool,
+}
+
+/// Where a primary's host reads go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPolicy {
+    /// Always the local backend.
+    Primary,
+    /// The local backend or an in-sync sync mirror, whichever path has the
+    /// lower measured read latency (seed 004, FIG. 9).
+    Balanced,
+}
+
+impl ReadPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadPolicy::Primary => "primary",
+            ReadPolicy::Balanced => "balanced",
+        }
+    }
+}
+
+/// What a primary does when its local backend fails an I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrimaryFailurePolicy {
+    /// The host gets the error.
+    Fail,
+    /// The local disk is marked failed and no longer used: reads are remote
+    /// reads from an in-sync sync mirror, writes go to the in-sync sync
+    /// mirrors only (DRBD's `on-io-error detach`).
+    ServeFromMirror,
+}
+
+impl PrimaryFailurePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrimaryFailurePolicy::Fail => "fail",
+            PrimaryFailurePolicy::ServeFromMirror => "serve_from_mirror",
+        }
+    }
 }
 
 /// How a blank mirror (new, replaced, or discarded) is filled.
@@ -431,6 +478,10 @@ struct RawVolume {
     #[serde(default)]
     resync_checksum: bool,
     resync_host_share: Option<i64>,
+    read_policy: Option<String>,
+    on_primary_failure: Option<String>,
+    #[serde(default)]
+    fault_injection: bool,
 }
 
 /// A `[[volume.mirror]]` table.
@@ -655,6 +706,37 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                 ))
             }
         };
+        let read_policy = match rv.read_policy.as_deref() {
+            None | Some("primary") => ReadPolicy::Primary,
+            Some("balanced") => ReadPolicy::Balanced,
+            Some(other) => {
+                return Err(cx.invalid(
+                    key("read_policy"),
+                    format!("{other:?} is not a policy (expected \"primary\" or \"balanced\")"),
+                ))
+            }
+        };
+        let on_primary_failure = match rv.on_primary_failure.as_deref() {
+            None | Some("fail") => PrimaryFailurePolicy::Fail,
+            Some("serve_from_mirror") => PrimaryFailurePolicy::ServeFromMirror,
+            Some(other) => {
+                return Err(cx.invalid(
+                    key("on_primary_failure"),
+                    format!(
+                        "{other:?} is not a policy (expected \"fail\" or \"serve_from_mirror\")"
+                    ),
+                ))
+            }
+        };
+        if on_primary_failure == PrimaryFailurePolicy::ServeFromMirror
+            && role == Role::Primary
+            && mirrors.is_empty()
+        {
+            return Err(cx.invalid(
+                key("on_primary_failure"),
+                "\"serve_from_mirror\" needs a [[volume.mirror]] to serve from",
+            ));
+        }
         let mirror_timeout = match rv.mirror_timeout.as_deref() {
             None => DEFAULT_MIRROR_TIMEOUT,
             Some(t) => match humantime::parse_duration(t) {
@@ -819,6 +901,9 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             apply_tasks_per_group,
             track_size,
             resync,
+            read_policy,
+            on_primary_failure,
+            fault_injection: rv.fault_injection,
         });
     }
 
@@ -1189,6 +1274,49 @@ consistency_group = "app"        # optional
             let e = NodeConfig::parse(&with(extra), Path::new("n.toml")).unwrap_err();
             assert!(e.to_string().contains(k), "{extra}: {e}");
         }
+    }
+
+    #[test]
+    fn read_and_primary_failure_policies_are_checked() {
+        let base = "secret_file = \"s\"\n";
+        let mirrored = |extra: &str| {
+            format!(
+                "{base}{}",
+                vol(&format!(
+                    "{extra}\n[[volume.mirror]]\npeer = \"127.0.0.1:7701\""
+                ))
+            )
+        };
+        let v = parse(&mirrored("")).unwrap().volumes.remove(0);
+        assert_eq!(v.read_policy, ReadPolicy::Primary);
+        assert_eq!(v.on_primary_failure, PrimaryFailurePolicy::Fail);
+        assert!(!v.fault_injection);
+        let v = parse(&mirrored(
+            "read_policy = \"balanced\"\non_primary_failure = \"serve_from_mirror\"\nfault_injection = true",
+        ))
+        .unwrap()
+        .volumes
+        .remove(0);
+        assert_eq!(v.read_policy, ReadPolicy::Balanced);
+        assert_eq!(v.on_primary_failure, PrimaryFailurePolicy::ServeFromMirror);
+        assert!(v.fault_injection);
+        assert_err(
+            &mirrored("read_policy = \"fastest\""),
+            "volume[0].read_policy",
+            "not a policy",
+        );
+        assert_err(
+            &mirrored("on_primary_failure = \"detach\""),
+            "volume[0].on_primary_failure",
+            "not a policy",
+        );
+        assert_err(
+            &vol("on_primary_failure = \"serve_from_mirror\""),
+            "volume[0].on_primary_failure",
+            "needs a [[volume.mirror]]",
+        );
+        let e = err(&vol("fault_injection = \"yes\""));
+        assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
     }
 
     #[test]

@@ -9,13 +9,17 @@
 //! - [`replication`]: the primary's write path to its mirrors, and the mirror's receiver.
 //! - [`node`]: starts everything for a config and shuts it down cleanly.
 //! - [`verify`]: online verify of a primary against its mirrors (seed 002).
+//! - [`reads`]: host reads of a primary with mirrors: read balancing and remote reads.
+//! - [`local_disk`]: the local backend with its failed state (`serve_from_mirror`) and test faults.
 
 pub mod admin;
 pub mod config;
+pub mod local_disk;
 pub mod meta_file;
 pub mod metrics;
 pub mod node;
 pub mod oos_store;
+pub mod reads;
 pub mod replication;
 pub mod status;
 pub mod verify;

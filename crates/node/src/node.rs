@@ -26,9 +26,11 @@ use crate::admin::{
     self, AdminSource, ControlError, DemoteRequest, PromoteRequest, ResyncRequest, VerifyRequest,
 };
 use crate::config::{NbdListen, NodeConfig, Role};
+use crate::local_disk::{FaultRequest, LocalDisk, LocalDiskError};
 use crate::meta_file::{self, MetaCell, MetaFileError};
 use crate::metrics::{self, MetricType};
 use crate::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
+use crate::reads::ReadRouter;
 use crate::replication::apply::ApplyConfig;
 use crate::replication::group::SiteGroup;
 use crate::replication::jobs::{DeviceConstants, JobService, MAX_JOBS};
@@ -47,6 +49,8 @@ pub enum NodeError {
     Meta(#[from] MetaFileError),
     #[error(transparent)]
     MirrorState(#[from] OosStoreError),
+    #[error(transparent)]
+    LocalDisk(#[from] LocalDiskError),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind {
         what: String,
@@ -137,7 +141,9 @@ impl Node {
                 create: true,
                 read_only: false,
             };
-            let backend: Arc<dyn Backend> = Arc::new(FileBackend::open(&vc.name, &opts)?);
+            let (disk, failed_before) =
+                LocalDisk::open(vc, FileBackend::open(&vc.name, &opts)?, &state_dir)?;
+            let backend: Arc<dyn Backend> = disk.clone();
             let meta_path = state_dir.join(format!("{}.meta", vc.name));
             let (mut meta, created) =
                 meta_file::load_or_create(&meta_path, vc.size, vc.role == Role::Mirror)?;
@@ -150,6 +156,25 @@ impl Node {
             if meta.clean {
                 meta.clean = false;
                 meta_file::store(&meta_path, &meta)?;
+            }
+            if let Some(why) = failed_before {
+                // The local disk failed in an earlier run and was then
+                // bypassed (`serve_from_mirror`): it is stale. It comes back
+                // as a blank mirror, so whichever node is primary (promote
+                // the mirror that took the writes) copies the whole volume
+                // to it, as to a replaced disk. The record says blank before
+                // the marker goes, so a crash between the two is harmless.
+                warn!(volume = %vc.name, reason = %why,
+                    "the local disk was marked failed in an earlier run: it is stale; starting as \
+                     a blank mirror (promote the mirror that holds the data; it copies the whole \
+                     volume here)");
+                meta.generations.discard();
+                meta.label = MirrorLabel::Inconsistent;
+                meta_file::store(&meta_path, &meta)?;
+                disk.forget_failure().map_err(|source| NodeError::Io {
+                    what: format!("volume {}: removing the disk-failed marker", vc.name),
+                    source,
+                })?;
             }
             // The role it starts in. A new volume takes its configured role;
             // after that the record decides (no label: primary), because
@@ -257,16 +282,28 @@ impl Node {
                     r.start_parked();
                 }
             }
-            let volume = Arc::new(Volume::new(
-                &vc.name,
-                role,
-                backend,
-                // `read_only` as it applies to a primary (the config sets it
-                // for every mirror-role volume).
-                vc.read_only && vc.role == Role::Primary,
-                meta_cell.clone(),
-                replicator,
-            ));
+            let reads = replicator.as_ref().map(|r| {
+                ReadRouter::new(
+                    &vc.name,
+                    vc.size,
+                    vc.read_policy,
+                    r.links.clone(),
+                    vc.mirror_timeout,
+                )
+            });
+            let volume = Arc::new(
+                Volume::new(
+                    &vc.name,
+                    role,
+                    backend,
+                    // `read_only` as it applies to a primary (the config sets
+                    // it for every mirror-role volume).
+                    vc.read_only && vc.role == Role::Primary,
+                    meta_cell.clone(),
+                    replicator,
+                )
+                .with_disk(disk, reads),
+            );
             volumes.push(OpenVolume {
                 volume,
                 nbd: vc.nbd.clone(),
@@ -727,6 +764,9 @@ impl AdminSource for StatusSource {
                                                 .last_suspension
                                                 .map(|d| d.as_micros() as u64),
                                             resync_rate_bytes_per_sec: s.resync_rate,
+                                            reads_served: v
+                                                .reads()
+                                                .map_or(0, |r| r.served_by(&l.peer)),
                                         }
                                     })
                                     .collect()
@@ -738,6 +778,8 @@ impl AdminSource for StatusSource {
                         applied_bytes: target
                             .as_ref()
                             .map(|t| t.applied_bytes.load(std::sync::atomic::Ordering::Relaxed)),
+                        local_disk: v.disk().map(|d| d.state_str().to_owned()),
+                        read_policy: v.reads().map(|r| r.policy().as_str().to_owned()),
                     },
                 )
                 .collect(),
@@ -898,6 +940,17 @@ impl AdminSource for StatusSource {
             .filter_map(|s| s.volume.replicator().map(|r| &**r))
             .collect();
         crate::replication::render_metrics(&mut out, &replicators);
+        let reads: Vec<crate::reads::ReadMetrics<'_>> = self
+            .volumes
+            .iter()
+            .filter(|s| s.volume.replicator().is_some())
+            .map(|s| crate::reads::ReadMetrics {
+                volume: s.volume.name(),
+                router: s.volume.reads(),
+                disk: s.volume.disk().map(|d| &**d),
+            })
+            .collect();
+        crate::reads::render_metrics(&mut out, &reads);
         self.verify.render_metrics(&mut out);
         if let Some(j) = &self.jobs {
             j.render_metrics(&mut out);
@@ -943,6 +996,20 @@ impl AdminSource for StatusSource {
                 l.peer.clone()
             })
             .collect())
+    }
+
+    fn set_faults(&self, volume: &str, req: &FaultRequest) -> Result<(), (u16, String)> {
+        let s = self.find(volume).map_err(|e| (404, e.to_string()))?;
+        match s.volume.disk() {
+            Some(d) if d.set_faults(req) => {
+                warn!(volume, faults = ?req, "injected faults set (fault_injection)");
+                Ok(())
+            }
+            _ => Err((
+                409,
+                format!("volume {volume}: fault_injection is off (a test-only volume key)"),
+            )),
+        }
     }
 
     fn start_verify(&self, volume: &str, req: &VerifyRequest) -> Result<u64, (u16, String)> {

@@ -49,6 +49,13 @@ pub struct VolumeStatus {
     /// Bytes the replication receiver applied (on a mirror).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_bytes: Option<u64>,
+    /// The local disk: `ok`, or `failed` (marked failed after an I/O error
+    /// with `on_primary_failure = "serve_from_mirror"`; served from a mirror).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_disk: Option<String>,
+    /// On a primary with mirrors: `primary` or `balanced`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_policy: Option<String>,
 }
 
 /// One replication link.
@@ -92,6 +99,10 @@ pub struct MirrorStatus {
     /// The resync copy's rate limit in bytes per second (0: unlimited).
     #[serde(default)]
     pub resync_rate_bytes_per_sec: u64,
+    /// Host reads this mirror served (remote reads: read balancing, or a
+    /// failed local disk).
+    #[serde(default)]
+    pub reads_served: u64,
 }
 
 /// `bytes` in binary units with one decimal: `512 B`, `1.0 GiB`, `1.5 MiB`.
@@ -188,6 +199,9 @@ pub fn render_table(status: &NodeStatus) -> String {
                 out.push_str(&format!("{}: mirror, no primary connected, {st}", v.name))
             }
             (None, None) => out.push_str(&format!("{}:", v.name)),
+        }
+        if v.local_disk.as_deref() == Some("failed") {
+            out.push_str(" local disk FAILED, served from the mirror;");
         }
         if v.mirrors.is_empty() {
             out.push_str(if v.primary.is_some() || v.state.is_some() {
@@ -320,6 +334,7 @@ mod tests {
                         resync_passes: 2,
                         resync_suspension_us: Some(1500),
                         resync_rate_bytes_per_sec: 0,
+                        reads_served: 0,
                     }],
                     primary: None,
                     ..Default::default()
@@ -351,6 +366,21 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn a_failed_local_disk_shows_in_the_table() {
+        let mut s = sample();
+        assert!(!render_table(&s).contains("FAILED"));
+        s.volumes[0].local_disk = Some("failed".into());
+        let t = render_table(&s);
+        assert!(
+            t.contains("db: local disk FAILED, served from the mirror;"),
+            "{t}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["volumes"][0]["local_disk"], "failed");
+        assert_eq!(json["volumes"][0]["mirrors"][0]["reads_served"], 0);
     }
 
     #[test]

@@ -17,9 +17,11 @@ use blockmirror_storage::{Backend, StorageError};
 use bytes::{Bytes, BytesMut};
 use tracing::warn;
 
-use crate::config::Role;
+use crate::config::{PrimaryFailurePolicy, Role};
+use crate::local_disk::LocalDisk;
 use crate::meta_file::MetaCell;
 use crate::metrics::VolumeMetrics;
+use crate::reads::{ReadRouter, RoutedReadError};
 use crate::replication::{MirrorOp, Replicator};
 use blockmirror_core::VolumeMeta;
 
@@ -39,10 +41,15 @@ pub struct Volume {
     read_only: AtomicBool,
     /// The `read_only` config key as a primary would have it.
     primary_read_only: bool,
-    fast: bool,
     metrics: VolumeMetrics,
     meta: Arc<MetaCell>,
     replicator: Option<Arc<Replicator>>,
+    /// The local disk with its failed state (`on_primary_failure`); None
+    /// for a volume built without one (tests).
+    disk: Option<Arc<LocalDisk>>,
+    /// On a primary with mirrors: where host reads go (`read_policy`), and
+    /// the remote reads of a failed disk.
+    reads: Option<ReadRouter>,
 }
 
 impl Volume {
@@ -62,7 +69,6 @@ impl Volume {
         Self {
             name: name.to_owned(),
             mirror: AtomicBool::new(role == Role::Mirror),
-            fast: backend.is_fast(),
             backend,
             size,
             read_only: AtomicBool::new(primary_read_only || role == Role::Mirror),
@@ -70,6 +76,65 @@ impl Volume {
             metrics,
             meta,
             replicator,
+            disk: None,
+            reads: None,
+        }
+    }
+
+    /// Gives the volume its local disk (the same object as its backend) and,
+    /// on a primary with mirrors, its read router.
+    pub fn with_disk(mut self, disk: Arc<LocalDisk>, reads: Option<ReadRouter>) -> Self {
+        self.disk = Some(disk);
+        self.reads = reads;
+        self
+    }
+
+    pub fn disk(&self) -> Option<&Arc<LocalDisk>> {
+        self.disk.as_ref()
+    }
+
+    pub fn reads(&self) -> Option<&ReadRouter> {
+        self.reads.as_ref()
+    }
+
+    /// True while the backend completes I/O in microseconds (asked per
+    /// request: an injected latency changes it at run time).
+    fn fast(&self) -> bool {
+        self.backend.is_fast()
+    }
+
+    /// True once the local disk is marked failed: nothing local is used.
+    fn disk_failed(&self) -> bool {
+        self.disk.as_ref().is_some_and(|d| d.is_failed())
+    }
+
+    /// A local I/O failed with `e`. With `serve_from_mirror`, on a primary
+    /// whose mirror can take over (an in-sync sync mirror is live), the disk
+    /// is marked failed and Ok is returned: the caller serves the request
+    /// from the mirror. Otherwise the error the host gets. A disk is not
+    /// detached while no mirror could take over: that would turn one bad
+    /// sector into a volume that answers nothing.
+    async fn local_failed(&self, e: StorageError) -> Result<(), Errno> {
+        if let (Some(d), Some(r)) = (&self.disk, &self.replicator) {
+            if d.policy() == PrimaryFailurePolicy::ServeFromMirror
+                && self.role() == Role::Primary
+                && (d.is_failed() || r.links.iter().any(|l| l.can_take_over()))
+            {
+                return match d.detach(&e).await {
+                    Ok(()) => Ok(()),
+                    Err(_) => Err(Errno::Io),
+                };
+            }
+        }
+        Err(self.fail(e))
+    }
+
+    /// The disk is failed: the marker must be durable before a request is
+    /// served from the mirror.
+    async fn ensure_failed_recorded(&self) -> Result<(), Errno> {
+        match &self.disk {
+            Some(d) => d.ensure_marker().await.map_err(|_| Errno::Io),
+            None => Ok(()),
         }
     }
 
@@ -152,31 +217,58 @@ impl Volume {
         T: Send + 'static,
         F: FnOnce(&dyn Backend) -> Result<T, StorageError> + Send + 'static,
     {
-        let b = self.backend.clone();
-        match tokio::task::spawn_blocking(move || f(b.as_ref())).await {
+        match self.blocking_raw(f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.fail(e)),
-            Err(join) => {
-                warn!(volume = %self.name, error = %join, "backend task panicked");
-                Err(Errno::Io)
-            }
+            Err(e) => Err(e),
         }
+    }
+
+    /// Runs `f` on the blocking pool; the backend's error as it is.
+    async fn blocking_raw<T, F>(&self, f: F) -> Result<Result<T, StorageError>, Errno>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Backend) -> Result<T, StorageError> + Send + 'static,
+    {
+        let b = self.backend.clone();
+        tokio::task::spawn_blocking(move || f(b.as_ref()))
+            .await
+            .map_err(|join| {
+                warn!(volume = %self.name, error = %join, "backend task panicked");
+                Errno::Io
+            })
     }
 }
 
 impl Volume {
-    async fn local_write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Errno> {
-        if self.fast && !fua {
-            return self
-                .backend
-                .write_at(&data, offset, false)
-                .map_err(|e| self.fail(e));
+    /// The local half of a host write, trim, zeroes or flush. Once the disk
+    /// is failed it does nothing (the mirrors take the request); a failure
+    /// goes through [`Volume::local_failed`].
+    async fn local_io<F>(&self, inline: bool, f: F) -> Result<(), Errno>
+    where
+        F: FnOnce(&dyn Backend) -> Result<(), StorageError> + Send + 'static,
+    {
+        if self.disk_failed() {
+            return self.ensure_failed_recorded().await;
         }
-        self.blocking(move |b| b.write_at(&data, offset, fua)).await
+        let r = if inline {
+            f(self.backend.as_ref())
+        } else {
+            self.blocking_raw(f).await?
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => self.local_failed(e).await,
+        }
+    }
+
+    async fn local_write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Errno> {
+        self.local_io(self.fast() && !fua, move |b| b.write_at(&data, offset, fua))
+            .await
     }
 
     async fn local_trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {
-        self.blocking(move |b| {
+        self.local_io(false, move |b| {
             b.trim(offset, len)?;
             if fua {
                 b.flush()?;
@@ -193,13 +285,45 @@ impl Volume {
         may_trim: bool,
         fua: bool,
     ) -> Result<(), Errno> {
-        self.blocking(move |b| b.write_zeroes(offset, len, may_trim, fua))
+        self.local_io(false, move |b| b.write_zeroes(offset, len, may_trim, fua))
             .await
     }
 
     async fn local_flush(&self) -> Result<(), Errno> {
-        self.blocking(|b| b.flush()).await
+        self.local_io(false, |b| b.flush()).await
     }
+
+    /// A read of the local disk; the backend's error as it is.
+    async fn local_read(&self, offset: u64, len: u32) -> Result<Bytes, LocalReadError> {
+        let mut buf = BytesMut::zeroed(len as usize);
+        if self.fast() {
+            match self.backend.try_read_at_nowait(&mut buf, offset) {
+                Ok(true) => return Ok(buf.freeze()),
+                Ok(false) => {}
+                Err(e) => return Err(LocalReadError::Disk(e)),
+            }
+        }
+        match self
+            .blocking_raw(move |b| b.read_at(&mut buf, offset).map(|()| buf.freeze()))
+            .await
+        {
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err(e)) => Err(LocalReadError::Disk(e)),
+            Err(e) => Err(LocalReadError::Errno(e)),
+        }
+    }
+
+    /// Whether the request must be acknowledged by an in-sync sync mirror:
+    /// the local disk is failed (before or during the request).
+    fn mirror_required(&self) -> bool {
+        self.disk_failed()
+    }
+}
+
+/// Why a local read failed.
+enum LocalReadError {
+    Disk(StorageError),
+    Errno(Errno),
 }
 
 impl Export for Volume {
@@ -220,16 +344,33 @@ impl Export for Volume {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, Errno> {
-        let mut buf = BytesMut::zeroed(len as usize);
-        if self.fast {
-            match self.backend.try_read_at_nowait(&mut buf, offset) {
-                Ok(true) => return Ok(buf.freeze()),
-                Ok(false) => {}
-                Err(e) => return Err(self.fail(e)),
-            }
+        let Some(router) = &self.reads else {
+            return match self.local_read(offset, len).await {
+                Ok(d) => Ok(d),
+                Err(LocalReadError::Disk(e)) => Err(self.fail(e)),
+                Err(LocalReadError::Errno(e)) => Err(e),
+            };
+        };
+        let local_ok = !self.disk_failed();
+        if !local_ok {
+            self.ensure_failed_recorded().await?;
         }
-        self.blocking(move |b| b.read_at(&mut buf, offset).map(|()| buf.freeze()))
+        let e = match router
+            .read(offset, len, local_ok, || self.local_read(offset, len))
             .await
+        {
+            Ok(d) => return Ok(d),
+            Err(RoutedReadError::NoPath) => return Err(Errno::Io),
+            Err(RoutedReadError::Local(LocalReadError::Errno(e))) => return Err(e),
+            Err(RoutedReadError::Local(LocalReadError::Disk(e))) => e,
+        };
+        // The local disk failed this read: with serve_from_mirror it is
+        // detached and the read served by a mirror.
+        self.local_failed(e).await?;
+        match router.read(offset, len, false, || async { Err(()) }).await {
+            Ok(d) => Ok(d),
+            Err(_) => Err(Errno::Io),
+        }
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Errno> {
@@ -242,8 +383,10 @@ impl Export for Volume {
                     data: data.clone(),
                     fua,
                 };
-                r.replicate(op, || self.local_write(offset, data, fua))
-                    .await
+                r.replicate_with(op, || self.local_write(offset, data, fua), &|| {
+                    self.mirror_required()
+                })
+                .await
             }
         }
     }
@@ -251,7 +394,10 @@ impl Export for Volume {
     async fn flush(&self) -> Result<(), Errno> {
         match &self.replicator {
             None => self.local_flush().await,
-            Some(r) => r.flush(|| self.local_flush()).await,
+            Some(r) => {
+                r.flush_with(|| self.local_flush(), &|| self.mirror_required())
+                    .await
+            }
         }
     }
 
@@ -265,7 +411,10 @@ impl Export for Volume {
                     len: len as u32,
                     fua,
                 };
-                r.replicate(op, || self.local_trim(offset, len, fua)).await
+                r.replicate_with(op, || self.local_trim(offset, len, fua), &|| {
+                    self.mirror_required()
+                })
+                .await
             }
         }
     }
@@ -287,14 +436,18 @@ impl Export for Volume {
                     fua,
                     may_trim,
                 };
-                r.replicate(op, || self.local_zeroes(offset, len, may_trim, fua))
-                    .await
+                r.replicate_with(
+                    op,
+                    || self.local_zeroes(offset, len, may_trim, fua),
+                    &|| self.mirror_required(),
+                )
+                .await
             }
         }
     }
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, Errno> {
-        let extents = if self.fast {
+        let extents = if self.fast() {
             self.backend
                 .allocation(offset, u64::from(len))
                 .map_err(|e| self.fail(e))?

@@ -2395,6 +2395,71 @@ impl MirrorLink {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Read balancing and serve_from_mirror (issue 9): what `crate::reads` needs
+// from a link. Kept apart from the write path so it merges cleanly.
+
+impl MirrorLink {
+    /// True when a host read of `[offset, offset+len)` may be served by this
+    /// mirror: it holds exactly the primary's data there. All of: the link
+    /// is sync (an async mirror may lack acknowledged writes), live (host
+    /// writes reach it now), in sync and not filling (no copy pending), the
+    /// range is not marked in its bitmap (verify `--mark` can mark regions
+    /// of a link that is still in sync), and no write to the range is in
+    /// flight on it (an async write acknowledged before a switch to sync
+    /// may still be on its way; a sync one in flight is concurrent with
+    /// this read anyway, so either answer would do, and the local disk has
+    /// it). Checked under the link's lock, so it is one consistent view.
+    ///
+    /// Why a read after an acknowledged write is safe: in sync mode the
+    /// host hears "done" only after the mirror acknowledged the write, which
+    /// it does once the write is applied to its backend; or after the link
+    /// failed, and a failing link is degraded (not live) before any of its
+    /// requests is failed, so this check is false from then on.
+    pub fn serves_reads(&self, offset: u64, len: u64) -> bool {
+        if len == 0 {
+            return false;
+        }
+        let sh = self.shared();
+        if !self.in_sync_now(&sh) {
+            return false;
+        }
+        // Usually clear (O(1)); otherwise only the read's own regions (at
+        // most 32 MiB / granularity), never a scan to the volume's end.
+        if !sh.bitmap.is_clear() {
+            let first = sh.bitmap.region_of(offset);
+            let last = sh.bitmap.region_of(offset.saturating_add(len - 1));
+            if (first..=last).any(|r| sh.bitmap.is_region_marked(r)) {
+                return false;
+            }
+        }
+        let end = offset.saturating_add(len);
+        !sh.inflight
+            .values()
+            .any(|p| p.len > 0 && p.offset < end && offset < p.offset.saturating_add(p.len))
+    }
+
+    /// True when this mirror can take over every host request of a primary
+    /// whose local disk failed: sync, live, in sync, nothing marked.
+    pub fn can_take_over(&self) -> bool {
+        let sh = self.shared();
+        self.in_sync_now(&sh) && sh.bitmap.is_clear()
+    }
+
+    fn in_sync_now(&self, sh: &Shared) -> bool {
+        self.mode() == MirrorMode::Sync
+            && sh.tx.is_some()
+            && !sh.copy_only
+            && sh.state == SyncState::InSync
+            && sh.connection == Connection::Connected
+    }
+
+    /// What the link runs with (secret, hello), once it started.
+    pub fn context(&self) -> Option<&LinkContext> {
+        self.ctx.get()
+    }
+}
+
 fn mode_code(m: MirrorMode) -> u8 {
     match m {
         MirrorMode::Sync => 0,

@@ -322,11 +322,31 @@ impl Replicator {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(), Errno>>,
     {
+        self.replicate_with(op, local, &|| false).await
+    }
+
+    /// [`Replicator::replicate`], where the host's request succeeds only if
+    /// an in-sync sync mirror acknowledged it whenever `mirror_required()`
+    /// is true once the mirrors answered. That is `on_primary_failure =
+    /// "serve_from_mirror"` with a failed local disk: `local` did not touch
+    /// the disk (or detached it), so a mirror is the only copy.
+    pub async fn replicate_with<F, Fut>(
+        &self,
+        op: MirrorOp,
+        local: F,
+        mirror_required: &(dyn Fn() -> bool + Sync),
+    ) -> Result<(), Errno>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(), Errno>>,
+    {
         self.check_fence()?;
         if let MirrorOp::Write { offset, data, fua } = &op {
             if self.pipeline.splits(data.len() as u64) && self.links.iter().any(|l| l.is_live()) {
                 self.pipeline.counters.split_writes.fetch_add(1, Relaxed);
-                return self.replicate_split(*offset, data, *fua, local).await;
+                return self
+                    .replicate_split(*offset, data, *fua, local, mirror_required)
+                    .await;
             }
             self.pipeline.counters.direct_writes.fetch_add(1, Relaxed);
         }
@@ -392,7 +412,8 @@ impl Replicator {
             .map(|(l, p)| vec![l.send(p, &op)])
             .collect();
         drop(guard);
-        let (result, missed) = self.wait_links(sent, &modes).await;
+        let (result, missed, confirmed) = self.wait_links(sent, &modes).await;
+        let result = require_mirror(result, confirmed, mirror_required);
         self.finish(offset, len, &modes, &deferred, result, missed)
             .await
     }
@@ -466,6 +487,7 @@ impl Replicator {
         data: &Bytes,
         fua: bool,
         local: F,
+        mirror_required: &(dyn Fn() -> bool + Sync),
     ) -> Result<(), Errno>
     where
         F: FnOnce() -> Fut,
@@ -564,13 +586,29 @@ impl Replicator {
             .collect();
         ctx.release().await;
         drop(guard);
-        let (result, missed) = self.wait_links(waits, &modes).await;
+        let (result, missed, confirmed) = self.wait_links(waits, &modes).await;
+        let result = require_mirror(result, confirmed, mirror_required);
         self.finish(offset, len, &modes, &deferred, result, missed || any_marked)
             .await
     }
 
     /// FLUSH: durable locally (by `local`) and on every live mirror.
     pub async fn flush<F, Fut>(&self, local: F) -> Result<(), Errno>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(), Errno>>,
+    {
+        self.flush_with(local, &|| false).await
+    }
+
+    /// [`Replicator::flush`], requiring an in-sync sync mirror's
+    /// acknowledgement when `mirror_required()` (see
+    /// [`Replicator::replicate_with`]).
+    pub async fn flush_with<F, Fut>(
+        &self,
+        local: F,
+        mirror_required: &(dyn Fn() -> bool + Sync),
+    ) -> Result<(), Errno>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(), Errno>>,
@@ -603,10 +641,10 @@ impl Replicator {
                 }
             })
             .collect();
-        let (mirrors, _) = self
+        let (mirrors, _, confirmed) = self
             .wait_links(sent.into_iter().map(|s| vec![s]).collect(), &modes)
             .await;
-        local.and(mirrors)
+        require_mirror(local.and(mirrors), confirmed, mirror_required)
     }
 
     /// With "fence", a mirror that is away refuses host writes up front:
@@ -627,9 +665,11 @@ impl Replicator {
         &self,
         sent: Vec<Vec<link::Sent>>,
         modes: &[LinkWrite],
-    ) -> (Result<(), Errno>, bool) {
+    ) -> (Result<(), Errno>, bool, usize) {
         let mut result = Ok(());
         let mut missed = false;
+        // Sync links that acknowledged everything and are in sync after it.
+        let mut confirmed = 0;
         for ((l, sent), m) in self.links.iter().zip(sent).zip(modes) {
             let wait = match m {
                 LinkWrite::Sync => true,
@@ -645,8 +685,12 @@ impl Replicator {
             if m.is_async() {
                 l.counters.throttled.fetch_add(1, Relaxed);
             }
+            let mut all = !sent.is_empty();
             for s in sent {
+                // Deferred: the mirror is filling and does not have it yet.
+                all &= matches!(s, link::Sent::Waiting(_));
                 if let Err(e) = l.wait(s).await {
+                    all = false;
                     debug!(error = %e, "mirror did not take a request");
                     missed = true;
                     if self.policy == FailurePolicy::Fence {
@@ -654,9 +698,26 @@ impl Replicator {
                     }
                 }
             }
+            if all && *m == LinkWrite::Sync && l.state() == link::SyncState::InSync {
+                confirmed += 1;
+            }
         }
-        (result, missed)
+        (result, missed, confirmed)
     }
+}
+
+/// EIO when a mirror's acknowledgement is required and no in-sync sync
+/// mirror gave one.
+fn require_mirror(
+    result: Result<(), Errno>,
+    confirmed: usize,
+    mirror_required: &(dyn Fn() -> bool + Sync),
+) -> Result<(), Errno> {
+    if result.is_ok() && confirmed == 0 && mirror_required() {
+        warn!("local disk failed and no in-sync sync mirror acknowledged the request: EIO");
+        return Err(Errno::Io);
+    }
+    result
 }
 
 /// How one link takes one host write.
