@@ -16,7 +16,10 @@ lag (bytes and the age of the oldest unacknowledged write), and the largest
 values are printed: the lag the async figure ran at. The page cache is
 dropped before every fio run (as root).
 
-    python3 bench/async.py [--rounds 2] [--runtime 5] [--delay 0 --delay 5ms] [--max-lag 2GiB]
+With --durable, a fourth configuration runs beside them: async with
+`durable_barriers = true` (every epoch flushed on the mirror).
+
+    python3 bench/async.py [--rounds 2] [--runtime 5] [--delay 0 --delay 5ms] [--max-lag 2GiB] [--durable]
 """
 
 import argparse
@@ -69,9 +72,12 @@ def start(kind, workdir, seed, size_bytes, delay, max_lag):
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         b.wait_port(p_port, proxy, "delay proxy")
         head = 'secret_file = "secret.key"\n'
-        tail = f'mirror_timeout = "30s"\n\n[[volume.mirror]]\npeer = "127.0.0.1:{p_port}"\nmode = "{kind}"\n'
-        if kind == "async" and max_lag:
+        mode = "sync" if kind == "sync" else "async"
+        tail = f'mirror_timeout = "30s"\n\n[[volume.mirror]]\npeer = "127.0.0.1:{p_port}"\nmode = "{mode}"\n'
+        if mode == "async" and max_lag:
             tail += f'max_lag_bytes = "{max_lag}"\n'
+        if kind == "async-durable":
+            tail += "durable_barriers = true\n"
     pcfg = os.path.join(workdir, "primary.toml")
     with open(pcfg, "w") as f:
         f.write(f'node = "bench-primary"\nadmin = "127.0.0.1:{p_admin}"\n'
@@ -114,7 +120,9 @@ def main():
     ap.add_argument("--delay", action="append", help="one-way delay of the link (repeatable; default 0 and 5ms)")
     ap.add_argument("--only", default="", help="run only workloads whose name contains this")
     ap.add_argument("--max-lag", default="", help="the async mirror's max_lag_bytes (default: the node's, 64MiB)")
+    ap.add_argument("--durable", action="store_true", help="also run async with durable_barriers = true")
     args = ap.parse_args()
+    configs = CONFIGS + (["async-durable"] if args.durable else [])
     delays = args.delay or ["0", "5ms"]
     workloads = [w for w in WORKLOADS if args.only in w[0]]
     b.need("fio")
@@ -129,7 +137,7 @@ def main():
                         "status=none"], check=True)
         for r in range(args.rounds):
             for delay in delays:
-                for kind in CONFIGS:
+                for kind in configs:
                     if kind == "standalone" and delay != delays[0]:
                         continue  # the baseline has no link: once per round
                     workdir = os.path.join(work, f"r{r}-{delay}-{kind}")
@@ -137,7 +145,7 @@ def main():
                     try:
                         for wname, rw, bs, qd in workloads:
                             b.drop_caches()
-                            sampler = LagSampler(primary) if kind == "async" else None
+                            sampler = LagSampler(primary) if kind.startswith("async") else None
                             if sampler:
                                 sampler.start()
                             job = b.fio_job(primary.uri, rw, bs, qd, args.runtime, args.size)
@@ -176,6 +184,10 @@ def main():
             verdict = "ok" if a / base >= 0.9 else "BELOW"
             print(f"{wname:18} {delay:>6} {base:12.0f} {s:12.0f} {a:12.0f} {s / base:7.2f}x {a / base:8.2f}x "
                   f"{'>= 0.9':>7} {verdict:5} {lag_b:.1f} MiB / {lag_s:.0f} ms")
+            if args.durable:
+                d = b.median([x[0] for x in results[(wname, delay, "async-durable")]])
+                print(f"{'':18} {delay:>6} async with durable_barriers: {d:.0f} ({d / base:.2f}x standalone, "
+                      f"{d / a:.2f}x async)")
 
 
 if __name__ == "__main__":
