@@ -473,3 +473,38 @@ fn a_failed_disk_with_no_mirror_left_gives_eio() {
     // The local disk was not touched after it failed.
     assert_filled(pair.primary.image(), 0, MIB, 0x11);
 }
+
+/// A resync whose local reads fail (the primary's disk is failing where the
+/// mirror needs it) retries after a growing pause instead of spinning, keeps
+/// the region marked, and completes once the disk reads again.
+#[test]
+fn a_failing_local_read_during_resync_is_retried_with_a_pause() {
+    require_tool("qemu-io");
+    let mut pair = PairBuilder::new(16 * MIB)
+        .primary_volume("fault_injection = true")
+        .start();
+    pair.mirror.stop_with("KILL");
+    pair.wait_link("away", Duration::from_secs(10), |l| {
+        l["connection"] != "connected"
+    });
+    let (ok, out) = qemu_io(pair.primary.uri(), &["write -P 0x5c 0 1M", "flush"]);
+    assert!(ok, "{out}");
+    set_faults(&pair, r#"{"fail_reads": {"offset": 0, "len": 1048576}}"#);
+    pair.mirror.restart();
+    let errors = || pair.primary_metric("blockmirror_resync_read_errors_total");
+    wait_for("catch-up read errors", Duration::from_secs(30), || {
+        (errors() >= 3.0).then_some(())
+    });
+    // Three failed passes take 200 + 400 ms of pauses at least; a loop
+    // without them would have failed thousands of times by now.
+    assert!(
+        errors() <= 10.0,
+        "the catch-up spins: {} failed reads",
+        errors()
+    );
+    assert_ne!(pair.link()["state"], "in_sync");
+    set_faults(&pair, "{}");
+    pair.wait_in_sync(Duration::from_secs(60));
+    pair.flush_primary();
+    pair.assert_images_identical();
+}

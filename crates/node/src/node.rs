@@ -1130,7 +1130,7 @@ fn render_apply_metrics(out: &mut String, volumes: &[Served]) {
 fn render_link_metrics(out: &mut String, volumes: &[Served]) {
     use std::sync::atomic::Ordering::Relaxed;
     type Get = fn(&MirrorLink, &crate::replication::link::LinkSnapshot) -> f64;
-    let families: [(&str, MetricType, &str, Get); 17] = [
+    let families: [(&str, MetricType, &str, Get); 18] = [
         (
             "blockmirror_mirror_lag_bytes",
             MetricType::Gauge,
@@ -1190,6 +1190,12 @@ fn render_link_metrics(out: &mut String, volumes: &[Served]) {
             MetricType::Counter,
             "Bytes copied to the mirror to bring it back in sync.",
             |l, _| l.counters.resync_bytes.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_resync_read_errors_total",
+            MetricType::Counter,
+            "Resync chunks whose local read failed (they stay marked; retried after a growing pause).",
+            |l, _| l.counters.catch_up_read_failures.load(Relaxed) as f64,
         ),
         (
             "blockmirror_resync_divergent_bytes_total",

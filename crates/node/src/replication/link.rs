@@ -311,6 +311,8 @@ pub struct LinkCounters {
     /// Bytes the mirror reported as its own divergent writes (a returning
     /// old primary's, at failback), added to what is copied.
     pub divergent_bytes: AtomicU64,
+    /// Catch-up chunks whose local read failed (they stay marked).
+    pub catch_up_read_failures: AtomicU64,
 }
 
 /// A point-in-time view of a link, for /status and /metrics.
@@ -1790,6 +1792,10 @@ impl MirrorLink {
             "catching up (live): copying out-of-sync regions");
         let mut window = tokio::task::JoinSet::new();
         let mut cursor = 0u64;
+        // A pass whose local reads failed is retried after a pause that
+        // doubles (the disk is failing: no tight loop over it).
+        let mut pause = Duration::from_millis(200);
+        let mut failures = self.counters.catch_up_read_failures.load(Relaxed);
         loop {
             if cancel.is_cancelled() {
                 return;
@@ -1833,6 +1839,19 @@ impl MirrorLink {
                         warn!(volume = %self.volume, peer = %self.peer, error = %e, "storing the out-of-sync bitmap failed");
                     }
                     return;
+                }
+                let now = self.counters.catch_up_read_failures.load(Relaxed);
+                if now != failures {
+                    failures = now;
+                    warn!(volume = %self.volume, peer = %self.peer, retry_ms = pause.as_millis() as u64,
+                        "catch-up: local reads failed; retrying the marked regions after a pause");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(10));
+                } else {
+                    pause = Duration::from_millis(200);
                 }
                 cursor = 0;
                 continue;
@@ -2107,6 +2126,8 @@ impl MirrorLink {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 warn!(error = %e, "catch-up read failed; region stays marked");
+                self.counters.catch_up_read_failures.fetch_add(1, Relaxed);
+                self.shared().last_error = Some(format!("catch-up: {e}"));
                 return;
             }
             Err(_) => return,
