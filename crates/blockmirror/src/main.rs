@@ -467,17 +467,20 @@ mode = "{mode}"
     let p_cfg = dir.join("primary.toml");
     std::fs::write(&m_cfg, mirror_text).with_context(|| format!("writing {}", m_cfg.display()))?;
     std::fs::write(&p_cfg, primary_text).with_context(|| format!("writing {}", p_cfg.display()))?;
-    // Ctrl-C stops the primary first, then the mirror, as an operator would:
-    // the primary's links close cleanly instead of seeing their mirror vanish.
+    // Ctrl-C stops whichever site is primary at that moment first, then the
+    // other, as an operator would: the primary's links close cleanly instead
+    // of seeing their mirror vanish.
+    let signal = CancellationToken::new();
     let stop_primary = CancellationToken::new();
     let stop_mirror = CancellationToken::new();
-    cancel_on_signals(stop_primary.clone())?;
+    cancel_on_signals(signal.clone())?;
     let mirror = Node::open(NodeConfig::load(&m_cfg)?)?
         .start(stop_mirror.clone())
         .await?;
     let primary = Node::open(NodeConfig::load(&p_cfg)?)?
-        .start(stop_primary)
+        .start(stop_primary.clone())
         .await?;
+    let (site_a, site_b) = (primary.endpoints.admin, mirror.endpoints.admin);
     let (mut uri, mut muri) = (
         primary.endpoints.exports[0].1.clone(),
         mirror.endpoints.exports[0].1.clone(),
@@ -516,11 +519,22 @@ mode = "{mode}"
     println!("  blockmirror demo --drill                          # a disaster drill (separate processes)");
     println!();
     println!("Press Ctrl-C to stop.");
-    let primary_result = primary.wait().await;
-    stop_mirror.cancel();
-    let mirror_result = mirror.wait().await;
-    primary_result?;
-    mirror_result?;
+    signal.cancelled().await;
+    let b_first = role(admin::fetch_status(site_b).await.ok()) == "primary"
+        && role(admin::fetch_status(site_a).await.ok()) != "primary";
+    let (a_result, b_result) = if b_first {
+        stop_mirror.cancel();
+        let b = mirror.wait().await;
+        stop_primary.cancel();
+        (primary.wait().await, b)
+    } else {
+        stop_primary.cancel();
+        let a = primary.wait().await;
+        stop_mirror.cancel();
+        (a, mirror.wait().await)
+    };
+    a_result?;
+    b_result?;
     Ok(())
 }
 
