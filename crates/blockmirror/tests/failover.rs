@@ -15,29 +15,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    run(c.arg(uri))
-}
-
-fn qemu_io_ok(uri: &str, cmds: &[&str]) {
-    let out = qemu_io(uri, cmds);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {cmds:?} on {uri}: {text}"
-    );
-}
-
-fn cli(args: &[&str]) -> std::process::Output {
-    run(Command::new(BIN).args(args))
-}
-
 fn cli_ok(args: &[&str]) -> String {
     let out = cli(args);
     assert!(
@@ -80,6 +57,18 @@ fn wait_in_sync_from(primary: &TestNode, what: &str, logs: impl Fn() -> String) 
         }
         std::thread::park_timeout(Duration::from_millis(20));
     }
+}
+
+/// Waits until `node` no longer names a primary feeding it (its primary's
+/// loss or demote was noticed), then promotes `volume` there without
+/// `--force`; returns the CLI's message.
+fn promote_once_its_primary_is_gone(node: &TestNode, volume: &str) -> String {
+    wait_for(
+        "the mirror to see its primary gone",
+        Duration::from_secs(30),
+        || self::volume(node).get("primary").is_none().then_some(()),
+    );
+    cli_ok(&["promote", volume, "--admin", &node.admin.to_string()])
 }
 
 fn images_identical(a: &std::path::Path, b: &std::path::Path) -> bool {
@@ -166,12 +155,7 @@ fn old_primary_returns_as_a_mirror_and_gets_only_what_differs() {
     );
     pair.primary.stop_with("KILL");
     let _ = load.wait_with_output();
-    wait_for(
-        "the mirror to see its primary gone",
-        Duration::from_secs(30),
-        || volume(&pair.mirror).get("primary").is_none().then_some(()),
-    );
-    let msg = cli_ok(&["promote", PAIR_VOLUME, "--admin", &m_admin]);
+    let msg = promote_once_its_primary_is_gone(&pair.mirror, PAIR_VOLUME);
     assert!(msg.contains("promoted"), "{msg}");
     assert_eq!(volume(&pair.mirror)["role"], "primary");
     // The new primary is written while the old one is away.
@@ -252,14 +236,9 @@ fn planned_switchover_copies_exactly_what_was_written() {
     assert_eq!(st["role"], "mirror", "{st}");
     assert_eq!(st["read_only"], true, "{st}");
     // The mirror sees its primary go and is promoted without --force.
-    wait_for(
-        "the mirror to see its primary gone",
-        Duration::from_secs(30),
-        || volume(&pair.mirror).get("primary").is_none().then_some(()),
-    );
     // The old primary is away (cleanly stopped) while the new one writes.
     pair.primary.stop_with("TERM");
-    cli_ok(&["promote", PAIR_VOLUME, "--admin", &m_admin]);
+    promote_once_its_primary_is_gone(&pair.mirror, PAIR_VOLUME);
     // The promotion survives a restart of B (its config still says mirror):
     // it comes back primary and read-write.
     pair.mirror.stop_with("TERM");
@@ -289,10 +268,7 @@ fn planned_switchover_copies_exactly_what_was_written() {
     assert!(images_identical(pair.primary.image(), pair.mirror.image()));
     // And back again: demote B, promote A; A becomes primary, B its mirror.
     cli_ok(&["demote", PAIR_VOLUME, "--admin", &m_admin]);
-    wait_for("A to see its primary gone", Duration::from_secs(30), || {
-        volume(&pair.primary).get("primary").is_none().then_some(())
-    });
-    cli_ok(&["promote", PAIR_VOLUME, "--admin", &p_admin]);
+    promote_once_its_primary_is_gone(&pair.primary, PAIR_VOLUME);
     qemu_io_ok(pair.primary.uri(), &["write -P 0x44 2M 64k", "flush"]);
     wait_in_sync_from(&pair.primary, "the switch back", || pair.logs());
     assert!(images_identical(pair.primary.image(), pair.mirror.image()));
@@ -396,11 +372,7 @@ fn promoted_mirror_keeps_mirroring_to_the_others() {
     });
     qemu_io_ok(nodes[0].uri(), &["write -P 0x11 0 8M", "flush"]);
     nodes[0].stop_with("KILL");
-    let b_admin = nodes[1].admin.to_string();
-    wait_for("B to see A gone", Duration::from_secs(30), || {
-        volume(&nodes[1]).get("primary").is_none().then_some(())
-    });
-    cli_ok(&["promote", "db", "--admin", &b_admin]);
+    promote_once_its_primary_is_gone(&nodes[1], "db");
     qemu_io_ok(nodes[1].uri(), &["write -P 0x22 16M 2M", "flush"]);
     // B mirrors to C (A is still away).
     wait_for("B's link to C in sync", Duration::from_secs(60), || {
@@ -462,11 +434,7 @@ fn promoting_the_live_mirror_while_another_was_away_is_no_split_brain() {
         || (volume(&nodes[1])["generations"] == a_gens).then_some(()),
     );
     nodes[0].stop_with("KILL");
-    let b_admin = nodes[1].admin.to_string();
-    wait_for("B to see A gone", Duration::from_secs(30), || {
-        volume(&nodes[1]).get("primary").is_none().then_some(())
-    });
-    cli_ok(&["promote", "db", "--admin", &b_admin]);
+    promote_once_its_primary_is_gone(&nodes[1], "db");
     qemu_io_ok(nodes[1].uri(), &["write -P 0x44 8M 1M", "flush"]);
     nodes[0].restart();
     nodes[2].restart();
@@ -498,16 +466,10 @@ fn promoting_the_live_mirror_while_another_was_away_is_no_split_brain() {
 fn split_brain_between_symmetric_sites_is_resolved_by_discarding_one() {
     require_tool("qemu-io");
     let mut pair = PairBuilder::new(16 * MIB).symmetric().start();
-    let (p_admin, m_admin) = (
-        pair.primary.admin.to_string(),
-        pair.mirror.admin.to_string(),
-    );
+    let p_admin = pair.primary.admin.to_string();
     qemu_io_ok(pair.primary.uri(), &["write -P 0x11 0 4M", "flush"]);
     pair.primary.stop_with("KILL");
-    wait_for("B to see A gone", Duration::from_secs(30), || {
-        volume(&pair.mirror).get("primary").is_none().then_some(())
-    });
-    cli_ok(&["promote", PAIR_VOLUME, "--admin", &m_admin]);
+    promote_once_its_primary_is_gone(&pair.mirror, PAIR_VOLUME);
     qemu_io_ok(pair.mirror.uri(), &["write -P 0x22 1M 1M", "flush"]);
     // B goes down; A returns, finds nobody, and is written.
     pair.mirror.stop_with("TERM");
@@ -575,12 +537,8 @@ fn returning_primary_holds_host_writes_until_it_met_its_peer() {
                 rate: None,
             })
             .start();
-        let m_admin = pair.mirror.admin.to_string();
         pair.primary.stop_with("KILL");
-        wait_for("B to see A gone", Duration::from_secs(30), || {
-            volume(&pair.mirror).get("primary").is_none().then_some(())
-        });
-        cli_ok(&["promote", PAIR_VOLUME, "--admin", &m_admin]);
+        promote_once_its_primary_is_gone(&pair.mirror, PAIR_VOLUME);
         pair.primary.restart();
         let out = qemu_io(pair.primary.uri(), &["write -P 0x11 0 4k"]);
         let text = String::from_utf8_lossy(&out.stdout).to_string()

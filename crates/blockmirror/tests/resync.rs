@@ -12,27 +12,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    run(c.arg(uri))
-}
-
-fn qemu_io_ok(uri: &str, cmds: &[&str]) {
-    let out = qemu_io(uri, cmds);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success()
-            && !text.contains("failed")
-            && !text.contains("Pattern verification failed"),
-        "qemu-io {cmds:?} on {uri}: {text}"
-    );
-}
-
 /// Reads `len` bytes at `offset` of a file.
 fn read_at(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};
@@ -45,10 +24,6 @@ fn read_at(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
 
 fn all(b: &[u8], x: u8) -> bool {
     b.iter().all(|&y| y == x)
-}
-
-fn cli(args: &[&str]) -> std::process::Output {
-    run(Command::new(BIN).args(args))
 }
 
 /// Promote a disconnected mirror, write on both sides, reconnect: a split

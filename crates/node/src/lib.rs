@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod job_conn;
 pub mod local_disk;
 pub mod meta_file;
 pub mod metrics;

@@ -20,21 +20,18 @@
 //! routed back to their waiters in any order. A `JobNotReady` is only
 //! counted: the mirror pushes the data when its read completes.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blockmirror_core::jobs::LinkId;
 use blockmirror_core::readpath::{ChooserConfig, ReadChooser};
-use blockmirror_repl::{connect_for, Frame, FrameReader, FrameWriter, Purpose, MAX_DATA};
+use blockmirror_repl::{Frame, MAX_DATA};
 use bytes::Bytes;
-use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::ReadPolicy;
+use crate::job_conn::{CallError, JobConn};
 use crate::metrics::{self, MetricType};
 use crate::replication::MirrorLink;
 
@@ -67,20 +64,15 @@ pub enum RemoteReadError {
     },
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
-
 /// One job connection and the job its reads name.
 struct ReadConn {
-    tx: mpsc::UnboundedSender<Frame>,
-    waiters: Waiters,
+    conn: JobConn,
     job: u64,
-    alive: Arc<AtomicBool>,
-    _cancel: tokio_util::sync::DropGuard,
 }
 
 impl ReadConn {
     fn is_alive(&self) -> bool {
-        self.alive.load(Relaxed)
+        self.conn.is_alive()
     }
 }
 
@@ -91,7 +83,6 @@ pub struct RemoteReader {
     link: Arc<MirrorLink>,
     slots: Vec<tokio::sync::Mutex<Option<Arc<ReadConn>>>>,
     next_slot: AtomicUsize,
-    next_id: AtomicU64,
     /// No connection attempt before this.
     retry_at: Mutex<Option<Instant>>,
     timeout: Duration,
@@ -111,7 +102,6 @@ impl RemoteReader {
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
             next_slot: AtomicUsize::new(0),
-            next_id: AtomicU64::new(1),
             retry_at: Mutex::new(None),
             timeout,
             not_ready: Arc::default(),
@@ -192,79 +182,14 @@ impl RemoteReader {
             .context()
             .ok_or("the mirror link has not started")?
             .clone();
-        let addr = self.link.addr();
-        let attempt = async {
-            let mut s = TcpStream::connect(addr)
-                .await
-                .map_err(|e| format!("connect {addr}: {e}"))?;
-            s.set_nodelay(true).map_err(|e| e.to_string())?;
-            connect_for(&mut s, &ctx.secret, &ctx.hello(), Purpose::Jobs)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(s)
-        };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
-            .await
-            .unwrap_or_else(|_| Err(format!("no handshake within {CONNECT_TIMEOUT:?}")))?;
-        let (rd, wr) = stream.into_split();
-        let cancel = CancellationToken::new();
-        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
-        let waiters: Waiters = Arc::default();
-        let alive = Arc::new(AtomicBool::new(true));
-        let (c, al) = (cancel.clone(), alive.clone());
-        tokio::spawn(async move {
-            let mut w = FrameWriter::new(wr);
-            loop {
-                let f = tokio::select! {
-                    _ = c.cancelled() => break,
-                    f = rx.recv() => f,
-                };
-                let Some(f) = f else { break };
-                w.queue(&f);
-                while let Ok(f) = rx.try_recv() {
-                    w.queue(&f);
-                }
-                if w.flush().await.is_err() {
-                    break;
-                }
-            }
-            al.store(false, Relaxed);
-        });
-        let (c, ws, al, nr) = (
-            cancel.clone(),
-            waiters.clone(),
-            alive.clone(),
-            self.not_ready.clone(),
-        );
-        tokio::spawn(async move {
-            let mut r = FrameReader::new(rd);
-            loop {
-                let f = tokio::select! {
-                    _ = c.cancelled() => break,
-                    f = r.next() => f,
-                };
-                match f {
-                    Ok(Some(Frame::JobNotReady { .. })) => {
-                        nr.fetch_add(1, Relaxed);
-                    }
-                    Ok(Some(f)) => {
-                        if let Some(w) = ws.lock().expect("poisoned").remove(&f.id()) {
-                            let _ = w.send(f);
-                        }
-                    }
-                    _ => break,
-                }
-            }
-            al.store(false, Relaxed);
-            // Waiters still registered see their sender dropped.
-            ws.lock().expect("poisoned").clear();
-        });
+        let nr = self.not_ready.clone();
+        let conn = JobConn::open(self.link.addr(), &ctx, CONNECT_TIMEOUT, move || {
+            nr.fetch_add(1, Relaxed);
+        })
+        .await?;
         let mut conn = ReadConn {
-            tx,
-            waiters,
+            conn,
             job: LinkId::INVALID.to_u64(),
-            alive,
-            _cancel: cancel.drop_guard(),
         };
         // A job is opened by its first request (seed 002): one small read,
         // so that every later read on this connection names the same job.
@@ -298,40 +223,36 @@ impl RemoteReader {
         offset: u64,
         len: u32,
     ) -> Result<(u64, Bytes), RemoteReadError> {
-        let id = self.next_id.fetch_add(1, Relaxed);
-        let (done, rx) = oneshot::channel();
-        conn.waiters.lock().expect("poisoned").insert(id, done);
-        let frame = Frame::JobRead {
-            id,
-            link: job,
-            offset,
-            len,
-        };
-        if conn.tx.send(frame).is_err() {
-            conn.waiters.lock().expect("poisoned").remove(&id);
-            return Err(self.failed(offset, "job connection lost"));
-        }
-        match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(Frame::JobData {
+        let reply = conn
+            .conn
+            .call(
+                |id| Frame::JobRead {
+                    id,
+                    link: job,
+                    offset,
+                    len,
+                },
+                self.timeout,
+            )
+            .await;
+        match reply {
+            Ok(Frame::JobData {
                 link,
                 offset: o,
                 data,
                 ..
-            })) if o == offset && data.len() == len as usize => Ok((link, data)),
-            Ok(Ok(Frame::JobError { code, message, .. })) => {
+            }) if o == offset && data.len() == len as usize => Ok((link, data)),
+            Ok(Frame::JobError { code, message, .. }) => {
                 Err(self.failed(offset, format!("{code}: {message}")))
             }
-            Ok(Ok(f)) => Err(self.failed(offset, format!("unexpected {} reply", f.kind()))),
-            Ok(Err(_)) => Err(self.failed(offset, "job connection lost")),
-            Err(_) => {
-                conn.waiters.lock().expect("poisoned").remove(&id);
-                Err(RemoteReadError::Timeout {
-                    volume: self.volume.clone(),
-                    peer: self.link.peer.clone(),
-                    offset,
-                    timeout: self.timeout,
-                })
-            }
+            Ok(f) => Err(self.failed(offset, format!("unexpected {} reply", f.kind()))),
+            Err(CallError::Lost) => Err(self.failed(offset, "job connection lost")),
+            Err(CallError::Timeout) => Err(RemoteReadError::Timeout {
+                volume: self.volume.clone(),
+                peer: self.link.peer.clone(),
+                offset,
+                timeout: self.timeout,
+            }),
         }
     }
 }

@@ -34,16 +34,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockmirror_core::jobs::LinkId;
 use blockmirror_repl::{
-    connect_for, Frame, FrameReader, FrameWriter, JobErrorCode, Purpose, DIGEST_LEN,
-    MAX_HASH_BLOCK, MAX_JOB_HASHES, MIN_HASH_BLOCK,
+    Frame, JobErrorCode, DIGEST_LEN, MAX_HASH_BLOCK, MAX_JOB_HASHES, MIN_HASH_BLOCK,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::job_conn::{CallError, JobConn};
 use crate::metrics::{self, MetricType};
 use crate::replication::jobs::hash_blocks;
 use crate::replication::link::LinkContext;
@@ -660,17 +658,12 @@ enum Remote {
     Data(Bytes),
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
-
-/// The primary's end of a job connection: requests by id, replies routed
-/// back to their waiters by a reader task, in whatever order they come.
+/// The primary's end of a job connection (see [`JobConn`]), with the
+/// volume and peer its errors name.
 struct JobClient {
     volume: String,
     peer: String,
-    tx: mpsc::UnboundedSender<Frame>,
-    waiters: Waiters,
-    next_id: AtomicU64,
-    _cancel: tokio_util::sync::DropGuard,
+    conn: JobConn,
 }
 
 impl JobClient {
@@ -679,79 +672,20 @@ impl JobClient {
         link: &MirrorLink,
         progress: Arc<Progress>,
     ) -> Result<Arc<Self>, VerifyError> {
-        let err = |reason: String| VerifyError::Connect {
+        let conn = JobConn::open(link.addr(), &v.ctx, CONNECT_TIMEOUT, move || {
+            // Seed 002's "not found yet": the data follows.
+            progress.not_ready.fetch_add(1, Relaxed);
+        })
+        .await
+        .map_err(|reason| VerifyError::Connect {
             volume: v.name.clone(),
             peer: link.peer.clone(),
             reason,
-        };
-        let addr = link.addr();
-        let attempt = async {
-            let mut s = TcpStream::connect(addr)
-                .await
-                .map_err(|e| format!("connect {addr}: {e}"))?;
-            s.set_nodelay(true).map_err(|e| e.to_string())?;
-            connect_for(&mut s, &v.ctx.secret, &v.ctx.hello(), Purpose::Jobs)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(s)
-        };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
-            .await
-            .unwrap_or_else(|_| Err(format!("no handshake within {CONNECT_TIMEOUT:?}")))
-            .map_err(err)?;
-        let (rd, wr) = stream.into_split();
-        let cancel = CancellationToken::new();
-        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
-        let waiters: Waiters = Arc::default();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            let mut w = FrameWriter::new(wr);
-            loop {
-                let f = tokio::select! {
-                    _ = c.cancelled() => return,
-                    f = rx.recv() => f,
-                };
-                let Some(f) = f else { return };
-                w.queue(&f);
-                while let Ok(f) = rx.try_recv() {
-                    w.queue(&f);
-                }
-                if w.flush().await.is_err() {
-                    return;
-                }
-            }
-        });
-        let (c, ws) = (cancel.clone(), waiters.clone());
-        tokio::spawn(async move {
-            let mut r = FrameReader::new(rd);
-            loop {
-                let f = tokio::select! {
-                    _ = c.cancelled() => break,
-                    f = r.next() => f,
-                };
-                match f {
-                    Ok(Some(Frame::JobNotReady { .. })) => {
-                        // Seed 002's "not found yet": the data follows.
-                        progress.not_ready.fetch_add(1, Relaxed);
-                    }
-                    Ok(Some(f)) => {
-                        if let Some(w) = ws.lock().expect("poisoned").remove(&f.id()) {
-                            let _ = w.send(f);
-                        }
-                    }
-                    _ => break,
-                }
-            }
-            // Waiters still registered see their sender dropped.
-            ws.lock().expect("poisoned").clear();
-        });
+        })?;
         Ok(Arc::new(Self {
             volume: v.name.clone(),
             peer: link.peer.clone(),
-            tx,
-            waiters,
-            next_id: AtomicU64::new(1),
-            _cancel: cancel.drop_guard(),
+            conn,
         }))
     }
 
@@ -760,18 +694,8 @@ impl JobClient {
         offset: u64,
         make: impl FnOnce(u64) -> Frame,
     ) -> Result<Frame, VerifyError> {
-        let id = self.next_id.fetch_add(1, Relaxed);
-        let (done, rx) = oneshot::channel();
-        self.waiters.lock().expect("poisoned").insert(id, done);
-        let lost = || VerifyError::Failed {
-            volume: self.volume.clone(),
-            peer: self.peer.clone(),
-            offset,
-            message: "job connection lost".into(),
-        };
-        self.tx.send(make(id)).map_err(|_| lost())?;
-        match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
-            Ok(Ok(Frame::JobError { code, message, .. })) => Err(match code {
+        match self.conn.call(make, REPLY_TIMEOUT).await {
+            Ok(Frame::JobError { code, message, .. }) => Err(match code {
                 JobErrorCode::Busy => VerifyError::Busy {
                     volume: self.volume.clone(),
                     peer: self.peer.clone(),
@@ -790,17 +714,19 @@ impl JobClient {
                     message: format!("{code}: {message}"),
                 },
             }),
-            Ok(Ok(f)) => Ok(f),
-            Ok(Err(_)) => Err(lost()),
-            Err(_) => {
-                self.waiters.lock().expect("poisoned").remove(&id);
-                Err(VerifyError::Timeout {
-                    volume: self.volume.clone(),
-                    peer: self.peer.clone(),
-                    offset,
-                    message: format!("no reply within {REPLY_TIMEOUT:?}"),
-                })
-            }
+            Ok(f) => Ok(f),
+            Err(CallError::Lost) => Err(VerifyError::Failed {
+                volume: self.volume.clone(),
+                peer: self.peer.clone(),
+                offset,
+                message: "job connection lost".into(),
+            }),
+            Err(CallError::Timeout) => Err(VerifyError::Timeout {
+                volume: self.volume.clone(),
+                peer: self.peer.clone(),
+                offset,
+                message: format!("no reply within {REPLY_TIMEOUT:?}"),
+            }),
         }
     }
 

@@ -63,6 +63,33 @@ pub fn run(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
+/// Runs `qemu-io -f raw -c CMD ... URI`.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    run(c.arg(uri))
+}
+
+/// [`qemu_io`] that must succeed, every command included (qemu-io exits 0
+/// after a failed command, saying "failed").
+pub fn qemu_io_ok(uri: &str, cmds: &[&str]) {
+    let out = qemu_io(uri, cmds);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmds:?} on {uri}: {text}"
+    );
+}
+
+/// Runs the `blockmirror` binary with `args`.
+pub fn cli(args: &[&str]) -> Output {
+    run(Command::new(BIN).args(args))
+}
+
 /// Runs a command that must succeed; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = run(cmd);
