@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use blockmirror_nbd::proto;
-use blockmirror_node::admin;
-use blockmirror_node::status::{human_bytes, NodeStatus};
+use blockmirror_node::daemon::admin;
+use blockmirror_node::daemon::status::{human_bytes, NodeStatus};
 use blockmirror_testkit::nbd::{self as client, Uri};
 use bytes::BytesMut;
 

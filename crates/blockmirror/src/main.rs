@@ -8,9 +8,9 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use blockmirror_node::config::{self, NodeConfig};
-use blockmirror_node::node::Node;
-use blockmirror_node::{admin, status};
+use blockmirror_node::daemon::config::{self, NodeConfig};
+use blockmirror_node::daemon::node::Node;
+use blockmirror_node::daemon::{admin, status};
 
 mod drill;
 
@@ -313,7 +313,7 @@ async fn verify(
             .iter()
             .find(|v| v.name == volume)
             .with_context(|| format!("volume {volume} vanished from /status"))?;
-        let runs: Vec<(String, blockmirror_node::verify::VerifyStatus)> = v
+        let runs: Vec<(String, blockmirror_node::primary::verify::VerifyStatus)> = v
             .mirrors
             .iter()
             .filter_map(|m| {
@@ -386,7 +386,7 @@ async fn serve(path: &Path) -> Result<()> {
     run_node(config).await.map(|_| ())
 }
 
-async fn run_node(config: NodeConfig) -> Result<blockmirror_node::node::Endpoints> {
+async fn run_node(config: NodeConfig) -> Result<blockmirror_node::daemon::node::Endpoints> {
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
     let node = Node::open(config)?;

@@ -169,11 +169,9 @@ fn netns_pair() -> Option<(Netns, Pair)> {
 
 /// For people reading with --nocapture: how the link went down and came back.
 fn print_link_log(pair: &Pair) {
-    for line in pair
-        .logs()
-        .lines()
-        .filter(|l| l.contains("replication") && !l.contains("INFO blockmirror_node::node"))
-    {
+    for line in pair.logs().lines().filter(|l| {
+        l.contains("blockmirror_node::primary") || l.contains("blockmirror_node::mirror")
+    }) {
         println!("{line}");
     }
 }

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockmirror_node::replication::apply::{ApplyConfig, ApplyEngine, ApplyMetrics, ApplyOp};
+use blockmirror_node::mirror::apply::{ApplyConfig, ApplyEngine, ApplyMetrics, ApplyOp};
 use blockmirror_storage::{Backend, FaultBackend, Faults, FileBackend, FileOptions, MemBackend};
 use bytes::Bytes;
 

@@ -1,27 +1,16 @@
 //! The blockmirror node: runs the volumes of one config file.
 //!
-//! - [`config`]: the TOML node config, parsed into a validated [`config::NodeConfig`].
-//! - [`volume`]: a volume (backend + geometry + metrics) exported over NBD.
-//! - [`meta_file`]: crash-safe storage of each volume's metadata record.
-//! - [`metrics`]: lock-free counters and histograms, rendered as Prometheus text.
-//! - [`status`]: the /status JSON model and its table rendering.
-//! - [`admin`]: the admin HTTP server (GET /status, GET /metrics).
-//! - [`replication`]: the primary's write path to its mirrors, and the mirror's receiver.
-//! - [`node`]: starts everything for a config and shuts it down cleanly.
-//! - [`verify`]: online verify of a primary against its mirrors (seed 002).
-//! - [`reads`]: host reads of a primary with mirrors: read balancing and remote reads.
-//! - [`local_disk`]: the local backend with its failed state (`serve_from_mirror`) and test faults.
+//! The folders are the picture of the system:
+//!
+//! - [`volume`]: a volume (backend, geometry, metrics) exported over NBD, its
+//!   metadata record on disk, and its local disk with a failed state.
+//! - [`primary`]: the primary's side: the write path, each mirror's link,
+//!   the pipeline, consistency groups, verify and remote reads.
+//! - [`mirror`]: the mirror's side: the receiver, the apply engine and the
+//!   job handler.
+//! - [`daemon`]: config, admin HTTP API, status, metrics, node start and stop.
 
-pub mod admin;
-pub mod config;
-pub mod job_conn;
-pub mod local_disk;
-pub mod meta_file;
-pub mod metrics;
-pub mod node;
-pub mod oos_store;
-pub mod reads;
-pub mod replication;
-pub mod status;
-pub mod verify;
+pub mod daemon;
+pub mod mirror;
+pub mod primary;
 pub mod volume;

@@ -33,7 +33,7 @@ use blockmirror_storage::{Backend, Extent, FaultBackend, Faults, FileBackend, Op
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
-use crate::config::{PrimaryFailurePolicy, VolumeConfig};
+use crate::daemon::config::{PrimaryFailurePolicy, VolumeConfig};
 
 /// Why a volume's local disk could not be opened for serving.
 #[derive(Debug, thiserror::Error)]

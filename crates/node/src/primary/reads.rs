@@ -30,10 +30,10 @@ use blockmirror_repl::{Frame, MAX_DATA};
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
-use crate::config::ReadPolicy;
-use crate::job_conn::{CallError, JobConn};
-use crate::metrics::{self, MetricType};
-use crate::replication::MirrorLink;
+use crate::daemon::config::ReadPolicy;
+use crate::daemon::metrics::{self, MetricType};
+use crate::primary::job_conn::{CallError, JobConn};
+use crate::primary::MirrorLink;
 
 /// Job connections one primary volume keeps to each mirror for reads. The
 /// mirror works 16 requests per connection at once
@@ -442,7 +442,7 @@ struct PathStats {
 pub struct ReadMetrics<'a> {
     pub volume: &'a str,
     pub router: Option<&'a ReadRouter>,
-    pub disk: Option<&'a crate::local_disk::LocalDisk>,
+    pub disk: Option<&'a crate::volume::local_disk::LocalDisk>,
 }
 
 /// The read-path families: reads per path, latency average per path,

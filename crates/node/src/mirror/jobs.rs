@@ -46,7 +46,7 @@ pub const MAX_REQUESTS_PER_CONNECTION: usize = 16;
 const REPLY_QUEUE: usize = 64;
 /// How long a fetch may take before its job ends with a timeout (seed
 /// 002's four seconds); a node's `job_timeout` key sets it.
-pub const DEFAULT_FETCH_TIMEOUT: Duration = crate::config::DEFAULT_JOB_TIMEOUT;
+pub const DEFAULT_FETCH_TIMEOUT: Duration = crate::daemon::config::DEFAULT_JOB_TIMEOUT;
 /// The retry interval a `JobNotReady` suggests (seed 002's 100 ms). A
 /// requester of this build does not retry: the data is pushed.
 pub const RETRY_HINT_MS: u32 = 100;
@@ -157,7 +157,7 @@ impl JobService {
 
     /// Job-table families for /metrics (a mirror node's).
     pub fn render_metrics(&self, out: &mut String) {
-        use crate::metrics::{write_header, write_sample, MetricType};
+        use crate::daemon::metrics::{write_header, write_sample, MetricType};
         let c = &self.counters;
         let (live, cap) = {
             let t = self.table();

@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::status::NodeStatus;
+use crate::daemon::status::NodeStatus;
 
 /// `POST /volumes/{name}/promote`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -96,7 +96,7 @@ pub trait AdminSource: Send + Sync + 'static {
     fn set_faults(
         &self,
         volume: &str,
-        req: &crate::local_disk::FaultRequest,
+        req: &crate::volume::local_disk::FaultRequest,
     ) -> Result<(), (u16, String)> {
         let _ = (volume, req);
         Err((404, "fault injection is not available on this node".into()))
@@ -360,7 +360,7 @@ async fn post_faults(
     Path(name): Path<String>,
     body: Bytes,
 ) -> axum::response::Response {
-    match parse_body::<crate::local_disk::FaultRequest>(&body) {
+    match parse_body::<crate::volume::local_disk::FaultRequest>(&body) {
         Ok(req) => match source.set_faults(&name, &req) {
             Ok(()) => (StatusCode::OK, format!("{name}: faults set\n")).into_response(),
             Err((code, msg)) => refused(code, &msg),
@@ -550,7 +550,7 @@ pub async fn fetch_metrics(addr: SocketAddr) -> Result<String, AdminClientError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{MirrorStatus, VolumeStatus};
+    use crate::daemon::status::{MirrorStatus, VolumeStatus};
 
     struct Fake;
 

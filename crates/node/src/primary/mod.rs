@@ -1,14 +1,15 @@
-//! Replication: the primary's write path to its mirrors, and the mirror's
-//! receiver.
+//! The primary's side: its write path to its mirrors and what serves it.
 //!
 //! - [`locks`]: async range locks (overlapping writes in one order).
 //! - [`group`]: consistency groups (suspend together, resume together).
 //! - [`link`]: one mirror of a primary volume (connection, requests in
 //!   flight, out-of-sync bitmap, catch-up, watchdog).
-//! - [`receiver`]: the mirror side (listener, authentication, receive loop).
-//! - [`apply`]: the mirror's parallel apply engine (seed 003).
-//! - [`jobs`]: the mirror's job handler (seed 002: job table, verify
-//!   hashes, remote reads) on job connections.
+//! - [`pipeline`]: large writes split into tracks, prepared in parallel,
+//!   released to every link in order (seeds 000/001).
+//! - [`oos_store`]: each link's out-of-sync bitmap and activity log on disk.
+//! - [`verify`]: online verify against the mirrors (seed 002).
+//! - [`reads`]: read balancing and remote reads (seed 004 FIG. 9).
+//! - [`job_conn`]: the client of a mirror's job connection (verify, reads).
 //!
 //! The write path ([`Replicator::replicate`]), seed 004's detour rebuilt:
 //!
@@ -39,13 +40,14 @@
 //! just started). So a mirror promoted during the outage, and written, is
 //! seen as a split brain when the link comes back.
 
-pub mod apply;
 pub mod group;
-pub mod jobs;
+pub mod job_conn;
 pub mod link;
 pub mod locks;
+pub mod oos_store;
 pub mod pipeline;
-pub mod receiver;
+pub mod reads;
+pub mod verify;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering, Ordering::Relaxed};
@@ -55,9 +57,9 @@ use blockmirror_nbd::Errno;
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
-use crate::config::{FailurePolicy, LagPolicy};
-use crate::meta_file::{self, MetaCell, MetaFileError};
-use crate::metrics::{self, MetricType};
+use crate::daemon::config::{FailurePolicy, LagPolicy};
+use crate::daemon::metrics::{self, MetricType};
+use crate::volume::meta_file::{self, MetaCell, MetaFileError};
 pub use link::{MirrorLink, MirrorOp};
 pub use locks::RangeLocks;
 pub use pipeline::Pipeline;

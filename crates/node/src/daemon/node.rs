@@ -22,23 +22,23 @@ use std::collections::HashMap;
 use blockmirror_core::activity::{ActivityLog, DEFAULT_CAPACITY, DEFAULT_EXTENT_SIZE};
 use blockmirror_core::MirrorLabel;
 
-use crate::admin::{
+use crate::daemon::admin::{
     self, AdminSource, ControlError, DemoteRequest, PromoteRequest, ResyncRequest, VerifyRequest,
 };
-use crate::config::{NbdListen, NodeConfig, Role};
-use crate::local_disk::{FaultRequest, LocalDisk, LocalDiskError};
-use crate::meta_file::{self, MetaCell, MetaFileError};
-use crate::metrics::{self, MetricType};
-use crate::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
-use crate::reads::ReadRouter;
-use crate::replication::apply::ApplyConfig;
-use crate::replication::group::SiteGroup;
-use crate::replication::jobs::{DeviceConstants, JobService, MAX_JOBS};
-use crate::replication::link::{LinkContext, LinkTuning};
-use crate::replication::receiver::{self, MirrorTarget};
-use crate::replication::{GenState, MirrorLink, Replicator};
-use crate::status::{MirrorStatus, NodeStatus, VolumeStatus};
-use crate::verify::{VerifyService, VerifyVolume};
+use crate::daemon::config::{NbdListen, NodeConfig, Role};
+use crate::daemon::metrics::{self, MetricType};
+use crate::daemon::status::{MirrorStatus, NodeStatus, VolumeStatus};
+use crate::mirror::apply::ApplyConfig;
+use crate::mirror::jobs::{DeviceConstants, JobService, MAX_JOBS};
+use crate::mirror::receiver::{self, MirrorTarget};
+use crate::primary::group::SiteGroup;
+use crate::primary::link::{LinkContext, LinkTuning};
+use crate::primary::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
+use crate::primary::reads::ReadRouter;
+use crate::primary::verify::{VerifyService, VerifyVolume};
+use crate::primary::{GenState, MirrorLink, Replicator};
+use crate::volume::local_disk::{FaultRequest, LocalDisk, LocalDiskError};
+use crate::volume::meta_file::{self, MetaCell, MetaFileError};
 use crate::volume::Volume;
 
 #[derive(Debug, Error)]
@@ -939,18 +939,18 @@ impl AdminSource for StatusSource {
             .iter()
             .filter_map(|s| s.volume.replicator().map(|r| &**r))
             .collect();
-        crate::replication::render_metrics(&mut out, &replicators);
-        let reads: Vec<crate::reads::ReadMetrics<'_>> = self
+        crate::primary::render_metrics(&mut out, &replicators);
+        let reads: Vec<crate::primary::reads::ReadMetrics<'_>> = self
             .volumes
             .iter()
             .filter(|s| s.volume.replicator().is_some())
-            .map(|s| crate::reads::ReadMetrics {
+            .map(|s| crate::primary::reads::ReadMetrics {
                 volume: s.volume.name(),
                 router: s.volume.reads(),
                 disk: s.volume.disk().map(|d| &**d),
             })
             .collect();
-        crate::reads::render_metrics(&mut out, &reads);
+        crate::primary::reads::render_metrics(&mut out, &reads);
         self.verify.render_metrics(&mut out);
         if let Some(j) = &self.jobs {
             j.render_metrics(&mut out);
@@ -961,9 +961,9 @@ impl AdminSource for StatusSource {
     fn set_mode(
         &self,
         volume: &str,
-        req: &crate::admin::ModeRequest,
+        req: &crate::daemon::admin::ModeRequest,
     ) -> Result<Vec<String>, (u16, String)> {
-        let mode = crate::config::MirrorMode::from_name(&req.mode).ok_or_else(|| {
+        let mode = crate::daemon::config::MirrorMode::from_name(&req.mode).ok_or_else(|| {
             (
                 400,
                 format!(
@@ -1026,7 +1026,8 @@ impl AdminSource for StatusSource {
                 volume,
                 req.full,
                 req.mark,
-                req.jobs.unwrap_or(crate::verify::default_jobs(req.full)),
+                req.jobs
+                    .unwrap_or(crate::primary::verify::default_jobs(req.full)),
             )
             .map_err(|e| (e.http_status(), e.to_string()))
     }
@@ -1034,7 +1035,7 @@ impl AdminSource for StatusSource {
 
 /// The mirror side's apply engine families, labelled by volume.
 fn render_apply_metrics(out: &mut String, volumes: &[Served]) {
-    use crate::replication::apply::ApplyMetrics;
+    use crate::mirror::apply::ApplyMetrics;
     use std::sync::atomic::Ordering::Relaxed;
     type Get = fn(&ApplyMetrics) -> u64;
     let families: [(&str, MetricType, &str, Get); 9] = [
@@ -1129,7 +1130,7 @@ fn render_apply_metrics(out: &mut String, volumes: &[Served]) {
 /// Per-mirror families, labelled by volume and peer.
 fn render_link_metrics(out: &mut String, volumes: &[Served]) {
     use std::sync::atomic::Ordering::Relaxed;
-    type Get = fn(&MirrorLink, &crate::replication::link::LinkSnapshot) -> f64;
+    type Get = fn(&MirrorLink, &crate::primary::link::LinkSnapshot) -> f64;
     let families: [(&str, MetricType, &str, Get); 18] = [
         (
             "blockmirror_mirror_lag_bytes",

@@ -89,7 +89,7 @@ pub struct MirrorStatus {
     pub last_error: Option<String>,
     /// The running or last verify of this mirror (`blockmirror verify`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_verify: Option<crate::verify::VerifyStatus>,
+    pub last_verify: Option<crate::primary::verify::VerifyStatus>,
     /// Passes of the last iterative initial sync (0: none ran).
     #[serde(default)]
     pub resync_passes: u32,
@@ -256,7 +256,7 @@ pub fn render_table(status: &NodeStatus) -> String {
 }
 
 /// The VERIFY column: the last verify's outcome, or its progress.
-fn verify_cell(v: Option<&crate::verify::VerifyStatus>) -> String {
+fn verify_cell(v: Option<&crate::primary::verify::VerifyStatus>) -> String {
     let Some(v) = v else {
         return "-".into();
     };
@@ -305,7 +305,7 @@ mod tests {
                         inflight_requests: 0,
                         oldest_request_ms: 0,
                         last_error: None,
-                        last_verify: Some(crate::verify::VerifyStatus {
+                        last_verify: Some(crate::primary::verify::VerifyStatus {
                             id: 3,
                             state: "differ".into(),
                             full: false,
@@ -319,11 +319,11 @@ mod tests {
                             not_ready: 0,
                             differing_bytes: 128 << 10,
                             differing: vec![
-                                crate::verify::Range {
+                                crate::primary::verify::Range {
                                     offset: 0,
                                     len: 64 << 10,
                                 },
-                                crate::verify::Range {
+                                crate::primary::verify::Range {
                                     offset: 1 << 20,
                                     len: 64 << 10,
                                 },

@@ -30,7 +30,7 @@ use blockmirror_core::{compare_generations, Generations, MirrorLabel, Relation, 
 use blockmirror_repl::{ErrorCode, Frame, FrameReader, FrameWriter, SyncPhase, VolumeIdentity};
 use blockmirror_storage::Backend;
 
-use crate::meta_file::{MetaCell, MetaFileError};
+use crate::volume::meta_file::{MetaCell, MetaFileError};
 
 use super::apply::{Applied, ApplyConfig, ApplyEngine, ApplyMetrics, ApplyOp};
 use tokio::net::{TcpListener, TcpStream};
@@ -71,7 +71,7 @@ pub struct MirrorTarget {
     /// The volume's own links (its `[[volume.mirror]]` tables), dormant while
     /// it is a mirror: their bitmaps are what this node wrote as a primary
     /// that its peers may lack, reported to a new primary (failback).
-    own_links: std::sync::OnceLock<Vec<Arc<super::MirrorLink>>>,
+    own_links: std::sync::OnceLock<Vec<Arc<crate::primary::MirrorLink>>>,
     /// Held while the volume changes role (promote, demote, discard).
     pub role_lock: tokio::sync::Mutex<()>,
 }
@@ -116,7 +116,7 @@ impl MirrorTarget {
     }
 
     /// Gives the target the volume's own links (once, at start).
-    pub fn set_own_links(&self, links: Vec<Arc<super::MirrorLink>>) {
+    pub fn set_own_links(&self, links: Vec<Arc<crate::primary::MirrorLink>>) {
         let _ = self.own_links.set(links);
     }
 

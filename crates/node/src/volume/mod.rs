@@ -1,11 +1,18 @@
 //! A volume: a storage backend exported over NBD, with its metrics.
 //!
+//! - [`meta_file`]: crash-safe storage of the volume's metadata record.
+//! - [`local_disk`]: the local backend with its failed state
+//!   (`serve_from_mirror`) and test faults.
+//!
 //! Where each request runs is decided here. Buffered I/O on a regular file
 //! completes in microseconds against the page cache, so writes run inline on
 //! the connection's task and reads try `preadv2(RWF_NOWAIT)` inline first;
 //! everything that can wait on a disk (uncached reads, FUA, flush, trim,
 //! O_DIRECT, block devices) goes to tokio's blocking pool, so one slow request
 //! never holds up the others on its connection.
+
+pub mod local_disk;
+pub mod meta_file;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,12 +24,12 @@ use blockmirror_storage::{Backend, StorageError};
 use bytes::{Bytes, BytesMut};
 use tracing::warn;
 
-use crate::config::{PrimaryFailurePolicy, Role};
-use crate::local_disk::LocalDisk;
-use crate::meta_file::MetaCell;
-use crate::metrics::VolumeMetrics;
-use crate::reads::{ReadRouter, RoutedReadError};
-use crate::replication::{MirrorOp, Replicator};
+use crate::daemon::config::{PrimaryFailurePolicy, Role};
+use crate::daemon::metrics::VolumeMetrics;
+use crate::primary::reads::{ReadRouter, RoutedReadError};
+use crate::primary::{MirrorOp, Replicator};
+use crate::volume::local_disk::LocalDisk;
+use crate::volume::meta_file::MetaCell;
 use blockmirror_core::VolumeMeta;
 
 /// A served volume.

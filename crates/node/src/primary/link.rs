@@ -39,8 +39,8 @@ use tracing::{debug, info, warn};
 use super::group::SiteGroup;
 use super::locks::RangeLocks;
 use super::GenState;
-use crate::config::{InitialSync, LagPolicy, MirrorConfig, MirrorMode, ResyncConfig};
-use crate::oos_store::OosStore;
+use crate::daemon::config::{InitialSync, LagPolicy, MirrorConfig, MirrorMode, ResyncConfig};
+use crate::primary::oos_store::OosStore;
 
 /// The live link asks the mirror to flush this often when it has written
 /// since the last flush, so that what a mirror crash can lose stays small.
@@ -2384,7 +2384,7 @@ fn queue(w: &mut FrameWriter<tokio::net::tcp::OwnedWriteHalf>, out: Outgoing) {
 }
 
 // ---------------------------------------------------------------------------
-// Verify support (issue 8): what `crate::verify` needs from a link. Kept
+// Verify support (issue 8): what `crate::primary::verify` needs from a link. Kept
 // apart from the write path so it merges cleanly with work on it.
 
 impl MirrorLink {
@@ -2429,7 +2429,7 @@ impl MirrorLink {
 }
 
 // ---------------------------------------------------------------------------
-// Read balancing and serve_from_mirror (issue 9): what `crate::reads` needs
+// Read balancing and serve_from_mirror (issue 9): what `crate::primary::reads` needs
 // from a link. Kept apart from the write path so it merges cleanly.
 
 impl MirrorLink {

@@ -41,11 +41,11 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::job_conn::{CallError, JobConn};
-use crate::metrics::{self, MetricType};
-use crate::replication::jobs::hash_blocks;
-use crate::replication::link::LinkContext;
-use crate::replication::MirrorLink;
+use crate::daemon::metrics::{self, MetricType};
+use crate::mirror::jobs::hash_blocks;
+use crate::primary::job_conn::{CallError, JobConn};
+use crate::primary::link::LinkContext;
+use crate::primary::MirrorLink;
 
 /// Jobs (and workers) one checksum verify opens on each mirror by default.
 /// Measured (docs/BENCHMARKS.md, 2 GiB on 2 cores): 1 job 2.17 s, 4 jobs

@@ -1,0 +1,14 @@
+//! The node daemon's own rooms: what runs a config file, serves the
+//! operator and shows what happens.
+//!
+//! - [`config`]: the TOML node config, parsed into a validated [`config::NodeConfig`].
+//! - [`node`]: starts everything for a config, changes roles, shuts down cleanly.
+//! - [`admin`]: the admin HTTP server (status, metrics, role and data commands).
+//! - [`status`]: the /status JSON model and its table rendering.
+//! - [`metrics`]: lock-free counters and histograms, rendered as Prometheus text.
+
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod node;
+pub mod status;
