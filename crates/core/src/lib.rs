@@ -8,7 +8,7 @@
 //! - [`readpath`]: read balancing (seed 004 FIG. 9): a latency average per read path and the chooser.
 //! - [`rangelock`]: range locks that keep overlapping writes in one order on disk and on the link.
 //! - [`jobs`]: seed 002's device and job records: the mirror's bounded job table and link ids.
-//! - [`meta`]: the durable volume metadata record (identity, generation, clean flag).
+//! - [`link`]: the primary's link to one mirror as a state machine (phases, events, actions).
 //! - [`meta`]: the durable volume metadata record (identity, generation ids, mirror label, clean flag).
 //! - [`generation`]: generation ids and the decision that compares two sides' records
 //!   (in sync, which side is ahead, split brain, unrelated).
@@ -21,6 +21,7 @@ pub mod bitmap;
 pub mod generation;
 pub mod geometry;
 pub mod jobs;
+pub mod link;
 pub mod meta;
 pub mod rangelock;
 pub mod rate;
