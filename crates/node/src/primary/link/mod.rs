@@ -1,0 +1,621 @@
+//! The primary's side of one mirror: its connection, its requests in flight,
+//! its out-of-sync bitmap and its state.
+//!
+//! Seed 004's write detour, per mirror: [`MirrorLink::prepare`] creates the
+//! mirror request before the local I/O starts; [`Prepared::send`] sends it
+//! only once the local I/O succeeded (or [`Prepared::abandon`] marks the
+//! region instead); the caller then waits for the acknowledgement.
+//!
+//! A link has a connection epoch. Every request belongs to the epoch it was
+//! sent in; when the connection fails, every request of that epoch fails at
+//! once and its region is marked out of sync, and acknowledgements of an
+//! older epoch can never be mistaken for new ones (request ids also never
+//! repeat). A watchdog fails the connection when a request has been
+//! outstanding longer than the mirror timeout (seed 004's monitor).
+//!
+//! The link's phase (connecting, live, in sync, fenced...) is a
+//! [`blockmirror_core::link::LinkMachine`]: every change of it goes through
+//! [`MirrorLink::drive`]. The files here:
+//!
+//! - [`session`]: connections, handshake, generation check, the
+//!   connection's tasks, and what a failure does.
+//! - [`inflight`]: requests in flight, acknowledgements, read eligibility.
+//! - [`catchup`]: catch-up, iterative initial sync, checksum resync, pacing.
+//! - [`activity`]: the activity log and the bitmap's persistence.
+//! - [`metrics`]: the link's families in /metrics.
+
+mod activity;
+mod catchup;
+mod inflight;
+mod session;
+
+pub use activity::ActivateError;
+use inflight::Pending;
+pub use inflight::{Prepared, Sent, Ticket};
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use blockmirror_core::activity::ActivityLog;
+use blockmirror_core::bitmap::Bitmap;
+use blockmirror_core::rate::TokenBucket;
+use blockmirror_core::Generations;
+use blockmirror_repl::{Codec, EncodedWrite, Frame, NodeHello, SyncPhase, VolumeIdentity};
+use blockmirror_storage::Backend;
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::daemon::config::{LagPolicy, MirrorConfig, MirrorMode, ResyncConfig};
+use crate::primary::group::SiteGroup;
+use crate::primary::locks::RangeLocks;
+use crate::primary::oos_store::OosStore;
+use crate::primary::GenState;
+
+/// What a mirror operation does.
+#[derive(Debug, Clone)]
+pub enum MirrorOp {
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+        may_trim: bool,
+    },
+    Flush,
+    /// A liveness probe on an idle link (answered by Pong).
+    Ping,
+    /// Asks the mirror for the BLAKE3 hash of a range (checksum resync).
+    Hash {
+        offset: u64,
+        len: u32,
+    },
+    /// Tells the mirror a resync starts, or that it is in sync at a generation.
+    SyncState {
+        phase: SyncPhase,
+        generations: Generations,
+    },
+}
+
+impl MirrorOp {
+    /// The byte range the operation changes (empty for FLUSH).
+    pub fn range(&self) -> (u64, u64) {
+        match self {
+            MirrorOp::Write { offset, data, .. } => (*offset, data.len() as u64),
+            MirrorOp::Trim { offset, len, .. } | MirrorOp::WriteZeroes { offset, len, .. } => {
+                (*offset, u64::from(*len))
+            }
+            MirrorOp::Flush
+            | MirrorOp::Ping
+            | MirrorOp::Hash { .. }
+            | MirrorOp::SyncState { .. } => (0, 0),
+        }
+    }
+
+    fn frame(&self, id: u64) -> Frame {
+        match self.clone() {
+            MirrorOp::Write { offset, data, fua } => Frame::Write {
+                id,
+                offset,
+                fua,
+                data,
+            },
+            MirrorOp::Trim { offset, len, fua } => Frame::Trim {
+                id,
+                offset,
+                len,
+                fua,
+            },
+            MirrorOp::WriteZeroes {
+                offset,
+                len,
+                fua,
+                may_trim,
+            } => Frame::WriteZeroes {
+                id,
+                offset,
+                len,
+                fua,
+                may_trim,
+            },
+            MirrorOp::Flush => Frame::Flush { id },
+            MirrorOp::Ping => Frame::Ping { id },
+            MirrorOp::Hash { offset, len } => Frame::HashRequest { id, offset, len },
+            MirrorOp::SyncState { phase, generations } => Frame::SyncState {
+                id,
+                phase,
+                generation: generations.current,
+                history: generations.history,
+            },
+        }
+    }
+}
+
+/// Why a mirror did not take a request.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("mirror {peer}: {reason}")]
+pub struct MirrorFailure {
+    pub peer: String,
+    pub reason: String,
+}
+
+/// What the sender task writes: a frame, or a Write whose data the
+/// pipeline (or the caller) already made ready for the wire.
+pub(crate) enum Outgoing {
+    Frame(Frame),
+    Encoded {
+        id: u64,
+        offset: u64,
+        fua: bool,
+        write: EncodedWrite,
+    },
+}
+
+pub(super) struct Shared {
+    connection: Connection,
+    state: SyncState,
+    epoch: u64,
+    /// The sender task's queue while connected.
+    tx: Option<mpsc::UnboundedSender<Outgoing>>,
+    /// Cancels the current connection's tasks.
+    conn_cancel: Option<CancellationToken>,
+    inflight: BTreeMap<u64, Pending>,
+    /// Write data of `inflight` that was sent: an async link's lag in bytes.
+    inflight_bytes: u64,
+    /// What the mirror may lack. Persisted lazily; the activity log covers
+    /// the regions marked since the last store.
+    bitmap: Bitmap,
+    /// `bitmap.changes()` when it was last stored.
+    stored_changes: u64,
+    /// The extents where writes may be in flight (durable before they start).
+    al: ActivityLog,
+    /// Regions the mirror acknowledged since the last FLUSH was sent: lost
+    /// if the mirror crashes before it flushes, so marked if the link fails.
+    unflushed: Bitmap,
+    /// The same for FLUSHes sent and not yet acknowledged, by request id.
+    flushing: VecDeque<(u64, Bitmap)>,
+    peer_node: Option<String>,
+    resync_done: u64,
+    resync_total: u64,
+    last_error: Option<String>,
+    /// The generation check found a blank mirror: fill it from scratch.
+    fill_from_scratch: bool,
+    /// An iterative initial sync is running: host writes only mark the
+    /// bitmap (the change mask), they are not sent.
+    copy_only: bool,
+    /// Passes of the current (or last) iterative initial sync.
+    passes: u32,
+    /// How long the last final copy held host writes.
+    last_suspension: Option<Duration>,
+    /// Marked regions the mirror only *may* lack (what it reported of its
+    /// own after a crash, or everything when nothing records how it
+    /// differs): the catch-up hashes them on both sides before sending.
+    /// Regions marked here for this primary's own writes are sent at once.
+    maybe: Option<Bitmap>,
+}
+
+/// Counters for /metrics.
+#[derive(Default)]
+pub struct LinkCounters {
+    pub bytes_replicated: AtomicU64,
+    pub requests_acked: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub failures: AtomicU64,
+    pub resync_bytes: AtomicU64,
+    /// Bytes of Write data handed to the sender, before compression.
+    pub data_bytes: AtomicU64,
+    /// The same Write data as it goes on the wire (after compression).
+    pub wire_bytes: AtomicU64,
+    /// Async: host writes answered without waiting for this mirror.
+    pub async_unwaited: AtomicU64,
+    /// Async: host writes that waited because the lag was past its bound.
+    pub throttled: AtomicU64,
+    /// Host writes suspended, summed over final copies, in microseconds.
+    pub suspended_us: AtomicU64,
+    pub suspensions: AtomicU64,
+    /// Bytes a checksum resync found equal on the mirror and did not send.
+    pub resync_skipped_bytes: AtomicU64,
+    /// Bytes the mirror reported as its own divergent writes (a returning
+    /// old primary's, at failback), added to what is copied.
+    pub divergent_bytes: AtomicU64,
+    /// Catch-up chunks whose local read failed (they stay marked).
+    pub catch_up_read_failures: AtomicU64,
+}
+
+/// A point-in-time view of a link, for /status and /metrics.
+#[derive(Debug, Clone)]
+pub struct LinkSnapshot {
+    pub peer: String,
+    pub mode: MirrorMode,
+    pub connection: Connection,
+    pub state: SyncState,
+    pub peer_node: Option<String>,
+    pub out_of_sync_bytes: u64,
+    pub inflight: usize,
+    pub oldest_inflight: Option<Duration>,
+    /// Async lag: write data not yet acknowledged by the mirror, and the
+    /// age of the oldest unacknowledged write (the RPO right now).
+    pub lag_bytes: u64,
+    pub lag: Duration,
+    pub resync_done: u64,
+    pub resync_total: u64,
+    pub last_error: Option<String>,
+    pub passes: u32,
+    pub last_suspension: Option<Duration>,
+    pub resync_rate: u64,
+}
+
+/// A link's timing settings from its volume's config.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkTuning {
+    /// `mirror_timeout`: a request unanswered this long fails the link.
+    pub timeout: Duration,
+    pub resync: ResyncConfig,
+}
+
+/// One mirror of one primary volume.
+pub struct MirrorLink {
+    pub peer: String,
+    addr: SocketAddr,
+    /// sync or async, switchable while running ([`MirrorLink::set_mode`]).
+    mode: AtomicU8,
+    max_lag_bytes: u64,
+    max_lag: Duration,
+    pub lag_policy: LagPolicy,
+    /// Async: epochs are flushed on the mirror (`durable_barriers`).
+    durable_barriers: bool,
+    /// Async: a write was answered to the host since the last epoch
+    /// barrier, so the next write sent must start a new epoch.
+    completed: AtomicBool,
+    /// Barriers sent (epochs closed), for /metrics.
+    pub barriers: AtomicU64,
+    /// What the link runs with, kept to start a catch-up from the write path.
+    ctx: std::sync::OnceLock<LinkContext>,
+    /// How this link compresses Write data.
+    pub compression: Codec,
+    volume: String,
+    timeout: Duration,
+    next_id: AtomicU64,
+    shared: Mutex<Shared>,
+    /// Wakes writes waiting on the activity log.
+    al_wake: tokio::sync::Notify,
+    store: Arc<OosStore>,
+    /// This link's consistency group at its site, if the volume has one.
+    group: std::sync::OnceLock<(Arc<SiteGroup>, usize)>,
+    /// The primary's own backend: made durable before an activity-log
+    /// eviction, so an evicted extent holds nothing the local disk could lose.
+    local: Arc<dyn Backend>,
+    pub counters: LinkCounters,
+    resync: ResyncConfig,
+    /// Paces the resync copy (`resync_rate`; 0: unlimited).
+    bucket: Mutex<TokenBucket>,
+    /// The bucket's clock.
+    born: Instant,
+    /// When a host write last came through, on the bucket's clock (ns + 1; 0: never).
+    last_host_write: AtomicU64,
+    /// HashReply payloads by request id, picked up by the copy that asked.
+    hashes: Mutex<std::collections::HashMap<u64, [u8; 32]>>,
+    /// False while the volume is a mirror on this node: the link stays
+    /// disconnected (a dormant link, used once the volume is promoted).
+    active: watch::Sender<bool>,
+    /// Whether this link told the start gate it met its peer (once).
+    reported: AtomicBool,
+}
+
+pub(super) fn mode_code(m: MirrorMode) -> u8 {
+    match m {
+        MirrorMode::Sync => 0,
+        MirrorMode::Async => 1,
+    }
+}
+
+/// A clear bitmap of the same shape as `b`.
+pub(super) fn empty_like(b: &Bitmap) -> Bitmap {
+    Bitmap::new(b.volume_size(), b.granularity()).expect("same shape as a valid bitmap")
+}
+
+/// What a link needs from its volume and node.
+#[derive(Clone)]
+pub struct LinkContext {
+    pub secret: Arc<[u8]>,
+    /// This node's name.
+    pub node: String,
+    pub volume: String,
+    pub backend: Arc<dyn Backend>,
+    pub locks: RangeLocks,
+    pub gen: Arc<GenState>,
+    /// Called when a mirror turns out to hold a newer generation than ours
+    /// (it was promoted while this node was away): the node demotes the
+    /// volume, which then becomes that primary's mirror (failback).
+    pub on_peer_ahead: Option<Arc<dyn Fn(String) + Send + Sync>>,
+}
+
+impl LinkContext {
+    /// The Hello of a new connection: the volume's record as it is now.
+    pub fn hello(&self) -> NodeHello {
+        let m = self.gen.meta.get();
+        NodeHello {
+            node: self.node.clone(),
+            volume: VolumeIdentity {
+                name: self.volume.clone(),
+                volume_id: m.volume_id,
+                size: m.size,
+                generation: m.generations.current,
+                history: m.generations.history,
+            },
+        }
+    }
+}
+
+/// The connection, as /status spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connection {
+    Connected,
+    Connecting,
+    Disconnected,
+}
+
+impl Connection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Connection::Connected => "connected",
+            Connection::Connecting => "connecting",
+            Connection::Disconnected => "disconnected",
+        }
+    }
+}
+
+/// The mirror's data state, as /status spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncState {
+    InSync,
+    Resyncing,
+    Degraded,
+    /// Async with lag_policy "bitmap": writes past the lag bound were
+    /// recorded instead of sent, so the mirror lacks some that later ones
+    /// may depend on, until a resync copies them.
+    Inconsistent,
+    /// Automatic resync refused: the peer was promoted (it is ahead), or
+    /// its data is unrelated. Nothing is copied.
+    Suspended,
+    /// Both sides were written since they last agreed. Nothing is copied
+    /// until an operator discards one side (`resync --discard-local`).
+    SplitBrain,
+}
+
+impl SyncState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncState::InSync => "in_sync",
+            SyncState::Resyncing => "resyncing",
+            SyncState::Degraded => "degraded",
+            SyncState::Inconsistent => "inconsistent",
+            SyncState::Suspended => "suspended",
+            SyncState::SplitBrain => "split_brain",
+        }
+    }
+}
+
+impl MirrorLink {
+    /// A link that starts disconnected, with the bitmap recovered from its
+    /// store (everything, for a new mirror).
+    pub fn new(
+        volume: &str,
+        cfg: &MirrorConfig,
+        tuning: LinkTuning,
+        bitmap: Bitmap,
+        al: ActivityLog,
+        store: Arc<OosStore>,
+        local: Arc<dyn Backend>,
+    ) -> Self {
+        let unflushed = empty_like(&bitmap);
+        let stored_changes = bitmap.changes();
+        Self {
+            peer: cfg.peer.clone(),
+            addr: cfg.addr,
+            mode: AtomicU8::new(mode_code(cfg.mode)),
+            max_lag_bytes: cfg.max_lag_bytes,
+            max_lag: cfg.max_lag,
+            lag_policy: cfg.lag_policy,
+            durable_barriers: cfg.durable_barriers,
+            completed: AtomicBool::new(false),
+            barriers: AtomicU64::new(0),
+            ctx: std::sync::OnceLock::new(),
+            compression: cfg.compression,
+            volume: volume.to_owned(),
+            timeout: tuning.timeout,
+            next_id: AtomicU64::new(1),
+            shared: Mutex::new(Shared {
+                connection: Connection::Disconnected,
+                state: SyncState::Degraded,
+                epoch: 0,
+                tx: None,
+                conn_cancel: None,
+                inflight: BTreeMap::new(),
+                inflight_bytes: 0,
+                bitmap,
+                stored_changes,
+                al,
+                unflushed,
+                flushing: VecDeque::new(),
+                peer_node: None,
+                resync_done: 0,
+                resync_total: 0,
+                last_error: None,
+                fill_from_scratch: false,
+                copy_only: false,
+                passes: 0,
+                last_suspension: None,
+                maybe: None,
+            }),
+            resync: tuning.resync,
+            bucket: Mutex::new(TokenBucket::new(tuning.resync.rate, catchup::RATE_BURST, 0)),
+            born: Instant::now(),
+            hashes: Mutex::new(std::collections::HashMap::new()),
+            last_host_write: AtomicU64::new(0),
+            active: watch::Sender::new(true),
+            reported: AtomicBool::new(false),
+            counters: LinkCounters::default(),
+            al_wake: tokio::sync::Notify::new(),
+            group: std::sync::OnceLock::new(),
+            store,
+            local,
+        }
+    }
+
+    pub(super) fn shared(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().expect("mirror link state poisoned")
+    }
+
+    /// True when host writes reach this mirror now.
+    pub fn is_live(&self) -> bool {
+        self.shared().tx.is_some()
+    }
+
+    /// sync or async now.
+    pub fn mode(&self) -> MirrorMode {
+        if self.mode.load(SeqCst) == mode_code(MirrorMode::Async) {
+            MirrorMode::Async
+        } else {
+            MirrorMode::Sync
+        }
+    }
+
+    pub fn is_async(&self) -> bool {
+        self.mode() == MirrorMode::Async
+    }
+
+    /// Switches between sync and async while running. Nothing is lost or
+    /// reordered: every request goes through the same ordered queue either
+    /// way. From async to sync, the writes still in flight keep their async
+    /// promise (crash-consistent order); new writes wait for the mirror. A
+    /// barrier goes before the first write after the switch if an async
+    /// write was answered before it.
+    pub fn set_mode(&self, mode: MirrorMode) {
+        let old = self.mode.swap(mode_code(mode), SeqCst);
+        if old != mode_code(mode) {
+            info!(volume = %self.volume, peer = %self.peer, mode = mode.as_str(), "mirror mode changed");
+            if mode == MirrorMode::Sync && self.completed.swap(false, SeqCst) {
+                let sh = self.shared();
+                if let Some(tx) = sh.tx.clone() {
+                    self.send_barrier(&sh, &tx);
+                }
+            }
+        }
+    }
+
+    /// Async: a write sent on this link was answered to the host. The next
+    /// write sent starts a new epoch.
+    pub fn completed(&self) {
+        self.completed.store(true, SeqCst);
+    }
+
+    /// The link's state now.
+    pub fn state(&self) -> SyncState {
+        self.shared().state
+    }
+
+    pub fn snapshot(&self) -> LinkSnapshot {
+        let sh = self.shared();
+        let now = Instant::now();
+        let oldest = sh
+            .inflight
+            .values()
+            .filter_map(|p| p.sent)
+            .min()
+            .map(|t| now.saturating_duration_since(t));
+        let lag = sh
+            .inflight
+            .values()
+            .find(|p| p.len > 0 && p.sent.is_some())
+            .and_then(|p| p.sent)
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        LinkSnapshot {
+            peer: self.peer.clone(),
+            mode: self.mode(),
+            lag_bytes: sh.inflight_bytes,
+            lag,
+            connection: sh.connection,
+            state: sh.state,
+            peer_node: sh.peer_node.clone(),
+            out_of_sync_bytes: sh.bitmap.dirty_bytes(),
+            inflight: sh.inflight.len(),
+            oldest_inflight: oldest,
+            resync_done: sh.resync_done,
+            resync_total: sh.resync_total,
+            last_error: sh.last_error.clone(),
+            passes: sh.passes,
+            last_suspension: sh.last_suspension,
+            resync_rate: self.resync_rate(),
+        }
+    }
+
+    /// A copy of the out-of-sync bitmap (for persisting it).
+    pub fn bitmap(&self) -> Bitmap {
+        self.shared().bitmap.clone()
+    }
+
+    /// Marks a region out of sync (the caller knows the mirror may lack it).
+    pub fn mark(&self, offset: u64, len: u64) {
+        self.shared().bitmap.mark(offset, len);
+    }
+
+    /// Puts this link in a consistency group (once, before it runs).
+    pub fn set_group(&self, group: Arc<SiteGroup>, idx: usize) {
+        let _ = self.group.set((group, idx));
+    }
+
+    /// The mirror's replication address (job connections go there too).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What the link runs with (secret, hello), once it started.
+    pub fn context(&self) -> Option<&LinkContext> {
+        self.ctx.get()
+    }
+
+    /// Whether the link may connect (false while the volume is a mirror).
+    pub fn is_active(&self) -> bool {
+        *self.active.borrow()
+    }
+
+    /// Wakes a dormant link, or parks a running one: its connection closes
+    /// (what was in flight is marked) and it stays disconnected.
+    pub fn set_active(&self, on: bool) {
+        self.active.send_replace(on);
+        if !on {
+            self.fail_inner(None, "the volume is a mirror on this node now", false, true);
+        }
+    }
+
+    /// This node became the primary by promotion: what the bitmap marked
+    /// belongs to an older role; from now on it records what this primary
+    /// writes while the mirror is away ([`resync_basis`] decides what else
+    /// a returning peer needs).
+    pub fn reset_for_promotion(&self) {
+        let mut sh = self.shared();
+        sh.bitmap.clear_all();
+        sh.unflushed.clear_all();
+        sh.flushing.clear();
+    }
+
+    /// Forgets what the bitmap marks (this volume is a mirror in sync with
+    /// another primary now: its own old writes are superseded).
+    pub fn clear_marks(&self) {
+        self.shared().bitmap.clear_all();
+    }
+}

@@ -1,0 +1,673 @@
+//! One link's connections: connect and handshake, the generation check
+//! and the mirror's divergence report, the connection's tasks (sender,
+//! receiver, watchdog, periodic flush), and what happens when it ends.
+
+use super::*;
+use crate::daemon::config::InitialSync;
+use blockmirror_core::{compare_generations, resync_basis, Relation, ResyncBasis};
+use blockmirror_repl::{FrameReader, FrameWriter, PeerInfo};
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+/// The live link asks the mirror to flush this often when it has written
+/// since the last flush, so that what a mirror crash can lose stays small.
+pub(super) const PERIODIC_FLUSH: Duration = Duration::from_secs(1);
+
+/// How long connecting plus the handshake may take.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the mirror may take to report its divergent regions after the
+/// handshake.
+pub(super) const DIVERGENCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What the generation check allows.
+pub(super) enum Judged {
+    /// Copy and go live.
+    Sync(Relation),
+    /// The mirror was promoted past us: this side must become its mirror.
+    PeerAhead,
+    Refused,
+}
+
+/// Reads the Divergence frames a mirror sends right after the handshake:
+/// whether it wrote its current generation as a primary, and the regions it
+/// may hold that we lack. The mirror sends nothing else until it is asked,
+/// so the reader dropped here buffers nothing of what follows.
+pub(super) async fn read_divergence(
+    stream: &mut TcpStream,
+) -> Result<(bool, Vec<(u64, u64)>), String> {
+    let mut reader = FrameReader::new(stream);
+    let mut all = Vec::new();
+    let read = async {
+        loop {
+            match reader.next().await {
+                Ok(Some(Frame::Divergence {
+                    was_primary,
+                    last,
+                    ranges,
+                })) => {
+                    all.extend(ranges);
+                    if last {
+                        return Ok(was_primary);
+                    }
+                }
+                Ok(Some(Frame::Error { code, message, .. })) => {
+                    return Err(format!("mirror refused the link: {code:?}: {message}"))
+                }
+                Ok(Some(f)) => {
+                    return Err(format!(
+                        "expected the mirror's Divergence report, got {:?}",
+                        f.kind()
+                    ))
+                }
+                Ok(None) => return Err("mirror closed the connection after the handshake".into()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    let was_primary = tokio::time::timeout(DIVERGENCE_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no Divergence report within {DIVERGENCE_TIMEOUT:?}"
+            ))
+        })?;
+    Ok((was_primary, all))
+}
+
+pub(super) async fn sender_loop(
+    mut w: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return,
+            f = rx.recv() => f,
+        };
+        let Some(out) = first else { return };
+        queue(&mut w, out);
+        while w.buffered() < 4 << 20 {
+            match rx.try_recv() {
+                Ok(out) => queue(&mut w, out),
+                Err(_) => break,
+            }
+        }
+        let flushed = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = w.flush() => r,
+        };
+        if flushed.is_err() {
+            // The receiver sees the broken connection and fails the epoch.
+            cancel.cancel();
+            return;
+        }
+    }
+}
+
+pub(super) fn queue(w: &mut FrameWriter<tokio::net::tcp::OwnedWriteHalf>, out: Outgoing) {
+    match out {
+        Outgoing::Frame(f) => w.queue(&f),
+        Outgoing::Encoded {
+            id,
+            offset,
+            fua,
+            write,
+        } => w.queue_encoded_write(id, offset, fua, &write),
+    }
+}
+
+impl MirrorLink {
+    /// Connects, reconnects with backoff, catches up, until `shutdown`.
+    pub async fn run(self: Arc<Self>, ctx: LinkContext, shutdown: CancellationToken) {
+        let _ = self.ctx.set(ctx.clone());
+        let mut backoff = BACKOFF_MIN;
+        let mut first = true;
+        let mut quiet = false;
+        let mut active = self.active.subscribe();
+        loop {
+            if !*active.borrow_and_update() {
+                // Dormant while the volume is a mirror here.
+                self.shared().connection = Connection::Disconnected;
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = active.wait_for(|a| *a) => {}
+                }
+                backoff = BACKOFF_MIN;
+                continue;
+            }
+            self.shared().connection = Connection::Connecting;
+            let started = Instant::now();
+            match self.connect(&ctx).await {
+                Ok((mut stream, peer)) => {
+                    if !first {
+                        self.counters.reconnects.fetch_add(1, Relaxed);
+                    }
+                    first = false;
+                    quiet = false;
+                    let peer_node = peer.node.clone();
+                    let judged = self.judge_generations(&ctx, &peer);
+                    let go = match judged {
+                        Judged::Sync(rel) => match read_divergence(&mut stream).await {
+                            Ok((was_primary, ranges)) => {
+                                self.take_divergence(&ctx, &peer, rel, was_primary, &ranges);
+                                true
+                            }
+                            Err(e) => {
+                                warn!(volume = %self.volume, peer = %self.peer, error = %e, "mirror did not report its divergent regions");
+                                self.shared().last_error = Some(e);
+                                false
+                            }
+                        },
+                        Judged::PeerAhead => {
+                            if let Some(hook) = &ctx.on_peer_ahead {
+                                hook(format!(
+                                    "mirror {} ({peer_node}) holds a newer generation (it was promoted)",
+                                    self.peer
+                                ));
+                            }
+                            false
+                        }
+                        Judged::Refused => false,
+                    };
+                    if !go {
+                        // After the PeerAhead hook: a volume that must
+                        // demote refuses host writes before they pass. A
+                        // link that goes live reports once it is live.
+                        self.report_met(&ctx);
+                    }
+                    if go && *self.active.borrow() {
+                        info!(volume = %self.volume, peer = %self.peer, peer_node = %peer_node, "mirror link connected");
+                        self.clone()
+                            .serve_connection(stream, peer_node, &ctx, &shutdown)
+                            .await;
+                    } else {
+                        drop(stream);
+                        let mut sh = self.shared();
+                        sh.connection = Connection::Disconnected;
+                        sh.peer_node = Some(peer_node);
+                    }
+                }
+                Err(e) => {
+                    let mut sh = self.shared();
+                    sh.connection = Connection::Disconnected;
+                    sh.last_error = Some(e.clone());
+                    drop(sh);
+                    // Unreachable: nothing to learn from it; writes go on.
+                    self.report_met(&ctx);
+                    if quiet {
+                        debug!(volume = %self.volume, peer = %self.peer, error = %e, "mirror link connect failed");
+                    } else {
+                        warn!(volume = %self.volume, peer = %self.peer, error = %e, "mirror link connect failed; retrying with backoff");
+                        quiet = true;
+                    }
+                }
+            }
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if started.elapsed() > BACKOFF_MAX * 2 {
+                backoff = BACKOFF_MIN; // It had been up for a while: retry quickly.
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+                _ = active.wait_for(|a| !*a) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        let epoch = self.shared().epoch;
+        self.close_for_shutdown(epoch);
+    }
+
+    /// Compares the mirror's generation record with ours (both authenticated
+    /// by the handshake). Says whether the link may go live; if not, the
+    /// state says why (split brain, or suspended) and nothing is copied. A
+    /// blank mirror gets the whole volume marked.
+    pub(super) fn judge_generations(&self, ctx: &LinkContext, peer: &PeerInfo) -> Judged {
+        let local = ctx.gen.meta.get().generations;
+        let theirs = Generations {
+            current: peer.volume.generation,
+            history: peer.volume.history,
+        };
+        let rel = compare_generations(&local, &theirs);
+        let mut sh = self.shared();
+        if rel.primary_may_sync() {
+            if rel.needs_full_copy() {
+                let size = sh.bitmap.volume_size();
+                sh.bitmap.mark(0, size);
+                sh.fill_from_scratch = true;
+                info!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node,
+                    "mirror holds no data lineage (new, or discarded): copying the whole volume");
+            } else if rel == Relation::LocalAhead {
+                info!(volume = %self.volume, peer = %self.peer, out_of_sync = sh.bitmap.dirty_bytes(),
+                    "this primary wrote while the mirror was away: copying what the bitmap marks");
+            }
+            return Judged::Sync(rel);
+        }
+        let (state, why) = match rel {
+            Relation::SplitBrain => (
+                SyncState::SplitBrain,
+                format!(
+                    "split brain: both sides were written since they last agreed \
+                     (ours {}, mirror {}); no automatic resync: run `blockmirror resync \
+                     {} --discard-local` on the side whose changes are to be thrown away",
+                    local.to_display(),
+                    theirs.to_display(),
+                    self.volume
+                ),
+            ),
+            Relation::PeerAhead => (
+                SyncState::Suspended,
+                format!(
+                    "the mirror was promoted (its generation {} descends from ours {}): \
+                     not overwriting it; this side must be demoted",
+                    theirs.to_display(),
+                    local.to_display()
+                ),
+            ),
+            _ => (
+                SyncState::Suspended,
+                format!(
+                    "mirror data is unrelated to ours ({}: ours {}, mirror {}); \
+                     run `blockmirror resync {} --discard-local` on the mirror to replace it",
+                    rel.as_str(),
+                    local.to_display(),
+                    theirs.to_display(),
+                    self.volume
+                ),
+            ),
+        };
+        if sh.state != state || sh.last_error.as_deref() != Some(why.as_str()) {
+            warn!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node, relation = rel.as_str(), "{why}");
+        }
+        sh.state = state;
+        sh.last_error = Some(why);
+        if rel == Relation::PeerAhead {
+            Judged::PeerAhead
+        } else {
+            Judged::Refused
+        }
+    }
+
+    /// Adds what the mirror reported after the handshake to what is copied,
+    /// and decides whether the bitmap can be trusted at all
+    /// ([`resync_basis`]): after a promotion this node's bitmaps start
+    /// empty, so a peer last in step before it is compared block by block,
+    /// unless it is the old primary itself, whose report names its own
+    /// writes (failback without a full copy).
+    pub(super) fn take_divergence(
+        &self,
+        ctx: &LinkContext,
+        peer: &PeerInfo,
+        rel: Relation,
+        was_primary: bool,
+        ranges: &[(u64, u64)],
+    ) {
+        let meta = ctx.gen.meta.get();
+        let theirs = Generations {
+            current: peer.volume.generation,
+            history: peer.volume.history,
+        };
+        let mut sh = self.shared();
+        sh.maybe = None;
+        let size = sh.bitmap.volume_size();
+        // What the peer reports is what it *may* hold (whole activity-log
+        // extents after a crash, mostly equal to ours): hashed before it is
+        // sent. What our own bitmap marks is sent at once.
+        let mut maybe = empty_like(&sh.bitmap);
+        let mut reported = 0u64;
+        for &(off, len) in ranges {
+            let end = off.saturating_add(len).min(size);
+            if off < end {
+                maybe.mark(off, end - off);
+                reported += end - off;
+            }
+        }
+        self.counters.divergent_bytes.fetch_add(reported, Relaxed);
+        if rel.needs_full_copy() {
+            sh.bitmap.mark(0, size);
+            return;
+        }
+        match resync_basis(&meta.generations, meta.promoted_from, &theirs, was_primary) {
+            ResyncBasis::Bitmap => {
+                if reported > 0 {
+                    info!(volume = %self.volume, peer = %self.peer, reported,
+                        "the mirror reports regions of its own: copying them too");
+                }
+            }
+            ResyncBasis::BitmapAndPeer => {
+                info!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node, reported,
+                    written_here = sh.bitmap.dirty_bytes().saturating_sub(reported),
+                    out_of_sync = sh.bitmap.dirty_bytes(),
+                    "failback: the old primary returns as a mirror; copying what it wrote after the \
+                     promotion missed it and what was written here since");
+            }
+            ResyncBasis::CompareAll => {
+                maybe.mark(0, size);
+                info!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node,
+                    "nothing here records how this mirror differs (it was last in step before \
+                     this node was promoted): comparing every block by checksum");
+            }
+        }
+        // Hashed first: what is only possibly different, less what this
+        // primary knows it wrote (sent at once, at the bitmap's grain).
+        let own: Vec<(u64, u64)> = sh.bitmap.runs().collect();
+        for (off, len) in own {
+            maybe.clear(off, len);
+        }
+        if !maybe.is_clear() {
+            sh.bitmap.union_with(&maybe).expect("same shape");
+            sh.maybe = Some(maybe);
+        }
+    }
+
+    /// Tells the volume's start gate, once, that this link met its peer.
+    pub(super) fn report_met(&self, ctx: &LinkContext) {
+        if !self.reported.swap(true, SeqCst) {
+            ctx.gen.link_judged();
+        }
+    }
+
+    pub(super) async fn connect(&self, ctx: &LinkContext) -> Result<(TcpStream, PeerInfo), String> {
+        let attempt = async {
+            let mut s = TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| format!("connect {}: {e}", self.addr))?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
+            let peer = blockmirror_repl::connect(&mut s, &ctx.secret, &ctx.hello())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((s, peer))
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| Err(format!("no handshake within {CONNECT_TIMEOUT:?}")))
+    }
+
+    pub(super) async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer_node: String,
+        ctx: &LinkContext,
+        shutdown: &CancellationToken,
+    ) {
+        let (rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cancel = shutdown.child_token();
+        let epoch = {
+            let mut sh = self.shared();
+            // Checked under the lock that `set_active(false)` takes after
+            // clearing the flag: either this sees it cleared, or that sees
+            // this connection and closes it.
+            if !*self.active.borrow() {
+                return;
+            }
+            sh.epoch += 1;
+            sh.conn_cancel = Some(cancel.clone());
+            sh.connection = Connection::Connected;
+            sh.peer_node = Some(peer_node);
+            sh.last_error = None;
+            sh.epoch
+        };
+        // A group member goes live only when every member is connected.
+        if let Some((group, idx)) = self.group.get() {
+            let arrived = tokio::select! {
+                r = group.arrive(*idx) => r.is_ok(),
+                _ = cancel.cancelled() => false,
+            };
+            if !arrived {
+                let mut sh = self.shared();
+                if sh.epoch == epoch {
+                    sh.conn_cancel = None;
+                    sh.connection = Connection::Disconnected;
+                }
+                return;
+            }
+        }
+        {
+            let mut sh = self.shared();
+            if sh.epoch != epoch || cancel.is_cancelled() {
+                return;
+            }
+            sh.tx = Some(tx);
+            self.report_met(ctx);
+            sh.copy_only = std::mem::take(&mut sh.fill_from_scratch)
+                && self.resync.initial_sync == InitialSync::Iterative
+                && !sh.bitmap.is_clear();
+            sh.state = if sh.bitmap.is_clear() {
+                SyncState::InSync
+            } else {
+                SyncState::Resyncing
+            };
+        }
+        let sender = tokio::spawn(sender_loop(FrameWriter::new(wr), rx, cancel.clone()));
+        let catch_up = tokio::spawn(self.clone().catch_up(epoch, ctx.clone(), cancel.clone()));
+        let watchdog = tokio::spawn(self.clone().watchdog(epoch, cancel.clone()));
+        let flusher = tokio::spawn(self.clone().periodic_flush(cancel.clone()));
+        let reason = self.receive(FrameReader::new(rd), epoch, &cancel).await;
+        if shutdown.is_cancelled() {
+            self.close_for_shutdown(epoch);
+        } else {
+            self.fail(epoch, &reason);
+        }
+        cancel.cancel();
+        let _ = sender.await;
+        let _ = catch_up.await;
+        let _ = watchdog.await;
+        let _ = flusher.await;
+    }
+
+    /// Reads acknowledgements until the connection ends; returns why it ended.
+    pub(super) async fn receive(
+        &self,
+        mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        epoch: u64,
+        cancel: &CancellationToken,
+    ) -> String {
+        // Acknowledgements that one read brought are settled together.
+        let mut ids: Vec<u64> = Vec::new();
+        let reason = loop {
+            let frame = match reader.next_buffered() {
+                Ok(Some(f)) => Ok(Some(f)),
+                Ok(None) => {
+                    if !ids.is_empty() {
+                        self.acked(&ids, epoch);
+                        ids.clear();
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => break "connection closed".into(),
+                        f = reader.next() => f,
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match frame {
+                Ok(Some(Frame::Ack { id })) | Ok(Some(Frame::Pong { id })) => ids.push(id),
+                Ok(Some(Frame::HashReply { id, hash })) => {
+                    self.hashes.lock().expect("poisoned").insert(id, hash);
+                    ids.push(id);
+                }
+                Ok(Some(Frame::Nack { id, errno, message })) => {
+                    break format!("mirror failed request {id} with errno {errno}: {message}");
+                }
+                Ok(Some(Frame::Error { code, message, .. })) => {
+                    break format!("mirror closed the link: {code:?}: {message}");
+                }
+                Ok(Some(f)) => break format!("unexpected {:?} frame from the mirror", f.kind()),
+                Ok(None) => break "mirror closed the connection".into(),
+                Err(e) => break e.to_string(),
+            }
+        };
+        // What was acknowledged before the link ended is on the mirror.
+        self.acked(&ids, epoch);
+        reason
+    }
+
+    /// Asks the mirror to flush when it acknowledged writes since the last
+    /// flush, so that what a mirror crash can lose stays a second's worth.
+    pub(super) async fn periodic_flush(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(PERIODIC_FLUSH) => {}
+            }
+            if self.shared().unflushed.is_clear() {
+                continue;
+            }
+            if let Some(p) = self.prepare_flush() {
+                let sent = self.send(p, &MirrorOp::Flush);
+                let _ = self.wait(sent).await;
+            }
+        }
+    }
+
+    /// Fails the connection when a request has waited longer than the
+    /// timeout; warns when one has waited half of it.
+    pub(super) async fn watchdog(self: Arc<Self>, epoch: u64, cancel: CancellationToken) {
+        let tick = (self.timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        let mut warned = 0u64;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let probe = {
+                let sh = self.shared();
+                let now = Instant::now();
+                match sh
+                    .inflight
+                    .iter()
+                    .filter_map(|(id, p)| p.sent.map(|t| (now.saturating_duration_since(t), *id)))
+                    .max()
+                {
+                    Some(x) => Err(x),
+                    None => Ok(()),
+                }
+            };
+            let (oldest, id) = match probe {
+                Err(x) => x,
+                Ok(()) => {
+                    // Idle: probe, so a dead peer is noticed before a host
+                    // write has to wait for it. The probe is a request like
+                    // any other: unanswered, it trips this watchdog.
+                    if let p @ Prepared::Live { .. } = self.prepare_live(0, 0) {
+                        if let Sent::Waiting(rx) = self.send(p, &MirrorOp::Ping) {
+                            drop(rx);
+                        }
+                    }
+                    continue;
+                }
+            };
+            if oldest >= self.timeout {
+                self.fail(
+                    epoch,
+                    &format!(
+                        "request {id} unanswered for {} ms (mirror_timeout)",
+                        oldest.as_millis()
+                    ),
+                );
+                return;
+            }
+            if oldest >= self.timeout / 2 && id != warned {
+                warned = id;
+                warn!(volume = %self.volume, peer = %self.peer, id, waited_ms = oldest.as_millis() as u64, "mirror request outstanding long");
+            }
+        }
+    }
+
+    /// Fails the connection of `epoch`: every request in flight fails and
+    /// its region is marked; the link is degraded until it reconnects and
+    /// catches up.
+    pub fn fail(&self, epoch: u64, reason: &str) {
+        self.fail_inner(Some(epoch), reason, true, false);
+    }
+
+    /// A sibling in this link's consistency group lost its mirror: cut this
+    /// link too (whatever its epoch), without propagating further.
+    pub fn suspend_for_group(&self, reason: &str) {
+        self.fail_inner(None, reason, false, false);
+    }
+
+    /// The node is shutting down: the link closes as a failure would (its
+    /// requests fail and are marked), but that is expected, not reported.
+    pub(super) fn close_for_shutdown(&self, epoch: u64) {
+        self.fail_inner(Some(epoch), "node shutting down", false, true);
+    }
+
+    pub(super) fn fail_inner(
+        &self,
+        epoch: Option<u64>,
+        reason: &str,
+        propagate: bool,
+        expected: bool,
+    ) {
+        let mut freed = false;
+        let inflight = {
+            let mut sh = self.shared();
+            if epoch.is_some_and(|e| e != sh.epoch) || sh.conn_cancel.is_none() {
+                return;
+            }
+            if let Some(c) = sh.conn_cancel.take() {
+                c.cancel();
+            }
+            sh.epoch += 1;
+            sh.connection = Connection::Disconnected;
+            sh.last_error = Some(reason.to_owned());
+            if std::mem::take(&mut sh.copy_only) {
+                // Still blank in parts: the next connection fills it again.
+                sh.fill_from_scratch = true;
+            }
+            if sh.tx.take().is_none() {
+                // Connected but not yet live (waiting for its group): nothing
+                // was sent on this connection.
+                return;
+            }
+            if expected {
+                info!(volume = %self.volume, peer = %self.peer, inflight = sh.inflight.len(), %reason, "mirror link closed");
+            } else {
+                warn!(volume = %self.volume, peer = %self.peer, %reason, inflight = sh.inflight.len(), "mirror link failed; degraded");
+                self.counters.failures.fetch_add(1, Relaxed);
+            }
+            sh.state = SyncState::Degraded;
+            let mut inflight = std::mem::take(&mut sh.inflight);
+            sh.inflight_bytes = 0;
+            for p in inflight.values_mut() {
+                sh.bitmap.mark(p.offset, p.len);
+                // Marked: the async write's extent may end.
+                if Self::release_al(&mut sh, p.al_end.take()) {
+                    freed = true;
+                }
+            }
+            // Acknowledged but perhaps not durable on the mirror.
+            let fresh = empty_like(&sh.bitmap);
+            let unflushed = std::mem::replace(&mut sh.unflushed, fresh);
+            let flushing = std::mem::take(&mut sh.flushing);
+            for b in std::iter::once(&unflushed).chain(flushing.iter().map(|(_, b)| b)) {
+                sh.bitmap.union_with(b).expect("same shape");
+            }
+            inflight
+        };
+        // The group is cut before any failed write is answered to the host:
+        // no write that depends on one of these can reach the site.
+        if propagate {
+            if let Some((group, idx)) = self.group.get() {
+                group.suspend(
+                    *idx,
+                    &format!("volume {} lost its mirror: {reason}", self.volume),
+                );
+            }
+        }
+        if freed {
+            self.al_wake.notify_waiters();
+        }
+        for (_, p) in inflight {
+            let _ = p.done.send(Err(self.failure(reason)));
+        }
+    }
+}
