@@ -115,7 +115,7 @@ impl MirrorLink {
             return;
         }
         let started = Instant::now();
-        if self.shared().copy_only && !self.iterative_fill(epoch, &ctx, &cancel).await {
+        if self.shared().link.is_filling() && !self.iterative_fill(epoch, &ctx, &cancel).await {
             return;
         }
         info!(volume = %self.volume, peer = %self.peer, bytes = self.shared().bitmap.dirty_bytes(),
@@ -148,14 +148,16 @@ impl MirrorLink {
                 }
                 let in_sync = {
                     let mut sh = self.shared();
-                    if sh.epoch != epoch {
+                    if sh.link.epoch() != epoch {
                         return;
                     }
                     let clear = sh.bitmap.is_clear();
                     if clear {
-                        sh.state = SyncState::InSync;
+                        let step = self.step(&mut sh, Event::CatchUpDone { epoch }, None);
                         sh.resync_done = sh.resync_total;
                         sh.maybe = None;
+                        drop(sh);
+                        step.finish(&self);
                     }
                     clear
                 };
@@ -257,10 +259,12 @@ impl MirrorLink {
             }
         }
         let mut sh = self.shared();
-        if sh.epoch != epoch {
+        if sh.link.epoch() != epoch {
             return false;
         }
-        sh.copy_only = false;
+        let step = self.step(&mut sh, Event::FillDone { epoch }, None);
+        drop(sh);
+        step.finish(self);
         true
     }
 
@@ -312,7 +316,7 @@ impl MirrorLink {
         let mut window = tokio::task::JoinSet::new();
         let mut cursor = 0u64;
         loop {
-            if cancel.is_cancelled() || self.shared().epoch != epoch {
+            if cancel.is_cancelled() || self.shared().link.epoch() != epoch {
                 return false;
             }
             let next = next_run(&self.shared().bitmap, cursor, CATCH_UP_CHUNK);
@@ -326,7 +330,7 @@ impl MirrorLink {
             window.spawn(async move { link.copy_chunk(epoch, &ctx, off, len, true).await });
         }
         while window.join_next().await.is_some() {}
-        !cancel.is_cancelled() && self.shared().epoch == epoch
+        !cancel.is_cancelled() && self.shared().link.epoch() == epoch
     }
 
     /// Suspends host writes (the range lock over the whole volume), copies
@@ -351,7 +355,7 @@ impl MirrorLink {
         let mut cursor = 0u64;
         let mut cut_short = false;
         loop {
-            if cancel.is_cancelled() || self.shared().epoch != epoch {
+            if cancel.is_cancelled() || self.shared().link.epoch() != epoch {
                 return None;
             }
             if Instant::now() >= deadline {
@@ -371,13 +375,15 @@ impl MirrorLink {
         while window.join_next().await.is_some() {}
         let done = {
             let mut sh = self.shared();
-            if sh.epoch != epoch {
+            if sh.link.epoch() != epoch {
                 return None;
             }
             let done = !cut_short && sh.bitmap.is_clear();
             if done {
                 // Host writes waiting on the lock go to the mirror from now on.
-                sh.copy_only = false;
+                let step = self.step(&mut sh, Event::FillDone { epoch }, None);
+                drop(sh);
+                step.finish(self);
             }
             done
         };
@@ -480,7 +486,7 @@ impl MirrorLink {
             };
             if theirs == Some(local) {
                 let mut sh = self.shared();
-                if sh.epoch == epoch {
+                if sh.link.epoch() == epoch {
                     sh.bitmap.clear(off, len);
                     sh.resync_done += len;
                     self.counters.resync_skipped_bytes.fetch_add(len, Relaxed);
@@ -510,7 +516,7 @@ impl MirrorLink {
         };
         if self.wait(sent).await.is_ok() {
             let mut sh = self.shared();
-            if sh.epoch == epoch {
+            if sh.link.epoch() == epoch {
                 sh.bitmap.clear(off, len);
                 sh.resync_done += len;
                 self.counters.resync_bytes.fetch_add(len, Relaxed);
@@ -525,31 +531,19 @@ impl MirrorLink {
         let mut sh = self.shared();
         sh.bitmap.mark(offset, len);
         // A catch-up already running (resyncing) picks the new marks up.
-        if sh.tx.is_some() && sh.state == SyncState::InSync {
-            warn!(volume = %self.volume, peer = %self.peer, lag_bytes = sh.inflight_bytes,
-                "async mirror past its lag bound: recording writes for resync; mirror inconsistent");
-            sh.state = SyncState::Inconsistent;
-        }
+        let step = self.step(&mut sh, Event::OverLag, None);
+        drop(sh);
+        step.finish(self);
     }
 
     /// Async, lag_policy "bitmap": once the lag is back under the bound,
     /// copies what was recorded (the mirror is "resyncing" meanwhile and in
     /// sync, consistent again, when done).
     pub fn resync_if_recovered(self: &Arc<Self>) {
-        let start = {
-            let mut sh = self.shared();
-            match (&sh.tx, &sh.conn_cancel, sh.state) {
-                (Some(_), Some(cancel), SyncState::Inconsistent) => {
-                    let cancel = cancel.clone();
-                    sh.state = SyncState::Resyncing;
-                    Some((sh.epoch, cancel))
-                }
-                _ => None,
+        if let Some(ctx) = self.ctx.get() {
+            if self.start_catch_up(Event::LagRecovered, ctx) {
+                info!(volume = %self.volume, peer = %self.peer, "async mirror lag back under its bound: resyncing what was recorded");
             }
-        };
-        if let (Some((epoch, cancel)), Some(ctx)) = (start, self.ctx.get()) {
-            info!(volume = %self.volume, peer = %self.peer, "async mirror lag back under its bound: resyncing what was recorded");
-            tokio::spawn(self.clone().catch_up(epoch, ctx.clone(), cancel));
         }
     }
 
@@ -560,21 +554,26 @@ impl MirrorLink {
     /// declares the mirror in sync; on a link that is down, the next
     /// connection copies them.
     pub fn mark_and_copy(self: &Arc<Self>, offset: u64, len: u64, ctx: &LinkContext) {
-        let start = {
+        self.shared().bitmap.mark(offset, len);
+        self.start_catch_up(Event::MarkedRegions, ctx);
+    }
+
+    /// Feeds `event`; when the state machine says so, starts a catch-up on
+    /// the live connection. True when one was started.
+    fn start_catch_up(self: &Arc<Self>, event: Event, ctx: &LinkContext) -> bool {
+        let (step, cancel) = {
             let mut sh = self.shared();
-            sh.bitmap.mark(offset, len);
-            match (&sh.tx, &sh.conn_cancel, sh.state) {
-                (Some(_), Some(cancel), SyncState::InSync) => {
-                    let cancel = cancel.clone();
-                    sh.state = SyncState::Resyncing;
-                    Some((sh.epoch, cancel))
-                }
-                _ => None,
-            }
+            let step = self.step(&mut sh, event, None);
+            (step, sh.conn_cancel.clone())
         };
-        if let Some((epoch, cancel)) = start {
-            tokio::spawn(self.clone().catch_up(epoch, ctx.clone(), cancel));
+        let mut started = false;
+        for a in step.finish(self) {
+            if let (Action::StartCatchUp { epoch }, Some(cancel)) = (a, cancel.clone()) {
+                tokio::spawn(self.clone().catch_up(epoch, ctx.clone(), cancel));
+                started = true;
+            }
         }
+        started
     }
 
     /// The primary started a new generation (another mirror misses writes):
@@ -583,10 +582,10 @@ impl MirrorLink {
     pub fn reannounce(self: Arc<Self>) {
         let epoch = {
             let sh = self.shared();
-            if sh.state != SyncState::InSync || sh.tx.is_none() {
+            if !sh.link.in_sync() {
                 return;
             }
-            sh.epoch
+            sh.link.epoch()
         };
         let Some(ctx) = self.ctx.get().cloned() else {
             return;

@@ -105,7 +105,7 @@ impl MirrorLink {
             sh.bitmap.mark(offset, len);
             return Prepared::Marked;
         }
-        if sh.copy_only {
+        if sh.link.is_filling() {
             // Marked before the local I/O starts: a copy of this region that
             // is running now holds its range lock, so it finished before this
             // write started, and clears nothing this write marks.
@@ -119,7 +119,7 @@ impl MirrorLink {
     pub(super) fn register(&self, sh: &mut Shared, offset: u64, len: u64) -> Prepared {
         let id = self.next_id.fetch_add(1, Relaxed);
         let (done, rx) = oneshot::channel();
-        let epoch = sh.epoch;
+        let epoch = sh.link.epoch();
         sh.inflight.insert(
             id,
             Pending {
@@ -164,7 +164,7 @@ impl MirrorLink {
     /// Like `prepare`, but only on the given connection and without marking.
     pub(super) fn prepare_for_epoch(&self, epoch: u64, offset: u64, len: u64) -> Option<Prepared> {
         let mut sh = self.shared();
-        if sh.epoch != epoch || sh.tx.is_none() {
+        if sh.link.epoch() != epoch || sh.tx.is_none() {
             return None;
         }
         Some(self.register(&mut sh, offset, len))
@@ -213,7 +213,7 @@ impl MirrorLink {
     ) -> bool {
         let Ticket { id, epoch } = t;
         let mut sh = self.shared();
-        if sh.epoch == epoch && sh.inflight.contains_key(&id) {
+        if sh.link.epoch() == epoch && sh.inflight.contains_key(&id) {
             if let Some(tx) = sh.tx.clone() {
                 if len > 0 && self.is_async() && self.completed.swap(false, SeqCst) {
                     // A write was answered since the last barrier: this one
@@ -284,7 +284,7 @@ impl MirrorLink {
         let mut sh = self.shared();
         let live: Vec<u64> = tickets
             .iter()
-            .filter(|t| t.epoch == sh.epoch && sh.inflight.contains_key(&t.id))
+            .filter(|t| t.epoch == sh.link.epoch() && sh.inflight.contains_key(&t.id))
             .map(|t| t.id)
             .collect();
         if live.is_empty() {
@@ -334,17 +334,16 @@ impl MirrorLink {
     pub async fn wait(&self, s: Sent) -> Result<(), MirrorFailure> {
         match s {
             Sent::Deferred => Ok(()),
-            Sent::Marked => Err(self.failure("not connected; change recorded for resync")),
-            Sent::Waiting(rx) => rx
-                .await
-                .unwrap_or_else(|_| Err(self.failure("request dropped"))),
-        }
-    }
-
-    pub(super) fn failure(&self, reason: impl Into<String>) -> MirrorFailure {
-        MirrorFailure {
-            peer: self.peer.clone(),
-            reason: reason.into(),
+            Sent::Marked => Err(MirrorFailure::Marked {
+                volume: self.volume.clone(),
+                peer: self.peer.clone(),
+            }),
+            Sent::Waiting(rx) => rx.await.unwrap_or_else(|_| {
+                Err(MirrorFailure::Dropped {
+                    volume: self.volume.clone(),
+                    peer: self.peer.clone(),
+                })
+            }),
         }
     }
 
@@ -355,7 +354,7 @@ impl MirrorLink {
         let mut freed = false;
         {
             let mut sh = self.shared();
-            if sh.epoch != epoch {
+            if sh.link.epoch() != epoch {
                 return;
             }
             for &id in ids {
@@ -459,10 +458,31 @@ impl MirrorLink {
     }
 
     pub(super) fn in_sync_now(&self, sh: &Shared) -> bool {
-        self.mode() == MirrorMode::Sync
-            && sh.tx.is_some()
-            && !sh.copy_only
-            && sh.state == SyncState::InSync
-            && sh.connection == Connection::Connected
+        self.mode() == MirrorMode::Sync && sh.link.in_sync()
+    }
+
+    /// Takes every request in flight out of the table, marks its region,
+    /// and marks what the mirror acknowledged but may not have flushed (the
+    /// state machine's `FailInflight`). Returns the requests to fail once
+    /// the lock is released, and whether an activity-log extent was freed.
+    pub(super) fn fail_requests(&self, sh: &mut Shared) -> (BTreeMap<u64, Pending>, bool) {
+        let mut freed = false;
+        let mut inflight = std::mem::take(&mut sh.inflight);
+        sh.inflight_bytes = 0;
+        for p in inflight.values_mut() {
+            sh.bitmap.mark(p.offset, p.len);
+            // Marked: the async write's extent may end.
+            if Self::release_al(sh, p.al_end.take()) {
+                freed = true;
+            }
+        }
+        // Acknowledged but perhaps not durable on the mirror.
+        let fresh = empty_like(&sh.bitmap);
+        let unflushed = std::mem::replace(&mut sh.unflushed, fresh);
+        let flushing = std::mem::take(&mut sh.flushing);
+        for b in std::iter::once(&unflushed).chain(flushing.iter().map(|(_, b)| b)) {
+            sh.bitmap.union_with(b).expect("same shape");
+        }
+        (inflight, freed)
     }
 }

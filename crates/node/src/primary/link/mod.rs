@@ -26,12 +26,17 @@
 
 mod activity;
 mod catchup;
+mod error;
 mod inflight;
+mod metrics;
 mod session;
 
 pub use activity::ActivateError;
+pub use blockmirror_core::link::{Connection, SyncState};
+pub use error::{LinkError, MirrorFailure};
 use inflight::Pending;
 pub use inflight::{Prepared, Sent, Ticket};
+pub use metrics::render_link_metrics;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -41,20 +46,84 @@ use std::time::{Duration, Instant};
 
 use blockmirror_core::activity::ActivityLog;
 use blockmirror_core::bitmap::Bitmap;
+use blockmirror_core::link::{Action, Event, IllegalEvent, LinkMachine, Outcome};
 use blockmirror_core::rate::TokenBucket;
 use blockmirror_core::Generations;
 use blockmirror_repl::{Codec, EncodedWrite, Frame, NodeHello, SyncPhase, VolumeIdentity};
 use blockmirror_storage::Backend;
 use bytes::Bytes;
+use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::daemon::config::{LagPolicy, MirrorConfig, MirrorMode, ResyncConfig};
 use crate::primary::group::SiteGroup;
 use crate::primary::locks::RangeLocks;
 use crate::primary::oos_store::OosStore;
 use crate::primary::GenState;
+
+/// What a state-machine step leaves to do once the link's lock is released.
+#[derive(Default)]
+#[must_use = "a step's waiters, group cut and start-gate report happen in finish()"]
+pub(super) struct Step {
+    /// The actions only the caller can perform.
+    actions: Vec<Action>,
+    /// The event was not allowed in the link's phase (nothing changed).
+    pub illegal: bool,
+    failed: BTreeMap<u64, Pending>,
+    freed: bool,
+    error: Option<LinkError>,
+    cut_group: Option<String>,
+    demote: bool,
+    report_met: bool,
+}
+
+impl Step {
+    /// Performs what must not run under the lock: the group is cut before
+    /// any failed write is answered to the host (no write that depends on
+    /// one of these can reach the site), then the waiters are failed.
+    pub(super) fn finish(self, link: &MirrorLink) -> Vec<Action> {
+        if let Some(reason) = &self.cut_group {
+            if let Some((group, idx)) = link.group.get() {
+                group.suspend(
+                    *idx,
+                    &format!("volume {} lost its mirror: {reason}", link.volume),
+                );
+            }
+        }
+        if self.freed {
+            link.al_wake.notify_waiters();
+        }
+        if let Some(error) = &self.error {
+            for (_, p) in self.failed {
+                let _ = p.done.send(Err(MirrorFailure::Failed {
+                    volume: link.volume.clone(),
+                    peer: link.peer.clone(),
+                    offset: p.offset,
+                    error: error.clone(),
+                }));
+            }
+        }
+        if let Some(ctx) = link.ctx.get() {
+            if self.demote {
+                if let Some(hook) = &ctx.on_peer_ahead {
+                    let node = link.shared().peer_node.clone().unwrap_or_default();
+                    hook(format!(
+                        "mirror {} ({node}) holds a newer generation (it was promoted)",
+                        link.peer
+                    ));
+                }
+            }
+            // After the demotion: a volume that must demote refuses host
+            // writes before the start gate lets them through.
+            if self.report_met {
+                ctx.gen.link_judged();
+            }
+        }
+        self.actions
+    }
+}
 
 /// What a mirror operation does.
 #[derive(Debug, Clone)]
@@ -144,14 +213,6 @@ impl MirrorOp {
     }
 }
 
-/// Why a mirror did not take a request.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("mirror {peer}: {reason}")]
-pub struct MirrorFailure {
-    pub peer: String,
-    pub reason: String,
-}
-
 /// What the sender task writes: a frame, or a Write whose data the
 /// pipeline (or the caller) already made ready for the wire.
 pub(crate) enum Outgoing {
@@ -165,9 +226,9 @@ pub(crate) enum Outgoing {
 }
 
 pub(super) struct Shared {
-    connection: Connection,
-    state: SyncState,
-    epoch: u64,
+    /// The link's phase and connection epoch: every change of them goes
+    /// through [`MirrorLink::drive`].
+    link: LinkMachine,
     /// The sender task's queue while connected.
     tx: Option<mpsc::UnboundedSender<Outgoing>>,
     /// Cancels the current connection's tasks.
@@ -191,11 +252,6 @@ pub(super) struct Shared {
     resync_done: u64,
     resync_total: u64,
     last_error: Option<String>,
-    /// The generation check found a blank mirror: fill it from scratch.
-    fill_from_scratch: bool,
-    /// An iterative initial sync is running: host writes only mark the
-    /// bitmap (the change mask), they are not sent.
-    copy_only: bool,
     /// Passes of the current (or last) iterative initial sync.
     passes: u32,
     /// How long the last final copy held host writes.
@@ -311,8 +367,6 @@ pub struct MirrorLink {
     /// False while the volume is a mirror on this node: the link stays
     /// disconnected (a dormant link, used once the volume is promoted).
     active: watch::Sender<bool>,
-    /// Whether this link told the start gate it met its peer (once).
-    reported: AtomicBool,
 }
 
 pub(super) fn mode_code(m: MirrorMode) -> u8 {
@@ -360,55 +414,6 @@ impl LinkContext {
     }
 }
 
-/// The connection, as /status spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Connection {
-    Connected,
-    Connecting,
-    Disconnected,
-}
-
-impl Connection {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Connection::Connected => "connected",
-            Connection::Connecting => "connecting",
-            Connection::Disconnected => "disconnected",
-        }
-    }
-}
-
-/// The mirror's data state, as /status spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncState {
-    InSync,
-    Resyncing,
-    Degraded,
-    /// Async with lag_policy "bitmap": writes past the lag bound were
-    /// recorded instead of sent, so the mirror lacks some that later ones
-    /// may depend on, until a resync copies them.
-    Inconsistent,
-    /// Automatic resync refused: the peer was promoted (it is ahead), or
-    /// its data is unrelated. Nothing is copied.
-    Suspended,
-    /// Both sides were written since they last agreed. Nothing is copied
-    /// until an operator discards one side (`resync --discard-local`).
-    SplitBrain,
-}
-
-impl SyncState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SyncState::InSync => "in_sync",
-            SyncState::Resyncing => "resyncing",
-            SyncState::Degraded => "degraded",
-            SyncState::Inconsistent => "inconsistent",
-            SyncState::Suspended => "suspended",
-            SyncState::SplitBrain => "split_brain",
-        }
-    }
-}
-
 impl MirrorLink {
     /// A link that starts disconnected, with the bitmap recovered from its
     /// store (everything, for a new mirror).
@@ -439,9 +444,7 @@ impl MirrorLink {
             timeout: tuning.timeout,
             next_id: AtomicU64::new(1),
             shared: Mutex::new(Shared {
-                connection: Connection::Disconnected,
-                state: SyncState::Degraded,
-                epoch: 0,
+                link: LinkMachine::new(true),
                 tx: None,
                 conn_cancel: None,
                 inflight: BTreeMap::new(),
@@ -455,8 +458,6 @@ impl MirrorLink {
                 resync_done: 0,
                 resync_total: 0,
                 last_error: None,
-                fill_from_scratch: false,
-                copy_only: false,
                 passes: 0,
                 last_suspension: None,
                 maybe: None,
@@ -467,7 +468,6 @@ impl MirrorLink {
             hashes: Mutex::new(std::collections::HashMap::new()),
             last_host_write: AtomicU64::new(0),
             active: watch::Sender::new(true),
-            reported: AtomicBool::new(false),
             counters: LinkCounters::default(),
             al_wake: tokio::sync::Notify::new(),
             group: std::sync::OnceLock::new(),
@@ -482,7 +482,79 @@ impl MirrorLink {
 
     /// True when host writes reach this mirror now.
     pub fn is_live(&self) -> bool {
-        self.shared().tx.is_some()
+        self.shared().link.is_live()
+    }
+
+    /// Feeds `event` to the link's state machine and performs what it
+    /// decided; returns the actions only the caller can perform (adopt a
+    /// connection, go live, start a catch-up, demote the volume). `why`
+    /// says why a connection ends, for events that end one.
+    pub(super) fn drive(&self, event: Event, why: Option<LinkError>) -> Vec<Action> {
+        let step = {
+            let mut sh = self.shared();
+            self.step(&mut sh, event, why)
+        };
+        step.finish(self)
+    }
+
+    /// [`MirrorLink::drive`] for a caller that holds the lock (and must
+    /// call [`Step::finish`] once it released it).
+    pub(super) fn step(&self, sh: &mut Shared, event: Event, why: Option<LinkError>) -> Step {
+        let mut step = Step::default();
+        let actions = match sh.link.on(event) {
+            Ok(Outcome::Moved(a)) => a,
+            Ok(Outcome::Stale) => return step,
+            Err(IllegalEvent { phase, event }) => {
+                // A race the driver resolves by dropping what it holds (a
+                // connection that arrived after the link was parked).
+                debug!(volume = %self.volume, peer = %self.peer, ?phase, ?event, "link event not taken in this phase");
+                step.illegal = true;
+                return step;
+            }
+        };
+        let why = why.unwrap_or(LinkError::Closed);
+        for a in actions {
+            match a {
+                Action::CancelConnection => {
+                    if let Some(c) = sh.conn_cancel.take() {
+                        c.cancel();
+                    }
+                    sh.last_error = Some(why.to_string());
+                }
+                Action::FailInflight => {
+                    sh.tx = None;
+                    if why.expected() {
+                        info!(volume = %self.volume, peer = %self.peer, inflight = sh.inflight.len(), reason = %why, "mirror link closed");
+                    } else {
+                        warn!(volume = %self.volume, peer = %self.peer, reason = %why, inflight = sh.inflight.len(), "mirror link failed; degraded");
+                    }
+                    let (failed, freed) = self.fail_requests(sh);
+                    step.failed = failed;
+                    step.freed = freed;
+                    step.error = Some(why.clone());
+                }
+                Action::CutGroup => step.cut_group = Some(why.to_string()),
+                Action::CountFailure => {
+                    self.counters.failures.fetch_add(1, Relaxed);
+                }
+                Action::ReportMet => step.report_met = true,
+                Action::DemoteVolume => step.demote = true,
+                Action::WarnInconsistent => {
+                    warn!(volume = %self.volume, peer = %self.peer, lag_bytes = sh.inflight_bytes,
+                        "async mirror past its lag bound: recording writes for resync; mirror inconsistent");
+                }
+                other => step.actions.push(other),
+            }
+        }
+        debug_assert_eq!(
+            sh.link.is_live(),
+            sh.tx.is_some()
+                || step
+                    .actions
+                    .iter()
+                    .any(|a| matches!(a, Action::GoLive { .. }))
+        );
+        step
     }
 
     /// sync or async now.
@@ -525,7 +597,7 @@ impl MirrorLink {
 
     /// The link's state now.
     pub fn state(&self) -> SyncState {
-        self.shared().state
+        self.shared().link.sync_state()
     }
 
     pub fn snapshot(&self) -> LinkSnapshot {
@@ -548,8 +620,8 @@ impl MirrorLink {
             mode: self.mode(),
             lag_bytes: sh.inflight_bytes,
             lag,
-            connection: sh.connection,
-            state: sh.state,
+            connection: sh.link.connection(),
+            state: sh.link.sync_state(),
             peer_node: sh.peer_node.clone(),
             out_of_sync_bytes: sh.bitmap.dirty_bytes(),
             inflight: sh.inflight.len(),
@@ -597,8 +669,10 @@ impl MirrorLink {
     /// (what was in flight is marked) and it stays disconnected.
     pub fn set_active(&self, on: bool) {
         self.active.send_replace(on);
-        if !on {
-            self.fail_inner(None, "the volume is a mirror on this node now", false, true);
+        if on {
+            self.drive(Event::Activate, None);
+        } else {
+            self.drive(Event::Park, Some(LinkError::Parked));
         }
     }
 

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::daemon::config::InitialSync;
+use blockmirror_core::link::{Action, Event, FailCause, Judgment, Phase};
 use blockmirror_core::{compare_generations, resync_basis, Relation, ResyncBasis};
 use blockmirror_repl::{FrameReader, FrameWriter, PeerInfo};
 use std::sync::atomic::Ordering::Relaxed;
@@ -25,22 +26,13 @@ pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(100);
 
 pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// What the generation check allows.
-pub(super) enum Judged {
-    /// Copy and go live.
-    Sync(Relation),
-    /// The mirror was promoted past us: this side must become its mirror.
-    PeerAhead,
-    Refused,
-}
-
 /// Reads the Divergence frames a mirror sends right after the handshake:
 /// whether it wrote its current generation as a primary, and the regions it
 /// may hold that we lack. The mirror sends nothing else until it is asked,
 /// so the reader dropped here buffers nothing of what follows.
 pub(super) async fn read_divergence(
     stream: &mut TcpStream,
-) -> Result<(bool, Vec<(u64, u64)>), String> {
+) -> Result<(bool, Vec<(u64, u64)>), LinkError> {
     let mut reader = FrameReader::new(stream);
     let mut all = Vec::new();
     let read = async {
@@ -57,26 +49,20 @@ pub(super) async fn read_divergence(
                     }
                 }
                 Ok(Some(Frame::Error { code, message, .. })) => {
-                    return Err(format!("mirror refused the link: {code:?}: {message}"))
+                    return Err(LinkError::Refused {
+                        code: format!("{code:?}"),
+                        message,
+                    })
                 }
-                Ok(Some(f)) => {
-                    return Err(format!(
-                        "expected the mirror's Divergence report, got {:?}",
-                        f.kind()
-                    ))
-                }
-                Ok(None) => return Err("mirror closed the connection after the handshake".into()),
-                Err(e) => return Err(e.to_string()),
+                Ok(Some(f)) => return Err(LinkError::NoDivergence(format!("{:?}", f.kind()))),
+                Ok(None) => return Err(LinkError::Closed),
+                Err(e) => return Err(LinkError::Io(e.to_string())),
             }
         }
     };
     let was_primary = tokio::time::timeout(DIVERGENCE_TIMEOUT, read)
         .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "no Divergence report within {DIVERGENCE_TIMEOUT:?}"
-            ))
-        })?;
+        .unwrap_or(Err(LinkError::DivergenceTimeout(DIVERGENCE_TIMEOUT)))?;
     Ok((was_primary, all))
 }
 
@@ -132,8 +118,7 @@ impl MirrorLink {
         let mut active = self.active.subscribe();
         loop {
             if !*active.borrow_and_update() {
-                // Dormant while the volume is a mirror here.
-                self.shared().connection = Connection::Disconnected;
+                // Parked while the volume is a mirror here.
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = active.wait_for(|a| *a) => {}
@@ -141,7 +126,10 @@ impl MirrorLink {
                 backoff = BACKOFF_MIN;
                 continue;
             }
-            self.shared().connection = Connection::Connecting;
+            if self.drive(Event::Connect, None).is_empty() && !self.is_connecting() {
+                // Parked between the check and the attempt.
+                continue;
+            }
             let started = Instant::now();
             match self.connect(&ctx).await {
                 Ok((mut stream, peer)) => {
@@ -151,55 +139,27 @@ impl MirrorLink {
                     first = false;
                     quiet = false;
                     let peer_node = peer.node.clone();
-                    let judged = self.judge_generations(&ctx, &peer);
-                    let go = match judged {
-                        Judged::Sync(rel) => match read_divergence(&mut stream).await {
+                    if let Some(rel) = self.judge_generations(&ctx, &peer) {
+                        match read_divergence(&mut stream).await {
                             Ok((was_primary, ranges)) => {
                                 self.take_divergence(&ctx, &peer, rel, was_primary, &ranges);
-                                true
+                                info!(volume = %self.volume, peer = %self.peer, peer_node = %peer_node, "mirror link connected");
+                                self.clone()
+                                    .serve_connection(stream, peer_node, &ctx, &shutdown)
+                                    .await;
                             }
                             Err(e) => {
                                 warn!(volume = %self.volume, peer = %self.peer, error = %e, "mirror did not report its divergent regions");
-                                self.shared().last_error = Some(e);
-                                false
+                                self.drive(Event::DivergenceFailed, None);
+                                self.shared().last_error = Some(e.to_string());
                             }
-                        },
-                        Judged::PeerAhead => {
-                            if let Some(hook) = &ctx.on_peer_ahead {
-                                hook(format!(
-                                    "mirror {} ({peer_node}) holds a newer generation (it was promoted)",
-                                    self.peer
-                                ));
-                            }
-                            false
                         }
-                        Judged::Refused => false,
-                    };
-                    if !go {
-                        // After the PeerAhead hook: a volume that must
-                        // demote refuses host writes before they pass. A
-                        // link that goes live reports once it is live.
-                        self.report_met(&ctx);
-                    }
-                    if go && *self.active.borrow() {
-                        info!(volume = %self.volume, peer = %self.peer, peer_node = %peer_node, "mirror link connected");
-                        self.clone()
-                            .serve_connection(stream, peer_node, &ctx, &shutdown)
-                            .await;
-                    } else {
-                        drop(stream);
-                        let mut sh = self.shared();
-                        sh.connection = Connection::Disconnected;
-                        sh.peer_node = Some(peer_node);
                     }
                 }
                 Err(e) => {
-                    let mut sh = self.shared();
-                    sh.connection = Connection::Disconnected;
-                    sh.last_error = Some(e.clone());
-                    drop(sh);
+                    self.shared().last_error = Some(e.to_string());
                     // Unreachable: nothing to learn from it; writes go on.
-                    self.report_met(&ctx);
+                    self.drive(Event::ConnectFailed, None);
                     if quiet {
                         debug!(volume = %self.volume, peer = %self.peer, error = %e, "mirror link connect failed");
                     } else {
@@ -221,78 +181,92 @@ impl MirrorLink {
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
-        let epoch = self.shared().epoch;
-        self.close_for_shutdown(epoch);
+        self.stop();
+    }
+
+    fn is_connecting(&self) -> bool {
+        matches!(self.shared().link.phase(), Phase::Connecting { .. })
     }
 
     /// Compares the mirror's generation record with ours (both authenticated
     /// by the handshake). Says whether the link may go live; if not, the
     /// state says why (split brain, or suspended) and nothing is copied. A
     /// blank mirror gets the whole volume marked.
-    pub(super) fn judge_generations(&self, ctx: &LinkContext, peer: &PeerInfo) -> Judged {
+    pub(super) fn judge_generations(&self, ctx: &LinkContext, peer: &PeerInfo) -> Option<Relation> {
         let local = ctx.gen.meta.get().generations;
         let theirs = Generations {
             current: peer.volume.generation,
             history: peer.volume.history,
         };
         let rel = compare_generations(&local, &theirs);
-        let mut sh = self.shared();
-        if rel.primary_may_sync() {
-            if rel.needs_full_copy() {
-                let size = sh.bitmap.volume_size();
-                sh.bitmap.mark(0, size);
-                sh.fill_from_scratch = true;
-                info!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node,
-                    "mirror holds no data lineage (new, or discarded): copying the whole volume");
-            } else if rel == Relation::LocalAhead {
-                info!(volume = %self.volume, peer = %self.peer, out_of_sync = sh.bitmap.dirty_bytes(),
-                    "this primary wrote while the mirror was away: copying what the bitmap marks");
+        let judgment = if rel.primary_may_sync() {
+            Judgment::Sync {
+                full_copy: rel.needs_full_copy(),
             }
-            return Judged::Sync(rel);
+        } else {
+            match rel {
+                Relation::SplitBrain => Judgment::SplitBrain,
+                Relation::PeerAhead => Judgment::PeerAhead,
+                _ => Judgment::Unrelated,
+            }
+        };
+        let mut sh = self.shared();
+        let before = sh.link.sync_state();
+        sh.peer_node = Some(peer.node.clone());
+        let step = self.step(&mut sh, Event::Handshake(judgment), None);
+        if step.illegal {
+            // Parked while connecting: the connection is dropped.
+            drop(sh);
+            step.finish(self);
+            return None;
         }
-        let (state, why) = match rel {
-            Relation::SplitBrain => (
-                SyncState::SplitBrain,
-                format!(
-                    "split brain: both sides were written since they last agreed \
-                     (ours {}, mirror {}); no automatic resync: run `blockmirror resync \
-                     {} --discard-local` on the side whose changes are to be thrown away",
-                    local.to_display(),
-                    theirs.to_display(),
-                    self.volume
-                ),
+        let why = match judgment {
+            Judgment::Sync { full_copy } => {
+                if full_copy {
+                    let size = sh.bitmap.volume_size();
+                    sh.bitmap.mark(0, size);
+                    info!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node,
+                        "mirror holds no data lineage (new, or discarded): copying the whole volume");
+                } else if rel == Relation::LocalAhead {
+                    info!(volume = %self.volume, peer = %self.peer, out_of_sync = sh.bitmap.dirty_bytes(),
+                        "this primary wrote while the mirror was away: copying what the bitmap marks");
+                }
+                drop(sh);
+                step.finish(self);
+                return Some(rel);
+            }
+            Judgment::SplitBrain => format!(
+                "split brain: both sides were written since they last agreed \
+                 (ours {}, mirror {}); no automatic resync: run `blockmirror resync \
+                 {} --discard-local` on the side whose changes are to be thrown away",
+                local.to_display(),
+                theirs.to_display(),
+                self.volume
             ),
-            Relation::PeerAhead => (
-                SyncState::Suspended,
-                format!(
-                    "the mirror was promoted (its generation {} descends from ours {}): \
-                     not overwriting it; this side must be demoted",
-                    theirs.to_display(),
-                    local.to_display()
-                ),
+            Judgment::PeerAhead => format!(
+                "the mirror was promoted (its generation {} descends from ours {}): \
+                 not overwriting it; this side must be demoted",
+                theirs.to_display(),
+                local.to_display()
             ),
-            _ => (
-                SyncState::Suspended,
-                format!(
-                    "mirror data is unrelated to ours ({}: ours {}, mirror {}); \
-                     run `blockmirror resync {} --discard-local` on the mirror to replace it",
-                    rel.as_str(),
-                    local.to_display(),
-                    theirs.to_display(),
-                    self.volume
-                ),
+            Judgment::Unrelated => format!(
+                "mirror data is unrelated to ours ({}: ours {}, mirror {}); \
+                 run `blockmirror resync {} --discard-local` on the mirror to replace it",
+                rel.as_str(),
+                local.to_display(),
+                theirs.to_display(),
+                self.volume
             ),
         };
-        if sh.state != state || sh.last_error.as_deref() != Some(why.as_str()) {
+        if sh.link.sync_state() != before || sh.last_error.as_deref() != Some(why.as_str()) {
             warn!(volume = %self.volume, peer = %self.peer, peer_node = %peer.node, relation = rel.as_str(), "{why}");
         }
-        sh.state = state;
         sh.last_error = Some(why);
-        if rel == Relation::PeerAhead {
-            Judged::PeerAhead
-        } else {
-            Judged::Refused
-        }
+        drop(sh);
+        // A promoted peer: the volume demotes (host writes refused) before
+        // the start gate is told this link met its peer.
+        step.finish(self);
+        None
     }
 
     /// Adds what the mirror reported after the handshake to what is copied,
@@ -367,27 +341,29 @@ impl MirrorLink {
         }
     }
 
-    /// Tells the volume's start gate, once, that this link met its peer.
-    pub(super) fn report_met(&self, ctx: &LinkContext) {
-        if !self.reported.swap(true, SeqCst) {
-            ctx.gen.link_judged();
-        }
-    }
-
-    pub(super) async fn connect(&self, ctx: &LinkContext) -> Result<(TcpStream, PeerInfo), String> {
+    pub(super) async fn connect(
+        &self,
+        ctx: &LinkContext,
+    ) -> Result<(TcpStream, PeerInfo), LinkError> {
+        let addr = self.addr;
         let attempt = async {
-            let mut s = TcpStream::connect(self.addr)
-                .await
-                .map_err(|e| format!("connect {}: {e}", self.addr))?;
-            s.set_nodelay(true).map_err(|e| e.to_string())?;
+            let connect_err = |e: std::io::Error| LinkError::Connect {
+                addr,
+                message: e.to_string(),
+            };
+            let mut s = TcpStream::connect(addr).await.map_err(connect_err)?;
+            s.set_nodelay(true).map_err(connect_err)?;
             let peer = blockmirror_repl::connect(&mut s, &ctx.secret, &ctx.hello())
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| LinkError::Handshake {
+                    addr,
+                    message: e.to_string(),
+                })?;
             Ok((s, peer))
         };
         tokio::time::timeout(CONNECT_TIMEOUT, attempt)
             .await
-            .unwrap_or_else(|_| Err(format!("no handshake within {CONNECT_TIMEOUT:?}")))
+            .unwrap_or(Err(LinkError::HandshakeTimeout(CONNECT_TIMEOUT)))
     }
 
     pub(super) async fn serve_connection(
@@ -402,18 +378,25 @@ impl MirrorLink {
         let cancel = shutdown.child_token();
         let epoch = {
             let mut sh = self.shared();
-            // Checked under the lock that `set_active(false)` takes after
-            // clearing the flag: either this sees it cleared, or that sees
-            // this connection and closes it.
-            if !*self.active.borrow() {
+            // Under the lock that parking takes: either the link was parked
+            // before (the event is refused) or parking sees this connection
+            // and closes it.
+            let step = self.step(&mut sh, Event::DivergenceRead, None);
+            let adopted = step.actions.iter().find_map(|a| match a {
+                Action::Adopt { epoch } => Some(*epoch),
+                _ => None,
+            });
+            let Some(epoch) = adopted else {
+                drop(sh);
+                step.finish(self.as_ref());
                 return;
-            }
-            sh.epoch += 1;
+            };
             sh.conn_cancel = Some(cancel.clone());
-            sh.connection = Connection::Connected;
             sh.peer_node = Some(peer_node);
             sh.last_error = None;
-            sh.epoch
+            drop(sh);
+            step.finish(self.as_ref());
+            epoch
         };
         // A group member goes live only when every member is connected.
         if let Some((group, idx)) = self.group.get() {
@@ -423,38 +406,51 @@ impl MirrorLink {
             };
             if !arrived {
                 let mut sh = self.shared();
-                if sh.epoch == epoch {
+                let step = self.step(&mut sh, Event::JoinFailed { epoch }, None);
+                if sh.link.epoch() == epoch {
                     sh.conn_cancel = None;
-                    sh.connection = Connection::Disconnected;
                 }
+                drop(sh);
+                step.finish(self.as_ref());
                 return;
             }
         }
         {
             let mut sh = self.shared();
-            if sh.epoch != epoch || cancel.is_cancelled() {
+            let event = if cancel.is_cancelled() {
+                Event::JoinFailed { epoch }
+            } else {
+                Event::Joined {
+                    epoch,
+                    bitmap_clear: sh.bitmap.is_clear(),
+                    iterative: self.resync.initial_sync == InitialSync::Iterative,
+                }
+            };
+            let step = self.step(&mut sh, event, None);
+            let live = step
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::GoLive { .. }));
+            if live {
+                sh.tx = Some(tx);
+            } else if sh.link.epoch() == epoch {
+                sh.conn_cancel = None;
+            }
+            drop(sh);
+            step.finish(self.as_ref());
+            if !live {
                 return;
             }
-            sh.tx = Some(tx);
-            self.report_met(ctx);
-            sh.copy_only = std::mem::take(&mut sh.fill_from_scratch)
-                && self.resync.initial_sync == InitialSync::Iterative
-                && !sh.bitmap.is_clear();
-            sh.state = if sh.bitmap.is_clear() {
-                SyncState::InSync
-            } else {
-                SyncState::Resyncing
-            };
         }
         let sender = tokio::spawn(sender_loop(FrameWriter::new(wr), rx, cancel.clone()));
         let catch_up = tokio::spawn(self.clone().catch_up(epoch, ctx.clone(), cancel.clone()));
         let watchdog = tokio::spawn(self.clone().watchdog(epoch, cancel.clone()));
         let flusher = tokio::spawn(self.clone().periodic_flush(cancel.clone()));
-        let reason = self.receive(FrameReader::new(rd), epoch, &cancel).await;
+        let why = self.receive(FrameReader::new(rd), epoch, &cancel).await;
         if shutdown.is_cancelled() {
-            self.close_for_shutdown(epoch);
+            self.stop();
         } else {
-            self.fail(epoch, &reason);
+            self.fail(epoch, why);
         }
         cancel.cancel();
         let _ = sender.await;
@@ -469,7 +465,7 @@ impl MirrorLink {
         mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
         epoch: u64,
         cancel: &CancellationToken,
-    ) -> String {
+    ) -> LinkError {
         // Acknowledgements that one read brought are settled together.
         let mut ids: Vec<u64> = Vec::new();
         let reason = loop {
@@ -481,7 +477,7 @@ impl MirrorLink {
                         ids.clear();
                     }
                     tokio::select! {
-                        _ = cancel.cancelled() => break "connection closed".into(),
+                        _ = cancel.cancelled() => break LinkError::Closed,
                         f = reader.next() => f,
                     }
                 }
@@ -494,14 +490,17 @@ impl MirrorLink {
                     ids.push(id);
                 }
                 Ok(Some(Frame::Nack { id, errno, message })) => {
-                    break format!("mirror failed request {id} with errno {errno}: {message}");
+                    break LinkError::Nack { id, errno, message };
                 }
                 Ok(Some(Frame::Error { code, message, .. })) => {
-                    break format!("mirror closed the link: {code:?}: {message}");
+                    break LinkError::PeerError {
+                        code: format!("{code:?}"),
+                        message,
+                    };
                 }
-                Ok(Some(f)) => break format!("unexpected {:?} frame from the mirror", f.kind()),
-                Ok(None) => break "mirror closed the connection".into(),
-                Err(e) => break e.to_string(),
+                Ok(Some(f)) => break LinkError::UnexpectedFrame(format!("{:?}", f.kind())),
+                Ok(None) => break LinkError::Closed,
+                Err(e) => break LinkError::Io(e.to_string()),
             }
         };
         // What was acknowledged before the link ended is on the mirror.
@@ -567,10 +566,10 @@ impl MirrorLink {
             if oldest >= self.timeout {
                 self.fail(
                     epoch,
-                    &format!(
-                        "request {id} unanswered for {} ms (mirror_timeout)",
-                        oldest.as_millis()
-                    ),
+                    LinkError::Timeout {
+                        id,
+                        waited_ms: oldest.as_millis() as u64,
+                    },
                 );
                 return;
             }
@@ -583,91 +582,41 @@ impl MirrorLink {
 
     /// Fails the connection of `epoch`: every request in flight fails and
     /// its region is marked; the link is degraded until it reconnects and
-    /// catches up.
-    pub fn fail(&self, epoch: u64, reason: &str) {
-        self.fail_inner(Some(epoch), reason, true, false);
+    /// catches up. A failure of an older connection changes nothing.
+    pub fn fail(&self, epoch: u64, why: LinkError) {
+        let cause = why.cause();
+        self.drive(
+            Event::Lost {
+                epoch: Some(epoch),
+                cause,
+            },
+            Some(why),
+        );
     }
 
     /// A sibling in this link's consistency group lost its mirror: cut this
     /// link too (whatever its epoch), without propagating further.
     pub fn suspend_for_group(&self, reason: &str) {
-        self.fail_inner(None, reason, false, false);
+        self.drive(
+            Event::Lost {
+                epoch: None,
+                cause: FailCause::Group,
+            },
+            Some(LinkError::Group(reason.to_owned())),
+        );
     }
 
     /// The node is shutting down: the link closes as a failure would (its
     /// requests fail and are marked), but that is expected, not reported.
-    pub(super) fn close_for_shutdown(&self, epoch: u64) {
-        self.fail_inner(Some(epoch), "node shutting down", false, true);
-    }
-
-    pub(super) fn fail_inner(
-        &self,
-        epoch: Option<u64>,
-        reason: &str,
-        propagate: bool,
-        expected: bool,
-    ) {
-        let mut freed = false;
-        let inflight = {
+    /// Once: a stopped link takes no more events.
+    pub(super) fn stop(&self) {
+        let step = {
             let mut sh = self.shared();
-            if epoch.is_some_and(|e| e != sh.epoch) || sh.conn_cancel.is_none() {
+            if sh.link.phase() == Phase::Stopped {
                 return;
             }
-            if let Some(c) = sh.conn_cancel.take() {
-                c.cancel();
-            }
-            sh.epoch += 1;
-            sh.connection = Connection::Disconnected;
-            sh.last_error = Some(reason.to_owned());
-            if std::mem::take(&mut sh.copy_only) {
-                // Still blank in parts: the next connection fills it again.
-                sh.fill_from_scratch = true;
-            }
-            if sh.tx.take().is_none() {
-                // Connected but not yet live (waiting for its group): nothing
-                // was sent on this connection.
-                return;
-            }
-            if expected {
-                info!(volume = %self.volume, peer = %self.peer, inflight = sh.inflight.len(), %reason, "mirror link closed");
-            } else {
-                warn!(volume = %self.volume, peer = %self.peer, %reason, inflight = sh.inflight.len(), "mirror link failed; degraded");
-                self.counters.failures.fetch_add(1, Relaxed);
-            }
-            sh.state = SyncState::Degraded;
-            let mut inflight = std::mem::take(&mut sh.inflight);
-            sh.inflight_bytes = 0;
-            for p in inflight.values_mut() {
-                sh.bitmap.mark(p.offset, p.len);
-                // Marked: the async write's extent may end.
-                if Self::release_al(&mut sh, p.al_end.take()) {
-                    freed = true;
-                }
-            }
-            // Acknowledged but perhaps not durable on the mirror.
-            let fresh = empty_like(&sh.bitmap);
-            let unflushed = std::mem::replace(&mut sh.unflushed, fresh);
-            let flushing = std::mem::take(&mut sh.flushing);
-            for b in std::iter::once(&unflushed).chain(flushing.iter().map(|(_, b)| b)) {
-                sh.bitmap.union_with(b).expect("same shape");
-            }
-            inflight
+            self.step(&mut sh, Event::Stop, Some(LinkError::Shutdown))
         };
-        // The group is cut before any failed write is answered to the host:
-        // no write that depends on one of these can reach the site.
-        if propagate {
-            if let Some((group, idx)) = self.group.get() {
-                group.suspend(
-                    *idx,
-                    &format!("volume {} lost its mirror: {reason}", self.volume),
-                );
-            }
-        }
-        if freed {
-            self.al_wake.notify_waiters();
-        }
-        for (_, p) in inflight {
-            let _ = p.done.send(Err(self.failure(reason)));
-        }
+        step.finish(self);
     }
 }
