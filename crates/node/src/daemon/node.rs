@@ -321,7 +321,9 @@ impl Node {
                 let g = groups
                     .entry((name.clone(), m.addr))
                     .or_insert_with(|| SiteGroup::new(name, m.addr));
-                let idx = g.join(link);
+                let idx = g
+                    .join(Arc::downgrade(link)
+                        as std::sync::Weak<dyn crate::primary::group::GroupMember>);
                 link.set_group(g.clone(), idx);
             }
         }

@@ -19,13 +19,19 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::watch;
 
-use super::link::MirrorLink;
+/// What a group needs of its members (the links): to be cut when a
+/// sibling fails. A trait, so that the group knows nothing of links.
+pub trait GroupMember: Send + Sync {
+    /// A sibling lost its mirror: cut this member's connection too,
+    /// without propagating further.
+    fn suspend_for_group(&self, reason: &str);
+}
 
 /// The links of one consistency group to one mirror site.
 pub struct SiteGroup {
     pub name: String,
     pub site: SocketAddr,
-    members: Mutex<Vec<Weak<MirrorLink>>>,
+    members: Mutex<Vec<Weak<dyn GroupMember>>>,
     barrier: Mutex<Barrier>,
     /// Bumped whenever the barrier opens or is reset, to wake waiters.
     changed: watch::Sender<u64>,
@@ -54,9 +60,9 @@ impl SiteGroup {
     }
 
     /// Adds a member; returns its index.
-    pub fn join(&self, link: &Arc<MirrorLink>) -> usize {
+    pub fn join(&self, member: Weak<dyn GroupMember>) -> usize {
         let mut m = self.members.lock().expect("poisoned");
-        m.push(Arc::downgrade(link));
+        m.push(member);
         self.barrier.lock().expect("poisoned").arrived.push(false);
         m.len() - 1
     }
@@ -115,7 +121,7 @@ impl SiteGroup {
                 // Not live: nothing was being sent to the site.
             }
         }
-        let members: Vec<Arc<MirrorLink>> = self
+        let members: Vec<Arc<dyn GroupMember>> = self
             .members
             .lock()
             .expect("poisoned")

@@ -40,6 +40,7 @@
 //! just started). So a mirror promoted during the outage, and written, is
 //! seen as a split brain when the link comes back.
 
+pub mod gen_state;
 pub mod group;
 pub mod job_conn;
 pub mod link;
@@ -55,154 +56,14 @@ use std::sync::Arc;
 
 use blockmirror_nbd::Errno;
 use bytes::Bytes;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::daemon::config::{FailurePolicy, LagPolicy};
 use crate::daemon::metrics::{self, MetricType};
-use crate::volume::meta_file::{self, MetaCell, MetaFileError};
+pub use gen_state::GenState;
 pub use link::{MirrorLink, MirrorOp};
 pub use locks::RangeLocks;
 pub use pipeline::Pipeline;
-
-/// A primary volume's generation record, shared by its write path and its
-/// links.
-pub struct GenState {
-    pub volume: String,
-    pub meta: Arc<MetaCell>,
-    /// True when some mirror may hold the current generation as in sync, so
-    /// the next write a mirror misses must start a new generation first.
-    announced: AtomicBool,
-    rotating: tokio::sync::Mutex<()>,
-    /// The volume's links: after a rotation, the ones live and in sync are
-    /// told the new generation, so a later promotion of one of them is
-    /// seen as what it is (it holds every write), not as a split brain.
-    links: std::sync::OnceLock<Vec<std::sync::Weak<MirrorLink>>>,
-    /// The start gate: host writes wait until every link has met its peer
-    /// once (`link_judged`) or `start_wait` has passed since the start.
-    gate_open: AtomicBool,
-    gate: tokio::sync::Notify,
-    judged: std::sync::atomic::AtomicUsize,
-    born: std::time::Instant,
-    start_wait: std::sync::atomic::AtomicU64,
-}
-
-impl GenState {
-    /// After a start nothing is known about what the mirrors hold: the first
-    /// write a mirror misses starts a new generation.
-    pub fn new(volume: &str, meta: Arc<MetaCell>) -> Self {
-        Self {
-            volume: volume.to_owned(),
-            meta,
-            announced: AtomicBool::new(true),
-            rotating: tokio::sync::Mutex::new(()),
-            links: std::sync::OnceLock::new(),
-            gate_open: AtomicBool::new(true),
-            gate: tokio::sync::Notify::new(),
-            judged: std::sync::atomic::AtomicUsize::new(0),
-            born: std::time::Instant::now(),
-            start_wait: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// Host writes wait at start for the links, at most `d` (`start_wait`).
-    /// Called once, before the node serves.
-    pub fn hold_writes_at_start(&self, d: std::time::Duration) {
-        self.start_wait
-            .store(d.as_millis() as u64, Ordering::SeqCst);
-        self.gate_open.store(d.is_zero(), Ordering::SeqCst);
-    }
-
-    /// A link met its peer (or failed to reach it) for the first time.
-    pub fn link_judged(&self) {
-        let n = self.judged.fetch_add(1, Ordering::SeqCst) + 1;
-        if n >= self.links.get().map_or(0, Vec::len) {
-            self.open_gate();
-        }
-    }
-
-    /// Host writes no longer wait (every link reported, the wait is over,
-    /// or the volume was promoted here).
-    pub fn open_gate(&self) {
-        if !self.gate_open.swap(true, Ordering::SeqCst) {
-            self.gate.notify_waiters();
-        }
-    }
-
-    /// Waits, on host writes just after a start, until every link has met
-    /// its peer once, at most `start_wait` after the start. Costs one
-    /// atomic load afterwards.
-    pub async fn wait_start(&self) {
-        if self.gate_open.load(Ordering::SeqCst) {
-            return;
-        }
-        let deadline = tokio::time::Instant::from_std(
-            self.born + std::time::Duration::from_millis(self.start_wait.load(Ordering::SeqCst)),
-        );
-        loop {
-            let woken = self.gate.notified();
-            if self.gate_open.load(Ordering::SeqCst) {
-                return;
-            }
-            if tokio::time::timeout_at(deadline, woken).await.is_err() {
-                warn!(volume = %self.volume,
-                    "start_wait passed before every mirror link met its peer: host writes go on");
-                self.open_gate();
-                return;
-            }
-        }
-    }
-
-    /// A mirror acknowledged that it holds the current generation in sync.
-    pub fn announced(&self) {
-        self.announced.store(true, Ordering::SeqCst);
-    }
-
-    /// Starts a new generation if a mirror may hold the current one; returns
-    /// once the new record is durable. Writes racing here wait for it.
-    pub async fn diverge(&self) -> Result<(), MetaFileError> {
-        if !self.announced.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let _one = self.rotating.lock().await;
-        if !self.announced.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        // Cleared before the store: an announcement racing with this
-        // rotation (of the old id) sets it again, which is conservative.
-        self.announced.store(false, Ordering::SeqCst);
-        let meta = self.meta.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            let id = meta_file::new_generation_id()?;
-            meta.update(|m| {
-                m.generations.rotate(id);
-                m.primary_at = m.generations.current;
-            })
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(MetaFileError::Io {
-                path: self.meta.path().to_owned(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        });
-        match stored {
-            Ok(m) => {
-                info!(volume = %self.volume, generations = %m.generations.to_display(),
-                    "a mirror misses writes: new generation");
-                for l in self.links.get().into_iter().flatten() {
-                    if let Some(l) = l.upgrade() {
-                        l.reannounce();
-                    }
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.announced.store(true, Ordering::SeqCst);
-                Err(e)
-            }
-        }
-    }
-}
 
 /// The mirrors of one primary volume.
 pub struct Replicator {
@@ -228,7 +89,12 @@ impl Replicator {
         track_size: u64,
         gen: Arc<GenState>,
     ) -> Replicator {
-        let _ = gen.links.set(links.iter().map(Arc::downgrade).collect());
+        gen.set_links(
+            links
+                .iter()
+                .map(|l| Arc::downgrade(l) as std::sync::Weak<dyn gen_state::Reannounce>)
+                .collect(),
+        );
         Replicator {
             gen,
             volume: volume.to_owned(),

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use blockmirror_core::activity::ActivityLog;
 use blockmirror_core::bitmap::Bitmap;
-use blockmirror_core::link::{Action, Event, IllegalEvent, LinkMachine, Outcome};
+use blockmirror_core::link::{Action, Event, FailCause, IllegalEvent, LinkMachine, Outcome};
 use blockmirror_core::rate::TokenBucket;
 use blockmirror_core::Generations;
 use blockmirror_repl::{Codec, EncodedWrite, Frame, NodeHello, SyncPhase, VolumeIdentity};
@@ -58,10 +58,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::daemon::config::{LagPolicy, MirrorConfig, MirrorMode, ResyncConfig};
-use crate::primary::group::SiteGroup;
+use crate::primary::gen_state::{GenState, Reannounce};
+use crate::primary::group::{GroupMember, SiteGroup};
 use crate::primary::locks::RangeLocks;
 use crate::primary::oos_store::OosStore;
-use crate::primary::GenState;
 
 /// What a state-machine step leaves to do once the link's lock is released.
 #[derive(Default)]
@@ -691,5 +691,25 @@ impl MirrorLink {
     /// another primary now: its own old writes are superseded).
     pub fn clear_marks(&self) {
         self.shared().bitmap.clear_all();
+    }
+}
+
+impl GroupMember for MirrorLink {
+    /// A sibling in this link's consistency group lost its mirror: cut this
+    /// link too (whatever its epoch), without propagating further.
+    fn suspend_for_group(&self, reason: &str) {
+        self.drive(
+            Event::Lost {
+                epoch: None,
+                cause: FailCause::Group,
+            },
+            Some(LinkError::Group(reason.to_owned())),
+        );
+    }
+}
+
+impl Reannounce for MirrorLink {
+    fn reannounce(self: Arc<Self>) {
+        MirrorLink::reannounce(self);
     }
 }

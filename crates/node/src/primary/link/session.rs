@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::daemon::config::InitialSync;
-use blockmirror_core::link::{Action, Event, FailCause, Judgment, Phase};
+use blockmirror_core::link::{Action, Event, Judgment, Phase};
 use blockmirror_core::{compare_generations, resync_basis, Relation, ResyncBasis};
 use blockmirror_repl::{FrameReader, FrameWriter, PeerInfo};
 use std::sync::atomic::Ordering::Relaxed;
@@ -591,18 +591,6 @@ impl MirrorLink {
                 cause,
             },
             Some(why),
-        );
-    }
-
-    /// A sibling in this link's consistency group lost its mirror: cut this
-    /// link too (whatever its epoch), without propagating further.
-    pub fn suspend_for_group(&self, reason: &str) {
-        self.drive(
-            Event::Lost {
-                epoch: None,
-                cause: FailCause::Group,
-            },
-            Some(LinkError::Group(reason.to_owned())),
         );
     }
 
