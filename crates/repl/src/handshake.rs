@@ -64,7 +64,8 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::frame::{ErrorCode, Frame, Kind, RawHeader, WireError, HEADER_LEN};
+use crate::frame::{ErrorCode, Frame};
+use crate::wire::{Kind, RawHeader, WireError, HEADER_LEN};
 
 /// Length of each side's random nonce.
 pub const NONCE_LEN: usize = 32;
