@@ -192,8 +192,10 @@ mod tests {
     fn names_roundtrip() {
         for c in Codec::ALL {
             assert_eq!(Codec::from_name(c.as_str()), Some(c));
+            assert_eq!(Codec::from_code(c.code()), Some(c));
         }
         assert_eq!(Codec::from_name("gzip"), None);
+        assert_eq!(Codec::from_code(3), None);
     }
 
     #[test]

@@ -48,8 +48,9 @@ pub use frame::{
     JobErrorCode, SyncPhase,
 };
 pub use handshake::{
-    accept, accept_any, connect, connect_for, AuthFailure, HandshakeError, NodeHello, PeerInfo,
-    Purpose, VolumeIdentity, HISTORY_LEN,
+    accept, accept_any, accept_with, connect, connect_for, connect_with, AuthFailure,
+    ConnectOptions, HandshakeError, NodeHello, PeerInfo, Purpose, VolumeIdentity,
+    HANDSHAKE_VERSION, HISTORY_LEN,
 };
 pub use link::{FrameReader, FrameWriter, LinkError};
 pub use wire::{

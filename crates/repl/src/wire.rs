@@ -397,6 +397,22 @@ impl Codec {
         Codec::ALL.into_iter().find(|c| c.as_str() == s)
     }
 
+    /// The codec's code in the handshake (what a primary asks for, and the
+    /// bit `1 << code` of the codecs a mirror supports).
+    pub fn code(self) -> u8 {
+        match self {
+            Codec::None => 0,
+            Codec::Lz4 => 1,
+            Codec::Zstd => 2,
+        }
+    }
+
+    /// The codec of a handshake code; `None` (the Rust one) for a code this
+    /// build does not know.
+    pub fn from_code(code: u8) -> Option<Codec> {
+        Codec::ALL.into_iter().find(|c| c.code() == code)
+    }
+
     /// The frame flag meaning "payload compressed with this codec".
     pub fn flag(self) -> u16 {
         match self {
