@@ -24,7 +24,7 @@ use std::cell::RefCell;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::wire::{Codec, Kind, RawHeader, WireError, FLAG_FUA};
+use crate::wire::{Codec, DecompressError, Kind, RawHeader, WireError, FLAG_FUA};
 
 /// zstd level for links: the fastest of the regular levels. Replication
 /// wants throughput on a busy primary more than the last percent of ratio.
@@ -72,7 +72,7 @@ impl Codec {
         len: u32,
         payload: &[u8],
     ) -> Result<Bytes, WireError> {
-        let fail = |reason: String| WireError::Decompress {
+        let fail = |reason: DecompressError| WireError::Decompress {
             kind: Kind::Write,
             id,
             offset,
@@ -83,23 +83,27 @@ impl Codec {
         let n = match self {
             Codec::None => return Ok(Bytes::copy_from_slice(payload)),
             Codec::Lz4 => lz4_flex::block::decompress_into(payload, &mut out)
-                .map_err(|e| fail(e.to_string()))?,
+                .map_err(|e| fail(DecompressError::Codec(e.to_string())))?,
             Codec::Zstd => ZSTD_DECOMPRESSOR.with_borrow_mut(|slot| {
                 if slot.is_none() {
-                    let mut d = zstd::bulk::Decompressor::new().map_err(|e| fail(e.to_string()))?;
+                    let mut d = zstd::bulk::Decompressor::new()
+                        .map_err(|e| fail(DecompressError::Codec(e.to_string())))?;
                     d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
                         ZSTD_WINDOW_LOG_MAX,
                     ))
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(|e| fail(DecompressError::Codec(e.to_string())))?;
                     *slot = Some(d);
                 }
                 let d = slot.as_mut().expect("set above");
                 d.decompress_to_buffer(payload, &mut out[..])
-                    .map_err(|e| fail(e.to_string()))
+                    .map_err(|e| fail(DecompressError::Codec(e.to_string())))
             })?,
         };
         if n != len as usize {
-            return Err(fail(format!("expands to {n} bytes, the header says {len}")));
+            return Err(fail(DecompressError::WrongLength {
+                got: n,
+                expected: len,
+            }));
         }
         Ok(Bytes::from(out))
     }

@@ -207,6 +207,37 @@ impl std::fmt::Display for AuthFailure {
     }
 }
 
+/// What is wrong with a handshake payload: the reason of
+/// [`HandshakeError::Malformed`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Malformation {
+    #[error("truncated: needed {needed} more bytes, {left} left")]
+    Truncated { needed: usize, left: usize },
+    #[error("name of {0} bytes exceeds {MAX_NAME_LEN}")]
+    NameTooLong(usize),
+    #[error("name is not UTF-8")]
+    NameNotUtf8,
+    #[error("{0} trailing bytes")]
+    Trailing(usize),
+    /// A Hello from a build before compression was negotiated.
+    #[error(
+        "handshake version 1 (no compression negotiation); this build speaks \
+         {HANDSHAKE_VERSION}: upgrade the primary"
+    )]
+    Version1,
+    #[error("handshake version {0} (this build speaks {HANDSHAKE_VERSION})")]
+    Version(u8),
+    #[error("unknown connection purpose {0}")]
+    UnknownPurpose(u8),
+    #[error("supported codecs {0:#04x} lack uncompressed data (bit 0)")]
+    NoPlainCodec(u8),
+}
+
+fn from_peer(peer: &Option<String>) -> String {
+    peer.as_ref()
+        .map_or(String::new(), |p| format!(" from {p:?}"))
+}
+
 /// Why a handshake did not complete. The link must be closed.
 #[derive(Debug, Error)]
 pub enum HandshakeError {
@@ -222,8 +253,14 @@ pub enum HandshakeError {
     Wire(#[from] WireError),
     #[error("expected a {expected} frame, got {got}")]
     Unexpected { expected: Kind, got: Kind },
-    #[error("malformed {kind} payload: {reason}")]
-    Malformed { kind: Kind, reason: String },
+    #[error("malformed {kind} payload{}: {reason}", from_peer(.peer))]
+    Malformed {
+        kind: Kind,
+        /// The peer's node name, when the handshake got far enough to know
+        /// it (a malformed Auth or Welcome).
+        peer: Option<String>,
+        reason: Malformation,
+    },
     #[error("no replication secret configured")]
     EmptySecret,
     #[error("{what} name of {len} bytes exceeds {MAX_NAME_LEN}")]
@@ -336,14 +373,10 @@ where
         let nm: [u8; NONCE_LEN] = c.array()?;
         let [version, supported] = c.array()?;
         if version != HANDSHAKE_VERSION {
-            return Err(format!(
-                "handshake version {version} (this build speaks {HANDSHAKE_VERSION})"
-            ));
+            return Err(Malformation::Version(version));
         }
         if supported & (1 << Codec::None.code()) == 0 {
-            return Err(format!(
-                "supported codecs {supported:#04x} lack uncompressed data (bit 0)"
-            ));
+            return Err(Malformation::NoPlainCodec(supported));
         }
         let proof: [u8; PROOF_LEN] = c.array()?;
         c.finish()?;
@@ -352,7 +385,7 @@ where
     let (node_m, volume_m, nm, supported_m, proof_m) = match decoded {
         Ok(d) => d,
         Err(reason) => {
-            return Err(protocol_error(s, Kind::Challenge, reason).await);
+            return Err(protocol_error(s, Kind::Challenge, None, reason).await);
         }
     };
 
@@ -399,8 +432,8 @@ where
     match read_frame(s, Kind::Welcome, "waiting for Welcome").await? {
         Frame::Welcome { payload } if payload.is_empty() => {}
         Frame::Welcome { payload } => {
-            let reason = format!("{} unexpected bytes", payload.len());
-            return Err(protocol_error(s, Kind::Welcome, reason).await);
+            let reason = Malformation::Trailing(payload.len());
+            return Err(protocol_error(s, Kind::Welcome, Some(node_m), reason).await);
         }
         Frame::Error { code, message, .. } => {
             return Err(refused(code, message, Some(node_m)));
@@ -486,26 +519,20 @@ where
         let np: [u8; NONCE_LEN] = c.array()?;
         // A version 1 Hello ends here, or after a purpose byte 1 (jobs).
         if c.b.len() <= 1 {
-            return Err(format!(
-                "handshake version 1 (no compression negotiation); this build speaks \
-                 {HANDSHAKE_VERSION}: upgrade the primary"
-            ));
+            return Err(Malformation::Version1);
         }
         let [version] = c.array()?;
         if version != HANDSHAKE_VERSION {
-            return Err(format!(
-                "handshake version {version} (this build speaks {HANDSHAKE_VERSION})"
-            ));
+            return Err(Malformation::Version(version));
         }
         let [purpose, wanted] = c.array()?;
-        let purpose = Purpose::from_code(purpose)
-            .ok_or_else(|| format!("unknown connection purpose {purpose}"))?;
+        let purpose = Purpose::from_code(purpose).ok_or(Malformation::UnknownPurpose(purpose))?;
         c.finish()?;
         Ok((node, volume, np, purpose, wanted))
     })();
     let (node_p, volume_p, np, purpose, wanted) = match decoded {
         Ok(d) => d,
-        Err(reason) => return Err(protocol_error(s, Kind::Hello, reason).await),
+        Err(reason) => return Err(protocol_error(s, Kind::Hello, None, reason).await),
     };
 
     let Some(volume_m) = lookup(&volume_p.name) else {
@@ -569,7 +596,7 @@ where
         Ok(p)
     })() {
         Ok(p) => p,
-        Err(reason) => return Err(protocol_error(s, Kind::Auth, reason).await),
+        Err(reason) => return Err(protocol_error(s, Kind::Auth, Some(node_p), reason).await),
     };
     if verify(secret, PRIMARY_LABEL, &nm, &np, &t, &proof_p).is_err() {
         send_error(s, ErrorCode::AuthFailed, "authentication failed").await;
@@ -676,11 +703,16 @@ fn refused(code: ErrorCode, message: String, peer: Option<String>) -> HandshakeE
 }
 
 /// Reports a malformed payload to the peer and returns the error.
-async fn protocol_error<S>(s: &mut S, kind: Kind, reason: String) -> HandshakeError
+async fn protocol_error<S>(
+    s: &mut S,
+    kind: Kind,
+    peer: Option<String>,
+    reason: Malformation,
+) -> HandshakeError
 where
     S: AsyncWrite + Unpin,
 {
-    let e = HandshakeError::Malformed { kind, reason };
+    let e = HandshakeError::Malformed { kind, peer, reason };
     send_error(s, ErrorCode::Protocol, &e.to_string()).await;
     e
 }
@@ -761,7 +793,7 @@ fn put_volume(out: &mut BytesMut, v: &VolumeIdentity) {
 }
 
 /// A cursor over a handshake payload that never reads out of bounds. Errors
-/// are the reason text of [`HandshakeError::Malformed`].
+/// are the reason of [`HandshakeError::Malformed`].
 struct Cursor<'a> {
     b: &'a [u8],
 }
@@ -771,36 +803,36 @@ impl<'a> Cursor<'a> {
         Self { b }
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformation> {
         if self.b.len() < n {
-            return Err(format!(
-                "truncated: needed {n} more bytes, {} left",
-                self.b.len()
-            ));
+            return Err(Malformation::Truncated {
+                needed: n,
+                left: self.b.len(),
+            });
         }
         let (head, tail) = self.b.split_at(n);
         self.b = tail;
         Ok(head)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], Malformation> {
         Ok(self.take(N)?.try_into().expect("N bytes"))
     }
 
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, Malformation> {
         Ok(u64::from_be_bytes(self.array()?))
     }
 
-    fn string(&mut self) -> Result<String, String> {
+    fn string(&mut self) -> Result<String, Malformation> {
         let n = usize::from(u16::from_be_bytes(self.array()?));
         if n > MAX_NAME_LEN {
-            return Err(format!("name of {n} bytes exceeds {MAX_NAME_LEN}"));
+            return Err(Malformation::NameTooLong(n));
         }
         let raw = self.take(n)?;
-        String::from_utf8(raw.to_vec()).map_err(|_| "name is not UTF-8".to_owned())
+        String::from_utf8(raw.to_vec()).map_err(|_| Malformation::NameNotUtf8)
     }
 
-    fn volume(&mut self) -> Result<VolumeIdentity, String> {
+    fn volume(&mut self) -> Result<VolumeIdentity, Malformation> {
         Ok(VolumeIdentity {
             name: self.string()?,
             volume_id: self.array()?,
@@ -816,11 +848,11 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    fn finish(self) -> Result<(), String> {
+    fn finish(self) -> Result<(), Malformation> {
         if self.b.is_empty() {
             Ok(())
         } else {
-            Err(format!("{} trailing bytes", self.b.len()))
+            Err(Malformation::Trailing(self.b.len()))
         }
     }
 }

@@ -49,12 +49,13 @@ pub use frame::{
 };
 pub use handshake::{
     accept, accept_any, accept_with, connect, connect_for, connect_with, AuthFailure,
-    ConnectOptions, HandshakeError, NodeHello, PeerInfo, Purpose, VolumeIdentity,
+    ConnectOptions, HandshakeError, Malformation, NodeHello, PeerInfo, Purpose, VolumeIdentity,
     HANDSHAKE_VERSION, HISTORY_LEN,
 };
 pub use link::{FrameReader, FrameWriter, LinkError};
 pub use wire::{
-    Codec, Kind, RawHeader, WireError, DIGEST_LEN, FLAG_FUA, FLAG_LZ4, FLAG_NO_TRIM, FLAG_ZSTD,
-    HASH_LEN, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD, MAX_DATA, MAX_DIVERGENCE_RANGES,
-    MAX_HASH_BLOCK, MAX_JOB_HASHES, MIN_HASH_BLOCK, SYNC_HISTORY_LEN, SYNC_STATE_LEN, VERSION,
+    Codec, DecompressError, Kind, PayloadError, RangeError, RawHeader, WireError, DIGEST_LEN,
+    FLAG_FUA, FLAG_LZ4, FLAG_NO_TRIM, FLAG_ZSTD, HASH_LEN, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD,
+    MAX_DATA, MAX_DIVERGENCE_RANGES, MAX_HASH_BLOCK, MAX_JOB_HASHES, MIN_HASH_BLOCK,
+    SYNC_HISTORY_LEN, SYNC_STATE_LEN, VERSION,
 };

@@ -495,7 +495,11 @@ pub enum WireError {
         len: u32,
     },
     #[error("{kind} frame {id}: malformed payload: {reason}")]
-    Malformed { kind: Kind, id: u64, reason: String },
+    Malformed {
+        kind: Kind,
+        id: u64,
+        reason: PayloadError,
+    },
     #[error("{kind} frame {id}: both LZ4 and ZSTD flags set (flags {flags:#06x})")]
     TwoCodecs { kind: Kind, id: u64, flags: u16 },
     #[error(
@@ -514,7 +518,7 @@ pub enum WireError {
         id: u64,
         offset: u64,
         codec: Codec,
-        reason: String,
+        reason: DecompressError,
     },
     #[error("{kind} frame {id}: payload of {payload_len} bytes, expected {expected}")]
     PayloadLength {
@@ -523,6 +527,76 @@ pub enum WireError {
         payload_len: u32,
         expected: u64,
     },
+}
+
+/// What is wrong with a frame's payload: the reason of
+/// [`WireError::Malformed`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PayloadError {
+    #[error("payload is {got} bytes, header says {header}")]
+    LengthDiffers { got: usize, header: u32 },
+    #[error("payload is {got} bytes, must be {expected}")]
+    NotExactly { got: u32, expected: u32 },
+    #[error("payload is {got} bytes, must be {prefix} plus a multiple of {record}")]
+    NotRecords { got: u32, prefix: u32, record: u32 },
+    #[error("payload of {got} bytes is shorter than its {prefix}-byte {what}")]
+    ShorterThanPrefix {
+        got: usize,
+        prefix: usize,
+        what: &'static str,
+    },
+    #[error("unknown sync phase {0}")]
+    UnknownSyncPhase(u8),
+    #[error("unknown flag bits {0:#04x}")]
+    UnknownFlagBits(u8),
+    #[error("reserved bytes {0:02x?} must be zero")]
+    ReservedNotZero([u8; 3]),
+    #[error("count {count} does not match {bytes} bytes of ranges ({DIVERGENCE_RANGE_LEN} each)")]
+    CountMismatch { count: u32, bytes: usize },
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    #[error("hash block {0} is not a power of two in {MIN_HASH_BLOCK}..={MAX_HASH_BLOCK}")]
+    HashBlock(u32),
+    #[error("{len} bytes in blocks of {block}: not 1..={MAX_JOB_HASHES} digests")]
+    DigestCount { len: u32, block: u32 },
+    #[error("read of {0} bytes: not 1..={MAX_DATA}")]
+    ReadLength(u32),
+    #[error("{got} digest bytes for {blocks} blocks")]
+    DigestBytes { got: usize, blocks: usize },
+    #[error("message is not UTF-8: {0}")]
+    NotUtf8(std::str::Utf8Error),
+}
+
+/// Why a list of Divergence ranges is refused (they must be non-empty,
+/// within u64, ascending and disjoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum RangeError {
+    #[error("range {index} at offset {offset} is empty")]
+    Empty { index: usize, offset: u64 },
+    #[error("range {index} of {len} bytes at offset {offset} overflows")]
+    Overflow { index: usize, offset: u64, len: u64 },
+    #[error(
+        "range {index} at offset {offset} starts before the end of range {prev} ({prev_end}): \
+         ranges must ascend and not overlap"
+    )]
+    Overlap {
+        index: usize,
+        offset: u64,
+        prev: usize,
+        prev_end: u64,
+    },
+}
+
+/// Why a compressed Write payload does not decompress: the reason of
+/// [`WireError::Decompress`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DecompressError {
+    /// The codec library refused the data (or could not be set up); its
+    /// own error, as text (its error types are neither `Clone` nor `Eq`).
+    #[error("{0}")]
+    Codec(String),
+    #[error("expands to {got} bytes, the header says {expected}")]
+    WrongLength { got: usize, expected: u32 },
 }
 
 /// A frame header exactly as it was on the wire, with a good magic, version
@@ -673,7 +747,10 @@ impl RawHeader {
                     return Err(WireError::Malformed {
                         kind,
                         id,
-                        reason: format!("payload is {} bytes, must be {n}", self.payload_len),
+                        reason: PayloadError::NotExactly {
+                            got: self.payload_len,
+                            expected: n,
+                        },
                     });
                 }
             }
@@ -686,9 +763,11 @@ impl RawHeader {
                     return Err(WireError::Malformed {
                         kind,
                         id,
-                        reason: format!(
-                            "payload is {n} bytes, must be {prefix} plus a multiple of {record}"
-                        ),
+                        reason: PayloadError::NotRecords {
+                            got: n,
+                            prefix,
+                            record,
+                        },
                     });
                 }
             }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use blockmirror_repl::handshake::{HISTORY_LEN, NONCE_LEN, PROOF_LEN};
 use blockmirror_repl::{
     accept, accept_with, connect, connect_with, AuthFailure, Codec, ConnectOptions, ErrorCode,
-    Frame, FrameReader, FrameWriter, HandshakeError, Kind, NodeHello, PeerInfo, Purpose, RawHeader,
-    VolumeIdentity, WireError, HANDSHAKE_VERSION, HEADER_LEN,
+    Frame, FrameReader, FrameWriter, HandshakeError, Kind, Malformation, NodeHello, PeerInfo,
+    Purpose, RawHeader, VolumeIdentity, WireError, HANDSHAKE_VERSION, HEADER_LEN,
 };
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
@@ -353,6 +353,47 @@ async fn replayed_auth_is_refused() {
         matches!(&e, HandshakeError::AuthFailed { peer, reason: AuthFailure::BadProof } if peer == PRIMARY),
         "{e:?}"
     );
+}
+
+/// A malformed Auth is a typed error that names the primary (known by
+/// then from its Hello).
+#[tokio::test]
+async fn malformed_auth_names_the_peer() {
+    let (_, _, wire) = run(
+        SECRET,
+        SECRET,
+        primary_hello(1 << 20),
+        vec![vol("db", 1 << 20, 2)],
+    )
+    .await;
+    let hello = frames_of(&wire)
+        .into_iter()
+        .find(|f| f.kind() == Kind::Hello)
+        .unwrap();
+    let (mut a, mut b) = duplex(4096);
+    let mirror = tokio::spawn(async move {
+        accept(&mut b, SECRET, MIRROR, |_| Some(vol("db", 1 << 20, 2))).await
+    });
+    a.write_all(&enc(&hello)).await.unwrap();
+    assert_eq!(read_one(&mut a).await.kind(), Kind::Challenge);
+    a.write_all(&enc(&Frame::Auth {
+        payload: Bytes::from_static(b"short"),
+    }))
+    .await
+    .unwrap();
+    let e = mirror.await.unwrap().unwrap_err();
+    match &e {
+        HandshakeError::Malformed {
+            kind: Kind::Auth,
+            peer: Some(peer),
+            reason: Malformation::Truncated { needed, left: 5 },
+        } => {
+            assert_eq!(peer, PRIMARY);
+            assert_eq!(*needed, PROOF_LEN);
+        }
+        e => panic!("{e:?}"),
+    }
+    assert!(e.to_string().contains("from \"site-a\""), "{e}");
 }
 
 #[tokio::test]

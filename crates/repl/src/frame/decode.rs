@@ -14,11 +14,10 @@ impl Frame {
             return Err(WireError::Malformed {
                 kind,
                 id,
-                reason: format!(
-                    "payload is {} bytes, header says {}",
-                    payload.len(),
-                    h.payload_len
-                ),
+                reason: PayloadError::LengthDiffers {
+                    got: payload.len(),
+                    header: h.payload_len,
+                },
             });
         }
         let computed = crc32c::crc32c(&payload);
@@ -89,7 +88,7 @@ impl Frame {
                     SyncPhase::from_code(payload[0]).ok_or_else(|| WireError::Malformed {
                         kind,
                         id,
-                        reason: format!("unknown sync phase {}", payload[0]),
+                        reason: PayloadError::UnknownSyncPhase(payload[0]),
                     })?;
                 let u64_at =
                     |o: usize| u64::from_be_bytes(payload[o..o + 8].try_into().expect("8 bytes"));
@@ -121,38 +120,38 @@ impl Frame {
 /// zero, the length is the prefix plus whole ranges, within the limit).
 fn parse_divergence(id: u64, payload: &[u8]) -> Result<Frame, WireError> {
     let kind = Kind::Divergence;
-    let malformed = |reason: String| WireError::Malformed { kind, id, reason };
+    let malformed = |reason: PayloadError| WireError::Malformed { kind, id, reason };
     if payload.len() < DIVERGENCE_PREFIX {
-        return Err(malformed(format!(
-            "payload of {} bytes is shorter than its {DIVERGENCE_PREFIX}-byte prefix",
-            payload.len()
-        )));
+        return Err(malformed(PayloadError::ShorterThanPrefix {
+            got: payload.len(),
+            prefix: DIVERGENCE_PREFIX,
+            what: "prefix",
+        }));
     }
     let flags = payload[0];
     let unknown = flags & !(DIVERGENCE_WAS_PRIMARY | DIVERGENCE_LAST);
     if unknown != 0 {
-        return Err(malformed(format!("unknown flag bits {unknown:#04x}")));
+        return Err(malformed(PayloadError::UnknownFlagBits(unknown)));
     }
     if payload[1..4] != [0; 3] {
-        return Err(malformed(format!(
-            "reserved bytes {:02x?} must be zero",
-            &payload[1..4]
+        return Err(malformed(PayloadError::ReservedNotZero(
+            payload[1..4].try_into().expect("3 bytes"),
         )));
     }
     let count = u32::from_be_bytes(payload[4..8].try_into().expect("4 bytes"));
     let body = &payload[DIVERGENCE_PREFIX..];
     if body.len() as u64 != u64::from(count) * DIVERGENCE_RANGE_LEN as u64 {
-        return Err(malformed(format!(
-            "count {count} does not match {} bytes of ranges ({DIVERGENCE_RANGE_LEN} each)",
-            body.len()
-        )));
+        return Err(malformed(PayloadError::CountMismatch {
+            count,
+            bytes: body.len(),
+        }));
     }
     let u64_at = |c: &[u8], o: usize| u64::from_be_bytes(c[o..o + 8].try_into().expect("8 bytes"));
     let ranges: Vec<(u64, u64)> = body
         .chunks_exact(DIVERGENCE_RANGE_LEN)
         .map(|c| (u64_at(c, 0), u64_at(c, 8)))
         .collect();
-    check_divergence_ranges(&ranges).map_err(malformed)?;
+    check_divergence_ranges(&ranges).map_err(|e| malformed(e.into()))?;
     Ok(Frame::Divergence {
         was_primary: flags & DIVERGENCE_WAS_PRIMARY != 0,
         last: flags & DIVERGENCE_LAST != 0,
@@ -164,20 +163,16 @@ fn parse_divergence(id: u64, payload: &[u8]) -> Result<Frame, WireError> {
 /// the kind, and its range does not overflow).
 fn build_job(kind: Kind, h: &RawHeader, payload: Bytes) -> Result<Frame, WireError> {
     let id = h.id;
-    let malformed = |reason: String| WireError::Malformed { kind, id, reason };
+    let malformed = |reason: PayloadError| WireError::Malformed { kind, id, reason };
     let (offset, len) = (h.offset, h.len);
     let link = u64::from_be_bytes(payload[..LINK_LEN].try_into().expect("validated length"));
     let u32_at = |o: usize| u32::from_be_bytes(payload[o..o + 4].try_into().expect("4 bytes"));
     let check_block = |block: u32| {
         if !block.is_power_of_two() || !(MIN_HASH_BLOCK..=MAX_HASH_BLOCK).contains(&block) {
-            return Err(malformed(format!(
-                "hash block {block} is not a power of two in {MIN_HASH_BLOCK}..={MAX_HASH_BLOCK}"
-            )));
+            return Err(malformed(PayloadError::HashBlock(block)));
         }
         if len == 0 || hash_count(len, block) > MAX_JOB_HASHES {
-            return Err(malformed(format!(
-                "{len} bytes in blocks of {block}: not 1..={MAX_JOB_HASHES} digests"
-            )));
+            return Err(malformed(PayloadError::DigestCount { len, block }));
         }
         Ok(())
     };
@@ -195,9 +190,7 @@ fn build_job(kind: Kind, h: &RawHeader, payload: Bytes) -> Result<Frame, WireErr
         }
         Kind::JobRead => {
             if len == 0 || len > MAX_DATA {
-                return Err(malformed(format!(
-                    "read of {len} bytes: not 1..={MAX_DATA}"
-                )));
+                return Err(malformed(PayloadError::ReadLength(len)));
             }
             Frame::JobRead {
                 id,
@@ -214,10 +207,10 @@ fn build_job(kind: Kind, h: &RawHeader, payload: Bytes) -> Result<Frame, WireErr
             let body = &payload[LINK_LEN + 4..];
             let n = hash_count(len, block) as usize;
             if body.len() != n * DIGEST_LEN {
-                return Err(malformed(format!(
-                    "{} digest bytes for {n} blocks",
-                    body.len()
-                )));
+                return Err(malformed(PayloadError::DigestBytes {
+                    got: body.len(),
+                    blocks: n,
+                }));
             }
             Frame::JobHashes {
                 id,
@@ -258,16 +251,16 @@ fn build_job(kind: Kind, h: &RawHeader, payload: Bytes) -> Result<Frame, WireErr
 }
 
 fn code_and_message(kind: Kind, id: u64, payload: &[u8]) -> Result<(u32, String), WireError> {
-    let malformed = |reason: String| WireError::Malformed { kind, id, reason };
+    let malformed = |reason: PayloadError| WireError::Malformed { kind, id, reason };
     if payload.len() < CODE_LEN {
-        return Err(malformed(format!(
-            "payload of {} bytes is shorter than its {CODE_LEN}-byte code",
-            payload.len()
-        )));
+        return Err(malformed(PayloadError::ShorterThanPrefix {
+            got: payload.len(),
+            prefix: CODE_LEN,
+            what: "code",
+        }));
     }
     let (code, message) = payload.split_at(CODE_LEN);
     let code = u32::from_be_bytes(code.try_into().expect("4 bytes"));
-    let message = std::str::from_utf8(message)
-        .map_err(|e| malformed(format!("message is not UTF-8: {e}")))?;
+    let message = std::str::from_utf8(message).map_err(|e| malformed(PayloadError::NotUtf8(e)))?;
     Ok((code, message.to_owned()))
 }

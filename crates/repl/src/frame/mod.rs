@@ -439,22 +439,23 @@ pub fn divergence_frames(was_primary: bool, ranges: &[(u64, u64)]) -> Vec<Frame>
 /// Why `ranges` may not be sent in a Divergence frame, if they may not:
 /// an empty range, one past u64, or one that does not start at or after
 /// the end of the one before.
-fn check_divergence_ranges(ranges: &[(u64, u64)]) -> Result<(), String> {
+fn check_divergence_ranges(ranges: &[(u64, u64)]) -> Result<(), RangeError> {
     let mut prev_end: Option<u64> = None;
-    for (i, &(offset, len)) in ranges.iter().enumerate() {
+    for (index, &(offset, len)) in ranges.iter().enumerate() {
         if len == 0 {
-            return Err(format!("range {i} at offset {offset} is empty"));
+            return Err(RangeError::Empty { index, offset });
         }
         let end = offset
             .checked_add(len)
-            .ok_or_else(|| format!("range {i} of {len} bytes at offset {offset} overflows"))?;
+            .ok_or(RangeError::Overflow { index, offset, len })?;
         if let Some(prev_end) = prev_end {
             if offset < prev_end {
-                return Err(format!(
-                    "range {i} at offset {offset} starts before the end of range {} ({prev_end}): \
-                     ranges must ascend and not overlap",
-                    i - 1
-                ));
+                return Err(RangeError::Overlap {
+                    index,
+                    offset,
+                    prev: index - 1,
+                    prev_end,
+                });
             }
         }
         prev_end = Some(end);
