@@ -22,9 +22,9 @@
 
 use std::cell::RefCell;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
-use crate::frame::{Kind, WireError, FLAG_LZ4, FLAG_ZSTD};
+use crate::wire::{Codec, DecompressError, Kind, RawHeader, WireError, FLAG_FUA};
 
 /// zstd level for links: the fastest of the regular levels. Replication
 /// wants throughput on a busy primary more than the last percent of ratio.
@@ -42,56 +42,7 @@ thread_local! {
         const { RefCell::new(None) };
 }
 
-/// How a mirror link compresses Write data (`compression` in
-/// `[[volume.mirror]]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Codec {
-    /// Data goes as it is (the default: on a LAN compression costs more CPU
-    /// than it saves).
-    #[default]
-    None,
-    /// LZ4 block format: cheap, modest ratio.
-    Lz4,
-    /// zstd at [`ZSTD_LEVEL`]: better ratio, more CPU.
-    Zstd,
-}
-
 impl Codec {
-    pub const ALL: [Codec; 3] = [Codec::None, Codec::Lz4, Codec::Zstd];
-
-    /// The config spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Codec::None => "none",
-            Codec::Lz4 => "lz4",
-            Codec::Zstd => "zstd",
-        }
-    }
-
-    pub fn from_name(s: &str) -> Option<Codec> {
-        Codec::ALL.into_iter().find(|c| c.as_str() == s)
-    }
-
-    /// The frame flag meaning "payload compressed with this codec".
-    pub fn flag(self) -> u16 {
-        match self {
-            Codec::None => 0,
-            Codec::Lz4 => FLAG_LZ4,
-            Codec::Zstd => FLAG_ZSTD,
-        }
-    }
-
-    /// The codec a Write's flags name; `None` (the Rust one) when both
-    /// compression flags are set.
-    pub(crate) fn from_flags(flags: u16) -> Option<Codec> {
-        match (flags & FLAG_LZ4 != 0, flags & FLAG_ZSTD != 0) {
-            (false, false) => Some(Codec::None),
-            (true, false) => Some(Codec::Lz4),
-            (false, true) => Some(Codec::Zstd),
-            (true, true) => None,
-        }
-    }
-
     /// Compresses `data`; `None` when the result would not be smaller (then
     /// the data goes plain). Both encoders take their worst case (a little
     /// over `data.len()`) as room, briefly.
@@ -121,7 +72,7 @@ impl Codec {
         len: u32,
         payload: &[u8],
     ) -> Result<Bytes, WireError> {
-        let fail = |reason: String| WireError::Decompress {
+        let fail = |reason: DecompressError| WireError::Decompress {
             kind: Kind::Write,
             id,
             offset,
@@ -132,31 +83,29 @@ impl Codec {
         let n = match self {
             Codec::None => return Ok(Bytes::copy_from_slice(payload)),
             Codec::Lz4 => lz4_flex::block::decompress_into(payload, &mut out)
-                .map_err(|e| fail(e.to_string()))?,
+                .map_err(|e| fail(DecompressError::Codec(e.to_string())))?,
             Codec::Zstd => ZSTD_DECOMPRESSOR.with_borrow_mut(|slot| {
                 if slot.is_none() {
-                    let mut d = zstd::bulk::Decompressor::new().map_err(|e| fail(e.to_string()))?;
+                    let mut d = zstd::bulk::Decompressor::new()
+                        .map_err(|e| fail(DecompressError::Codec(e.to_string())))?;
                     d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
                         ZSTD_WINDOW_LOG_MAX,
                     ))
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(|e| fail(DecompressError::Codec(e.to_string())))?;
                     *slot = Some(d);
                 }
                 let d = slot.as_mut().expect("set above");
                 d.decompress_to_buffer(payload, &mut out[..])
-                    .map_err(|e| fail(e.to_string()))
+                    .map_err(|e| fail(DecompressError::Codec(e.to_string())))
             })?,
         };
         if n != len as usize {
-            return Err(fail(format!("expands to {n} bytes, the header says {len}")));
+            return Err(fail(DecompressError::WrongLength {
+                got: n,
+                expected: len,
+            }));
         }
         Ok(Bytes::from(out))
-    }
-}
-
-impl std::fmt::Display for Codec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -208,6 +157,37 @@ impl EncodedWrite {
     }
 }
 
+/// Appends the header of a Write frame whose data was made ready for the wire
+/// by [`EncodedWrite::new`] (compressed or not, checksummed); the caller sends
+/// `w.payload` right after it.
+///
+/// # Panics
+///
+/// If the range overflows u64.
+pub fn encode_encoded_write_header(
+    id: u64,
+    offset: u64,
+    fua: bool,
+    w: &EncodedWrite,
+    out: &mut BytesMut,
+) {
+    assert!(
+        offset.checked_add(u64::from(w.len)).is_some(),
+        "write of {} bytes at offset {offset} overflows",
+        w.len
+    );
+    RawHeader {
+        kind: Kind::Write.code(),
+        flags: (if fua { FLAG_FUA } else { 0 }) | w.codec.flag(),
+        id,
+        offset,
+        len: w.len,
+        payload_len: w.payload.len() as u32,
+        payload_crc: w.crc,
+    }
+    .encode(out);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,8 +196,10 @@ mod tests {
     fn names_roundtrip() {
         for c in Codec::ALL {
             assert_eq!(Codec::from_name(c.as_str()), Some(c));
+            assert_eq!(Codec::from_code(c.code()), Some(c));
         }
         assert_eq!(Codec::from_name("gzip"), None);
+        assert_eq!(Codec::from_code(3), None);
     }
 
     #[test]

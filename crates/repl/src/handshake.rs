@@ -47,10 +47,25 @@
 //!
 //! | frame | payload |
 //! |---|---|
-//! | Hello | node string, volume identity, 32-byte nonce Np, then for a job connection one byte [`Purpose::Jobs`] |
-//! | Challenge | node string, volume identity, 32-byte nonce Nm, 32-byte proof_m |
+//! | Hello | node string, volume identity, 32-byte nonce Np, u8 handshake version ([`HANDSHAKE_VERSION`]), u8 purpose (0 replication, 1 jobs), u8 compression the primary wants ([`Codec::code`]) |
+//! | Challenge | node string, volume identity, 32-byte nonce Nm, u8 handshake version, u8 codecs the mirror supports (bit `1 << code` per codec; bit 0, none, always set), 32-byte proof_m |
 //! | Auth | 32-byte proof_p |
 //! | Welcome | empty |
+//!
+//! Compression is negotiated, not configured on both sides: the primary says
+//! which codec its link is configured with, the mirror which codecs it can
+//! decode, and both take the primary's codec if the mirror supports it, else
+//! none (and log it). The result is [`PeerInfo::compression`] on both sides.
+//! A codec code or supported bit this build does not know counts as
+//! unsupported, so a newer peer's codecs fall back to none instead of
+//! failing the handshake. Both fields are inside `T`, so a man in the middle
+//! cannot downgrade (or upgrade) the link's compression unnoticed.
+//!
+//! Version 1 (before compression was negotiated) had no version, purpose or
+//! codec bytes in the Hello, except a purpose byte 1 for a job connection,
+//! and none in the Challenge. A version 1 Hello is refused with a
+//! malformed-payload error that names both versions; a version 1 mirror
+//! refuses a version 2 Hello as an unknown connection purpose.
 //!
 //! Timeouts are the caller's: wrap [`connect`] or [`accept`] in
 //! `tokio::time::timeout`, so a peer that stops answering mid-handshake does
@@ -64,7 +79,8 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::frame::{ErrorCode, Frame, Kind, RawHeader, WireError, HEADER_LEN};
+use crate::frame::{ErrorCode, Frame};
+use crate::wire::{Codec, Kind, RawHeader, WireError, HEADER_LEN};
 
 /// Length of each side's random nonce.
 pub const NONCE_LEN: usize = 32;
@@ -72,6 +88,9 @@ pub const NONCE_LEN: usize = 32;
 pub const PROOF_LEN: usize = 32;
 /// Longest node or volume name accepted.
 pub const MAX_NAME_LEN: usize = 4096;
+/// The handshake payload version this build speaks (1: before compression
+/// was negotiated).
+pub const HANDSHAKE_VERSION: u8 = 2;
 
 const MIRROR_LABEL: &[u8] = b"blockmirror-v1 mirror";
 const PRIMARY_LABEL: &[u8] = b"blockmirror-v1 primary";
@@ -82,9 +101,10 @@ type HmacSha256 = Hmac<Sha256>;
 /// What a connection is for, said in the Hello (so it is covered by both
 /// proofs). A replication link's Hello has no purpose byte, exactly as
 /// before job connections existed; a job connection's Hello ends with one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Purpose {
     /// The replication link: writes, in order, acknowledged.
+    #[default]
     Replication,
     /// Jobs (seed 002): verify and remote reads, beside the replication
     /// link so they never hold its stream up.
@@ -92,7 +112,45 @@ pub enum Purpose {
 }
 
 impl Purpose {
-    const JOBS_CODE: u8 = 1;
+    fn code(self) -> u8 {
+        match self {
+            Purpose::Replication => 0,
+            Purpose::Jobs => 1,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Purpose> {
+        match code {
+            0 => Some(Purpose::Replication),
+            1 => Some(Purpose::Jobs),
+            _ => None,
+        }
+    }
+}
+
+/// What the primary asks for in its Hello, besides its identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ConnectOptions {
+    pub purpose: Purpose,
+    /// The codec the primary's link is configured with (`compression` in
+    /// `[[volume.mirror]]`); what it gets is [`PeerInfo::compression`].
+    pub compression: Codec,
+}
+
+/// A set of codecs, as the Challenge carries it: bit `1 << code` per codec.
+fn codec_mask(codecs: &[Codec]) -> u8 {
+    codecs
+        .iter()
+        .fold(1 << Codec::None.code(), |m, c| m | 1 << c.code())
+}
+
+/// The codec both sides use: the primary's `wanted` code if the mirror's
+/// `supported` mask has it, else none.
+fn negotiate(wanted: u8, supported: u8) -> Codec {
+    match Codec::from_code(wanted) {
+        Some(c) if supported & (1 << c.code()) != 0 => c,
+        _ => Codec::None,
+    }
 }
 
 /// What identifies a volume across nodes.
@@ -119,11 +177,16 @@ pub struct NodeHello {
     pub volume: VolumeIdentity,
 }
 
-/// The authenticated peer: its node name and its volume's identity.
+/// The authenticated peer: its node name and its volume's identity, and what
+/// the handshake negotiated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
     pub node: String,
     pub volume: VolumeIdentity,
+    /// How Write data is compressed on this link, the same on both sides:
+    /// the primary's [`ConnectOptions::compression`] if the mirror supports
+    /// it, else [`Codec::None`].
+    pub compression: Codec,
 }
 
 /// Which way an authentication failed.
@@ -144,6 +207,37 @@ impl std::fmt::Display for AuthFailure {
     }
 }
 
+/// What is wrong with a handshake payload: the reason of
+/// [`HandshakeError::Malformed`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Malformation {
+    #[error("truncated: needed {needed} more bytes, {left} left")]
+    Truncated { needed: usize, left: usize },
+    #[error("name of {0} bytes exceeds {MAX_NAME_LEN}")]
+    NameTooLong(usize),
+    #[error("name is not UTF-8")]
+    NameNotUtf8,
+    #[error("{0} trailing bytes")]
+    Trailing(usize),
+    /// A Hello from a build before compression was negotiated.
+    #[error(
+        "handshake version 1 (no compression negotiation); this build speaks \
+         {HANDSHAKE_VERSION}: upgrade the primary"
+    )]
+    Version1,
+    #[error("handshake version {0} (this build speaks {HANDSHAKE_VERSION})")]
+    Version(u8),
+    #[error("unknown connection purpose {0}")]
+    UnknownPurpose(u8),
+    #[error("supported codecs {0:#04x} lack uncompressed data (bit 0)")]
+    NoPlainCodec(u8),
+}
+
+fn from_peer(peer: &Option<String>) -> String {
+    peer.as_ref()
+        .map_or(String::new(), |p| format!(" from {p:?}"))
+}
+
 /// Why a handshake did not complete. The link must be closed.
 #[derive(Debug, Error)]
 pub enum HandshakeError {
@@ -159,8 +253,14 @@ pub enum HandshakeError {
     Wire(#[from] WireError),
     #[error("expected a {expected} frame, got {got}")]
     Unexpected { expected: Kind, got: Kind },
-    #[error("malformed {kind} payload: {reason}")]
-    Malformed { kind: Kind, reason: String },
+    #[error("malformed {kind} payload{}: {reason}", from_peer(.peer))]
+    Malformed {
+        kind: Kind,
+        /// The peer's node name, when the handshake got far enough to know
+        /// it (a malformed Auth or Welcome).
+        peer: Option<String>,
+        reason: Malformation,
+    },
     #[error("no replication secret configured")]
     EmptySecret,
     #[error("{what} name of {len} bytes exceeds {MAX_NAME_LEN}")]
@@ -190,12 +290,8 @@ pub enum HandshakeError {
     Refused { code: ErrorCode, message: String },
 }
 
-/// Primary side: announces `local`, checks the mirror's proof, proves
-/// itself, and returns the mirror's identity once it says Welcome.
-///
-/// On a refusal it can explain (bad proof, wrong volume, mirror too small)
-/// it sends an Error frame before returning, so the mirror logs the same
-/// reason. Wrap the call in a timeout (see the module doc).
+/// Primary side of a replication link that asks for no compression:
+/// [`connect_with`] with the default [`ConnectOptions`].
 pub async fn connect<S>(
     s: &mut S,
     secret: &[u8],
@@ -204,15 +300,40 @@ pub async fn connect<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    connect_for(s, secret, local, Purpose::Replication).await
+    connect_with(s, secret, local, ConnectOptions::default()).await
 }
 
-/// [`connect`] for a connection of the given purpose.
+/// [`connect_with`] for a connection of the given purpose, asking for no
+/// compression.
 pub async fn connect_for<S>(
     s: &mut S,
     secret: &[u8],
     local: &NodeHello,
     purpose: Purpose,
+) -> Result<PeerInfo, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let opts = ConnectOptions {
+        purpose,
+        compression: Codec::None,
+    };
+    connect_with(s, secret, local, opts).await
+}
+
+/// Primary side: announces `local` and what it asks for (`opts`), checks
+/// the mirror's proof, proves itself, and returns the mirror's identity and
+/// the negotiated compression ([`PeerInfo::compression`]) once it says
+/// Welcome.
+///
+/// On a refusal it can explain (bad proof, wrong volume, mirror too small)
+/// it sends an Error frame before returning, so the mirror logs the same
+/// reason. Wrap the call in a timeout (see the module doc).
+pub async fn connect_with<S>(
+    s: &mut S,
+    secret: &[u8],
+    local: &NodeHello,
+    opts: ConnectOptions,
 ) -> Result<PeerInfo, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -226,9 +347,9 @@ where
     put_string(&mut hello, &local.node);
     put_volume(&mut hello, &local.volume);
     hello.put_slice(&np);
-    if purpose == Purpose::Jobs {
-        hello.put_u8(Purpose::JOBS_CODE);
-    }
+    hello.put_u8(HANDSHAKE_VERSION);
+    hello.put_u8(opts.purpose.code());
+    hello.put_u8(opts.compression.code());
     let hello = hello.freeze();
     send(
         s,
@@ -250,14 +371,21 @@ where
         let node = c.string()?;
         let volume = c.volume()?;
         let nm: [u8; NONCE_LEN] = c.array()?;
+        let [version, supported] = c.array()?;
+        if version != HANDSHAKE_VERSION {
+            return Err(Malformation::Version(version));
+        }
+        if supported & (1 << Codec::None.code()) == 0 {
+            return Err(Malformation::NoPlainCodec(supported));
+        }
         let proof: [u8; PROOF_LEN] = c.array()?;
         c.finish()?;
-        Ok((node, volume, nm, proof))
+        Ok((node, volume, nm, supported, proof))
     })();
-    let (node_m, volume_m, nm, proof_m) = match decoded {
+    let (node_m, volume_m, nm, supported_m, proof_m) = match decoded {
         Ok(d) => d,
         Err(reason) => {
-            return Err(protocol_error(s, Kind::Challenge, reason).await);
+            return Err(protocol_error(s, Kind::Challenge, None, reason).await);
         }
     };
 
@@ -304,18 +432,25 @@ where
     match read_frame(s, Kind::Welcome, "waiting for Welcome").await? {
         Frame::Welcome { payload } if payload.is_empty() => {}
         Frame::Welcome { payload } => {
-            let reason = format!("{} unexpected bytes", payload.len());
-            return Err(protocol_error(s, Kind::Welcome, reason).await);
+            let reason = Malformation::Trailing(payload.len());
+            return Err(protocol_error(s, Kind::Welcome, Some(node_m), reason).await);
         }
         Frame::Error { code, message, .. } => {
             return Err(refused(code, message, Some(node_m)));
         }
         f => unreachable!("read_frame returned {:?}", f.kind()),
     }
-    tracing::debug!(peer = %node_m, volume = %volume_m.name, "replication handshake complete (primary)");
+    let compression = negotiate(opts.compression.code(), supported_m);
+    if compression != opts.compression {
+        tracing::warn!(peer = %node_m, volume = %volume_m.name, wanted = %opts.compression,
+            "the mirror does not support the configured compression: Write data goes uncompressed");
+    }
+    tracing::debug!(peer = %node_m, volume = %volume_m.name, %compression,
+        "replication handshake complete (primary)");
     Ok(PeerInfo {
         node: node_m,
         volume: volume_m,
+        compression,
     })
 }
 
@@ -352,6 +487,23 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&str) -> Option<VolumeIdentity>,
 {
+    accept_with(s, secret, node, &Codec::ALL, lookup).await
+}
+
+/// [`accept_any`] for a mirror that decodes only the codecs in `supported`
+/// (uncompressed data always). The primary's codec is taken if it is among
+/// them, else none ([`PeerInfo::compression`]).
+pub async fn accept_with<S, F>(
+    s: &mut S,
+    secret: &[u8],
+    node: &str,
+    supported: &[Codec],
+    lookup: F,
+) -> Result<(PeerInfo, VolumeIdentity, Purpose), HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnOnce(&str) -> Option<VolumeIdentity>,
+{
     check_secret(secret)?;
     check_name("node", node)?;
 
@@ -365,20 +517,22 @@ where
         let node = c.string()?;
         let volume = c.volume()?;
         let np: [u8; NONCE_LEN] = c.array()?;
-        let purpose = match c.b {
-            [] => Purpose::Replication,
-            [Purpose::JOBS_CODE] => {
-                c.take(1)?;
-                Purpose::Jobs
-            }
-            [p, ..] => return Err(format!("unknown connection purpose {p}")),
-        };
+        // A version 1 Hello ends here, or after a purpose byte 1 (jobs).
+        if c.b.len() <= 1 {
+            return Err(Malformation::Version1);
+        }
+        let [version] = c.array()?;
+        if version != HANDSHAKE_VERSION {
+            return Err(Malformation::Version(version));
+        }
+        let [purpose, wanted] = c.array()?;
+        let purpose = Purpose::from_code(purpose).ok_or(Malformation::UnknownPurpose(purpose))?;
         c.finish()?;
-        Ok((node, volume, np, purpose))
+        Ok((node, volume, np, purpose, wanted))
     })();
-    let (node_p, volume_p, np, purpose) = match decoded {
+    let (node_p, volume_p, np, purpose, wanted) = match decoded {
         Ok(d) => d,
-        Err(reason) => return Err(protocol_error(s, Kind::Hello, reason).await),
+        Err(reason) => return Err(protocol_error(s, Kind::Hello, None, reason).await),
     };
 
     let Some(volume_m) = lookup(&volume_p.name) else {
@@ -402,11 +556,21 @@ where
         return Err(e);
     }
 
+    let supported = codec_mask(supported);
+    let compression = negotiate(wanted, supported);
+    if compression.code() != wanted {
+        let wanted = Codec::from_code(wanted).map_or(format!("codec {wanted}"), |c| c.to_string());
+        tracing::warn!(peer = %node_p, volume = %volume_m.name, %wanted,
+            "the primary asked for a compression this mirror does not support: Write data comes uncompressed");
+    }
+
     let nm = nonce()?;
     let mut challenge = BytesMut::new();
     put_string(&mut challenge, node);
     put_volume(&mut challenge, &volume_m);
     challenge.put_slice(&nm);
+    challenge.put_u8(HANDSHAKE_VERSION);
+    challenge.put_u8(supported);
     let t = transcript(&hello, &challenge);
     challenge.put_slice(&prove(secret, MIRROR_LABEL, &np, &nm, &t));
     send(
@@ -432,7 +596,7 @@ where
         Ok(p)
     })() {
         Ok(p) => p,
-        Err(reason) => return Err(protocol_error(s, Kind::Auth, reason).await),
+        Err(reason) => return Err(protocol_error(s, Kind::Auth, Some(node_p), reason).await),
     };
     if verify(secret, PRIMARY_LABEL, &nm, &np, &t, &proof_p).is_err() {
         send_error(s, ErrorCode::AuthFailed, "authentication failed").await;
@@ -450,11 +614,13 @@ where
         "sending Welcome",
     )
     .await?;
-    tracing::debug!(peer = %node_p, volume = %volume_m.name, "replication handshake complete (mirror)");
+    tracing::debug!(peer = %node_p, volume = %volume_m.name, %compression,
+        "replication handshake complete (mirror)");
     Ok((
         PeerInfo {
             node: node_p,
             volume: volume_p,
+            compression,
         },
         volume_m,
         purpose,
@@ -537,11 +703,16 @@ fn refused(code: ErrorCode, message: String, peer: Option<String>) -> HandshakeE
 }
 
 /// Reports a malformed payload to the peer and returns the error.
-async fn protocol_error<S>(s: &mut S, kind: Kind, reason: String) -> HandshakeError
+async fn protocol_error<S>(
+    s: &mut S,
+    kind: Kind,
+    peer: Option<String>,
+    reason: Malformation,
+) -> HandshakeError
 where
     S: AsyncWrite + Unpin,
 {
-    let e = HandshakeError::Malformed { kind, reason };
+    let e = HandshakeError::Malformed { kind, peer, reason };
     send_error(s, ErrorCode::Protocol, &e.to_string()).await;
     e
 }
@@ -622,7 +793,7 @@ fn put_volume(out: &mut BytesMut, v: &VolumeIdentity) {
 }
 
 /// A cursor over a handshake payload that never reads out of bounds. Errors
-/// are the reason text of [`HandshakeError::Malformed`].
+/// are the reason of [`HandshakeError::Malformed`].
 struct Cursor<'a> {
     b: &'a [u8],
 }
@@ -632,36 +803,36 @@ impl<'a> Cursor<'a> {
         Self { b }
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformation> {
         if self.b.len() < n {
-            return Err(format!(
-                "truncated: needed {n} more bytes, {} left",
-                self.b.len()
-            ));
+            return Err(Malformation::Truncated {
+                needed: n,
+                left: self.b.len(),
+            });
         }
         let (head, tail) = self.b.split_at(n);
         self.b = tail;
         Ok(head)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], Malformation> {
         Ok(self.take(N)?.try_into().expect("N bytes"))
     }
 
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, Malformation> {
         Ok(u64::from_be_bytes(self.array()?))
     }
 
-    fn string(&mut self) -> Result<String, String> {
+    fn string(&mut self) -> Result<String, Malformation> {
         let n = usize::from(u16::from_be_bytes(self.array()?));
         if n > MAX_NAME_LEN {
-            return Err(format!("name of {n} bytes exceeds {MAX_NAME_LEN}"));
+            return Err(Malformation::NameTooLong(n));
         }
         let raw = self.take(n)?;
-        String::from_utf8(raw.to_vec()).map_err(|_| "name is not UTF-8".to_owned())
+        String::from_utf8(raw.to_vec()).map_err(|_| Malformation::NameNotUtf8)
     }
 
-    fn volume(&mut self) -> Result<VolumeIdentity, String> {
+    fn volume(&mut self) -> Result<VolumeIdentity, Malformation> {
         Ok(VolumeIdentity {
             name: self.string()?,
             volume_id: self.array()?,
@@ -677,11 +848,11 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    fn finish(self) -> Result<(), String> {
+    fn finish(self) -> Result<(), Malformation> {
         if self.b.is_empty() {
             Ok(())
         } else {
-            Err(format!("{} trailing bytes", self.b.len()))
+            Err(Malformation::Trailing(self.b.len()))
         }
     }
 }
@@ -753,7 +924,7 @@ mod tests {
         put_string(&mut hello, "p");
         put_volume(&mut hello, &vol("db", 4096));
         hello.put_slice(&[0; NONCE_LEN]);
-        hello.put_u8(7);
+        hello.put_slice(&[HANDSHAKE_VERSION, 7, 0]);
         send(
             &mut a,
             &Frame::Hello {

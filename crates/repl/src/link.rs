@@ -17,11 +17,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::compress::EncodedWrite;
-use crate::frame::{
-    encode_encoded_write_header, encode_job_data_header, encode_write_header, Frame, FrameDecoder,
-    WireError,
-};
+use crate::compress::{encode_encoded_write_header, EncodedWrite};
+use crate::frame::{encode_job_data_header, encode_write_header, Frame, FrameDecoder};
+use crate::wire::WireError;
 
 /// Room the reader asks for before each read.
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -81,7 +79,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     return Ok(None);
                 }
                 let header = if self.decoder.is_mid_frame() {
-                    crate::frame::HEADER_LEN
+                    crate::wire::HEADER_LEN
                 } else {
                     0
                 };
@@ -162,7 +160,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             } => {
                 // Like a Write: the data is referenced, not copied.
                 encode_job_data_header(*id, *link, *offset, data, &mut self.staging);
-                self.buffered += crate::frame::HEADER_LEN + crate::frame::LINK_LEN + data.len();
+                self.buffered += crate::wire::HEADER_LEN + crate::wire::LINK_LEN + data.len();
                 if data.len() <= INLINE_DATA_MAX {
                     self.staging.extend_from_slice(data);
                 } else {
@@ -186,7 +184,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// If `data` is larger than [`crate::MAX_DATA`].
     pub fn queue_write(&mut self, id: u64, offset: u64, fua: bool, data: Bytes) {
         encode_write_header(id, offset, fua, &data, &mut self.staging);
-        self.buffered += crate::frame::HEADER_LEN + data.len();
+        self.buffered += crate::wire::HEADER_LEN + data.len();
         if data.len() <= INLINE_DATA_MAX {
             self.staging.extend_from_slice(&data);
         } else {
@@ -200,7 +198,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// here.
     pub fn queue_encoded_write(&mut self, id: u64, offset: u64, fua: bool, w: &EncodedWrite) {
         encode_encoded_write_header(id, offset, fua, w, &mut self.staging);
-        self.buffered += crate::frame::HEADER_LEN + w.payload.len();
+        self.buffered += crate::wire::HEADER_LEN + w.payload.len();
         if w.payload.len() <= INLINE_DATA_MAX {
             self.staging.extend_from_slice(&w.payload);
         } else {
@@ -287,7 +285,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{ErrorCode, HEADER_LEN};
+    use crate::frame::ErrorCode;
+    use crate::wire::HEADER_LEN;
     use std::pin::Pin;
     use std::sync::{Arc, Mutex};
     use std::task::{Context, Poll};
@@ -437,7 +436,8 @@ mod tests {
     /// the reader as the plain Writes they stand for.
     #[tokio::test]
     async fn encoded_writes_read_back_as_plain_writes() {
-        use crate::compress::{Codec, EncodedWrite};
+        use crate::compress::EncodedWrite;
+        use crate::wire::Codec;
         let rec = Recorder::default();
         let mut w = FrameWriter::new(rec.clone());
         let data = Bytes::from(vec![0x11; 64 * 1024]);

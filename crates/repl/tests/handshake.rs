@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use blockmirror_repl::handshake::{HISTORY_LEN, NONCE_LEN, PROOF_LEN};
 use blockmirror_repl::{
-    accept, connect, AuthFailure, ErrorCode, Frame, FrameReader, FrameWriter, HandshakeError, Kind,
-    NodeHello, PeerInfo, RawHeader, VolumeIdentity, WireError, HEADER_LEN,
+    accept, accept_with, connect, connect_with, AuthFailure, Codec, ConnectOptions, ErrorCode,
+    Frame, FrameReader, FrameWriter, HandshakeError, Kind, Malformation, NodeHello, PeerInfo,
+    Purpose, RawHeader, VolumeIdentity, WireError, HANDSHAKE_VERSION, HEADER_LEN,
 };
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
@@ -172,7 +173,8 @@ async fn same_secret_succeeds_and_both_sides_learn_the_peer() {
         p,
         PeerInfo {
             node: MIRROR.into(),
-            volume: mirror_vol.clone()
+            volume: mirror_vol.clone(),
+            compression: Codec::None,
         }
     );
     let (m_peer, m_vol) = m.unwrap();
@@ -180,7 +182,8 @@ async fn same_secret_succeeds_and_both_sides_learn_the_peer() {
         m_peer,
         PeerInfo {
             node: PRIMARY.into(),
-            volume: vol("db", 1 << 30, 1)
+            volume: vol("db", 1 << 30, 1),
+            compression: Codec::None,
         }
     );
     assert_eq!(m_vol, mirror_vol);
@@ -257,6 +260,7 @@ async fn impostor_mirror_without_the_secret_is_refused() {
         p.extend_from_slice(&1u64.to_be_bytes());
         p.extend_from_slice(&[0; 8 * HISTORY_LEN]);
         p.extend_from_slice(&[9; NONCE_LEN]);
+        p.extend_from_slice(&[HANDSHAKE_VERSION, 0b111]);
         p.extend_from_slice(&[0xab; PROOF_LEN]);
         b.write_all(&enc(&Frame::Challenge { payload: p.into() }))
             .await
@@ -351,6 +355,47 @@ async fn replayed_auth_is_refused() {
     );
 }
 
+/// A malformed Auth is a typed error that names the primary (known by
+/// then from its Hello).
+#[tokio::test]
+async fn malformed_auth_names_the_peer() {
+    let (_, _, wire) = run(
+        SECRET,
+        SECRET,
+        primary_hello(1 << 20),
+        vec![vol("db", 1 << 20, 2)],
+    )
+    .await;
+    let hello = frames_of(&wire)
+        .into_iter()
+        .find(|f| f.kind() == Kind::Hello)
+        .unwrap();
+    let (mut a, mut b) = duplex(4096);
+    let mirror = tokio::spawn(async move {
+        accept(&mut b, SECRET, MIRROR, |_| Some(vol("db", 1 << 20, 2))).await
+    });
+    a.write_all(&enc(&hello)).await.unwrap();
+    assert_eq!(read_one(&mut a).await.kind(), Kind::Challenge);
+    a.write_all(&enc(&Frame::Auth {
+        payload: Bytes::from_static(b"short"),
+    }))
+    .await
+    .unwrap();
+    let e = mirror.await.unwrap().unwrap_err();
+    match &e {
+        HandshakeError::Malformed {
+            kind: Kind::Auth,
+            peer: Some(peer),
+            reason: Malformation::Truncated { needed, left: 5 },
+        } => {
+            assert_eq!(peer, PRIMARY);
+            assert_eq!(*needed, PROOF_LEN);
+        }
+        e => panic!("{e:?}"),
+    }
+    assert!(e.to_string().contains("from \"site-a\""), "{e}");
+}
+
 #[tokio::test]
 async fn mirror_too_small_is_a_clear_error_on_both_sides() {
     let (p, m, _) = run(
@@ -436,6 +481,8 @@ async fn malformed_hello_is_refused() {
     good.extend_from_slice(&1u64.to_be_bytes());
     good.extend_from_slice(&[0; 8 * HISTORY_LEN]);
     good.extend_from_slice(&[5; NONCE_LEN]);
+    // Version 2, replication, asking for lz4.
+    good.extend_from_slice(&[HANDSHAKE_VERSION, 0, 1]);
     let mut trailing = good.clone();
     trailing.push(0);
     let mut bad_utf8 = good.clone();
@@ -581,6 +628,236 @@ async fn link_carries_frames_after_the_handshake() {
     assert_eq!(mirror.await.unwrap(), 10);
 }
 
+/// Runs both roles: the primary asks for `wanted`, the mirror supports
+/// `supported`. Returns what each side negotiated.
+async fn negotiate(wanted: Codec, supported: &'static [Codec]) -> (Codec, Codec) {
+    let (mut a, mut b) = duplex(4096);
+    let mirror = tokio::spawn(async move {
+        accept_with(&mut b, SECRET, MIRROR, supported, |_| {
+            Some(vol("db", 1 << 20, 2))
+        })
+        .await
+    });
+    let opts = ConnectOptions {
+        purpose: Purpose::Replication,
+        compression: wanted,
+    };
+    let p = connect_with(&mut a, SECRET, &primary_hello(1 << 20), opts)
+        .await
+        .unwrap();
+    let (m, _, purpose) = mirror.await.unwrap().unwrap();
+    assert_eq!(purpose, Purpose::Replication);
+    (p.compression, m.compression)
+}
+
+#[tokio::test]
+async fn compression_is_the_primarys_codec_when_the_mirror_supports_it() {
+    for c in [Codec::Lz4, Codec::Zstd] {
+        assert_eq!(negotiate(c, &Codec::ALL).await, (c, c), "{c}");
+    }
+    // Supporting just that one (none is implied) is enough.
+    assert_eq!(
+        negotiate(Codec::Zstd, &[Codec::Zstd]).await,
+        (Codec::Zstd, Codec::Zstd)
+    );
+}
+
+#[tokio::test]
+async fn compression_falls_back_to_none_when_the_mirror_lacks_the_codec() {
+    assert_eq!(
+        negotiate(Codec::Zstd, &[Codec::None, Codec::Lz4]).await,
+        (Codec::None, Codec::None)
+    );
+    assert_eq!(negotiate(Codec::Lz4, &[]).await, (Codec::None, Codec::None));
+}
+
+#[tokio::test]
+async fn a_primary_that_wants_no_compression_gets_none() {
+    assert_eq!(
+        negotiate(Codec::None, &Codec::ALL).await,
+        (Codec::None, Codec::None)
+    );
+    // The plain entry points ask for none.
+    let (p, m, _) = run(
+        SECRET,
+        SECRET,
+        primary_hello(1 << 20),
+        vec![vol("db", 1 << 20, 2)],
+    )
+    .await;
+    assert_eq!(p.unwrap().compression, Codec::None);
+    assert_eq!(m.unwrap().0.compression, Codec::None);
+}
+
+/// A codec code from a newer primary that this mirror does not know is
+/// unsupported, not an error.
+#[tokio::test]
+async fn an_unknown_codec_code_negotiates_none() {
+    let (mut a, mut b) = duplex(4096);
+    let mirror = tokio::spawn(async move {
+        accept(&mut b, SECRET, MIRROR, |_| Some(vol("db", 1 << 20, 2))).await
+    });
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&(PRIMARY.len() as u16).to_be_bytes());
+    hello.extend_from_slice(PRIMARY.as_bytes());
+    hello.extend_from_slice(&2u16.to_be_bytes());
+    hello.extend_from_slice(b"db");
+    hello.extend_from_slice(&[1; 16]);
+    hello.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    hello.extend_from_slice(&[0; 8 * (1 + HISTORY_LEN)]);
+    hello.extend_from_slice(&[5; NONCE_LEN]);
+    hello.extend_from_slice(&[HANDSHAKE_VERSION, 0, 200]);
+    a.write_all(&enc(&Frame::Hello {
+        payload: hello.into(),
+    }))
+    .await
+    .unwrap();
+    let Frame::Challenge { payload } = read_one(&mut a).await else {
+        panic!("expected a Challenge")
+    };
+    // The mirror's supported codecs: none, lz4 and zstd.
+    let at = payload.len() - PROOF_LEN - 2;
+    assert_eq!(payload[at..at + 2], [HANDSHAKE_VERSION, 0b111]);
+    // Without the secret this side cannot go on; the mirror was not refused
+    // before the proof.
+    drop(a);
+    let e = mirror.await.unwrap().unwrap_err();
+    assert!(matches!(e, HandshakeError::PeerClosed { .. }), "{e:?}");
+}
+
+/// A version 1 Hello (no version, purpose or codec bytes) is refused with a
+/// reason naming both versions.
+#[tokio::test]
+async fn a_version_1_hello_is_refused_clearly() {
+    let mut v1 = Vec::new();
+    v1.extend_from_slice(&2u16.to_be_bytes());
+    v1.extend_from_slice(b"pa");
+    v1.extend_from_slice(&2u16.to_be_bytes());
+    v1.extend_from_slice(b"db");
+    v1.extend_from_slice(&[1; 16]);
+    v1.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    v1.extend_from_slice(&[0; 8 * (1 + HISTORY_LEN)]);
+    v1.extend_from_slice(&[5; NONCE_LEN]);
+    let mut v1_jobs = v1.clone();
+    v1_jobs.push(1);
+    let mut v3 = v1.clone();
+    v3.extend_from_slice(&[3, 0, 0]);
+    for (payload, needle) in [
+        (v1, "handshake version 1"),
+        (v1_jobs, "handshake version 1"),
+        (v3, "handshake version 3"),
+    ] {
+        let (e, answer) = mirror_given(enc(&Frame::Hello {
+            payload: payload.into(),
+        }))
+        .await;
+        assert!(
+            matches!(
+                &e,
+                HandshakeError::Malformed {
+                    kind: Kind::Hello,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(text.contains(needle) && text.contains("speaks 2"), "{text}");
+        match frames_of(&answer).as_slice() {
+            [Frame::Error { code, message, .. }] => {
+                assert_eq!(*code, ErrorCode::Protocol);
+                assert!(message.contains(needle), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Reads one frame from `from`, lets `edit` change its payload, and writes
+/// it (with fresh checksums) to `to`.
+async fn relay(from: &mut DuplexStream, to: &mut DuplexStream, edit: impl FnOnce(&mut Vec<u8>)) {
+    let f = read_one(from).await;
+    let f = match f {
+        Frame::Hello { payload } => {
+            let mut p = payload.to_vec();
+            edit(&mut p);
+            Frame::Hello { payload: p.into() }
+        }
+        Frame::Challenge { payload } => {
+            let mut p = payload.to_vec();
+            edit(&mut p);
+            Frame::Challenge { payload: p.into() }
+        }
+        f => f,
+    };
+    to.write_all(&enc(&f)).await.unwrap();
+}
+
+/// A man in the middle who rewrites the compression fields (to force a
+/// downgrade, or a codec the mirror cannot decode) breaks the proofs.
+#[tokio::test]
+async fn the_proofs_cover_the_compression_fields() {
+    // Which frame to rewrite, and how: the primary's wanted codec, or the
+    // mirror's supported set.
+    type Edit = fn(&mut Vec<u8>);
+    let cases: [(Kind, Edit); 2] = [
+        (Kind::Hello, |p| *p.last_mut().unwrap() = Codec::None.code()),
+        (Kind::Challenge, |p| {
+            let at = p.len() - PROOF_LEN - 1;
+            p[at] = 0b001;
+        }),
+    ];
+    for (kind, edit) in cases {
+        let (mut a, mut m1) = duplex(4096);
+        let (mut m2, mut b) = duplex(4096);
+        let mirror = tokio::spawn(async move {
+            accept(&mut b, SECRET, MIRROR, |_| Some(vol("db", 1 << 20, 2))).await
+        });
+        let mitm = tokio::spawn(async move {
+            let hello_edit: Edit = if kind == Kind::Hello { edit } else { |_| {} };
+            let challenge_edit: Edit = if kind == Kind::Challenge {
+                edit
+            } else {
+                |_| {}
+            };
+            relay(&mut m1, &mut m2, hello_edit).await;
+            relay(&mut m2, &mut m1, challenge_edit).await;
+            // The primary's answer (an Error), then whatever follows.
+            let f = read_one(&mut m1).await;
+            let _ = m2.write_all(&enc(&f)).await;
+            f
+        });
+        let opts = ConnectOptions {
+            purpose: Purpose::Replication,
+            compression: Codec::Zstd,
+        };
+        let e = connect_with(&mut a, SECRET, &primary_hello(1 << 20), opts)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                HandshakeError::AuthFailed {
+                    reason: AuthFailure::BadProof,
+                    ..
+                }
+            ),
+            "{kind}: {e:?}"
+        );
+        assert!(
+            matches!(
+                mitm.await.unwrap(),
+                Frame::Error {
+                    code: ErrorCode::AuthFailed,
+                    ..
+                }
+            ),
+            "{kind}"
+        );
+        assert!(mirror.await.unwrap().is_err(), "{kind}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -594,6 +871,31 @@ proptest! {
             matches!(e, HandshakeError::Malformed { kind: Kind::Hello, .. } | HandshakeError::PeerClosed { .. }),
             "{:?}", e
         );
+    }
+
+    /// A well-formed Hello up to its nonce with an arbitrary tail: refused
+    /// as malformed unless the tail is exactly a version 2 one (version,
+    /// a known purpose, any codec code), which passes the parse.
+    #[test]
+    fn hello_tails_are_judged_exactly(tail in proptest::collection::vec(any::<u8>(), 0..6)) {
+        let mut p = Vec::new();
+        p.extend_from_slice(&2u16.to_be_bytes());
+        p.extend_from_slice(b"pa");
+        p.extend_from_slice(&2u16.to_be_bytes());
+        p.extend_from_slice(b"db");
+        p.extend_from_slice(&[1; 16]);
+        p.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        p.extend_from_slice(&[0; 8 * (1 + HISTORY_LEN)]);
+        p.extend_from_slice(&[5; NONCE_LEN]);
+        p.extend_from_slice(&tail);
+        let valid = tail.len() == 3 && tail[0] == HANDSHAKE_VERSION && tail[1] <= 1;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let e = rt.block_on(mirror_given(enc(&Frame::Hello { payload: p.into() }))).0;
+        if valid {
+            prop_assert!(matches!(e, HandshakeError::PeerClosed { .. }), "{:?}", e);
+        } else {
+            prop_assert!(matches!(e, HandshakeError::Malformed { kind: Kind::Hello, .. }), "{:?}", e);
+        }
     }
 
     /// Arbitrary Challenge payloads never panic the primary and never pass.

@@ -574,6 +574,7 @@ mod tests {
                 generation: 1,
                 history: [0; blockmirror_repl::HISTORY_LEN],
             },
+            compression: blockmirror_repl::Codec::None,
         }
     }
 

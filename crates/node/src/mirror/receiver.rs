@@ -427,7 +427,11 @@ async fn handle(
     let reason = match reason {
         Some(r) => r,
         None => {
-            info!(volume = %target.name, primary = %primary.node, %peer, "replication link up");
+            // The decoder takes a Write in any codec this build has, so a
+            // primary whose link still compresses by its own configuration
+            // (not yet by the negotiated codec) is served too.
+            info!(volume = %target.name, primary = %primary.node, %peer,
+                compression = %primary.compression, "replication link up");
             apply_loop(stream, &target, token).await
         }
     };
