@@ -235,6 +235,29 @@ impl Event {
     }
 }
 
+impl Action {
+    /// The event the driver feeds once it performed this action (None:
+    /// nothing waits for it).
+    pub fn done(self) -> Option<Event> {
+        match self {
+            Action::StorePromotion => Some(Event::PromotionStored),
+            Action::StartLinks => Some(Event::LinksStarted),
+            Action::StoreDemotion => Some(Event::DemotionStored),
+            _ => None,
+        }
+    }
+
+    /// The event the driver feeds when this action failed (None: the
+    /// failure is only reported).
+    pub fn failed(self) -> Option<Event> {
+        match self {
+            Action::StorePromotion => Some(Event::PromotionFailed),
+            Action::StoreDemotion => Some(Event::DemotionFailed),
+            _ => None,
+        }
+    }
+}
+
 impl Default for RoleState {
     fn default() -> Self {
         Self::new()
@@ -725,6 +748,45 @@ mod tests {
             ma.primary_at, ma.generations.current,
             "reports its own writes"
         );
+    }
+
+    /// A driver that feeds back each action's `done` (or `failed`) event
+    /// always ends in a settled state.
+    #[test]
+    fn confirming_every_action_settles() {
+        for label in LABELS {
+            for ok in [true, false] {
+                let mut s = RoleState::new();
+                let mut todo = s
+                    .apply(Event::Open {
+                        label,
+                        stale_disk: false,
+                    })
+                    .unwrap();
+                let mut events = vec![
+                    Event::Promote {
+                        force: true,
+                        fed: false,
+                        label,
+                    },
+                    Event::Demote,
+                    Event::DiscardLocal,
+                ];
+                events.reverse();
+                loop {
+                    while !todo.is_empty() {
+                        let a = todo.remove(0);
+                        let next = if ok { a.done() } else { a.failed() };
+                        if let Some(e) = next {
+                            todo.extend(s.apply(e).unwrap());
+                        }
+                    }
+                    assert!(s.is_settled(), "{s}");
+                    let Some(e) = events.pop() else { break };
+                    todo = s.apply(e).unwrap_or_default();
+                }
+            }
+        }
     }
 
     /// What the property test drives: the machine's events, plus what
