@@ -99,3 +99,53 @@ impl RoleCell {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockmirror_core::MirrorLabel;
+
+    #[tokio::test]
+    async fn the_state_is_published_when_feed_returns_and_waiters_wake_when_settled() {
+        let cell = RoleCell::new("v");
+        assert!(!cell.accepts_host_writes() && !cell.accepts_primary());
+        let open = Event::Open {
+            label: MirrorLabel::Consistent,
+            stale_disk: false,
+        };
+        assert_eq!(cell.feed(open), Ok(vec![Action::ParkLinks]));
+        assert!(cell.accepts_primary() && cell.export_read_only());
+        assert_eq!(cell.role(), Role::Mirror);
+        cell.feed(Event::Promote {
+            force: false,
+            fed: false,
+            label: MirrorLabel::Consistent,
+        })
+        .unwrap();
+        assert!(!cell.accepts_primary(), "refused as soon as promoting");
+        let waiter = tokio::spawn({
+            let cell = cell.clone();
+            async move { cell.settled().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        cell.feed(Event::PromotionStored).unwrap();
+        assert!(!cell.accepts_host_writes(), "not before its links started");
+        cell.feed(Event::LinksStarted).unwrap();
+        assert!(cell.accepts_host_writes() && !cell.export_read_only());
+        assert_eq!(cell.role(), Role::Primary);
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("woken once settled")
+            .unwrap();
+        // Demoting refuses host writes at once; an illegal event changes nothing.
+        cell.feed(Event::Demote).unwrap();
+        assert!(!cell.accepts_host_writes() && !cell.accepts_primary());
+        assert!(cell.feed(Event::Demote).is_err());
+        assert_eq!(
+            cell.role(),
+            Role::Mirror,
+            "a demoting volume shows as a mirror"
+        );
+    }
+}
