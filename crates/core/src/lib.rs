@@ -14,6 +14,8 @@
 //!   (in sync, which side is ahead, split brain, unrelated).
 //! - [`scheduler`]: the mirror's parallel apply scheduler: range groups, task mini-queues and
 //!   overlap counters, so overlapping operations apply in arrival order and others in parallel.
+//! - [`role`]: a volume's role on its node (primary, mirror, promoting, demoting, failed disk) as one
+//!   state machine: events in, the driver's actions out.
 //! - [`sequencer`]: releases a write's subtasks, prepared out of order, to the link in order.
 
 pub mod activity;
@@ -26,6 +28,7 @@ pub mod meta;
 pub mod rangelock;
 pub mod rate;
 pub mod readpath;
+pub mod role;
 pub mod scheduler;
 pub mod sequencer;
 

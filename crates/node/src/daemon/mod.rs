@@ -3,6 +3,7 @@
 //!
 //! - [`config`]: the TOML node config, parsed into a validated [`config::NodeConfig`].
 //! - [`node`]: starts everything for a config, changes roles, shuts down cleanly.
+//! - [`role_driver`]: performs what a volume's role machine asks (promote, demote, discard).
 //! - [`admin`]: the admin HTTP server (status, metrics, role and data commands).
 //! - [`status`]: the /status JSON model and its table rendering.
 //! - [`metrics`]: lock-free counters and histograms, rendered as Prometheus text.
@@ -11,4 +12,5 @@ pub mod admin;
 pub mod config;
 pub mod metrics;
 pub mod node;
+pub mod role_driver;
 pub mod status;

@@ -20,13 +20,14 @@ use tracing::{info, warn};
 use std::collections::HashMap;
 
 use blockmirror_core::activity::{ActivityLog, DEFAULT_CAPACITY, DEFAULT_EXTENT_SIZE};
-use blockmirror_core::MirrorLabel;
+use blockmirror_core::role::{self as roles, Action, Event, RoleError};
 
 use crate::daemon::admin::{
     self, AdminSource, ControlError, DemoteRequest, PromoteRequest, ResyncRequest, VerifyRequest,
 };
 use crate::daemon::config::{NbdListen, NodeConfig, Role};
 use crate::daemon::metrics::{self, MetricType};
+use crate::daemon::role_driver::{DriveError, RoleDriver};
 use crate::daemon::status::{MirrorStatus, NodeStatus, VolumeStatus};
 use crate::mirror::apply::ApplyConfig;
 use crate::mirror::jobs::{DeviceConstants, JobService, MAX_JOBS};
@@ -39,6 +40,7 @@ use crate::primary::verify::{VerifyService, VerifyVolume};
 use crate::primary::{GenState, MirrorLink, Replicator};
 use crate::volume::local_disk::{FaultRequest, LocalDisk, LocalDiskError};
 use crate::volume::meta_file::{self, MetaCell, MetaFileError};
+use crate::volume::role::RoleCell;
 use crate::volume::Volume;
 
 #[derive(Debug, Error)]
@@ -141,8 +143,13 @@ impl Node {
                 create: true,
                 read_only: false,
             };
-            let (disk, failed_before) =
-                LocalDisk::open(vc, FileBackend::open(&vc.name, &opts)?, &state_dir)?;
+            let role_cell = RoleCell::new(&vc.name);
+            let (disk, failed_before) = LocalDisk::open(
+                vc,
+                FileBackend::open(&vc.name, &opts)?,
+                &state_dir,
+                role_cell.clone(),
+            )?;
             let backend: Arc<dyn Backend> = disk.clone();
             let meta_path = state_dir.join(format!("{}.meta", vc.name));
             let (mut meta, created) =
@@ -157,7 +164,7 @@ impl Node {
                 meta.clean = false;
                 meta_file::store(&meta_path, &meta)?;
             }
-            if let Some(why) = failed_before {
+            if let Some(why) = &failed_before {
                 // The local disk failed in an earlier run and was then
                 // bypassed (`serve_from_mirror`): it is stale. It comes back
                 // as a blank mirror, so whichever node is primary (promote
@@ -168,27 +175,38 @@ impl Node {
                     "the local disk was marked failed in an earlier run: it is stale; starting as \
                      a blank mirror (promote the mirror that holds the data; it copies the whole \
                      volume here)");
-                meta.generations.discard();
-                meta.label = MirrorLabel::Inconsistent;
-                meta_file::store(&meta_path, &meta)?;
-                disk.forget_failure().map_err(|source| NodeError::Io {
-                    what: format!("volume {}: removing the disk-failed marker", vc.name),
-                    source,
-                })?;
             }
-            // The role it starts in. A new volume takes its configured role;
-            // after that the record decides (no label: primary), because
+            // The role it starts in: the record decides (no label: primary;
+            // a new volume's record has its configured role), because
             // `promote` and `demote` (and a returning old primary that found
             // its mirror promoted past it) change roles at run time and a
             // reboot must not undo that: a demoted node never comes back as
             // a second primary, a promoted one stays primary.
-            let role = if created {
-                vc.role
-            } else if meta.label == MirrorLabel::None {
-                Role::Primary
-            } else {
-                Role::Mirror
-            };
+            let opened = role_cell
+                .feed(Event::Open {
+                    label: meta.label,
+                    stale_disk: failed_before.is_some(),
+                })
+                .expect("a new role cell takes Open");
+            let mut park_links = false;
+            for a in opened {
+                match a {
+                    Action::StoreDiscard => {
+                        roles::discard_record(&mut meta);
+                        meta_file::store(&meta_path, &meta)?;
+                    }
+                    Action::ForgetDiskFailure => {
+                        disk.forget_failure().map_err(|source| NodeError::Io {
+                            what: format!("volume {}: removing the disk-failed marker", vc.name),
+                            source,
+                        })?
+                    }
+                    // Once the links exist, below.
+                    Action::ParkLinks => park_links = true,
+                    other => unreachable!("opening a volume asks for {other:?}"),
+                }
+            }
+            let role = role_cell.role();
             if role != vc.role {
                 warn!(volume = %vc.name, configured = vc.role.as_str(), role = role.as_str(),
                     "the role changed at run time (promote or demote) and stays: starting as {}",
@@ -256,6 +274,7 @@ impl Node {
                         gen.hold_writes_at_start(vc.start_wait);
                         gen
                     },
+                    role_cell.clone(),
                 )))
             };
             // Every volume of a node with a replication listener can be fed
@@ -270,13 +289,13 @@ impl Node {
                         tasks_per_group: vc.apply_tasks_per_group,
                         ..ApplyConfig::default()
                     },
-                    role == Role::Primary,
+                    role_cell.clone(),
                 ))
             });
             if let (Some(t), Some(r)) = (&target, &replicator) {
                 t.set_own_links(r.links.clone());
             }
-            if role == Role::Mirror {
+            if park_links {
                 if let Some(r) = &replicator {
                     // Dormant until the volume is promoted here.
                     r.start_parked();
@@ -294,7 +313,7 @@ impl Node {
             let volume = Arc::new(
                 Volume::new(
                     &vc.name,
-                    role,
+                    role_cell,
                     backend,
                     // `read_only` as it applies to a primary (the config sets
                     // it for every mirror-role volume).
@@ -443,14 +462,15 @@ impl Node {
                 on_peer_ahead: v.target.clone().map(|t| {
                     let vol = v.volume.clone();
                     Arc::new(move |why: String| {
-                        // Host writes stop here, before the link reports
-                        // back; the rest of the demote runs on its own.
-                        if !vol.demote_now() {
+                        // Host writes stop here (the role is demoting now),
+                        // before the link reports back; the rest of the
+                        // demote runs on its own. Not a primary: nothing.
+                        let Ok(actions) = vol.role_cell().feed(Event::PeerAhead) else {
                             return;
-                        }
+                        };
                         let (vol, t) = (vol.clone(), t.clone());
                         tokio::spawn(async move {
-                            if let Err(e) = finish_demote(&vol, &t, &why).await {
+                            if let Err(e) = finish_demote(&vol, &t, actions, &why).await {
                                 warn!(volume = %vol.name(), error = %e, "demote after finding a newer primary failed");
                             }
                         });
@@ -577,62 +597,51 @@ impl Running {
     }
 }
 
-/// Makes `volume` a mirror on this node: `demote`, `resync --discard-local`
-/// on a primary, and a returning old primary that found its mirror promoted
-/// past it (failback). New host writes get EPERM at once; the writes in
-/// progress finish; every live mirror is flushed and the links park (what
-/// they had not confirmed stays marked, and is reported to the next primary
-/// as this side's divergent regions); the local disk is flushed; the record
-/// says "consistent"; then a primary may connect.
+/// Makes `volume` a mirror on this node: `demote` (`event` Demote), and
+/// `resync --discard-local` on a primary (DiscardLocal). New host writes get
+/// EPERM at once; the writes in progress finish; every live mirror is
+/// flushed and the links park (what they had not confirmed stays marked,
+/// and is reported to the next primary as this side's divergent regions);
+/// the local disk is flushed; the record says "consistent"; then a primary
+/// may connect. (A returning old primary that found its mirror promoted past
+/// it does the same, from the link's `on_peer_ahead`.)
 async fn demote_volume(
     volume: &Volume,
     target: &MirrorTarget,
+    event: Event,
     why: &str,
 ) -> Result<String, ControlError> {
-    let name = volume.name().to_owned();
-    if !volume.demote_now() {
-        return Err(ControlError::Refused {
-            volume: name,
+    let actions = volume
+        .role_cell()
+        .feed(event)
+        .map_err(|_| ControlError::Refused {
+            volume: volume.name().to_owned(),
             reason: "already a mirror".into(),
-        });
-    }
-    finish_demote(volume, target, why).await
+        })?;
+    finish_demote(volume, target, actions, why).await
 }
 
-/// The rest of a demote, after [`Volume::demote_now`] refused new writes.
+/// The rest of a demote: the role already refuses host writes; performs
+/// `actions` (what the demoting event returned).
 async fn finish_demote(
     volume: &Volume,
     target: &MirrorTarget,
+    actions: Vec<Action>,
     why: &str,
 ) -> Result<String, ControlError> {
     let name = volume.name().to_owned();
-    let _one = target.role_lock.lock().await;
     let started = std::time::Instant::now();
-    if let Some(r) = volume.replicator() {
-        r.park(volume.meta().size).await;
+    RoleDriver {
+        volume,
+        target: Some(target),
     }
-    let backend = volume.backend().clone();
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || backend.flush()).await {
-        warn!(volume = %name, error = %e, "flushing the local disk before the demote failed");
-    }
-    let cell = volume.meta_cell().clone();
-    let m = tokio::task::spawn_blocking(move || {
-        cell.update(|m| {
-            if m.label == MirrorLabel::None {
-                m.label = MirrorLabel::Consistent;
-            }
-        })
-    })
+    .perform_all(actions)
     .await
     .map_err(|e| ControlError::Failed {
         volume: name.clone(),
         reason: e.to_string(),
-    })?
-    .map_err(|e| ControlError::Failed {
-        volume: name.clone(),
-        reason: e.to_string(),
     })?;
-    target.set_demoted();
+    let m = volume.meta();
     warn!(volume = %name, why, generations = %m.generations.to_display(),
         ms = started.elapsed().as_millis() as u64,
         "demoted: a read-only mirror now, waiting for its new primary to connect");
@@ -679,28 +688,31 @@ impl StatusSource {
                     .into(),
             });
         };
+        // A promotion or demotion under way finishes first.
+        let rt = tokio::runtime::Handle::current();
+        rt.block_on(s.volume.role_cell().settled());
         if s.volume.role() == Role::Primary {
-            tokio::runtime::Handle::current().block_on(demote_volume(
+            // Demoted, then (DemotionStored) discarded.
+            rt.block_on(demote_volume(
                 &s.volume,
                 t,
+                Event::DiscardLocal,
                 "resync --discard-local",
             ))?;
-        }
-        let _one = t.role_lock.blocking_lock();
-        let m = s
-            .volume
-            .meta_cell()
-            .update(|m| {
-                m.generations.discard();
-                m.label = MirrorLabel::Inconsistent;
-            })
+        } else {
+            rt.block_on(
+                RoleDriver {
+                    volume: &s.volume,
+                    target: Some(t),
+                }
+                .run(Event::DiscardLocal),
+            )
             .map_err(|e| ControlError::Failed {
                 volume: volume.to_owned(),
                 reason: e.to_string(),
             })?;
-        s.volume.set_role(Role::Mirror);
-        t.set_demoted();
-        t.cut_link();
+        }
+        let m = s.volume.meta();
         warn!(volume, generations = %m.generations.to_display(),
             "local changes discarded: a mirror again, waiting for a full copy from the primary");
         Ok(format!(
@@ -801,49 +813,56 @@ impl AdminSource for StatusSource {
                 "this node has no `listen` address: it cannot be a mirror, nor be promoted".into()
             }));
         };
-        let _one = t.role_lock.blocking_lock();
-        if s.volume.role() == Role::Primary {
-            return Err(refused("already primary".into()));
-        }
-        if let Some(p) = t.primary() {
-            if !req.force {
+        // A promotion or demotion under way finishes first.
+        let rt = tokio::runtime::Handle::current();
+        rt.block_on(s.volume.role_cell().settled());
+        // The link is refused first (the role says promoting), so nothing of
+        // the old primary lands after the new generation; then the durable
+        // record; then the links to this volume's own mirrors; then the
+        // export turns read-write (the role says primary).
+        let fed = t.primary();
+        let promoted = rt.block_on(
+            RoleDriver {
+                volume: &s.volume,
+                target: Some(t),
+            }
+            .run(Event::Promote {
+                force: req.force,
+                fed: fed.is_some(),
+                label: s.volume.meta().label,
+            }),
+        );
+        match promoted {
+            Ok(()) => {}
+            Err(DriveError::Role(RoleError::Fed)) => {
                 return Err(refused(format!(
-                    "its primary {p} is connected and feeding it; stop that node first, or use --force"
-                )));
+                    "its primary {} is connected and feeding it; stop that node first, or use --force",
+                    fed.unwrap_or_default()
+                )))
+            }
+            Err(DriveError::Role(RoleError::Inconsistent)) => {
+                return Err(refused(
+                    "its data is inconsistent (a resync did not finish); use --force to promote it anyway"
+                        .into(),
+                ))
+            }
+            Err(DriveError::Role(e @ RoleError::Illegal { state, .. })) => {
+                return Err(refused(if state.role == roles::Role::Primary {
+                    "already primary".into()
+                } else {
+                    e.to_string()
+                }))
+            }
+            Err(DriveError::Failed(reason)) => {
+                return Err(ControlError::Failed {
+                    volume: volume.to_owned(),
+                    reason,
+                })
             }
         }
         let m = s.volume.meta();
-        if m.label == MirrorLabel::Inconsistent && !req.force {
-            return Err(refused(
-                "its data is inconsistent (a resync did not finish); use --force to promote it anyway"
-                    .into(),
-            ));
-        }
-        // Refuse the link first, so nothing of the old primary lands after
-        // the new generation; then the durable record; then the links to
-        // this volume's own mirrors; then the export.
-        t.set_promoted();
-        let failed = |e: MetaFileError| ControlError::Failed {
-            volume: volume.to_owned(),
-            reason: e.to_string(),
-        };
-        let id = meta_file::new_generation_id().map_err(failed)?;
-        let m = s
-            .volume
-            .meta_cell()
-            .update(|m| {
-                m.promoted_from = m.generations.current;
-                m.generations.rotate(id);
-                m.primary_at = m.generations.current;
-                m.label = MirrorLabel::None;
-            })
-            .map_err(|e| {
-                t.set_demoted();
-                failed(e)
-            })?;
         let mirrors = match s.volume.replicator() {
             Some(r) => {
-                tokio::runtime::Handle::current().block_on(r.unpark_promoted());
                 format!(
                     "; mirroring to {}",
                     r.links
@@ -858,7 +877,6 @@ impl AdminSource for StatusSource {
                 "; no mirrors configured here (add [[volume.mirror]] for failback)".into()
             }
         };
-        s.volume.set_role(Role::Primary);
         warn!(volume, generations = %m.generations.to_display(), forced = req.force,
             "promoted to primary: the export is read-write, new generation");
         Ok(format!(
@@ -877,7 +895,12 @@ impl AdminSource for StatusSource {
                     .into(),
             });
         };
-        tokio::runtime::Handle::current().block_on(demote_volume(&s.volume, t, "demote requested"))
+        tokio::runtime::Handle::current().block_on(demote_volume(
+            &s.volume,
+            t,
+            Event::Demote,
+            "demote requested",
+        ))
     }
 
     fn resync(&self, volume: &str, req: &ResyncRequest) -> Result<String, ControlError> {

@@ -22,7 +22,7 @@
 //! A FUA write is written with RWF_DSYNC on its task.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +31,7 @@ use blockmirror_repl::{ErrorCode, Frame, FrameReader, FrameWriter, SyncPhase, Vo
 use blockmirror_storage::Backend;
 
 use crate::volume::meta_file::{MetaCell, MetaFileError};
+use crate::volume::role::RoleCell;
 
 use super::apply::{Applied, ApplyConfig, ApplyEngine, ApplyMetrics, ApplyOp};
 use tokio::net::{TcpListener, TcpStream};
@@ -55,8 +56,9 @@ pub struct MirrorTarget {
     pub backend: Arc<dyn Backend>,
     /// The volume's record: generations and mirror label.
     pub meta: Arc<MetaCell>,
-    /// Set by `promote`: the volume is a primary here, and refuses links.
-    promoted: AtomicBool,
+    /// The volume's role: only a mirror takes a primary's link (a volume
+    /// that is primary here, or promoting, or demoting, refuses them).
+    role: Arc<RoleCell>,
     /// The link feeding it now: primary node, connection number, and what
     /// cancels that link.
     current: Mutex<Option<(String, u64, CancellationToken)>>,
@@ -72,28 +74,26 @@ pub struct MirrorTarget {
     /// it is a mirror: their bitmaps are what this node wrote as a primary
     /// that its peers may lack, reported to a new primary (failback).
     own_links: std::sync::OnceLock<Vec<Arc<crate::primary::MirrorLink>>>,
-    /// Held while the volume changes role (promote, demote, discard).
-    pub role_lock: tokio::sync::Mutex<()>,
 }
 
 impl MirrorTarget {
-    /// A target that accepts its primary; `promoted` (a primary volume on a
-    /// node that can also serve it as a mirror) refuses links until demoted.
+    /// A target that accepts its primary while `role` says mirror (a
+    /// primary volume on a node that can also serve it as a mirror refuses
+    /// links until demoted).
     pub fn new(
         name: &str,
         meta: Arc<MetaCell>,
         backend: Arc<dyn Backend>,
         apply: ApplyConfig,
-        promoted: bool,
+        role: Arc<RoleCell>,
     ) -> Self {
         Self {
             apply,
             apply_metrics: Arc::new(ApplyMetrics::new(apply.groups)),
             name: name.to_owned(),
             meta,
-            promoted: AtomicBool::new(promoted),
+            role,
             own_links: std::sync::OnceLock::new(),
-            role_lock: tokio::sync::Mutex::new(()),
             backend,
             current: Mutex::new(None),
             next_conn: AtomicU64::new(1),
@@ -145,26 +145,15 @@ impl MirrorTarget {
         (true, marks.map(|b| b.runs().collect()).unwrap_or_default())
     }
 
-    pub fn is_promoted(&self) -> bool {
-        self.promoted.load(Ordering::SeqCst)
+    /// Whether a primary may feed the volume now (it is a mirror here).
+    pub fn accepts_primary(&self) -> bool {
+        self.role.accepts_primary()
     }
 
-    /// The volume becomes a primary here: the current link (if any) is cut
-    /// and new ones are refused. (The caller stores the new generation.)
-    pub fn set_promoted(&self) {
-        self.promoted.store(true, Ordering::SeqCst);
-        if let Some((_, _, token)) = self.current.lock().expect("poisoned").as_ref() {
-            token.cancel();
-        }
-    }
-
-    /// The volume is a mirror again and accepts its primary.
-    pub fn set_demoted(&self) {
-        self.promoted.store(false, Ordering::SeqCst);
-    }
-
-    /// Ends the current link, if any: its primary reconnects and judges the
-    /// generations again (after `--discard-local`, a full copy).
+    /// Ends the current link, if any (`Action::CutLink`): after a promotion
+    /// nothing of the old primary lands any more; after `--discard-local`
+    /// its primary reconnects and judges the generations again (a full
+    /// copy).
     pub fn cut_link(&self) {
         if let Some((_, _, token)) = self.current.lock().expect("poisoned").as_ref() {
             token.cancel();
@@ -173,9 +162,9 @@ impl MirrorTarget {
 
     /// The mirror's own state for /status: `in_sync`, `resyncing`,
     /// `inconsistent` or `degraded` (consistent but not connected); None
-    /// when promoted.
+    /// when it is not a mirror here (primary, promoting, demoting).
     pub fn state(&self) -> Option<&'static str> {
-        if self.is_promoted() {
+        if !self.accepts_primary() {
             return None;
         }
         let connected = self.primary().is_some();
@@ -331,7 +320,7 @@ async fn handle(
         history: primary.volume.history,
     };
     let rel = compare_generations(&mine, &theirs);
-    let refusal = if target.is_promoted() {
+    let refusal = if !target.accepts_primary() {
         Some(format!(
             "volume {} is a primary on this node (promoted); it takes no replication",
             target.name

@@ -51,7 +51,7 @@ pub mod reads;
 pub mod verify;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use blockmirror_nbd::Errno;
@@ -60,6 +60,7 @@ use tracing::{debug, warn};
 
 use crate::daemon::config::{FailurePolicy, LagPolicy};
 use crate::daemon::metrics::{self, MetricType};
+use crate::volume::role::RoleCell;
 pub use gen_state::GenState;
 pub use link::{MirrorLink, MirrorOp};
 pub use locks::RangeLocks;
@@ -73,21 +74,22 @@ pub struct Replicator {
     pub policy: FailurePolicy,
     pub pipeline: Pipeline,
     pub gen: Arc<GenState>,
-    /// Set while the volume is a mirror on this node: host writes that got
-    /// past the role check before a demote are refused under their range
-    /// lock, so none lands after the links were parked.
-    parked: AtomicBool,
+    /// The volume's role: host writes that got past the role check before a
+    /// demote are refused under their range lock (it is no longer the
+    /// primary), so none lands after the links were parked.
+    role: Arc<RoleCell>,
 }
 
 impl Replicator {
     /// The mirrors `links` of `volume`, with a pipeline that splits writes
-    /// into `track_size` tracks, and the volume's generation state.
+    /// into `track_size` tracks, the volume's generation state and its role.
     pub fn new(
         volume: &str,
         links: Vec<Arc<MirrorLink>>,
         policy: FailurePolicy,
         track_size: u64,
         gen: Arc<GenState>,
+        role: Arc<RoleCell>,
     ) -> Replicator {
         gen.set_links(
             links
@@ -109,26 +111,25 @@ impl Replicator {
             links,
             locks: RangeLocks::new(),
             policy,
-            parked: AtomicBool::new(false),
+            role,
         }
     }
 
-    /// The volume is a mirror on this node (at start, before any write).
+    /// The volume opens as a mirror on this node: its links stay dormant
+    /// (`Action::ParkLinks`, before any write).
     pub fn start_parked(&self) {
-        self.parked.store(true, Ordering::SeqCst);
         for l in &self.links {
             l.set_active(false);
         }
     }
 
-    /// The volume becomes a mirror here (demote): waits for the host writes
-    /// in progress (the range lock over the whole volume; later ones are
-    /// refused), makes what every live mirror acknowledged durable there (a
+    /// The volume becomes a mirror here (demote, `Action::DrainAndParkLinks`;
+    /// its role already refuses host writes): waits for the host writes in
+    /// progress (the range lock over the whole volume), makes what every live mirror acknowledged durable there (a
     /// FLUSH each, async mirrors too), then parks every link. What was
     /// still in flight is marked in the bitmaps, which a new primary is told
     /// about when it connects (failback).
     pub async fn park(&self, size: u64) {
-        self.refuse_writes();
         let _all = self.locks.lock(0, size).await;
         let sent: Vec<_> = self
             .links
@@ -150,7 +151,8 @@ impl Replicator {
 
     /// The volume became the primary here by promotion: every link starts
     /// from an empty bitmap (see `MirrorLink::reset_for_promotion`) and
-    /// connects.
+    /// connects (`Action::StartLinks`; host writes are taken once the role
+    /// says primary, after this).
     pub async fn unpark_promoted(&self) {
         for l in &self.links {
             l.reset_for_promotion();
@@ -158,22 +160,16 @@ impl Replicator {
         if let Err(e) = self.persist().await {
             warn!(volume = %self.volume, error = %e, "storing the out-of-sync bitmaps failed");
         }
-        self.parked.store(false, Ordering::SeqCst);
         self.gen.open_gate();
         for l in &self.links {
             l.set_active(true);
         }
     }
 
-    /// Host writes that have not taken their range lock yet are refused
-    /// from now on (EPERM); those holding it finish.
-    pub fn refuse_writes(&self) {
-        self.parked.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether the volume is a mirror here (its links parked).
+    /// Whether host writes are refused under their range lock: the volume
+    /// is not the primary here (a mirror, or promoting, or demoting).
     pub fn is_parked(&self) -> bool {
-        self.parked.load(Ordering::SeqCst)
+        !self.role.accepts_host_writes()
     }
 
     async fn persist(&self) -> Result<(), link::ActivateError> {

@@ -4,7 +4,9 @@
 //!
 //! Every user of a volume's backend on this node (host I/O, the links'
 //! catch-up copies and activity-log flushes, verify) holds the same
-//! [`LocalDisk`]. Once it is marked failed ([`LocalDisk::detach`]) no call
+//! [`LocalDisk`]. Once it is marked failed ([`LocalDisk::detach`]: the
+//! volume's role machine takes `LocalDiskFailed`, and its disk state, sticky
+//! for the run, is what every call here checks) no call
 //! reaches the disk any more: reads, writes, trims and zeroes fail at once,
 //! so no copy can send a mirror the stale local data, and a flush succeeds
 //! without doing anything (nothing was written since; the mirrors hold the
@@ -26,6 +28,8 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+
+use blockmirror_core::role::{Action, Event};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
 use crate::daemon::config::{PrimaryFailurePolicy, VolumeConfig};
+use crate::volume::role::RoleCell;
 
 /// Why a volume's local disk could not be opened for serving.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +108,8 @@ pub struct LocalDisk {
     inner: Arc<dyn Backend>,
     faults: Option<Arc<FaultBackend<FileBackend>>>,
     policy: PrimaryFailurePolicy,
-    failed: AtomicBool,
+    /// The volume's role, whose disk state says whether the disk failed.
+    role: Arc<RoleCell>,
     /// Times the disk was found failed (0 or 1), for /metrics.
     failures: AtomicU64,
     marker: PathBuf,
@@ -128,6 +134,7 @@ impl LocalDisk {
         vc: &VolumeConfig,
         file: FileBackend,
         state_dir: &Path,
+        role: Arc<RoleCell>,
     ) -> Result<(Arc<LocalDisk>, Option<String>), LocalDiskError> {
         let marker = Self::marker_path(state_dir, &vc.name);
         let earlier = match std::fs::read_to_string(&marker) {
@@ -153,7 +160,7 @@ impl LocalDisk {
             inner,
             faults,
             policy: vc.on_primary_failure,
-            failed: AtomicBool::new(false),
+            role,
             failures: AtomicU64::new(0),
             marker,
             marker_stored: AtomicBool::new(false),
@@ -171,19 +178,25 @@ impl LocalDisk {
         }
     }
 
-    /// A disk over any backend (tests).
+    /// A primary's disk over any backend (tests).
     pub fn wrap(
         volume: &str,
         inner: Arc<dyn Backend>,
         policy: PrimaryFailurePolicy,
         state_dir: &Path,
     ) -> Arc<LocalDisk> {
+        let role = RoleCell::new(volume);
+        role.feed(Event::Open {
+            label: blockmirror_core::MirrorLabel::None,
+            stale_disk: false,
+        })
+        .expect("a new cell opens");
         Arc::new(LocalDisk {
             volume: volume.to_owned(),
             inner,
             faults: None,
             policy,
-            failed: AtomicBool::new(false),
+            role,
             failures: AtomicU64::new(0),
             marker: Self::marker_path(state_dir, volume),
             marker_stored: AtomicBool::new(false),
@@ -197,7 +210,7 @@ impl LocalDisk {
 
     /// True once the disk was marked failed.
     pub fn is_failed(&self) -> bool {
-        self.failed.load(SeqCst)
+        self.role.disk_failed()
     }
 
     /// `ok` or `failed`, as /status spells it.
@@ -228,9 +241,14 @@ impl LocalDisk {
     /// error), and stores the marker durably. Returns once the marker is
     /// durable; an error when it could not be stored (the caller then must
     /// not serve the request from a mirror: a restart could serve the stale
-    /// disk). Later calls only wait for (or retry) the marker.
+    /// disk). Later calls only wait for (or retry) the marker. An error too
+    /// when the volume is not (or no longer) a primary.
     pub async fn detach(self: &Arc<Self>, e: &StorageError) -> Result<(), String> {
-        if !self.failed.swap(true, SeqCst) {
+        let actions = self
+            .role
+            .feed(Event::LocalDiskFailed)
+            .map_err(|e| e.to_string())?;
+        if actions.contains(&Action::RecordDiskFailure) {
             self.failures.fetch_add(1, SeqCst);
             let cause = format!(
                 "{} at offset {} length {}: {}",

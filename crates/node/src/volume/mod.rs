@@ -3,6 +3,8 @@
 //! - [`meta_file`]: crash-safe storage of the volume's metadata record.
 //! - [`local_disk`]: the local backend with its failed state
 //!   (`serve_from_mirror`) and test faults.
+//! - [`role`]: the volume's role on this node, the one [`role::RoleCell`]
+//!   every part asks.
 //!
 //! Where each request runs is decided here. Buffered I/O on a regular file
 //! completes in microseconds against the page cache, so writes run inline on
@@ -13,8 +15,8 @@
 
 pub mod local_disk;
 pub mod meta_file;
+pub mod role;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,22 +32,22 @@ use crate::primary::reads::{ReadRouter, RoutedReadError};
 use crate::primary::{MirrorOp, Replicator};
 use crate::volume::local_disk::LocalDisk;
 use crate::volume::meta_file::MetaCell;
+use crate::volume::role::RoleCell;
 use blockmirror_core::VolumeMeta;
 
 /// A served volume.
 ///
-/// Its role can change at run time (`promote`, `resync --discard-local`):
-/// the role and the export's read-only flag are atomics. A connection
-/// negotiated before a switch keeps the flags it was told, but every host
-/// write checks the role now, so a demoted volume refuses writes with EPERM
-/// on old connections too.
+/// Its role can change at run time (`promote`, `demote`, `resync
+/// --discard-local`): it lives in a [`RoleCell`], which the export's
+/// read-only flag and every host write read. A connection negotiated before
+/// a switch keeps the flags it was told, but every host write checks the
+/// role now, so a demoted volume refuses writes with EPERM on old
+/// connections too.
 pub struct Volume {
     name: String,
-    /// True while the volume is a mirror.
-    mirror: AtomicBool,
+    role: Arc<RoleCell>,
     backend: Arc<dyn Backend>,
     size: u64,
-    read_only: AtomicBool,
     /// The `read_only` config key as a primary would have it.
     primary_read_only: bool,
     metrics: VolumeMetrics,
@@ -60,11 +62,12 @@ pub struct Volume {
 }
 
 impl Volume {
-    /// A volume in `role`; `primary_read_only` is the `read_only` key as it
-    /// applies while the volume is a primary (a mirror is always read-only).
+    /// A volume whose role is `role`; `primary_read_only` is the
+    /// `read_only` key as it applies while the volume is a primary (a mirror
+    /// is always read-only).
     pub fn new(
         name: &str,
-        role: Role,
+        role: Arc<RoleCell>,
         backend: Arc<dyn Backend>,
         primary_read_only: bool,
         meta: Arc<MetaCell>,
@@ -75,10 +78,9 @@ impl Volume {
         metrics.set_size_bytes(size);
         Self {
             name: name.to_owned(),
-            mirror: AtomicBool::new(role == Role::Mirror),
+            role,
             backend,
             size,
-            read_only: AtomicBool::new(primary_read_only || role == Role::Mirror),
             primary_read_only,
             metrics,
             meta,
@@ -112,7 +114,7 @@ impl Volume {
 
     /// True once the local disk is marked failed: nothing local is used.
     fn disk_failed(&self) -> bool {
-        self.disk.as_ref().is_some_and(|d| d.is_failed())
+        self.role.disk_failed()
     }
 
     /// A local I/O failed with `e`. With `serve_from_mirror`, on a primary
@@ -153,33 +155,18 @@ impl Volume {
         &self.meta
     }
 
-    /// Switches the role: a mirror's export is read-only and refuses every
-    /// host write; a primary's is read-write (unless configured read-only).
-    pub fn set_role(&self, role: Role) {
-        let mirror = role == Role::Mirror;
-        self.read_only
-            .store(mirror || self.primary_read_only, Ordering::SeqCst);
-        self.mirror.store(mirror, Ordering::SeqCst);
+    /// The volume's role, which every role change is fed to.
+    pub fn role_cell(&self) -> &Arc<RoleCell> {
+        &self.role
     }
 
-    /// Makes a primary a mirror now (read-only, host writes refused); false
-    /// if it already was one. The first half of a demote: atomic, so two
-    /// callers never both go on to demote it.
-    pub fn demote_now(&self) -> bool {
-        let was_mirror = self.mirror.swap(true, Ordering::SeqCst);
-        self.read_only.store(true, Ordering::SeqCst);
-        if let Some(r) = &self.replicator {
-            r.refuse_writes();
-        }
-        !was_mirror
-    }
-
-    /// EPERM while the volume is a mirror (only its primary writes it).
+    /// EPERM unless the volume is the primary here (only its primary writes
+    /// a mirror; a volume promoting or demoting takes no host write).
     fn check_writable(&self) -> Result<(), Errno> {
-        if self.mirror.load(Ordering::SeqCst) {
-            Err(Errno::Perm)
-        } else {
+        if self.role.accepts_host_writes() {
             Ok(())
+        } else {
+            Err(Errno::Perm)
         }
     }
 
@@ -187,12 +174,10 @@ impl Volume {
         self.replicator.as_ref()
     }
 
+    /// `Primary` only while it takes host writes; `Mirror` otherwise
+    /// (also while a promotion or a demotion is under way).
     pub fn role(&self) -> Role {
-        if self.mirror.load(Ordering::SeqCst) {
-            Role::Mirror
-        } else {
-            Role::Primary
-        }
+        self.role.role()
     }
 
     pub fn metrics(&self) -> &VolumeMetrics {
@@ -343,7 +328,7 @@ impl Export for Volume {
     }
 
     fn read_only(&self) -> bool {
-        self.read_only.load(Ordering::SeqCst)
+        self.primary_read_only || self.role.export_read_only()
     }
 
     fn fast_zeroes(&self) -> bool {
