@@ -271,7 +271,8 @@ impl Node {
                         ..ApplyConfig::default()
                     },
                     role == Role::Primary,
-                ))
+                )
+                .with_primary_silence(config.primary_silence))
             });
             if let (Some(t), Some(r)) = (&target, &replicator) {
                 t.set_own_links(r.links.clone());

@@ -40,12 +40,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A link that brings no frame for this long is taken as dead: a primary
-/// pings an idle link at least every second (its watchdog), so only a
-/// primary that is gone (power loss, partition: no FIN ever arrives) stays
-/// this silent. The mirror then shows no primary, and can be promoted
-/// without `--force`.
-const PRIMARY_SILENCE: Duration = Duration::from_secs(10);
+/// A link that brings no frame for this long is taken as dead, unless the
+/// node's `primary_silence` says otherwise: a primary pings an idle link at
+/// least every second (its watchdog), so only a primary that is gone (power
+/// loss, partition: no FIN ever arrives) stays this silent. The mirror then
+/// shows no primary, and can be promoted without `--force`.
+pub const PRIMARY_SILENCE: Duration = crate::daemon::config::DEFAULT_PRIMARY_SILENCE;
 /// The apply tag of an operation nobody waits for (a Barrier with id 0).
 const UNANSWERED: u64 = u64::MAX;
 
@@ -74,6 +74,9 @@ pub struct MirrorTarget {
     own_links: std::sync::OnceLock<Vec<Arc<crate::primary::MirrorLink>>>,
     /// Held while the volume changes role (promote, demote, discard).
     pub role_lock: tokio::sync::Mutex<()>,
+    /// A link silent this long is taken as dead ([`PRIMARY_SILENCE`] unless
+    /// set by [`MirrorTarget::with_primary_silence`]).
+    primary_silence: Duration,
 }
 
 impl MirrorTarget {
@@ -100,7 +103,18 @@ impl MirrorTarget {
             apply_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             applied_bytes: AtomicU64::new(0),
             applied_ops: AtomicU64::new(0),
+            primary_silence: PRIMARY_SILENCE,
         }
+    }
+
+    /// Sets how long a silent link lives (the node's `primary_silence`).
+    pub fn with_primary_silence(mut self, silence: Duration) -> Self {
+        self.primary_silence = silence;
+        self
+    }
+
+    pub fn primary_silence(&self) -> Duration {
+        self.primary_silence
     }
 
     /// The identity the handshake reports: the record as it is now.
@@ -491,6 +505,7 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
     let mut acks: Vec<Frame> = Vec::new();
     let mut applied: Vec<Applied> = Vec::new();
     let mut heard = tokio::time::Instant::now();
+    let silence = t.primary_silence;
     let reason = loop {
         engine.ready(&mut applied);
         to_acks(t, &mut applied, &mut acks);
@@ -534,10 +549,10 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                     },
                     // Only while nothing is being applied: a primary waiting
                     // for a slow operation here sends nothing, rightly.
-                    _ = tokio::time::sleep_until(heard + PRIMARY_SILENCE), if engine.held() == 0 && !engine.has_running() => {
-                        warn!(volume = %t.name, silent_s = PRIMARY_SILENCE.as_secs(),
+                    _ = tokio::time::sleep_until(heard + silence), if engine.held() == 0 && !engine.has_running() => {
+                        warn!(volume = %t.name, silent_ms = silence.as_millis() as u64,
                             "no frame from the primary (not even its pings): taking the link as dead");
-                        break format!("no frame from the primary for {PRIMARY_SILENCE:?}");
+                        break format!("no frame from the primary for {silence:?}");
                     }
                 }
             }
