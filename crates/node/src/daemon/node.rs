@@ -410,7 +410,8 @@ impl Node {
                     size: t.identity().size,
                     backend: t.backend.clone(),
                 }),
-            ));
+            )
+            .with_idle_timeout(self.config.job_idle_timeout));
             job_service = Some(jobs.clone());
             tasks.spawn(receiver::serve(
                 l,
