@@ -886,7 +886,11 @@ mod tests {
             .expect("closed within the hour");
         assert!(matches!(end, Ok(None)), "{end:?}");
         served.await.unwrap();
-        assert!(pinged.elapsed() >= idle, "closed after {:?}", pinged.elapsed());
+        assert!(
+            pinged.elapsed() >= idle,
+            "closed after {:?}",
+            pinged.elapsed()
+        );
         assert!(start.elapsed() < 2 * idle + Duration::from_secs(1));
         assert_eq!(svc.live_jobs(), 0, "the idle connection's job is freed");
         assert_eq!(svc.counters.idle_closed.load(Relaxed), 1);
