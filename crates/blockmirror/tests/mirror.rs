@@ -327,3 +327,43 @@ fn primary_killed_mid_history_loses_nothing_acknowledged() {
     );
     assert!(report.holds(Require::Prefix), "{text}");
 }
+
+/// `primary_silence` on the mirror node: a primary that is frozen (SIGSTOP:
+/// the TCP connection stays up, no FIN, no ping) is given up after the
+/// configured silence, well before the 10 s default; thawed, it reconnects.
+#[test]
+fn a_silent_primary_is_given_up_after_primary_silence() {
+    let pair = PairBuilder::new(8 * MIB)
+        .mirror_node("primary_silence = \"1500ms\"")
+        .start();
+    let pid = pair.primary.pid().to_string();
+    let frozen = Instant::now();
+    run_ok(Command::new("kill").args(["-STOP", &pid]));
+    wait_for(
+        "the mirror to give its silent primary up",
+        Duration::from_secs(6),
+        || {
+            pair.mirror.status_json()["volumes"][0]["primary"]
+                .is_null()
+                .then_some(())
+        },
+    );
+    let waited = frozen.elapsed();
+    run_ok(Command::new("kill").args(["-CONT", &pid]));
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "given up after {waited:?}, before the silence"
+    );
+    assert!(
+        pair.mirror
+            .log()
+            .contains("no frame from the primary (not even its pings)"),
+        "{}",
+        pair.logs()
+    );
+    // Thawed, the primary finds its link cut and connects again.
+    wait_for("the primary to reconnect", Duration::from_secs(30), || {
+        (pair.mirror.status_json()["volumes"][0]["primary"] == "primary").then_some(())
+    });
+    pair.wait_in_sync(Duration::from_secs(30));
+}

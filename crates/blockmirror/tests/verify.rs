@@ -361,3 +361,39 @@ fn verify_during_a_resync_skips_what_is_not_copied_yet() {
     pair.flush_primary();
     pair.assert_images_identical();
 }
+
+/// A verify's result is stored with the volume's metadata record: after the
+/// primary restarts, /status shows the same `last_verify`, and the next run
+/// gets a later id.
+#[test]
+fn last_verify_survives_a_primary_restart() {
+    require_tool("qemu-io");
+    let mut pair = PairBuilder::new(16 * MIB).start();
+    qemu_io_ok(pair.primary.uri(), &["write -P 0x33 0 16M", "flush"]);
+    pair.wait_in_sync(Duration::from_secs(30));
+    flip(&pair, 3 * MIB + 5);
+    let (code, out, err) = verify(&pair, &["--full"]);
+    assert_eq!(code, 1, "{out}{err}\n{}", pair.logs());
+    let before = pair.link()["last_verify"].clone();
+    assert_eq!(before["state"], "differ", "{before}");
+    assert_eq!(before["differing"][0]["offset"], 3 * MIB, "{before}");
+
+    let st = pair.primary.stop_with("TERM");
+    assert!(st.success(), "primary exit: {st}\n{}", pair.logs());
+    pair.primary.restart();
+    let after = wait_for(
+        "last_verify in the restarted primary's /status",
+        Duration::from_secs(30),
+        || {
+            let v = pair.link()["last_verify"].clone();
+            (!v.is_null()).then_some(v)
+        },
+    );
+    assert_eq!(after, before, "\n{}", pair.logs());
+
+    pair.wait_in_sync(Duration::from_secs(30));
+    let (code, out, err) = verify(&pair, &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let next = pair.link()["last_verify"]["id"].as_u64().unwrap();
+    assert!(next > before["id"].as_u64().unwrap(), "ids go on: {next}");
+}

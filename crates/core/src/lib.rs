@@ -36,4 +36,4 @@ pub use generation::{
     compare as compare_generations, resync_basis, Generations, Relation, ResyncBasis,
 };
 pub use geometry::{Geometry, RangeError};
-pub use meta::{MetaError, MirrorLabel, VolumeMeta};
+pub use meta::{MetaError, MetaRecord, MirrorLabel, VerifyOutcome, VerifyRecord, VolumeMeta};

@@ -354,6 +354,7 @@ pub struct PairBuilder {
     size: u64,
     primary_volume_extra: String,
     mirror_volume_extra: String,
+    mirror_node_extra: String,
     mirror_table: String,
     delay: Option<blockmirror_testkit::delay::Shape>,
     wrong_secret: bool,
@@ -370,6 +371,7 @@ impl PairBuilder {
             size,
             primary_volume_extra: String::new(),
             mirror_volume_extra: String::new(),
+            mirror_node_extra: String::new(),
             mirror_table: "mode = \"sync\"\n".into(),
             delay: None,
             wrong_secret: false,
@@ -407,6 +409,13 @@ impl PairBuilder {
     pub fn mirror_volume(mut self, extra: &str) -> Self {
         self.mirror_volume_extra += extra;
         self.mirror_volume_extra.push('\n');
+        self
+    }
+
+    /// Extra node-level keys for the mirror's config (e.g. `primary_silence = "1s"`).
+    pub fn mirror_node(mut self, extra: &str) -> Self {
+        self.mirror_node_extra += extra;
+        self.mirror_node_extra.push('\n');
         self
     }
 
@@ -474,8 +483,9 @@ impl PairBuilder {
             )
         });
         let mtext = format!(
-            "node = \"mirror\"\nlisten = \"{m_listen}\"\nadmin = \"{m_admin}\"\nsecret_file = \"secret.key\"\n\n\
+            "node = \"mirror\"\nlisten = \"{m_listen}\"\nadmin = \"{m_admin}\"\nsecret_file = \"secret.key\"\n{}\n\
              [[volume]]\nname = \"{PAIR_VOLUME}\"\npath = \"{}\"\nsize = {}\nrole = \"mirror\"\nnbd = \"{m_nbd}\"\n{}{back_table}",
+            self.mirror_node_extra,
             mimg.display(),
             self.size,
             self.mirror_volume_extra

@@ -49,6 +49,11 @@ pub const DEFAULT_TRACK_SIZE: u64 = 64 * 1024;
 pub const MIN_TRACK_SIZE: u64 = 4096;
 /// Default for `job_timeout` (seed 002's four seconds).
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(4);
+/// Default for `primary_silence`: a primary pings an idle link every second,
+/// so ten seconds without a frame means it is gone.
+pub const DEFAULT_PRIMARY_SILENCE: Duration = Duration::from_secs(10);
+/// Default for `job_idle_timeout`.
+pub const DEFAULT_JOB_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A validated node config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +73,15 @@ pub struct NodeConfig {
     /// job may take before the job ends with a timeout (key `job_timeout`,
     /// default [`DEFAULT_JOB_TIMEOUT`]).
     pub job_timeout: Duration,
+    /// On a mirror node: a replication link that brings no frame (not even
+    /// the primary's once-a-second ping) for this long is taken as dead
+    /// (key `primary_silence`, default [`DEFAULT_PRIMARY_SILENCE`]).
+    pub primary_silence: Duration,
+    /// On a mirror node: a job connection that brings no frame for this long
+    /// while none of its requests is being worked on is closed and its jobs
+    /// leave the job table (key `job_idle_timeout`, default
+    /// [`DEFAULT_JOB_IDLE_TIMEOUT`]).
+    pub job_idle_timeout: Duration,
     /// The config file this was read from.
     pub path: PathBuf,
 }
@@ -367,6 +381,13 @@ pub enum ConfigError {
         key: String,
         reason: String,
     },
+    /// A duration or size that does not parse or is out of range.
+    #[error("config {}: {error}", .path.display())]
+    Value {
+        path: PathBuf,
+        #[source]
+        error: ValueError,
+    },
     /// A key for a feature this version does not have yet.
     #[error("config {}: {key}: {reason}", .path.display())]
     Unsupported {
@@ -383,6 +404,7 @@ impl ConfigError {
             ConfigError::Read { path, .. }
             | ConfigError::Syntax { path, .. }
             | ConfigError::Invalid { path, .. }
+            | ConfigError::Value { path, .. }
             | ConfigError::Unsupported { path, .. } => path,
         }
     }
@@ -391,6 +413,7 @@ impl ConfigError {
     pub fn key(&self) -> Option<&str> {
         match self {
             ConfigError::Invalid { key, .. } | ConfigError::Unsupported { key, .. } => Some(key),
+            ConfigError::Value { error, .. } => Some(&error.key),
             ConfigError::Read { .. } | ConfigError::Syntax { .. } => None,
         }
     }
@@ -445,6 +468,8 @@ struct RawNode {
     admin: Option<String>,
     secret_file: Option<String>,
     job_timeout: Option<String>,
+    primary_silence: Option<String>,
+    job_idle_timeout: Option<String>,
     #[serde(default)]
     volume: Vec<RawVolume>,
 }
@@ -515,6 +540,14 @@ impl Ctx<'_> {
         }
     }
 
+    /// A duration or size helper's result, its error tied to this file.
+    fn value<T>(&self, r: Result<T, ValueError>) -> Result<T, ConfigError> {
+        r.map_err(|error| ConfigError::Value {
+            path: self.path.to_path_buf(),
+            error,
+        })
+    }
+
     fn required<T>(&self, value: Option<T>, key: &str) -> Result<T, ConfigError> {
         value.ok_or_else(|| self.invalid(key, "missing (required)"))
     }
@@ -548,19 +581,27 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
         None => None,
     };
 
-    let job_timeout = match raw.job_timeout.as_deref() {
-        None => DEFAULT_JOB_TIMEOUT,
-        Some(t) => match humantime::parse_duration(t) {
-            Ok(d) if d >= Duration::from_millis(10) => d,
-            Ok(_) => return Err(cx.invalid("job_timeout", "must be at least 10ms")),
-            Err(e) => {
-                return Err(cx.invalid(
-                    "job_timeout",
-                    format!("{t:?} is not a duration ({e}; examples: 4s, 500ms)"),
-                ))
-            }
-        },
-    };
+    let job_timeout = cx.value(duration(
+        raw.job_timeout.as_deref(),
+        "job_timeout",
+        DEFAULT_JOB_TIMEOUT,
+        DurationRange::AtLeast(Duration::from_millis(10)),
+        "4s, 500ms",
+    ))?;
+    let primary_silence = cx.value(duration(
+        raw.primary_silence.as_deref(),
+        "primary_silence",
+        DEFAULT_PRIMARY_SILENCE,
+        DurationRange::AboveZero,
+        "10s, 30s",
+    ))?;
+    let job_idle_timeout = cx.value(duration(
+        raw.job_idle_timeout.as_deref(),
+        "job_idle_timeout",
+        DEFAULT_JOB_IDLE_TIMEOUT,
+        DurationRange::AboveZero,
+        "60s, 5m",
+    ))?;
 
     if raw.volume.is_empty() {
         return Err(cx.invalid("volume", "at least one [[volume]] table is required"));
@@ -607,7 +648,7 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
         }
 
         let size = cx.required(rv.size, &key("size"))?;
-        let size = size_value(&size).map_err(|r| cx.invalid(key("size"), r))?;
+        let size = cx.value(size_value(&size, &key("size")))?;
 
         let role = match rv.role.as_deref() {
             None => return Err(cx.invalid(key("role"), "missing (required: primary or mirror)")),
@@ -653,14 +694,12 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                     )
                 })?,
             };
-            let max_lag_bytes = match &rm.max_lag_bytes {
-                None => DEFAULT_MAX_LAG_BYTES,
-                Some(v) => match size_value(v) {
-                    Ok(n) if n > 0 => n,
-                    Ok(_) => return Err(cx.invalid(mkey("max_lag_bytes"), "must be above 0")),
-                    Err(r) => return Err(cx.invalid(mkey("max_lag_bytes"), r)),
-                },
-            };
+            // A size is never zero.
+            let max_lag_bytes = cx.value(size_or(
+                rm.max_lag_bytes.as_ref(),
+                &mkey("max_lag_bytes"),
+                DEFAULT_MAX_LAG_BYTES,
+            ))?;
             let max_lag = match &rm.max_lag_seconds {
                 None => DEFAULT_MAX_LAG,
                 Some(v) => match v.as_float().or(v.as_integer().map(|i| i as f64)) {
@@ -737,58 +776,44 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                 "\"serve_from_mirror\" needs a [[volume.mirror]] to serve from",
             ));
         }
-        let mirror_timeout = match rv.mirror_timeout.as_deref() {
-            None => DEFAULT_MIRROR_TIMEOUT,
-            Some(t) => match humantime::parse_duration(t) {
-                Ok(d) if d >= Duration::from_millis(10) => d,
-                Ok(_) => return Err(cx.invalid(key("mirror_timeout"), "must be at least 10ms")),
-                Err(e) => {
-                    return Err(cx.invalid(
-                        key("mirror_timeout"),
-                        format!("{t:?} is not a duration ({e}; examples: 5s, 500ms)"),
-                    ))
-                }
-            },
-        };
-        let start_wait = match rv.start_wait.as_deref() {
-            None => DEFAULT_START_WAIT,
-            Some(t) => match humantime::parse_duration(t) {
-                Ok(d) if d <= Duration::from_secs(3600) => d,
-                Ok(_) => return Err(cx.invalid(key("start_wait"), "must be at most 1h")),
-                Err(e) => {
-                    return Err(cx.invalid(
-                        key("start_wait"),
-                        format!("{t:?} is not a duration ({e}; examples: 5s, 0s)"),
-                    ))
-                }
-            },
-        };
-        let bitmap_granularity = match &rv.bitmap_granularity {
-            None => DEFAULT_BITMAP_GRANULARITY,
-            Some(v) => {
-                let g = size_value(v).map_err(|r| cx.invalid(key("bitmap_granularity"), r))?;
-                if !g.is_power_of_two() || g < 4096 {
-                    return Err(cx.invalid(
-                        key("bitmap_granularity"),
-                        format!("{g} is not a power of two of at least 4096"),
-                    ));
-                }
-                g
-            }
-        };
-        let track_size = match &rv.track_size {
-            None => DEFAULT_TRACK_SIZE,
-            Some(v) => {
-                let t = size_value(v).map_err(|r| cx.invalid(key("track_size"), r))?;
-                if !t.is_power_of_two() || !(MIN_TRACK_SIZE..=u64::from(MAX_DATA)).contains(&t) {
-                    return Err(cx.invalid(
-                        key("track_size"),
-                        format!("{t} is not a power of two from 4KiB to 32MiB"),
-                    ));
-                }
-                t
-            }
-        };
+        let mirror_timeout = cx.value(duration(
+            rv.mirror_timeout.as_deref(),
+            &key("mirror_timeout"),
+            DEFAULT_MIRROR_TIMEOUT,
+            DurationRange::AtLeast(Duration::from_millis(10)),
+            "5s, 500ms",
+        ))?;
+        let start_wait = cx.value(duration(
+            rv.start_wait.as_deref(),
+            &key("start_wait"),
+            DEFAULT_START_WAIT,
+            DurationRange::AtMost(Duration::from_secs(3600)),
+            "5s, 0s",
+        ))?;
+        let bitmap_granularity = cx.value(size_or(
+            rv.bitmap_granularity.as_ref(),
+            &key("bitmap_granularity"),
+            DEFAULT_BITMAP_GRANULARITY,
+        ))?;
+        if !bitmap_granularity.is_power_of_two() || bitmap_granularity < 4096 {
+            return Err(cx.invalid(
+                key("bitmap_granularity"),
+                format!("{bitmap_granularity} is not a power of two of at least 4096"),
+            ));
+        }
+        let track_size = cx.value(size_or(
+            rv.track_size.as_ref(),
+            &key("track_size"),
+            DEFAULT_TRACK_SIZE,
+        ))?;
+        if !track_size.is_power_of_two()
+            || !(MIN_TRACK_SIZE..=u64::from(MAX_DATA)).contains(&track_size)
+        {
+            return Err(cx.invalid(
+                key("track_size"),
+                format!("{track_size} is not a power of two from 4KiB to 32MiB"),
+            ));
+        }
 
         let nbd = cx.required(rv.nbd, &key("nbd"))?;
         let nbd = parse_nbd(&nbd, &cx).map_err(|r| cx.invalid(key("nbd"), r))?;
@@ -849,9 +874,11 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                 ))
             }
         }
-        if let Some(v) = &rv.resync_threshold {
-            resync.threshold = size_value(v).map_err(|r| cx.invalid(key("resync_threshold"), r))?;
-        }
+        resync.threshold = cx.value(size_or(
+            rv.resync_threshold.as_ref(),
+            &key("resync_threshold"),
+            resync.threshold,
+        ))?;
         resync.checksum = rv.resync_checksum;
         match rv.resync_host_share {
             None => {}
@@ -863,25 +890,18 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                 ))
             }
         }
-        if let Some(v) = &rv.resync_rate {
-            resync.rate = size_value(v).map_err(|r| cx.invalid(key("resync_rate"), r))?;
-        }
-        if let Some(t) = rv.resync_max_suspension.as_deref() {
-            resync.max_suspension = match humantime::parse_duration(t) {
-                Ok(d) if d >= Duration::from_millis(1) && d <= Duration::from_secs(60) => d,
-                Ok(_) => {
-                    return Err(
-                        cx.invalid(key("resync_max_suspension"), "must be between 1ms and 60s")
-                    )
-                }
-                Err(e) => {
-                    return Err(cx.invalid(
-                        key("resync_max_suspension"),
-                        format!("{t:?} is not a duration ({e}; examples: 200ms, 1s)"),
-                    ))
-                }
-            };
-        }
+        resync.rate = cx.value(size_or(
+            rv.resync_rate.as_ref(),
+            &key("resync_rate"),
+            resync.rate,
+        ))?;
+        resync.max_suspension = cx.value(duration(
+            rv.resync_max_suspension.as_deref(),
+            &key("resync_max_suspension"),
+            resync.max_suspension,
+            DurationRange::Between(Duration::from_millis(1), Duration::from_secs(60)),
+            "200ms, 1s",
+        ))?;
 
         volumes.push(VolumeConfig {
             name,
@@ -930,6 +950,8 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
         secret_file,
         volumes,
         job_timeout,
+        primary_silence,
+        job_idle_timeout,
         path: path.to_path_buf(),
     })
 }
@@ -1005,26 +1027,155 @@ fn tcp_conflict(a: SocketAddr, b: SocketAddr) -> bool {
     a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()
 }
 
-fn size_value(v: &toml::Value) -> Result<u64, String> {
-    let n = match v {
-        toml::Value::Integer(i) => {
-            u64::try_from(*i).map_err(|_| format!("{i} is negative ({SIZE_EXAMPLES})"))?
+/// Why one key's value was refused: the key (`volume[0].size`) and what is
+/// wrong with its value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ValueError {
+    pub key: String,
+    pub problem: ValueProblem,
+}
+
+/// What is wrong with a duration or size value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueProblem {
+    /// humantime could not read it; `reason` is humantime's.
+    #[error("{value:?} is not a duration ({reason}; examples: {examples})")]
+    NotADuration {
+        value: String,
+        reason: String,
+        examples: &'static str,
+    },
+    #[error("must be {0}")]
+    DurationOutOfRange(DurationRange),
+    #[error(transparent)]
+    Size(#[from] SizeError),
+}
+
+/// The durations a key accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DurationRange {
+    AtLeast(Duration),
+    AtMost(Duration),
+    /// Both ends included.
+    Between(Duration, Duration),
+    AboveZero,
+}
+
+impl DurationRange {
+    pub fn contains(self, d: Duration) -> bool {
+        match self {
+            DurationRange::AtLeast(min) => d >= min,
+            DurationRange::AtMost(max) => d <= max,
+            DurationRange::Between(min, max) => (min..=max).contains(&d),
+            DurationRange::AboveZero => !d.is_zero(),
         }
-        toml::Value::String(s) => parse_size(s)?,
-        other => {
-            return Err(format!(
-                "expected a size string or an integer, found a {} ({SIZE_EXAMPLES})",
-                other.type_str()
-            ))
+    }
+}
+
+impl fmt::Display for DurationRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            DurationRange::AtLeast(min) => write!(f, "at least {}", short(min)),
+            DurationRange::AtMost(max) => write!(f, "at most {}", short(max)),
+            DurationRange::Between(min, max) => {
+                write!(f, "between {} and {}", short(min), short(max))
+            }
+            DurationRange::AboveZero => f.write_str("above 0"),
         }
+    }
+}
+
+/// A bound as a config would spell it: `10ms`, `60s`, `1h`.
+fn short(d: Duration) -> String {
+    let s = d.as_secs();
+    if d.subsec_nanos() == 0 {
+        if s >= 3600 && s % 3600 == 0 {
+            format!("{}h", s / 3600)
+        } else {
+            format!("{s}s")
+        }
+    } else if d.as_nanos() % 1_000_000 == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        humantime::format_duration(d).to_string()
+    }
+}
+
+/// Why a size was refused (by [`parse_size`] or as a config value).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{0:?} is not a size ({SIZE_EXAMPLES})")]
+    NotASize(String),
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+    #[error("{0:?} has too many decimal places")]
+    TooManyDecimals(String),
+    #[error("{0:?} is not a whole number of bytes")]
+    Fractional(String),
+    #[error("{0} is negative ({SIZE_EXAMPLES})")]
+    Negative(i64),
+    #[error("expected a size string or an integer, found a {0} ({SIZE_EXAMPLES})")]
+    WrongType(&'static str),
+    #[error("must be greater than zero")]
+    Zero,
+    #[error("{0} bytes is not a multiple of {SIZE_ALIGN}")]
+    Unaligned(u64),
+}
+
+/// The one duration reader of the config: key `key`'s value `raw` (absent:
+/// `default`), a humantime duration within `range`. `examples` go into the
+/// error for a value that does not parse.
+fn duration(
+    raw: Option<&str>,
+    key: &str,
+    default: Duration,
+    range: DurationRange,
+    examples: &'static str,
+) -> Result<Duration, ValueError> {
+    let Some(t) = raw else { return Ok(default) };
+    let problem = match humantime::parse_duration(t) {
+        Ok(d) if range.contains(d) => return Ok(d),
+        Ok(_) => ValueProblem::DurationOutOfRange(range),
+        Err(e) => ValueProblem::NotADuration {
+            value: t.to_owned(),
+            reason: e.to_string(),
+            examples,
+        },
     };
-    if n == 0 {
-        return Err("must be greater than zero".to_string());
-    }
-    if n % SIZE_ALIGN != 0 {
-        return Err(format!("{n} bytes is not a multiple of {SIZE_ALIGN}"));
-    }
-    Ok(n)
+    Err(ValueError {
+        key: key.to_owned(),
+        problem,
+    })
+}
+
+/// The one size reader of the config: key `key`'s value `v` (absent:
+/// `default`), see [`size_value`].
+fn size_or(v: Option<&toml::Value>, key: &str, default: u64) -> Result<u64, ValueError> {
+    v.map_or(Ok(default), |v| size_value(v, key))
+}
+
+/// A size value: a size string ([`parse_size`]) or an integer, non-zero and
+/// a multiple of [`SIZE_ALIGN`].
+fn size_value(v: &toml::Value, key: &str) -> Result<u64, ValueError> {
+    let checked = || -> Result<u64, SizeError> {
+        let n = match v {
+            toml::Value::Integer(i) => u64::try_from(*i).map_err(|_| SizeError::Negative(*i))?,
+            toml::Value::String(s) => parse_size(s)?,
+            other => return Err(SizeError::WrongType(other.type_str())),
+        };
+        if n == 0 {
+            return Err(SizeError::Zero);
+        }
+        if n % SIZE_ALIGN != 0 {
+            return Err(SizeError::Unaligned(n));
+        }
+        Ok(n)
+    };
+    checked().map_err(|e| ValueError {
+        key: key.to_owned(),
+        problem: e.into(),
+    })
 }
 
 /// Parses a human size: an integer or decimal number, optional spaces, and an
@@ -1032,8 +1183,8 @@ fn size_value(v: &toml::Value) -> Result<u64, String> {
 /// `K M G T P` (as qemu-img reads them); decimal units: `kB KB MB GB TB PB`;
 /// `B` or no unit is bytes. Units are case-insensitive. The result must be a
 /// whole number of bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || format!("{s:?} is not a size ({SIZE_EXAMPLES})");
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    let bad = || SizeError::NotASize(s.to_owned());
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -1066,7 +1217,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if !frac.bytes().all(|b| b.is_ascii_digit()) || (num.contains('.') && frac.is_empty()) {
         return Err(bad());
     }
-    let too_large = || format!("{s:?} is too large");
+    let too_large = || SizeError::TooLarge(s.to_owned());
     let int: u64 = int.parse().map_err(|_| too_large())?;
     let mut total = int.checked_mul(mult).ok_or_else(too_large)?;
 
@@ -1074,14 +1225,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let frac = frac.trim_end_matches('0');
     if !frac.is_empty() {
         if frac.len() > 18 {
-            return Err(format!("{s:?} has too many decimal places"));
+            return Err(SizeError::TooManyDecimals(s.to_owned()));
         }
         let digits: u128 = frac.parse().map_err(|_| bad())?;
         let scale = 10u128.pow(frac.len() as u32);
         let scaled = digits * u128::from(mult);
         let whole = scaled / scale;
         if whole * scale != scaled {
-            return Err(format!("{s:?} is not a whole number of bytes"));
+            return Err(SizeError::Fractional(s.to_owned()));
         }
         let part = u64::try_from(whole).map_err(|_| too_large())?;
         total = total.checked_add(part).ok_or_else(too_large)?;
@@ -1389,6 +1540,83 @@ consistency_group = "app"        # optional
             &vol("[[volume.mirror]]\npeer = \"127.0.0.1:7701\""),
             "secret_file",
             "required",
+        );
+    }
+
+    #[test]
+    fn mirror_side_timeouts_are_checked() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.primary_silence, DEFAULT_PRIMARY_SILENCE);
+        assert_eq!(c.primary_silence, Duration::from_secs(10));
+        assert_eq!(c.job_idle_timeout, DEFAULT_JOB_IDLE_TIMEOUT);
+        let c = parse(&format!(
+            "primary_silence = \"2500ms\"\njob_idle_timeout = \"5m\"\n{EXAMPLE}"
+        ))
+        .unwrap();
+        assert_eq!(c.primary_silence, Duration::from_millis(2500));
+        assert_eq!(c.job_idle_timeout, Duration::from_secs(300));
+        for key in ["primary_silence", "job_idle_timeout"] {
+            assert_err(
+                &format!("{key} = \"0s\"\n{EXAMPLE}"),
+                key,
+                "must be above 0",
+            );
+            assert_err(
+                &format!("{key} = \"quiet\"\n{EXAMPLE}"),
+                key,
+                "\"quiet\" is not a duration (",
+            );
+            let e = err(&format!("{key} = 10\n{EXAMPLE}"));
+            assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn duration_and_size_errors_are_typed_and_name_the_key() {
+        let e = err(&vol("mirror_timeout = \"5ms\""));
+        match &e {
+            ConfigError::Value { error, .. } => {
+                assert_eq!(error.key, "volume[0].mirror_timeout");
+                assert_eq!(
+                    error.problem,
+                    ValueProblem::DurationOutOfRange(DurationRange::AtLeast(
+                        Duration::from_millis(10)
+                    ))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            e.to_string(),
+            format!("config {P}: volume[0].mirror_timeout: must be at least 10ms")
+        );
+        assert_err(
+            &vol("start_wait = \"2h\""),
+            "volume[0].start_wait",
+            "must be at most 1h",
+        );
+        assert_err(
+            &vol("resync_max_suspension = \"0s\""),
+            "volume[0].resync_max_suspension",
+            "must be between 1ms and 60s",
+        );
+        match err(&vol_with("size", "size = \"12XB\"")) {
+            ConfigError::Value { error, .. } => {
+                assert_eq!(error.key, "volume[0].size");
+                assert_eq!(
+                    error.problem,
+                    ValueProblem::Size(SizeError::NotASize("12XB".into()))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_size("1.3B"),
+            Err(SizeError::Fractional("1.3B".into()))
+        );
+        assert_eq!(
+            DurationRange::Between(Duration::from_millis(1), Duration::from_secs(60)).to_string(),
+            "between 1ms and 60s"
         );
     }
 

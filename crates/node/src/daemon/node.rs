@@ -280,17 +280,20 @@ impl Node {
             // Every volume of a node with a replication listener can be fed
             // by a primary: a mirror now, a primary after a demote.
             let target = config.listen.is_some().then(|| {
-                Arc::new(MirrorTarget::new(
-                    &vc.name,
-                    meta_cell.clone(),
-                    backend.clone(),
-                    ApplyConfig {
-                        groups: vc.apply_groups,
-                        tasks_per_group: vc.apply_tasks_per_group,
-                        ..ApplyConfig::default()
-                    },
-                    role_cell.clone(),
-                ))
+                Arc::new(
+                    MirrorTarget::new(
+                        &vc.name,
+                        meta_cell.clone(),
+                        backend.clone(),
+                        ApplyConfig {
+                            groups: vc.apply_groups,
+                            tasks_per_group: vc.apply_tasks_per_group,
+                            ..ApplyConfig::default()
+                        },
+                        role_cell.clone(),
+                    )
+                    .with_primary_silence(config.primary_silence),
+                )
             });
             if let (Some(t), Some(r)) = (&target, &replicator) {
                 t.set_own_links(r.links.clone());
@@ -421,16 +424,19 @@ impl Node {
                 .secret
                 .clone()
                 .expect("validated: mirrors need a secret");
-            let jobs = Arc::new(JobService::new(
-                JobService::mirror_id_for(&self.config.node),
-                MAX_JOBS,
-                self.config.job_timeout,
-                targets.values().map(|t| DeviceConstants {
-                    volume: t.name.clone(),
-                    size: t.identity().size,
-                    backend: t.backend.clone(),
-                }),
-            ));
+            let jobs = Arc::new(
+                JobService::new(
+                    JobService::mirror_id_for(&self.config.node),
+                    MAX_JOBS,
+                    self.config.job_timeout,
+                    targets.values().map(|t| DeviceConstants {
+                        volume: t.name.clone(),
+                        size: t.identity().size,
+                        backend: t.backend.clone(),
+                    }),
+                )
+                .with_idle_timeout(self.config.job_idle_timeout),
+            );
             job_service = Some(jobs.clone());
             tasks.spawn(receiver::serve(
                 l,

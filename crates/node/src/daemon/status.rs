@@ -318,6 +318,7 @@ mod tests {
                             regions_waited: 0,
                             not_ready: 0,
                             differing_bytes: 128 << 10,
+                            differing_truncated: false,
                             differing: vec![
                                 crate::primary::verify::Range {
                                     offset: 0,

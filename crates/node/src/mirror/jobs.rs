@@ -7,7 +7,11 @@
 //! opens a job in the first free slot and every reply carries the job's
 //! link id; a full table answers `JobError(Busy)` at once, never waits.
 //! Jobs end when the primary closes them, when a fetch times out, or when
-//! their connection ends.
+//! their connection ends. A connection that brings no frame for the idle
+//! timeout (the node's `job_idle_timeout`, [`DEFAULT_IDLE_TIMEOUT`] by
+//! default) while none of its requests is being worked on is closed: a
+//! primary that vanished without a FIN (power loss, partition) does not hold
+//! its slots in the table for ever.
 //!
 //! A slow backend never blocks the connection: the reader task only parses
 //! frames and hands each request to its own task (at most
@@ -47,6 +51,9 @@ const REPLY_QUEUE: usize = 64;
 /// How long a fetch may take before its job ends with a timeout (seed
 /// 002's four seconds); a node's `job_timeout` key sets it.
 pub const DEFAULT_FETCH_TIMEOUT: Duration = crate::daemon::config::DEFAULT_JOB_TIMEOUT;
+/// How long a job connection may stay idle (no frame, no request being
+/// worked on) before it is closed; a node's `job_idle_timeout` key sets it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = crate::daemon::config::DEFAULT_JOB_IDLE_TIMEOUT;
 /// The retry interval a `JobNotReady` suggests (seed 002's 100 ms). A
 /// requester of this build does not retry: the data is pushed.
 pub const RETRY_HINT_MS: u32 = 100;
@@ -83,6 +90,8 @@ pub struct JobCounters {
     pub busy: AtomicU64,
     pub not_ready: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Job connections closed for being idle.
+    pub idle_closed: AtomicU64,
     pub hashed_bytes: AtomicU64,
     pub read_bytes: AtomicU64,
 }
@@ -95,6 +104,7 @@ pub struct JobService {
     devices: HashMap<String, DeviceId>,
     next_conn: AtomicU64,
     fetch_timeout: Duration,
+    idle_timeout: Duration,
     /// Hash read buffers, reused (a fresh 4 MiB buffer per request costs
     /// a page fault per 4 KiB).
     buffers: Mutex<Vec<Vec<u8>>>,
@@ -123,9 +133,17 @@ impl JobService {
             devices,
             next_conn: AtomicU64::new(1),
             fetch_timeout,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             buffers: Mutex::new(Vec::new()),
             counters: JobCounters::default(),
         }
+    }
+
+    /// Sets how long a job connection may stay idle (the node's
+    /// `job_idle_timeout`).
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle;
+        self
     }
 
     /// A mirror id from the node's name (link ids name their mirror).
@@ -163,7 +181,7 @@ impl JobService {
             let t = self.table();
             (t.len(), t.capacity())
         };
-        let families: [(&str, MetricType, &str, f64); 6] = [
+        let families: [(&str, MetricType, &str, f64); 7] = [
             (
                 "blockmirror_jobs_live",
                 MetricType::Gauge,
@@ -199,6 +217,12 @@ impl JobService {
                 MetricType::Counter,
                 "Jobs ended because a fetch took longer than the fetch timeout.",
                 c.timeouts.load(Relaxed) as f64,
+            ),
+            (
+                "blockmirror_jobs_idle_closed_total",
+                MetricType::Counter,
+                "Job connections closed after carrying no request for the idle timeout.",
+                c.idle_closed.load(Relaxed) as f64,
             ),
         ];
         for (name, kind, help, v) in families {
@@ -311,11 +335,23 @@ impl JobService {
         let writer = tokio::spawn(reply_writer(FrameWriter::new(wr), rx));
         let permits = Arc::new(Semaphore::new(MAX_REQUESTS_PER_CONNECTION));
         let mut tasks = tokio::task::JoinSet::new();
+        let idle = self.idle_timeout;
+        // Idle time counts from the last frame or the last finished request.
+        let mut active = tokio::time::Instant::now();
         let reason = loop {
             let frame = tokio::select! {
                 _ = shutdown.cancelled() => break "node shutting down".to_string(),
                 f = reader.next() => f,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {
+                    active = tokio::time::Instant::now();
+                    continue;
+                }
+                _ = tokio::time::sleep_until(active + idle), if tasks.is_empty() => {
+                    self.counters.idle_closed.fetch_add(1, Relaxed);
+                    break format!("idle: no request for {idle:?}");
+                }
             };
+            active = tokio::time::Instant::now();
             let frame = match frame {
                 Ok(Some(f)) => f,
                 Ok(None) => break "primary closed the job connection".into(),
@@ -793,6 +829,72 @@ mod tests {
         assert_eq!(l2, link);
         assert_eq!(&got[..], &data()[4096..8192]);
         assert_eq!(svc.counters.not_ready.load(Relaxed), 1);
+    }
+
+    /// An idle connection is closed after the idle timeout and its jobs
+    /// leave the table; any frame (a Ping too) counts as activity. The
+    /// clock is tokio's paused one: it jumps to the next timer whenever
+    /// every task waits, so nothing here sleeps in real time.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_and_its_jobs_freed() {
+        let idle = Duration::from_secs(60);
+        let backend = Arc::new(MemBackend::new("vol", SIZE));
+        let svc = Arc::new(
+            JobService::new(
+                7,
+                4,
+                DEFAULT_FETCH_TIMEOUT,
+                [DeviceConstants {
+                    volume: "vol".into(),
+                    size: SIZE,
+                    backend,
+                }],
+            )
+            .with_idle_timeout(idle),
+        );
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let served = tokio::spawn(
+            svc.clone()
+                .serve(b, peer(), "vol", CancellationToken::new()),
+        );
+        let (r, w) = tokio::io::split(a);
+        let mut c = Client {
+            r: FrameReader::new(r),
+            w: FrameWriter::new(w),
+        };
+        let start = tokio::time::Instant::now();
+        c.send(Frame::JobHash {
+            id: 1,
+            link: 0,
+            offset: 0,
+            len: 4096,
+            block: 4096,
+        })
+        .await;
+        assert!(matches!(c.next().await, Frame::JobHashes { id: 1, .. }));
+        assert_eq!(svc.live_jobs(), 1);
+        // Just short of the timeout, a ping: the connection lives on.
+        tokio::time::advance(idle - Duration::from_secs(1)).await;
+        c.send(Frame::Ping { id: 2 }).await;
+        assert_eq!(c.next().await, Frame::Pong { id: 2 });
+        let pinged = tokio::time::Instant::now();
+        assert_eq!(svc.live_jobs(), 1);
+        assert_eq!(svc.counters.idle_closed.load(Relaxed), 0);
+        // Then nothing: the mirror closes the connection (end of stream
+        // here) once the timeout has passed since the ping.
+        let end = tokio::time::timeout(Duration::from_secs(3600), c.r.next())
+            .await
+            .expect("closed within the hour");
+        assert!(matches!(end, Ok(None)), "{end:?}");
+        served.await.unwrap();
+        assert!(
+            pinged.elapsed() >= idle,
+            "closed after {:?}",
+            pinged.elapsed()
+        );
+        assert!(start.elapsed() < 2 * idle + Duration::from_secs(1));
+        assert_eq!(svc.live_jobs(), 0, "the idle connection's job is freed");
+        assert_eq!(svc.counters.idle_closed.load(Relaxed), 1);
     }
 
     #[tokio::test]

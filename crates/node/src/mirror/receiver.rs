@@ -27,8 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blockmirror_core::{compare_generations, Generations, MirrorLabel, Relation, VolumeMeta};
+use blockmirror_nbd::Errno;
 use blockmirror_repl::{ErrorCode, Frame, FrameReader, FrameWriter, SyncPhase, VolumeIdentity};
-use blockmirror_storage::Backend;
+use blockmirror_storage::{Backend, StorageError};
 
 use crate::volume::meta_file::{MetaCell, MetaFileError};
 use crate::volume::role::RoleCell;
@@ -41,14 +42,97 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A link that brings no frame for this long is taken as dead: a primary
-/// pings an idle link at least every second (its watchdog), so only a
-/// primary that is gone (power loss, partition: no FIN ever arrives) stays
-/// this silent. The mirror then shows no primary, and can be promoted
-/// without `--force`.
-const PRIMARY_SILENCE: Duration = Duration::from_secs(10);
+/// A link that brings no frame for this long is taken as dead, unless the
+/// node's `primary_silence` says otherwise: a primary pings an idle link at
+/// least every second (its watchdog), so only a primary that is gone (power
+/// loss, partition: no FIN ever arrives) stays this silent. The mirror then
+/// shows no primary, and can be promoted without `--force`.
+pub const PRIMARY_SILENCE: Duration = crate::daemon::config::DEFAULT_PRIMARY_SILENCE;
 /// The apply tag of an operation nobody waits for (a Barrier with id 0).
 const UNANSWERED: u64 = u64::MAX;
+
+/// Why the receiver refused a link or one of its requests. Each names the
+/// volume and the primary node (`peer`), and the offset where there is one;
+/// the message goes to the primary in an Error or Nack frame, and to the log.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("volume {volume} is a primary on this node (promoted); it takes no replication")]
+    Promoted { volume: String, peer: String },
+    #[error(
+        "volume {volume}: generation check refused the primary ({}: ours {ours}, primary {theirs}){}",
+        .relation.as_str(),
+        if *.relation == Relation::SplitBrain {
+            "; split brain: resolve with `blockmirror resync --discard-local` on one side"
+        } else {
+            ""
+        }
+    )]
+    Generations {
+        volume: String,
+        peer: String,
+        relation: Relation,
+        ours: String,
+        theirs: String,
+    },
+    #[error("volume {volume} is already fed by primary {current}")]
+    AlreadyFed {
+        volume: String,
+        peer: String,
+        current: String,
+    },
+    #[error("volume {volume}, primary {peer}: range {offset}+{len} past the end ({size})")]
+    OutOfRange {
+        volume: String,
+        peer: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    /// Reading for a checksum-resync hash, or applying an operation.
+    #[error("primary {peer}: {source}")]
+    Storage {
+        peer: String,
+        #[source]
+        source: StorageError,
+    },
+    #[error("volume {volume}, primary {peer}: storing the mirror state: {source}")]
+    StoreState {
+        volume: String,
+        peer: String,
+        #[source]
+        source: MetaFileError,
+    },
+    #[error("volume {volume}, primary {peer}: unexpected {kind} frame on an established link")]
+    UnexpectedFrame {
+        volume: String,
+        peer: String,
+        kind: String,
+    },
+}
+
+impl ReceiveError {
+    /// The NBD error number a Nack of this error carries.
+    pub fn errno(&self) -> Errno {
+        match self {
+            ReceiveError::OutOfRange { .. } => Errno::Inval,
+            ReceiveError::Storage { source, .. } if source.is_no_space() => Errno::NoSpc,
+            ReceiveError::Promoted { .. }
+            | ReceiveError::Generations { .. }
+            | ReceiveError::AlreadyFed { .. } => Errno::Perm,
+            ReceiveError::UnexpectedFrame { .. } => Errno::Inval,
+            ReceiveError::Storage { .. } | ReceiveError::StoreState { .. } => Errno::Io,
+        }
+    }
+
+    /// The Nack that answers request `id` with this error.
+    fn nack(&self, id: u64) -> Frame {
+        Frame::Nack {
+            id,
+            errno: self.errno().code(),
+            message: self.to_string(),
+        }
+    }
+}
 
 /// A mirror volume as the receiver sees it.
 pub struct MirrorTarget {
@@ -74,6 +158,9 @@ pub struct MirrorTarget {
     /// it is a mirror: their bitmaps are what this node wrote as a primary
     /// that its peers may lack, reported to a new primary (failback).
     own_links: std::sync::OnceLock<Vec<Arc<crate::primary::MirrorLink>>>,
+    /// A link silent this long is taken as dead ([`PRIMARY_SILENCE`] unless
+    /// set by [`MirrorTarget::with_primary_silence`]).
+    primary_silence: Duration,
 }
 
 impl MirrorTarget {
@@ -100,7 +187,18 @@ impl MirrorTarget {
             apply_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             applied_bytes: AtomicU64::new(0),
             applied_ops: AtomicU64::new(0),
+            primary_silence: PRIMARY_SILENCE,
         }
+    }
+
+    /// Sets how long a silent link lives (the node's `primary_silence`).
+    pub fn with_primary_silence(mut self, silence: Duration) -> Self {
+        self.primary_silence = silence;
+        self
+    }
+
+    pub fn primary_silence(&self) -> Duration {
+        self.primary_silence
     }
 
     /// The identity the handshake reports: the record as it is now.
@@ -321,39 +419,26 @@ async fn handle(
     };
     let rel = compare_generations(&mine, &theirs);
     let refusal = if !target.accepts_primary() {
-        Some(format!(
-            "volume {} is a primary on this node (promoted); it takes no replication",
-            target.name
-        ))
+        Some(ReceiveError::Promoted {
+            volume: target.name.clone(),
+            peer: primary.node.clone(),
+        })
     } else if matches!(
         rel,
         Relation::Same | Relation::PeerAhead | Relation::LocalBlank
     ) {
         None
     } else {
-        Some(format!(
-            "volume {}: generation check refused the primary ({}: ours {}, primary {}){}",
-            target.name,
-            rel.as_str(),
-            mine.to_display(),
-            theirs.to_display(),
-            if rel == Relation::SplitBrain {
-                "; split brain: resolve with `blockmirror resync --discard-local` on one side"
-            } else {
-                ""
-            }
-        ))
+        Some(ReceiveError::Generations {
+            volume: target.name.clone(),
+            peer: primary.node.clone(),
+            relation: rel,
+            ours: mine.to_display(),
+            theirs: theirs.to_display(),
+        })
     };
-    if let Some(msg) = refusal {
-        warn!(%peer, primary = %primary.node, "{msg}");
-        let mut w = FrameWriter::new(stream);
-        let _ = w
-            .send(&Frame::Error {
-                id: 0,
-                code: ErrorCode::Busy,
-                message: msg,
-            })
-            .await;
+    if let Some(e) = refusal {
+        refuse(stream, &peer, e).await;
         return;
     }
     let conn = target.next_conn.fetch_add(1, Relaxed);
@@ -361,10 +446,11 @@ async fn handle(
     let busy = {
         let mut current = target.current.lock().expect("poisoned");
         match current.as_ref() {
-            Some((node, _, _)) if *node != primary.node => Some(format!(
-                "volume {} is already fed by primary {node}",
-                target.name
-            )),
+            Some((node, _, _)) if *node != primary.node => Some(ReceiveError::AlreadyFed {
+                volume: target.name.clone(),
+                peer: primary.node.clone(),
+                current: node.clone(),
+            }),
             other => {
                 if let Some((_, old, old_token)) = other {
                     info!(volume = %target.name, primary = %primary.node, old_link = old,
@@ -376,16 +462,8 @@ async fn handle(
             }
         }
     };
-    if let Some(msg) = busy {
-        warn!(%peer, primary = %primary.node, "{msg}; refusing the second link");
-        let mut w = FrameWriter::new(stream);
-        let _ = w
-            .send(&Frame::Error {
-                id: 0,
-                code: ErrorCode::Busy,
-                message: msg,
-            })
-            .await;
+    if let Some(e) = busy {
+        refuse(stream, &peer, e).await;
         return;
     }
     // Wait until a replaced link's apply loop has stopped.
@@ -416,12 +494,9 @@ async fn handle(
     let reason = match reason {
         Some(r) => r,
         None => {
-            // The decoder takes a Write in any codec this build has, so a
-            // primary whose link still compresses by its own configuration
-            // (not yet by the negotiated codec) is served too.
             info!(volume = %target.name, primary = %primary.node, %peer,
                 compression = %primary.compression, "replication link up");
-            apply_loop(stream, &target, token).await
+            apply_loop(stream, &target, &primary.node, token).await
         }
     };
     // Without its primary, an in-sync mirror is a point in time the primary
@@ -459,7 +534,12 @@ async fn handle(
 /// reads acknowledgements on a task of its own, so that write does not wait
 /// on the primary's sending. While the engine is full the socket is not read
 /// (back-pressure to the primary).
-async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationToken) -> String {
+async fn apply_loop(
+    stream: TcpStream,
+    t: &MirrorTarget,
+    peer: &str,
+    shutdown: CancellationToken,
+) -> String {
     let (rd, wr) = stream.into_split();
     let mut reader = FrameReader::new(rd);
     let mut writer = FrameWriter::new(wr);
@@ -480,13 +560,24 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
         }
     };
     let size = t.meta.get().size;
+    let in_range = |offset: u64, len: u64| match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(ReceiveError::OutOfRange {
+            volume: t.name.clone(),
+            peer: peer.to_owned(),
+            offset,
+            len,
+            size,
+        }),
+    };
     // Replies gathered until the loop would wait, then sent together.
     let mut acks: Vec<Frame> = Vec::new();
     let mut applied: Vec<Applied> = Vec::new();
     let mut heard = tokio::time::Instant::now();
+    let silence = t.primary_silence;
     let reason = loop {
         engine.ready(&mut applied);
-        to_acks(t, &mut applied, &mut acks);
+        to_acks(t, peer, &mut applied, &mut acks);
         while let Ok(f) = bg_rx.try_recv() {
             acks.push(f);
         }
@@ -527,10 +618,10 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                     },
                     // Only while nothing is being applied: a primary waiting
                     // for a slow operation here sends nothing, rightly.
-                    _ = tokio::time::sleep_until(heard + PRIMARY_SILENCE), if engine.held() == 0 && !engine.has_running() => {
-                        warn!(volume = %t.name, silent_s = PRIMARY_SILENCE.as_secs(),
+                    _ = tokio::time::sleep_until(heard + silence), if engine.held() == 0 && !engine.has_running() => {
+                        warn!(volume = %t.name, silent_ms = silence.as_millis() as u64,
                             "no frame from the primary (not even its pings): taking the link as dead");
-                        break format!("no frame from the primary for {PRIMARY_SILENCE:?}");
+                        break format!("no frame from the primary for {silence:?}");
                     }
                 }
             }
@@ -557,7 +648,7 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                 data,
             } => (
                 id,
-                in_range(offset, data.len() as u64, size),
+                in_range(offset, data.len() as u64),
                 ApplyOp::Write { offset, data, fua },
             ),
             Frame::Flush { id } => (id, Ok(()), ApplyOp::Flush),
@@ -575,7 +666,7 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                 fua,
             } => (
                 id,
-                in_range(offset, u64::from(len), size),
+                in_range(offset, u64::from(len)),
                 ApplyOp::Trim {
                     offset,
                     len: u64::from(len),
@@ -590,7 +681,7 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                 may_trim,
             } => (
                 id,
-                in_range(offset, u64::from(len), size),
+                in_range(offset, u64::from(len)),
                 ApplyOp::Zeroes {
                     offset,
                     len: u64::from(len),
@@ -604,9 +695,10 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
             }
             Frame::HashRequest { id, offset, len } => {
                 // Hashed on the blocking pool; the reply goes out when ready.
-                match in_range(offset, u64::from(len), size) {
+                match in_range(offset, u64::from(len)) {
                     Ok(()) => {
                         let (backend, tx) = (t.backend.clone(), bg_tx.clone());
+                        let peer = peer.to_owned();
                         tokio::task::spawn_blocking(move || {
                             let mut buf = vec![0u8; len as usize];
                             let reply = match backend.read_at(&mut buf, offset) {
@@ -614,20 +706,12 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                                     id,
                                     hash: *blake3::hash(&buf).as_bytes(),
                                 },
-                                Err(e) => Frame::Nack {
-                                    id,
-                                    errno: 5,
-                                    message: e.to_string(),
-                                },
+                                Err(source) => ReceiveError::Storage { peer, source }.nack(id),
                             };
                             let _ = tx.send(reply);
                         });
                     }
-                    Err(message) => acks.push(Frame::Nack {
-                        id,
-                        errno: 22,
-                        message,
-                    }),
+                    Err(e) => acks.push(e.nack(id)),
                 }
                 continue;
             }
@@ -648,36 +732,37 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
                             generations = %m.generations.to_display(), "mirror state stored");
                         Frame::Ack { id }
                     }
-                    Err(e) => {
-                        warn!(volume = %t.name, error = %e, "storing the mirror state failed");
-                        Frame::Nack {
-                            id,
-                            errno: 5,
-                            message: e.to_string(),
-                        }
+                    Err(source) => {
+                        let e = ReceiveError::StoreState {
+                            volume: t.name.clone(),
+                            peer: peer.to_owned(),
+                            source,
+                        };
+                        warn!(error = %e, "storing the mirror state failed");
+                        e.nack(id)
                     }
                 });
                 continue;
             }
             f => {
-                let msg = format!("unexpected {:?} frame on an established link", f.kind());
+                let e = ReceiveError::UnexpectedFrame {
+                    volume: t.name.clone(),
+                    peer: peer.to_owned(),
+                    kind: format!("{:?}", f.kind()),
+                };
                 acks.push(Frame::Error {
                     id: f.id(),
                     code: ErrorCode::Protocol,
-                    message: msg.clone(),
+                    message: e.to_string(),
                 });
-                break msg;
+                break e.to_string();
             }
         };
         match range {
             Ok(()) => engine.submit(id, op, &mut applied),
-            Err(message) => {
+            Err(e) => {
                 t.applied_ops.fetch_add(1, Relaxed);
-                acks.push(Frame::Nack {
-                    id,
-                    errno: 22,
-                    message,
-                });
+                acks.push(e.nack(id));
             }
         }
         if acks.len() >= 256 {
@@ -689,9 +774,32 @@ async fn apply_loop(stream: TcpStream, t: &MirrorTarget, shutdown: CancellationT
     // What is running finishes (never half-applied); what has not started
     // is dropped, unacknowledged, so the primary has it marked for resync.
     applied.extend(engine.drain().await);
-    to_acks(t, &mut applied, &mut acks);
+    to_acks(t, peer, &mut applied, &mut acks);
     let _ = send_acks(&mut writer, &mut acks, &shutdown).await;
     reason
+}
+
+/// Refuses a link: logs why and tells the primary in an Error frame.
+async fn refuse(stream: TcpStream, addr: &str, e: ReceiveError) {
+    let primary = match &e {
+        ReceiveError::Promoted { peer, .. }
+        | ReceiveError::Generations { peer, .. }
+        | ReceiveError::AlreadyFed { peer, .. } => peer.as_str(),
+        _ => "?",
+    };
+    if matches!(e, ReceiveError::AlreadyFed { .. }) {
+        warn!(peer = %addr, %primary, "{e}; refusing the second link");
+    } else {
+        warn!(peer = %addr, %primary, "{e}");
+    }
+    let mut w = FrameWriter::new(stream);
+    let _ = w
+        .send(&Frame::Error {
+            id: 0,
+            code: ErrorCode::Busy,
+            message: e.to_string(),
+        })
+        .await;
 }
 
 /// Writes the gathered replies; gives up when the node shuts down (a
@@ -715,7 +823,7 @@ async fn send_acks(
 }
 
 /// Turns applied operations into Ack or Nack frames, and counts them.
-fn to_acks(t: &MirrorTarget, applied: &mut Vec<Applied>, acks: &mut Vec<Frame>) {
+fn to_acks(t: &MirrorTarget, peer: &str, applied: &mut Vec<Applied>, acks: &mut Vec<Frame>) {
     for a in applied.drain(..) {
         if a.tag == UNANSWERED {
             // An epoch barrier with id 0: the primary does not wait for it.
@@ -727,21 +835,67 @@ fn to_acks(t: &MirrorTarget, applied: &mut Vec<Applied>, acks: &mut Vec<Frame>) 
                 t.applied_bytes.fetch_add(a.written, Relaxed);
                 Frame::Ack { id: a.tag }
             }
-            Err(e) => {
+            Err(source) => {
+                let e = ReceiveError::Storage {
+                    peer: peer.to_owned(),
+                    source,
+                };
                 warn!(error = %e, "mirror apply failed");
-                Frame::Nack {
-                    id: a.tag,
-                    errno: if e.is_no_space() { 28 } else { 5 },
-                    message: e.to_string(),
-                }
+                e.nack(a.tag)
             }
         });
     }
 }
 
-fn in_range(offset: u64, len: u64, size: u64) -> Result<(), String> {
-    match offset.checked_add(len) {
-        Some(end) if end <= size => Ok(()),
-        _ => Err(format!("range {offset}+{len} past the end ({size})")),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockmirror_storage::Op;
+
+    #[test]
+    fn receive_errors_name_volume_peer_offset_and_carry_named_errnos() {
+        let e = ReceiveError::OutOfRange {
+            volume: "db".into(),
+            peer: "site-a".into(),
+            offset: 4096,
+            len: 512,
+            size: 4096,
+        };
+        assert_eq!(
+            e.to_string(),
+            "volume db, primary site-a: range 4096+512 past the end (4096)"
+        );
+        assert_eq!(
+            e.nack(7),
+            Frame::Nack {
+                id: 7,
+                errno: Errno::Inval.code(),
+                message: e.to_string(),
+            }
+        );
+        let full = std::io::Error::from_raw_os_error(28);
+        let e = ReceiveError::Storage {
+            peer: "site-a".into(),
+            source: StorageError::new("db", Op::Write, 8192, 4096, full),
+        };
+        assert_eq!(e.errno(), Errno::NoSpc);
+        assert!(
+            e.to_string()
+                .starts_with("primary site-a: volume db: write at offset 8192"),
+            "{e}"
+        );
+        let e = ReceiveError::Storage {
+            peer: "site-a".into(),
+            source: StorageError::new("db", Op::Read, 0, 4096, std::io::Error::other("bad")),
+        };
+        assert_eq!(e.errno(), Errno::Io);
+        let e = ReceiveError::Generations {
+            volume: "db".into(),
+            peer: "site-a".into(),
+            relation: Relation::SplitBrain,
+            ours: "1".into(),
+            theirs: "2".into(),
+        };
+        assert!(e.to_string().contains("split brain: resolve with"), "{e}");
     }
 }

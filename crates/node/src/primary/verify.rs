@@ -24,6 +24,9 @@
 //! A block is the bitmap's granularity, so `--mark` marks exactly the
 //! differing blocks, and the link copies them at once ([`MirrorLink::mark_and_copy`]).
 //!
+//! A finished verify's result is stored with the volume's metadata record
+//! (one per mirror), so `/status` shows it after a restart too.
+//!
 //! The cost of step 1 is a short stall of host writes to one region at a
 //! time (one region read and hashed on both sides, a few milliseconds).
 
@@ -33,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockmirror_core::jobs::LinkId;
+use blockmirror_core::{VerifyOutcome, VerifyRecord};
 use blockmirror_repl::{
     Frame, JobErrorCode, DIGEST_LEN, MAX_HASH_BLOCK, MAX_JOB_HASHES, MIN_HASH_BLOCK,
 };
@@ -150,6 +154,11 @@ pub struct VerifyStatus {
     pub not_ready: u64,
     pub differing_bytes: u64,
     pub differing: Vec<Range>,
+    /// True when `differing` lists only the first ranges (a result read back
+    /// from the metadata record keeps at most 256; `differing_bytes` counts
+    /// them all).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub differing_truncated: bool,
     /// Bytes marked for resync by `--mark`.
     #[serde(default)]
     pub marked_bytes: u64,
@@ -160,6 +169,60 @@ pub struct VerifyStatus {
 impl VerifyStatus {
     pub fn is_running(&self) -> bool {
         self.state == "running"
+    }
+
+    /// The record a finished verify of `peer` leaves in the volume's
+    /// metadata; None while running.
+    pub fn to_record(&self, peer: &str) -> Option<VerifyRecord> {
+        let outcome = VerifyOutcome::from_name(&self.state)?;
+        Some(
+            VerifyRecord {
+                peer: peer.to_owned(),
+                id: self.id,
+                outcome,
+                full: self.full,
+                mark: self.mark,
+                started_unix: self.started_unix,
+                finished_unix: self.finished_unix.unwrap_or(0),
+                total_bytes: self.total_bytes,
+                done_bytes: self.done_bytes,
+                skipped_bytes: self.skipped_bytes,
+                regions_waited: self.regions_waited,
+                not_ready: self.not_ready,
+                differing_bytes: self.differing_bytes,
+                marked_bytes: self.marked_bytes,
+                differing: self.differing.iter().map(|r| (r.offset, r.len)).collect(),
+                differing_truncated: self.differing_truncated,
+                error: self.error.clone().unwrap_or_default(),
+            }
+            .bounded(),
+        )
+    }
+
+    /// A stored result as `/status` shows it.
+    pub fn from_record(r: &VerifyRecord) -> VerifyStatus {
+        VerifyStatus {
+            id: r.id,
+            state: r.outcome.as_str().into(),
+            full: r.full,
+            mark: r.mark,
+            started_unix: r.started_unix,
+            finished_unix: Some(r.finished_unix),
+            total_bytes: r.total_bytes,
+            done_bytes: r.done_bytes,
+            skipped_bytes: r.skipped_bytes,
+            regions_waited: r.regions_waited,
+            not_ready: r.not_ready,
+            differing_bytes: r.differing_bytes,
+            differing: r
+                .differing
+                .iter()
+                .map(|&(offset, len)| Range { offset, len })
+                .collect(),
+            differing_truncated: r.differing_truncated,
+            marked_bytes: r.marked_bytes,
+            error: (!r.error.is_empty()).then(|| r.error.clone()),
+        }
     }
 }
 
@@ -228,14 +291,33 @@ pub struct VerifyService {
 }
 
 impl VerifyService {
+    /// The service for `volumes`, each mirror's last result read back from
+    /// its volume's metadata record (run ids go on from the highest).
     pub fn new(volumes: Vec<VerifyVolume>, shutdown: CancellationToken) -> Self {
+        let mut runs = HashMap::new();
+        let mut last_id = 0;
+        for v in &volumes {
+            let stored = v.ctx.gen.meta.verify();
+            for l in &v.links {
+                if let Some(r) = stored.iter().find(|r| r.peer == l.peer) {
+                    last_id = last_id.max(r.id);
+                    runs.insert(
+                        (v.name.clone(), l.peer.clone()),
+                        Run {
+                            status: VerifyStatus::from_record(r),
+                            progress: Arc::default(),
+                        },
+                    );
+                }
+            }
+        }
         Self {
             volumes: volumes
                 .into_iter()
                 .map(|v| (v.name.clone(), Arc::new(v)))
                 .collect(),
-            runs: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
+            runs: Mutex::new(runs),
+            next_id: AtomicU64::new(last_id + 1),
             shutdown,
         }
     }
@@ -297,6 +379,7 @@ impl VerifyService {
                             not_ready: 0,
                             differing_bytes: 0,
                             differing: Vec::new(),
+                            differing_truncated: false,
                             marked_bytes: 0,
                             error: None,
                         },
@@ -313,11 +396,10 @@ impl VerifyService {
                 let started = Instant::now();
                 let cancel = svc.shutdown.child_token();
                 let r = verify_link(&v, &link, full, jobs, &p, &cancel).await;
-                let mut runs = svc.runs();
-                let Some(run) = runs.get_mut(&(v.name.clone(), link.peer.clone())) else {
+                let key = (v.name.clone(), link.peer.clone());
+                let Some(mut s) = svc.runs().get(&key).map(|run| run.status.clone()) else {
                     return;
                 };
-                let s = &mut run.status;
                 s.finished_unix = Some(unix_now());
                 s.done_bytes = p.done.load(Relaxed);
                 s.skipped_bytes = p.skipped.load(Relaxed);
@@ -348,6 +430,28 @@ impl VerifyService {
                         s.state = "failed".into();
                         s.error = Some(e.to_string());
                     }
+                }
+                // Stored with the volume's record before /status says the
+                // run finished, so a result seen there survives a restart.
+                // A verify cut short by shutdown is stored too (failed:
+                // cancelled), unless the node exits first.
+                if let Some(record) = s.to_record(&link.peer) {
+                    let meta = v.ctx.gen.meta.clone();
+                    let stored = tokio::task::spawn_blocking(move || meta.set_verify(record))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(crate::volume::meta_file::MetaFileError::Io {
+                                path: v.ctx.gen.meta.path().to_owned(),
+                                source: std::io::Error::other(e.to_string()),
+                            })
+                        });
+                    if let Err(e) = stored {
+                        warn!(volume = %v.name, peer = %link.peer, error = %e,
+                            "storing the verify result failed; /status loses it at restart");
+                    }
+                }
+                if let Some(run) = svc.runs().get_mut(&key) {
+                    run.status = s;
                 }
             });
         }
@@ -808,6 +912,61 @@ impl JobClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_finished_status_survives_its_record_and_a_running_one_has_none() {
+        let mut s = VerifyStatus {
+            id: 4,
+            state: "differ".into(),
+            full: true,
+            mark: true,
+            started_unix: 10,
+            finished_unix: Some(12),
+            total_bytes: 1 << 30,
+            done_bytes: 1 << 30,
+            skipped_bytes: 4096,
+            regions_waited: 2,
+            not_ready: 1,
+            differing_bytes: 128 << 10,
+            differing: vec![Range {
+                offset: 0,
+                len: 128 << 10,
+            }],
+            differing_truncated: false,
+            marked_bytes: 128 << 10,
+            error: None,
+        };
+        let r = s.to_record("127.0.0.1:7701").unwrap();
+        assert_eq!(r.peer, "127.0.0.1:7701");
+        assert_eq!(VerifyStatus::from_record(&r), s);
+        s.state = "failed".into();
+        s.error = Some("volume v, mirror m: cancelled (node shutting down)".into());
+        assert_eq!(VerifyStatus::from_record(&s.to_record("m").unwrap()), s);
+        // More ranges than a record keeps: the first ones, marked truncated.
+        s.differing = (0..300)
+            .map(|i| Range {
+                offset: i * 8192,
+                len: 4096,
+            })
+            .collect();
+        let back = VerifyStatus::from_record(&s.to_record("m").unwrap());
+        assert_eq!(
+            back.differing.len(),
+            blockmirror_core::meta::MAX_VERIFY_RANGES
+        );
+        assert!(back.differing_truncated);
+        assert!(serde_json::to_string(&back)
+            .unwrap()
+            .contains("\"differing_truncated\":true"));
+        s.state = "running".into();
+        assert!(s.to_record("m").is_none());
+        // Absent from JSON when false (status consumers see no new key).
+        let mut plain = back;
+        plain.differing_truncated = false;
+        assert!(!serde_json::to_string(&plain)
+            .unwrap()
+            .contains("differing_truncated"));
+    }
 
     #[test]
     fn adjacent_ranges_merge() {

@@ -2,14 +2,16 @@
 //!
 //! A record is replaced by writing a temporary file, fsyncing it, renaming it
 //! over the old one and fsyncing the directory: after a crash the file holds
-//! either the old record or the new one, never a mix.
+//! either the old record or the new one, never a mix. The record holds the
+//! volume's fixed fields and the last verify result of each mirror
+//! ([`MetaRecord`]), stored together.
 
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use blockmirror_core::{MetaError, VolumeMeta};
+use blockmirror_core::{MetaError, MetaRecord, VerifyRecord, VolumeMeta};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -53,14 +55,14 @@ pub fn load_or_create(
     path: &Path,
     size: u64,
     mirror: bool,
-) -> Result<(VolumeMeta, bool), MetaFileError> {
+) -> Result<(MetaRecord, bool), MetaFileError> {
     let io_err = |source| MetaFileError::Io {
         path: path.to_owned(),
         source,
     };
     match fs::read(path) {
         Ok(bytes) => {
-            let meta = VolumeMeta::decode(&bytes).map_err(|source| MetaFileError::Corrupt {
+            let meta = MetaRecord::decode(&bytes).map_err(|source| MetaFileError::Corrupt {
                 path: path.to_owned(),
                 source,
             })?;
@@ -76,11 +78,11 @@ pub fn load_or_create(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let mut id = [0u8; 16];
             getrandom::fill(&mut id).map_err(|e| io_err(io::Error::other(e.to_string())))?;
-            let meta = if mirror {
+            let meta = MetaRecord::from(if mirror {
                 VolumeMeta::new_mirror(id, size)
             } else {
                 VolumeMeta::new(id, size, new_generation_id()?)
-            };
+            });
             store(path, &meta)?;
             Ok((meta, true))
         }
@@ -89,7 +91,7 @@ pub fn load_or_create(
 }
 
 /// Durably replaces the record at `path`.
-pub fn store(path: &Path, meta: &VolumeMeta) -> Result<(), MetaFileError> {
+pub fn store(path: &Path, meta: &MetaRecord) -> Result<(), MetaFileError> {
     let io_err = |source| MetaFileError::Io {
         path: path.to_owned(),
         source,
@@ -113,11 +115,11 @@ pub fn store(path: &Path, meta: &VolumeMeta) -> Result<(), MetaFileError> {
 /// is visible to [`MetaCell::get`].
 pub struct MetaCell {
     path: PathBuf,
-    meta: Mutex<VolumeMeta>,
+    meta: Mutex<MetaRecord>,
 }
 
 impl MetaCell {
-    pub fn new(path: PathBuf, meta: VolumeMeta) -> Self {
+    pub fn new(path: PathBuf, meta: MetaRecord) -> Self {
         Self {
             path,
             meta: Mutex::new(meta),
@@ -125,7 +127,29 @@ impl MetaCell {
     }
 
     pub fn get(&self) -> VolumeMeta {
-        *self.meta.lock().expect("metadata lock poisoned")
+        self.meta.lock().expect("metadata lock poisoned").meta
+    }
+
+    /// The stored verify results, one per mirror.
+    pub fn verify(&self) -> Vec<VerifyRecord> {
+        self.meta
+            .lock()
+            .expect("metadata lock poisoned")
+            .verify
+            .clone()
+    }
+
+    /// Stores `record` as its peer's last verify (blocking, like
+    /// [`MetaCell::update`]).
+    pub fn set_verify(&self, record: VerifyRecord) -> Result<(), MetaFileError> {
+        let mut g = self.meta.lock().expect("metadata lock poisoned");
+        let mut next = g.clone();
+        next.set_verify(record);
+        if next != *g {
+            store(&self.path, &next)?;
+            *g = next;
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -136,11 +160,15 @@ impl MetaCell {
     /// pool from async code). On a store error nothing changes in memory.
     pub fn update(&self, f: impl FnOnce(&mut VolumeMeta)) -> Result<VolumeMeta, MetaFileError> {
         let mut g = self.meta.lock().expect("metadata lock poisoned");
-        let mut next = *g;
+        let mut next = g.meta;
         f(&mut next);
-        if next != *g {
-            store(&self.path, &next)?;
-            *g = next;
+        if next != g.meta {
+            let record = MetaRecord {
+                meta: next,
+                verify: g.verify.clone(),
+            };
+            store(&self.path, &record)?;
+            *g = record;
         }
         Ok(next)
     }
@@ -159,7 +187,15 @@ mod tests {
         let (again, created) = load_or_create(&p, 1 << 20, false).unwrap();
         assert!(!created);
         assert_eq!(again, m);
-        store(&p, &VolumeMeta { clean: true, ..m }).unwrap();
+        store(
+            &p,
+            &VolumeMeta {
+                clean: true,
+                ..m.meta
+            }
+            .into(),
+        )
+        .unwrap();
         assert!(load_or_create(&p, 1 << 20, false).unwrap().0.clean);
         assert!(matches!(
             load_or_create(&p, 2 << 20, false),
@@ -181,6 +217,29 @@ mod tests {
         assert!(created && m.generations.is_blank());
         assert_eq!(m.label, blockmirror_core::MirrorLabel::Inconsistent);
         let cell = MetaCell::new(p.clone(), m);
+        // A verify result is stored with the record and survives a reload,
+        // and later updates of the fixed fields keep it.
+        let result = blockmirror_core::VerifyRecord {
+            peer: "127.0.0.1:7701".into(),
+            id: 2,
+            outcome: blockmirror_core::VerifyOutcome::Identical,
+            full: true,
+            mark: false,
+            started_unix: 1,
+            finished_unix: 2,
+            total_bytes: 1 << 20,
+            done_bytes: 1 << 20,
+            skipped_bytes: 0,
+            regions_waited: 0,
+            not_ready: 0,
+            differing_bytes: 0,
+            marked_bytes: 0,
+            differing: Vec::new(),
+            differing_truncated: false,
+            error: String::new(),
+        };
+        cell.set_verify(result.clone()).unwrap();
+        assert_eq!(cell.verify(), vec![result.clone()]);
         let after = cell
             .update(|m| {
                 m.generations.rotate(42);
@@ -189,7 +248,9 @@ mod tests {
             .unwrap();
         assert_eq!(after.generations.current, 42);
         assert_eq!(cell.get(), after);
-        assert_eq!(load_or_create(&p, 1 << 20, true).unwrap().0, after);
+        let reloaded = load_or_create(&p, 1 << 20, true).unwrap().0;
+        assert_eq!(reloaded.meta, after);
+        assert_eq!(reloaded.verify, vec![result]);
         // A version 1 record of the previous build still loads.
         let mut v1 = [0u8; 64];
         v1[0..8].copy_from_slice(b"BMVOLMD1");
@@ -202,5 +263,6 @@ mod tests {
         let (old, created) = load_or_create(&p, 1 << 20, true).unwrap();
         assert!(!created);
         assert_eq!(old.generations.current, 1);
+        assert!(old.verify.is_empty());
     }
 }
