@@ -696,7 +696,7 @@ pub fn render_metrics(out: &mut String, replicators: &[&Replicator]) {
                 let labels = [
                     ("volume", r.volume.as_str()),
                     ("peer", l.peer.as_str()),
-                    ("compression", l.compression.as_str()),
+                    ("compression", l.compression().as_str()),
                 ];
                 metrics::write_sample(out, name, &labels, get(l));
             }

@@ -69,7 +69,7 @@ pub trait TrackSink: Send + Sync {
 
 impl TrackSink for MirrorLink {
     fn compression(&self) -> Codec {
-        self.compression
+        MirrorLink::compression(self)
     }
 
     fn send_track(&self, ticket: Ticket, offset: u64, fua: bool, write: EncodedWrite) {

@@ -448,7 +448,7 @@ impl MirrorLink {
         } else {
             None
         };
-        let codec = self.compression;
+        let codec = self.compression();
         // Read, hash when asked, and compress when the link does, off the
         // runtime's threads.
         let read = tokio::task::spawn_blocking(move || {

@@ -180,8 +180,8 @@ impl MirrorLink {
             return sent;
         };
         let ok = match op {
-            MirrorOp::Write { offset, data, fua } if self.compression != Codec::None => {
-                let write = EncodedWrite::new(data.clone(), self.compression);
+            MirrorOp::Write { offset, data, fua } if self.compression() != Codec::None => {
+                let write = EncodedWrite::new(data.clone(), self.compression());
                 self.send_encoded(ticket, *offset, *fua, write)
             }
             _ => self.send_outgoing(ticket, op.range(), |id| Outgoing::Frame(op.frame(id))),

@@ -340,8 +340,12 @@ pub struct MirrorLink {
     pub barriers: AtomicU64,
     /// What the link runs with, kept to start a catch-up from the write path.
     ctx: std::sync::OnceLock<LinkContext>,
-    /// How this link compresses Write data.
-    pub compression: Codec,
+    /// The codec this link's config asks for (`compression`).
+    configured_codec: Codec,
+    /// The codec the last handshake agreed on ([`Codec::code`]): the
+    /// configured one if the mirror supports it, else none. Write data is
+    /// compressed with this one.
+    codec: AtomicU8,
     volume: String,
     timeout: Duration,
     next_id: AtomicU64,
@@ -439,7 +443,8 @@ impl MirrorLink {
             completed: AtomicBool::new(false),
             barriers: AtomicU64::new(0),
             ctx: std::sync::OnceLock::new(),
-            compression: cfg.compression,
+            configured_codec: cfg.compression,
+            codec: AtomicU8::new(cfg.compression.code()),
             volume: volume.to_owned(),
             timeout: tuning.timeout,
             next_id: AtomicU64::new(1),
@@ -555,6 +560,11 @@ impl MirrorLink {
                     .any(|a| matches!(a, Action::GoLive { .. }))
         );
         step
+    }
+
+    /// How Write data is compressed on this link now (as negotiated).
+    pub fn compression(&self) -> Codec {
+        Codec::from_code(self.codec.load(Relaxed)).unwrap_or(Codec::None)
     }
 
     /// sync or async now.

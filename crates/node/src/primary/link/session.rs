@@ -139,6 +139,11 @@ impl MirrorLink {
                     first = false;
                     quiet = false;
                     let peer_node = peer.node.clone();
+                    if peer.compression != self.configured_codec {
+                        warn!(volume = %self.volume, peer = %self.peer, wanted = self.configured_codec.as_str(),
+                            "the mirror does not support this link's compression: sending uncompressed");
+                    }
+                    self.codec.store(peer.compression.code(), Relaxed);
                     if let Some(rel) = self.judge_generations(&ctx, &peer) {
                         match read_divergence(&mut stream).await {
                             Ok((was_primary, ranges)) => {
@@ -353,7 +358,11 @@ impl MirrorLink {
             };
             let mut s = TcpStream::connect(addr).await.map_err(connect_err)?;
             s.set_nodelay(true).map_err(connect_err)?;
-            let peer = blockmirror_repl::connect(&mut s, &ctx.secret, &ctx.hello())
+            let options = blockmirror_repl::ConnectOptions {
+                compression: self.configured_codec,
+                ..Default::default()
+            };
+            let peer = blockmirror_repl::connect_with(&mut s, &ctx.secret, &ctx.hello(), options)
                 .await
                 .map_err(|e| LinkError::Handshake {
                     addr,
