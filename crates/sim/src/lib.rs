@@ -60,6 +60,25 @@
 //! within a block, and the primary's own page cache (its local writes are
 //! durable at once).
 //!
+//! # Where the model departs from the node (findings)
+//!
+//! The simulation found four places where `crates/node` as it is fails an
+//! invariant; the model drives the corrected rule, and [`Rules::NODE`]
+//! keeps the node's for the tests that show each failure:
+//!
+//! - generation rotation (`GenState`): one flag per volume, set on an
+//!   acknowledged "in sync", rotates on every write a mirror misses while
+//!   another is re-announced (the away mirror falls off `HISTORY_LEN` and
+//!   returns `Unrelated`), and misses a rotation when the mirror stored an
+//!   "in sync" whose acknowledgement was lost ([`GenRule`]);
+//! - the stored bitmap forgets regions acknowledged but not flushed by the
+//!   mirror (`Rules::store_unflushed`);
+//! - a catch-up whose "in sync" raced a rotation leaves the mirror at the
+//!   older generation (re-announcements reach only links already in sync):
+//!   the model announces again;
+//! - a failed local write marks links in sync without copying the region
+//!   until the next reconnection: the model feeds `MarkedRegions`.
+//!
 //! # Replaying a seed
 //!
 //! A failure prints its seed, the check that failed and the last events.
