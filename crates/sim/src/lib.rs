@@ -43,7 +43,16 @@
 //!   the primary (the write fails, may or may not have landed, the region is
 //!   marked on every link).
 //!
-//! After every step the invariants in [`checks`](World::check) are verified;
+//! After every step these invariants are checked, each by name:
+//! `no_illegal_event`, `in_sync_means_bitmap_clear`,
+//! `every_difference_is_marked` (a block where a mirror differs from the
+//! primary is marked, unflushed, or in flight on its link, unless the
+//! mirror is blank), `acked_write_held_by_in_sync_mirror`,
+//! `driver_holds_connection_iff_machine_connected`,
+//! `attempt_iff_connecting`, `nothing_in_flight_unless_live`,
+//! `no_fence_without_promotion`, `mirror_lineage_is_ours`,
+//! `missed_write_starts_new_generation` (when a write a mirror missed is
+//! answered), `no_demote_without_promotion`, `resync_basis_is_bitmap`;
 //! then everything is healed, the run goes on until it is quiet, and every
 //! mirror must hold the primary's data byte for byte, at its generation,
 //! with every link in sync.
