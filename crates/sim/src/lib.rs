@@ -71,22 +71,25 @@
 //!
 //! # Where the model departs from the node (findings)
 //!
-//! The simulation found four places where `crates/node` as it is fails an
-//! invariant; the model drives the corrected rule, and [`Rules::NODE`]
-//! keeps the node's for the tests that show each failure:
+//! The simulation found four places where `crates/node` failed an
+//! invariant. The model drives the corrected rule for each; the first two
+//! are fixed in the node too, and [`Rules::BEFORE_FIX`] keeps the old rules
+//! for the tests that show each failure:
 //!
 //! - generation rotation (`GenState`): one flag per volume, set on an
-//!   acknowledged "in sync", rotates on every write a mirror misses while
-//!   another is re-announced (the away mirror falls off `HISTORY_LEN` and
-//!   returns `Unrelated`), and misses a rotation when the mirror stored an
-//!   "in sync" whose acknowledgement was lost ([`GenRule`]);
-//! - the stored bitmap forgets regions acknowledged but not flushed by the
-//!   mirror (`Rules::store_unflushed`);
-//! - a catch-up whose "in sync" raced a rotation leaves the mirror at the
-//!   older generation (re-announcements reach only links already in sync):
-//!   the model announces again;
-//! - a failed local write marks links in sync without copying the region
-//!   until the next reconnection: the model feeds `MarkedRegions`.
+//!   acknowledged "in sync", rotated on every write a mirror missed while
+//!   another was re-announced (the away mirror fell off `HISTORY_LEN` and
+//!   returned `Unrelated`), and missed a rotation when the mirror stored an
+//!   "in sync" whose acknowledgement was lost ([`GenRule`]). Fixed: one
+//!   flag per link, set when "in sync" is sent (`MirrorLink::holds_current`);
+//! - the stored bitmap forgot regions acknowledged but not flushed by the
+//!   mirror (`Rules::store_unflushed`). Fixed: `Shared::bitmap_to_store`;
+//! - open in the node: a catch-up whose "in sync" raced a rotation leaves
+//!   the mirror at the older generation (re-announcements reach only links
+//!   already in sync): the model announces again;
+//! - open in the node: a failed local write marks links in sync without
+//!   copying the region until the next reconnection: the model feeds
+//!   `MarkedRegions`.
 //!
 //! # Replaying a seed
 //!
@@ -142,7 +145,7 @@ const MAX_PASSES: u32 = 8;
 /// a mirror missed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GenRule {
-    /// `GenState` in `crates/node/src/primary/mod.rs` today: one flag for
+    /// `GenState` in `crates/node` before the fix: one flag for
     /// the volume, set when any mirror acknowledges an "in sync"
     /// announcement. With one mirror in sync and another away, every
     /// re-announcement to the first sets it again, so every write the away
@@ -156,7 +159,7 @@ pub enum GenRule {
     PerLink,
 }
 
-/// The driver's rules where the simulation found the node wanting.
+/// The driver's rules where the simulation found the node wanting (since fixed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rules {
     pub gen: GenRule,
@@ -168,8 +171,8 @@ pub struct Rules {
 }
 
 impl Rules {
-    /// What `crates/node` does today.
-    pub const NODE: Rules = Rules {
+    /// What `crates/node` did before the simulation's findings were fixed.
+    pub const BEFORE_FIX: Rules = Rules {
         gen: GenRule::NodeGlobal,
         store_unflushed: false,
     };

@@ -14,7 +14,7 @@ fn env(name: &str) -> Option<u64> {
 fn seeded_simulation_runs_keep_every_invariant() {
     if let Some(s) = env("SIM_SEED") {
         let rule = match std::env::var("SIM_RULE").as_deref() {
-            Ok("node") => blockmirror_sim::Rules::NODE,
+            Ok("before_fix") => blockmirror_sim::Rules::BEFORE_FIX,
             _ => blockmirror_sim::Rules::FIXED,
         };
         match blockmirror_sim::run_with(s, true, rule) {
@@ -56,7 +56,7 @@ fn a_seed_replays_exactly() {
     assert_eq!(format!("{a:?}"), format!("{b:?}"));
 }
 
-/// The node's generation rule today (`GenState`: one flag per volume, set
+/// The node's generation rule before the fix (`GenState`: one flag per volume, set
 /// when a mirror acknowledges "in sync") against the per-mirror rule the
 /// simulation drives (set when "in sync" is sent). The node's rule
 ///
@@ -69,7 +69,7 @@ fn a_seed_replays_exactly() {
 ///   mirror fails a write with a Nack, then stores the re-announcement
 ///   queued behind it; the Nack ends the link before its Ack is read).
 #[test]
-fn the_node_generation_rule_overflows_the_history_and_misses_a_rotation() {
+fn the_old_generation_rule_overflows_the_history_and_misses_a_rotation() {
     use blockmirror_sim::{run_with, GenRule, Rules};
     let node = Rules {
         gen: GenRule::NodeGlobal,
@@ -96,14 +96,14 @@ fn the_node_generation_rule_overflows_the_history_and_misses_a_rotation() {
     assert!(node_overflows > 3 * fixed_overflows.max(1));
 }
 
-/// The node stores the bare bitmap: a catch-up copy the mirror acknowledged
+/// The node stored the bare bitmap (before the fix): a catch-up copy the mirror acknowledged
 /// (its bit cleared) but had not flushed is forgotten by a primary crash and
 /// lost for good if the mirror crashes too (seed 24: the primary is killed
 /// while catching a mirror up, the mirror is killed and loses block 35, the
 /// restarted primary's recovered bitmap does not mark it). Storing the
 /// unflushed regions as marked closes it.
 #[test]
-fn the_node_bitmap_store_forgets_unflushed_copies() {
+fn the_old_bitmap_store_forgets_unflushed_copies() {
     use blockmirror_sim::{run_with, Rules};
     let bare = Rules {
         store_unflushed: false,

@@ -11,10 +11,16 @@ use tracing::{info, warn};
 
 use crate::volume::meta_file::{self, MetaCell, MetaFileError};
 
-/// What the generation record needs of a link: to tell its mirror, when it
-/// is live and in sync, about a new generation. A trait, so that this file
+/// What the generation record needs of a link. A trait, so that this file
 /// knows nothing of links.
 pub trait Reannounce: Send + Sync {
+    /// The generation is about to change: the mirror holds the new one only
+    /// once it is told.
+    fn forget_current(&self);
+    /// A rotation failed: the mirror may still hold the current generation.
+    fn assume_current(&self);
+    /// A new generation was stored: a mirror live and in sync holds every
+    /// write, so it is told the new record.
     fn reannounce(self: Arc<Self>);
 }
 
@@ -23,9 +29,6 @@ pub trait Reannounce: Send + Sync {
 pub struct GenState {
     pub volume: String,
     pub meta: Arc<MetaCell>,
-    /// True when some mirror may hold the current generation as in sync, so
-    /// the next write a mirror misses must start a new generation first.
-    announced: AtomicBool,
     rotating: tokio::sync::Mutex<()>,
     /// The volume's links: after a rotation, the ones live and in sync are
     /// told the new generation, so a later promotion of one of them is
@@ -47,7 +50,6 @@ impl GenState {
         Self {
             volume: volume.to_owned(),
             meta,
-            announced: AtomicBool::new(true),
             rotating: tokio::sync::Mutex::new(()),
             links: std::sync::OnceLock::new(),
             gate_open: AtomicBool::new(true),
@@ -106,24 +108,35 @@ impl GenState {
         }
     }
 
-    /// A mirror acknowledged that it holds the current generation in sync.
-    pub fn announced(&self) {
-        self.announced.store(true, Ordering::SeqCst);
-    }
-
-    /// Starts a new generation if a mirror may hold the current one; returns
-    /// once the new record is durable. Writes racing here wait for it.
-    pub async fn diverge(&self) -> Result<(), MetaFileError> {
-        if !self.announced.load(Ordering::SeqCst) {
+    /// Starts a new generation if `needed()` (a mirror that missed a write
+    /// may hold the current generation as in sync); returns once the new
+    /// record is durable. Writes racing here wait for it, and ask again:
+    /// the first one's rotation usually settles theirs.
+    ///
+    /// Every link forgets that its mirror may hold the current generation
+    /// *before* the new one is stored, and a link sets it again only after
+    /// reading the record it announces: so a mirror told the new generation
+    /// is never taken as lacking it, and one told the old one while this
+    /// rotation ran is taken as holding the new one (an extra rotation
+    /// later, never a missed one).
+    pub async fn diverge(&self, needed: impl Fn() -> bool) -> Result<(), MetaFileError> {
+        if !needed() {
             return Ok(());
         }
         let _one = self.rotating.lock().await;
-        if !self.announced.load(Ordering::SeqCst) {
+        if !needed() {
             return Ok(());
         }
-        // Cleared before the store: an announcement racing with this
-        // rotation (of the old id) sets it again, which is conservative.
-        self.announced.store(false, Ordering::SeqCst);
+        let links: Vec<Arc<dyn Reannounce>> = self
+            .links
+            .get()
+            .into_iter()
+            .flatten()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        for l in &links {
+            l.forget_current();
+        }
         let meta = self.meta.clone();
         let stored = tokio::task::spawn_blocking(move || {
             let id = meta_file::new_generation_id()?;
@@ -143,15 +156,17 @@ impl GenState {
             Ok(m) => {
                 info!(volume = %self.volume, generations = %m.generations.to_display(),
                     "a mirror misses writes: new generation");
-                for l in self.links.get().into_iter().flatten() {
-                    if let Some(l) = l.upgrade() {
-                        l.reannounce();
-                    }
+                for l in links {
+                    l.reannounce();
                 }
                 Ok(())
             }
             Err(e) => {
-                self.announced.store(true, Ordering::SeqCst);
+                // Nothing rotated: whoever may have held the generation
+                // still may.
+                for l in &links {
+                    l.assume_current();
+                }
                 Err(e)
             }
         }

@@ -239,8 +239,12 @@ impl Replicator {
             .zip(&modes)
             .map(|(l, m)| m.prepare(l, offset, len))
             .collect();
-        if prepared.iter().any(|p| matches!(p, link::Prepared::Marked)) {
-            if let Err(e) = self.gen.diverge().await {
+        let marked: Vec<bool> = prepared
+            .iter()
+            .map(|p| matches!(p, link::Prepared::Marked))
+            .collect();
+        if marked.contains(&true) {
+            if let Err(e) = self.gen.diverge(|| self.holder_missed(&marked)).await {
                 warn!(error = %e, "write refused: a new generation could not be stored");
                 for (l, p) in self.links.iter().zip(prepared) {
                     l.abandon(p, offset, len);
@@ -292,12 +296,13 @@ impl Replicator {
         modes: &[LinkWrite],
         deferred: &[bool],
         mut result: Result<(), Errno>,
-        missed: bool,
+        missed: Vec<bool>,
     ) -> Result<(), Errno> {
-        if missed {
+        if missed.contains(&true) {
             // A mirror lacks (part of) this write: the host hears "done" only
-            // once a new generation records that.
-            if let Err(e) = self.gen.diverge().await {
+            // once a new generation records that (if that mirror may hold
+            // the current one).
+            if let Err(e) = self.gen.diverge(|| self.holder_missed(&missed)).await {
                 warn!(error = %e, "a new generation could not be stored");
                 result = Err(Errno::Io);
             }
@@ -400,7 +405,7 @@ impl Replicator {
             .map(|_| Vec::with_capacity(pieces.len()))
             .collect();
         let mut tickets_all: Vec<(usize, link::Ticket)> = Vec::new();
-        let mut any_marked = false;
+        let mut marked = vec![false; self.links.len()];
         for (i, &(off, n)) in pieces.iter().enumerate() {
             let tickets: Vec<_> = self
                 .links
@@ -409,7 +414,7 @@ impl Replicator {
                 .enumerate()
                 .map(|(li, (l, w))| {
                     let p = modes[li].prepare(l, off, n);
-                    any_marked |= matches!(p, link::Prepared::Marked);
+                    marked[li] |= matches!(p, link::Prepared::Marked);
                     let (t, sent) = p.split();
                     w.push(sent);
                     if let Some(t) = t {
@@ -450,9 +455,12 @@ impl Replicator {
             .collect();
         ctx.release().await;
         drop(guard);
-        let (result, missed, confirmed) = self.wait_links(waits, &modes).await;
+        let (result, mut missed, confirmed) = self.wait_links(waits, &modes).await;
+        for (m, k) in missed.iter_mut().zip(marked) {
+            *m |= k;
+        }
         let result = require_mirror(result, confirmed, mirror_required);
-        self.finish(offset, len, &modes, &deferred, result, missed || any_marked)
+        self.finish(offset, len, &modes, &deferred, result, missed)
             .await
     }
 
@@ -511,6 +519,15 @@ impl Replicator {
         require_mirror(local.and(mirrors), confirmed, mirror_required)
     }
 
+    /// Whether a link that missed a write (`missed[i]`) may hold the
+    /// current generation as in sync: then the write needs a new one.
+    fn holder_missed(&self, missed: &[bool]) -> bool {
+        self.links
+            .iter()
+            .zip(missed)
+            .any(|(l, &m)| m && l.may_hold_current())
+    }
+
     /// With "fence", a mirror that is away refuses host writes up front:
     /// nothing lands that it lacks.
     fn check_fence(&self) -> Result<(), Errno> {
@@ -529,12 +546,13 @@ impl Replicator {
         &self,
         sent: Vec<Vec<link::Sent>>,
         modes: &[LinkWrite],
-    ) -> (Result<(), Errno>, bool, usize) {
+    ) -> (Result<(), Errno>, Vec<bool>, usize) {
         let mut result = Ok(());
-        let mut missed = false;
+        // Per link: it did not take (part of) the write.
+        let mut missed = vec![false; self.links.len()];
         // Sync links that acknowledged everything and are in sync after it.
         let mut confirmed = 0;
-        for ((l, sent), m) in self.links.iter().zip(sent).zip(modes) {
+        for (li, ((l, sent), m)) in self.links.iter().zip(sent).zip(modes).enumerate() {
             let wait = match m {
                 LinkWrite::Sync => true,
                 LinkWrite::Async => l.lag_policy == LagPolicy::Throttle && l.over_lag(),
@@ -556,7 +574,7 @@ impl Replicator {
                 if let Err(e) = l.wait(s).await {
                     all = false;
                     debug!(error = %e, "mirror did not take a request");
-                    missed = true;
+                    missed[li] = true;
                     if self.policy == FailurePolicy::Fence {
                         result = Err(Errno::Io);
                     }

@@ -34,8 +34,11 @@ impl MirrorLink {
             enum Next {
                 Ready,
                 Wait,
-                Commit(blockmirror_core::activity::Transaction, Option<Bitmap>),
-                StoreBitmap(Bitmap),
+                Commit(
+                    blockmirror_core::activity::Transaction,
+                    Option<(Bitmap, u64)>,
+                ),
+                StoreBitmap((Bitmap, u64)),
                 Fail(String),
             }
             let next = {
@@ -48,17 +51,24 @@ impl MirrorLink {
                     }
                     Ok(Begin::NeedsCommit(tx)) => {
                         // Marks made while an evicted extent was active are
-                        // covered only by the log: store the bitmap first.
-                        let bitmap = (!tx.evicted().is_empty()
-                            && sh.bitmap.changes() != sh.stored_changes)
-                            .then(|| sh.bitmap.clone());
+                        // covered only by the log, and so are writes there
+                        // the mirror acknowledged but may not have flushed:
+                        // store the bitmap (with those) first.
+                        let ext = tx.extent_size();
+                        let bitmap = (sh.bitmap.changes() != sh.stored_changes
+                            || tx
+                                .evicted()
+                                .iter()
+                                .any(|&e| sh.unflushed_touches(e * ext, ext)))
+                        .then(|| sh.bitmap_to_store())
+                        .filter(|_| !tx.evicted().is_empty());
                         Next::Commit(tx, bitmap)
                     }
                     Err(ActivityError::SpanTooLarge { .. }) => {
                         // A huge TRIM or zeroing: record it in the bitmap
                         // durably instead; the resync after a crash copies it.
                         sh.bitmap.mark(offset, len);
-                        Next::StoreBitmap(sh.bitmap.clone())
+                        Next::StoreBitmap(sh.bitmap_to_store())
                     }
                     Err(e) => Next::Fail(e.to_string()),
                 }
@@ -69,19 +79,21 @@ impl MirrorLink {
                     notified.await;
                     continue;
                 }
-                Next::StoreBitmap(bm) => return self.store_bitmap_now(bm).await,
+                Next::StoreBitmap((bm, changes)) => {
+                    return self.store_bitmap_now(bm, changes).await
+                }
                 Next::Fail(reason) => return Err(self.store_error(reason)),
                 Next::Commit(tx, bitmap) => (tx, bitmap),
             };
             let evicting = !tx.evicted().is_empty();
             let (store, local) = (self.store.clone(), self.local.clone());
-            let changes = bitmap.as_ref().map(Bitmap::changes);
+            let changes = bitmap.as_ref().map(|(_, c)| *c);
             let joined = tokio::task::spawn_blocking(move || {
                 let r = (|| {
                     if evicting {
                         local.flush().map_err(|e| e.to_string())?;
                     }
-                    if let Some(bm) = &bitmap {
+                    if let Some((bm, _)) = &bitmap {
                         store.store_bitmap(bm).map_err(|e| e.to_string())?;
                     }
                     store.commit_activity(&tx).map_err(|e| e.to_string())
@@ -139,9 +151,14 @@ impl MirrorLink {
         }
     }
 
-    pub(super) async fn store_bitmap_now(&self, bm: Bitmap) -> Result<(), ActivateError> {
+    /// Stores `bm` (what [`Shared::bitmap_to_store`] made of the bitmap at
+    /// change count `changes`).
+    pub(super) async fn store_bitmap_now(
+        &self,
+        bm: Bitmap,
+        changes: u64,
+    ) -> Result<(), ActivateError> {
         let store = self.store.clone();
-        let changes = bm.changes();
         let r =
             tokio::task::spawn_blocking(move || store.store_bitmap(&bm).map_err(|e| e.to_string()))
                 .await
@@ -156,16 +173,17 @@ impl MirrorLink {
         }
     }
 
-    /// Stores the bitmap if it changed since the last store.
+    /// Stores the bitmap if the stored one may lack something: it changed
+    /// since, or the mirror acknowledged writes it may not have flushed.
     pub async fn persist_bitmap(&self) -> Result<(), ActivateError> {
-        let bm = {
+        let (bm, changes) = {
             let sh = self.shared();
-            if sh.bitmap.changes() == sh.stored_changes {
+            if !sh.store_due() {
                 return Ok(());
             }
-            sh.bitmap.clone()
+            sh.bitmap_to_store()
         };
-        self.store_bitmap_now(bm).await
+        self.store_bitmap_now(bm, changes).await
     }
 
     /// At a clean shutdown, after every write ended: stores the bitmap and
@@ -175,7 +193,7 @@ impl MirrorLink {
         if !sh.al.is_idle() {
             return Err(self.store_error("writes still in flight at shutdown".into()));
         }
-        let bm = sh.bitmap.clone();
+        let (bm, _) = sh.bitmap_to_store();
         drop(sh);
         self.store
             .mark_clean_shutdown(&bm)

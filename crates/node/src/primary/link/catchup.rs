@@ -611,12 +611,15 @@ impl MirrorLink {
         let Some(p) = self.prepare_for_epoch(epoch, 0, 0) else {
             return false;
         };
-        let sent = self.send(p, &MirrorOp::SyncState { phase, generations });
-        let ok = self.wait(sent).await.is_ok();
-        if ok && phase == SyncPhase::InSync {
-            ctx.gen.announced();
+        if phase == SyncPhase::InSync {
+            // Set when sent, not when acknowledged: a mirror that stored it
+            // and then failed a write before its acknowledgement came back
+            // holds it all the same. After reading the record (see
+            // `GenState::diverge`).
+            self.holds_current.store(true, SeqCst);
         }
-        ok
+        let sent = self.send(p, &MirrorOp::SyncState { phase, generations });
+        self.wait(sent).await.is_ok()
     }
 }
 

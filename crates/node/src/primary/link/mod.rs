@@ -263,6 +263,43 @@ pub(super) struct Shared {
     maybe: Option<Bitmap>,
 }
 
+impl Shared {
+    /// What the mirror acknowledged but may not have flushed: lost if it
+    /// crashes, so it counts as out of sync wherever the bitmap is stored
+    /// (a crash here, then one there, must not forget it; the simulation's
+    /// seed 24 lost a catch-up copy that way).
+    fn unflushed_touches(&self, offset: u64, len: u64) -> bool {
+        if len == 0 {
+            return false;
+        }
+        let (first, last) = (
+            self.unflushed.region_of(offset),
+            self.unflushed.region_of(offset + len - 1),
+        );
+        std::iter::once(&self.unflushed)
+            .chain(self.flushing.iter().map(|(_, b)| b))
+            .any(|b| !b.is_clear() && (first..=last).any(|r| b.is_region_marked(r)))
+    }
+
+    /// The bitmap as it is stored: what is marked plus what the mirror
+    /// acknowledged and may not have flushed. With the bitmap's change
+    /// count it covers.
+    fn bitmap_to_store(&self) -> (Bitmap, u64) {
+        let mut bm = self.bitmap.clone();
+        for b in std::iter::once(&self.unflushed).chain(self.flushing.iter().map(|(_, b)| b)) {
+            bm.union_with(b).expect("same shape");
+        }
+        (bm, self.bitmap.changes())
+    }
+
+    /// Whether the stored bitmap may lack something.
+    fn store_due(&self) -> bool {
+        self.bitmap.changes() != self.stored_changes
+            || !self.unflushed.is_clear()
+            || !self.flushing.is_empty()
+    }
+}
+
 /// Counters for /metrics.
 #[derive(Default)]
 pub struct LinkCounters {
@@ -340,6 +377,11 @@ pub struct MirrorLink {
     pub barriers: AtomicU64,
     /// What the link runs with, kept to start a catch-up from the write path.
     ctx: std::sync::OnceLock<LinkContext>,
+    /// The mirror may hold the current generation as in sync: it was sent
+    /// an "in sync" since the last rotation (or the node just started, and
+    /// nothing is known). A write this mirror misses then starts a new
+    /// generation first.
+    holds_current: AtomicBool,
     /// The codec this link's config asks for (`compression`).
     configured_codec: Codec,
     /// The codec the last handshake agreed on ([`Codec::code`]): the
@@ -443,6 +485,7 @@ impl MirrorLink {
             completed: AtomicBool::new(false),
             barriers: AtomicU64::new(0),
             ctx: std::sync::OnceLock::new(),
+            holds_current: AtomicBool::new(true),
             configured_codec: cfg.compression,
             codec: AtomicU8::new(cfg.compression.code()),
             volume: volume.to_owned(),
@@ -560,6 +603,12 @@ impl MirrorLink {
                     .any(|a| matches!(a, Action::GoLive { .. }))
         );
         step
+    }
+
+    /// Whether a write this mirror misses must start a new generation: it
+    /// may hold the current one as in sync.
+    pub fn may_hold_current(&self) -> bool {
+        self.holds_current.load(SeqCst)
     }
 
     /// How Write data is compressed on this link now (as negotiated).
@@ -719,6 +768,14 @@ impl GroupMember for MirrorLink {
 }
 
 impl Reannounce for MirrorLink {
+    fn forget_current(&self) {
+        self.holds_current.store(false, SeqCst);
+    }
+
+    fn assume_current(&self) {
+        self.holds_current.store(true, SeqCst);
+    }
+
     fn reannounce(self: Arc<Self>) {
         MirrorLink::reannounce(self);
     }
