@@ -118,7 +118,9 @@ def main():
         for r in range(args.rounds):
             rtts.append(b.loopback_rtt_us())
             print(f"  round {r + 1} loopback TCP round trip {rtts[-1]:.1f} us (median of 10000)", flush=True)
-            for kind in configs:
+            # Alternate the order round by round, so that no configuration
+            # always runs first (or last) on a machine whose speed drifts.
+            for kind in (configs if r % 2 == 0 else configs[::-1]):
                 workdir = os.path.join(work, f"r{r}-{kind}")
                 primary, servers = start_config(kind, workdir, seed, size_bytes, ap_bin)
                 try:

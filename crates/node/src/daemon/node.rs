@@ -26,7 +26,7 @@ use crate::daemon::admin::{
     self, AdminSource, ControlError, DemoteRequest, PromoteRequest, ResyncRequest, VerifyRequest,
 };
 use crate::daemon::config::{NbdListen, NodeConfig, Role};
-use crate::daemon::metrics::{self, MetricType};
+use crate::daemon::metrics::{self};
 use crate::daemon::role_driver::{DriveError, RoleDriver};
 use crate::daemon::status::{MirrorStatus, NodeStatus, VolumeStatus};
 use crate::mirror::apply::ApplyConfig;
@@ -973,7 +973,16 @@ impl AdminSource for StatusSource {
             .flat_map(|(name, r)| r.links.iter().map(move |l| (name, l)))
             .collect();
         crate::primary::link::render_link_metrics(&mut out, &links);
-        render_apply_metrics(&mut out, &self.volumes);
+        let targets: Vec<(&str, &crate::mirror::apply::ApplyMetrics)> = self
+            .volumes
+            .iter()
+            .filter_map(|s| {
+                s.target
+                    .as_ref()
+                    .map(|t| (s.volume.name(), &*t.apply_metrics))
+            })
+            .collect();
+        crate::mirror::apply::render_apply_metrics(&mut out, &targets);
         let replicators: Vec<&Replicator> = self
             .volumes
             .iter()
@@ -1070,99 +1079,5 @@ impl AdminSource for StatusSource {
                     .unwrap_or(crate::primary::verify::default_jobs(req.full)),
             )
             .map_err(|e| (e.http_status(), e.to_string()))
-    }
-}
-
-/// The mirror side's apply engine families, labelled by volume.
-fn render_apply_metrics(out: &mut String, volumes: &[Served]) {
-    use crate::mirror::apply::ApplyMetrics;
-    use std::sync::atomic::Ordering::Relaxed;
-    type Get = fn(&ApplyMetrics) -> u64;
-    let families: [(&str, MetricType, &str, Get); 9] = [
-        (
-            "blockmirror_apply_ops_total",
-            MetricType::Counter,
-            "Operations the mirror's apply engine has applied.",
-            |m| m.ops.load(Relaxed),
-        ),
-        (
-            "blockmirror_apply_inline_ops_total",
-            MetricType::Counter,
-            "Of those, small writes to a fast backend run on the receive loop.",
-            |m| m.inline_ops.load(Relaxed),
-        ),
-        (
-            "blockmirror_apply_independent_total",
-            MetricType::Counter,
-            "Operations that overlapped nothing earlier when they arrived.",
-            |m| m.independent.load(Relaxed),
-        ),
-        (
-            "blockmirror_apply_delegated_total",
-            MetricType::Counter,
-            "Operations delegated to the mini-queue of the task working on their range.",
-            |m| m.delegated.load(Relaxed),
-        ),
-        (
-            "blockmirror_apply_counter_waits_total",
-            MetricType::Counter,
-            "Operations that waited on an overlap counter (several earlier overlaps).",
-            |m| m.counter_waits.load(Relaxed),
-        ),
-        (
-            "blockmirror_apply_barriers_total",
-            MetricType::Counter,
-            "Async epoch barriers that lifted (everything before each was applied).",
-            |m| m.barriers.load(Relaxed),
-        ),
-        (
-            "blockmirror_apply_durable_barriers_total",
-            MetricType::Counter,
-            "Async epoch barriers that were made durable (durable_barriers: an fdatasync each).",
-            |m| m.durable_barriers.load(Relaxed),
-        ),
-        (
-            "blockmirror_apply_full_stalls_total",
-            MetricType::Counter,
-            "Times the link was not read because the apply engine was full.",
-            |m| m.full_stalls.load(Relaxed),
-        ),
-        (
-            "blockmirror_apply_held_ops",
-            MetricType::Gauge,
-            "Operations received and not yet applied.",
-            |m| m.held.load(Relaxed),
-        ),
-    ];
-    let targets: Vec<(&str, &Arc<MirrorTarget>)> = volumes
-        .iter()
-        .filter_map(|s| s.target.as_ref().map(|t| (s.volume.name(), t)))
-        .collect();
-    if targets.is_empty() {
-        return;
-    }
-    for (name, kind, help, get) in families {
-        metrics::write_header(out, name, kind, help);
-        for (vol, t) in &targets {
-            metrics::write_sample(out, name, &[("volume", vol)], get(&t.apply_metrics));
-        }
-    }
-    let name = "blockmirror_apply_group_queue_depth";
-    metrics::write_header(
-        out,
-        name,
-        MetricType::Gauge,
-        "Operations homed in a range group and not yet started.",
-    );
-    for (vol, t) in &targets {
-        for (g, depth) in t.apply_metrics.group_queued.iter().enumerate() {
-            let g = g.to_string();
-            metrics::write_sample(
-                out,
-                name,
-                &[("volume", vol), ("group", &g)],
-                depth.load(Relaxed),
-            );
-        }
     }
 }

@@ -30,6 +30,7 @@
 //!   the ones not started: the primary never got their acknowledgements, so
 //!   it has their regions marked out of sync already.
 
+use crate::daemon::metrics::{self, MetricType};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -575,6 +576,95 @@ fn worker(b: &dyn Backend, rx: std::sync::mpsc::Receiver<Job>, done: mpsc::Unbou
         };
         if done.send(d).is_err() {
             return;
+        }
+    }
+}
+
+/// The apply engine's families in /metrics, labelled by volume.
+pub fn render_apply_metrics(out: &mut String, targets: &[(&str, &ApplyMetrics)]) {
+    use std::sync::atomic::Ordering::Relaxed;
+    type Get = fn(&ApplyMetrics) -> u64;
+    let families: [(&str, MetricType, &str, Get); 9] = [
+        (
+            "blockmirror_apply_ops_total",
+            MetricType::Counter,
+            "Operations the mirror's apply engine has applied.",
+            |m| m.ops.load(Relaxed),
+        ),
+        (
+            "blockmirror_apply_inline_ops_total",
+            MetricType::Counter,
+            "Of those, small writes to a fast backend run on the receive loop.",
+            |m| m.inline_ops.load(Relaxed),
+        ),
+        (
+            "blockmirror_apply_independent_total",
+            MetricType::Counter,
+            "Operations that overlapped nothing earlier when they arrived.",
+            |m| m.independent.load(Relaxed),
+        ),
+        (
+            "blockmirror_apply_delegated_total",
+            MetricType::Counter,
+            "Operations delegated to the mini-queue of the task working on their range.",
+            |m| m.delegated.load(Relaxed),
+        ),
+        (
+            "blockmirror_apply_counter_waits_total",
+            MetricType::Counter,
+            "Operations that waited on an overlap counter (several earlier overlaps).",
+            |m| m.counter_waits.load(Relaxed),
+        ),
+        (
+            "blockmirror_apply_barriers_total",
+            MetricType::Counter,
+            "Async epoch barriers that lifted (everything before each was applied).",
+            |m| m.barriers.load(Relaxed),
+        ),
+        (
+            "blockmirror_apply_durable_barriers_total",
+            MetricType::Counter,
+            "Async epoch barriers that were made durable (durable_barriers: an fdatasync each).",
+            |m| m.durable_barriers.load(Relaxed),
+        ),
+        (
+            "blockmirror_apply_full_stalls_total",
+            MetricType::Counter,
+            "Times the link was not read because the apply engine was full.",
+            |m| m.full_stalls.load(Relaxed),
+        ),
+        (
+            "blockmirror_apply_held_ops",
+            MetricType::Gauge,
+            "Operations received and not yet applied.",
+            |m| m.held.load(Relaxed),
+        ),
+    ];
+    if targets.is_empty() {
+        return;
+    }
+    for (name, kind, help, get) in families {
+        metrics::write_header(out, name, kind, help);
+        for (vol, t) in targets {
+            metrics::write_sample(out, name, &[("volume", vol)], get(t));
+        }
+    }
+    let name = "blockmirror_apply_group_queue_depth";
+    metrics::write_header(
+        out,
+        name,
+        MetricType::Gauge,
+        "Operations homed in a range group and not yet started.",
+    );
+    for (vol, t) in targets {
+        for (g, depth) in t.group_queued.iter().enumerate() {
+            let g = g.to_string();
+            metrics::write_sample(
+                out,
+                name,
+                &[("volume", vol), ("group", &g)],
+                depth.load(Relaxed),
+            );
         }
     }
 }

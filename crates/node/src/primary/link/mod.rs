@@ -727,10 +727,14 @@ impl MirrorLink {
     /// Wakes a dormant link, or parks a running one: its connection closes
     /// (what was in flight is marked) and it stays disconnected.
     pub fn set_active(&self, on: bool) {
-        self.active.send_replace(on);
+        // The machine first when waking (the run loop, woken by the flag,
+        // finds the link ready to connect), the flag first when parking (a
+        // connection attempt that starts after it is refused by the machine).
         if on {
             self.drive(Event::Activate, None);
+            self.active.send_replace(true);
         } else {
+            self.active.send_replace(false);
             self.drive(Event::Park, Some(LinkError::Parked));
         }
     }

@@ -27,9 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blockmirror_core::{compare_generations, Generations, MirrorLabel, Relation, VolumeMeta};
-use blockmirror_nbd::Errno;
 use blockmirror_repl::{ErrorCode, Frame, FrameReader, FrameWriter, SyncPhase, VolumeIdentity};
-use blockmirror_storage::{Backend, StorageError};
+use blockmirror_storage::Backend;
 
 use crate::volume::meta_file::{MetaCell, MetaFileError};
 use crate::volume::role::RoleCell;
@@ -41,6 +40,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+mod error;
+pub use error::ReceiveError;
+
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A link that brings no frame for this long is taken as dead, unless the
 /// node's `primary_silence` says otherwise: a primary pings an idle link at
@@ -50,89 +52,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PRIMARY_SILENCE: Duration = crate::daemon::config::DEFAULT_PRIMARY_SILENCE;
 /// The apply tag of an operation nobody waits for (a Barrier with id 0).
 const UNANSWERED: u64 = u64::MAX;
-
-/// Why the receiver refused a link or one of its requests. Each names the
-/// volume and the primary node (`peer`), and the offset where there is one;
-/// the message goes to the primary in an Error or Nack frame, and to the log.
-#[derive(Debug, thiserror::Error)]
-pub enum ReceiveError {
-    #[error("volume {volume} is a primary on this node (promoted); it takes no replication")]
-    Promoted { volume: String, peer: String },
-    #[error(
-        "volume {volume}: generation check refused the primary ({}: ours {ours}, primary {theirs}){}",
-        .relation.as_str(),
-        if *.relation == Relation::SplitBrain {
-            "; split brain: resolve with `blockmirror resync --discard-local` on one side"
-        } else {
-            ""
-        }
-    )]
-    Generations {
-        volume: String,
-        peer: String,
-        relation: Relation,
-        ours: String,
-        theirs: String,
-    },
-    #[error("volume {volume} is already fed by primary {current}")]
-    AlreadyFed {
-        volume: String,
-        peer: String,
-        current: String,
-    },
-    #[error("volume {volume}, primary {peer}: range {offset}+{len} past the end ({size})")]
-    OutOfRange {
-        volume: String,
-        peer: String,
-        offset: u64,
-        len: u64,
-        size: u64,
-    },
-    /// Reading for a checksum-resync hash, or applying an operation.
-    #[error("primary {peer}: {source}")]
-    Storage {
-        peer: String,
-        #[source]
-        source: StorageError,
-    },
-    #[error("volume {volume}, primary {peer}: storing the mirror state: {source}")]
-    StoreState {
-        volume: String,
-        peer: String,
-        #[source]
-        source: MetaFileError,
-    },
-    #[error("volume {volume}, primary {peer}: unexpected {kind} frame on an established link")]
-    UnexpectedFrame {
-        volume: String,
-        peer: String,
-        kind: String,
-    },
-}
-
-impl ReceiveError {
-    /// The NBD error number a Nack of this error carries.
-    pub fn errno(&self) -> Errno {
-        match self {
-            ReceiveError::OutOfRange { .. } => Errno::Inval,
-            ReceiveError::Storage { source, .. } if source.is_no_space() => Errno::NoSpc,
-            ReceiveError::Promoted { .. }
-            | ReceiveError::Generations { .. }
-            | ReceiveError::AlreadyFed { .. } => Errno::Perm,
-            ReceiveError::UnexpectedFrame { .. } => Errno::Inval,
-            ReceiveError::Storage { .. } | ReceiveError::StoreState { .. } => Errno::Io,
-        }
-    }
-
-    /// The Nack that answers request `id` with this error.
-    fn nack(&self, id: u64) -> Frame {
-        Frame::Nack {
-            id,
-            errno: self.errno().code(),
-            message: self.to_string(),
-        }
-    }
-}
 
 /// A mirror volume as the receiver sees it.
 pub struct MirrorTarget {
@@ -848,54 +767,4 @@ fn to_acks(t: &MirrorTarget, peer: &str, applied: &mut Vec<Applied>, acks: &mut 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use blockmirror_storage::Op;
-
-    #[test]
-    fn receive_errors_name_volume_peer_offset_and_carry_named_errnos() {
-        let e = ReceiveError::OutOfRange {
-            volume: "db".into(),
-            peer: "site-a".into(),
-            offset: 4096,
-            len: 512,
-            size: 4096,
-        };
-        assert_eq!(
-            e.to_string(),
-            "volume db, primary site-a: range 4096+512 past the end (4096)"
-        );
-        assert_eq!(
-            e.nack(7),
-            Frame::Nack {
-                id: 7,
-                errno: Errno::Inval.code(),
-                message: e.to_string(),
-            }
-        );
-        let full = std::io::Error::from_raw_os_error(28);
-        let e = ReceiveError::Storage {
-            peer: "site-a".into(),
-            source: StorageError::new("db", Op::Write, 8192, 4096, full),
-        };
-        assert_eq!(e.errno(), Errno::NoSpc);
-        assert!(
-            e.to_string()
-                .starts_with("primary site-a: volume db: write at offset 8192"),
-            "{e}"
-        );
-        let e = ReceiveError::Storage {
-            peer: "site-a".into(),
-            source: StorageError::new("db", Op::Read, 0, 4096, std::io::Error::other("bad")),
-        };
-        assert_eq!(e.errno(), Errno::Io);
-        let e = ReceiveError::Generations {
-            volume: "db".into(),
-            peer: "site-a".into(),
-            relation: Relation::SplitBrain,
-            ours: "1".into(),
-            theirs: "2".into(),
-        };
-        assert!(e.to_string().contains("split brain: resolve with"), "{e}");
-    }
-}
+mod tests;
