@@ -151,10 +151,15 @@ def release_bin():
     return os.environ.get("BLOCKMIRROR_BIN") or os.path.join(target_dir(), "release", "blockmirror")
 
 
-def serve_node(cfg, nbd_port, admin_port, export, name, binary=None):
-    """Starts `blockmirror serve --config cfg` (with `binary`, default release_bin()); returns
-    a Server once NBD and admin listen."""
-    srv = Server(name, [binary or release_bin(), "serve", "--config", cfg], nbd_port,
+def pinned(cpus, argv):
+    """argv run on the CPUs `cpus` (taskset list syntax, e.g. "0" or "1"); unpinned when None."""
+    return (["taskset", "-c", cpus] if cpus is not None else []) + list(argv)
+
+
+def serve_node(cfg, nbd_port, admin_port, export, name, binary=None, cpus=None):
+    """Starts `blockmirror serve --config cfg` (with `binary`, default release_bin(), on `cpus`
+    when given); returns a Server once NBD and admin listen."""
+    srv = Server(name, pinned(cpus, [binary or release_bin(), "serve", "--config", cfg]), nbd_port,
                  f"nbd://127.0.0.1:{nbd_port}/{export}", admin_port=admin_port)
     wait_port(admin_port, srv.proc, name)
     return srv
@@ -173,9 +178,10 @@ def wait_for(what, pred, timeout=60.0):
     sys.exit(f"timed out after {timeout}s waiting for {what}")
 
 
-def fio_job(uri, rw, bs, iodepth, runtime, size, extra=()):
+def fio_job(uri, rw, bs, iodepth, runtime, size, extra=(), cpus=None):
     """Like fio(), but returns fio's whole JSON job record (latencies, percentiles)."""
-    argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+    argv = pinned(cpus, ["fio"]) + [
+            "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
             f"--iodepth={iodepth}", f"--size={size}", f"--runtime={runtime}", "--time_based",
             "--ramp_time=1", "--randrepeat=0", "--norandommap", "--output-format=json", *extra]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout

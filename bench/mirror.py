@@ -19,11 +19,16 @@ setup with `track_size = "32MiB"`, so no host write is split into track
 subtasks (every write takes the direct path, as before the pipeline), which
 isolates what the ordered subtask pipeline (64 KiB tracks) gains or costs.
 
+With --two-site, the two sites of a real deployment are emulated on this
+machine: fio and the primary pinned to CPU 0, the mirror alone on CPU 1 (as
+on its own machine); the standalone primary is on CPU 0 too. Run it beside
+the unpinned figure: pinned, the primary's CPU per write is what limits it.
+
 With --baseline-bin PATH, a fourth runs the mirrored setup with another
 build of blockmirror (e.g. the commit before a change), both nodes, for an
 A/B of the change in the same run.
 
-    python3 bench/mirror.py [--rounds 3] [--runtime 10] [--size 512M] [--unsplit] [--baseline-bin PATH]
+    python3 bench/mirror.py [--rounds 3] [--runtime 10] [--size 512M] [--unsplit] [--two-site] [--baseline-bin PATH]
 """
 
 import argparse
@@ -50,7 +55,7 @@ def secret(path):
         f.write(os.urandom(32).hex() + "\n")
 
 
-def start_config(kind, workdir, seed, size_bytes, baseline_bin=None):
+def start_config(kind, workdir, seed, size_bytes, baseline_bin=None, two_site=False):
     """Starts one configuration in a fresh folder; returns (primary Server, [all Servers])."""
     os.makedirs(workdir)
     primary_img = os.path.join(workdir, "primary.img")
@@ -69,7 +74,8 @@ def start_config(kind, workdir, seed, size_bytes, baseline_bin=None):
                     f'secret_file = "secret.key"\n\n[[volume]]\nname = "{VOLUME}"\npath = "{mirror_img}"\n'
                     f'size = {size_bytes}\nrole = "mirror"\nnbd = "127.0.0.1:{m_nbd}"\n')
         binary = baseline_bin if kind == "baseline" else None
-        servers.append(b.serve_node(mcfg, m_nbd, m_admin, VOLUME, "mirror", binary))
+        servers.append(b.serve_node(mcfg, m_nbd, m_admin, VOLUME, "mirror", binary,
+                                    cpus="1" if two_site else None))
         head = 'secret_file = "secret.key"\n'
         if kind == "unsplit":
             tail += 'track_size = "32MiB"\n'
@@ -79,7 +85,8 @@ def start_config(kind, workdir, seed, size_bytes, baseline_bin=None):
         f.write(f'node = "bench-primary"\nadmin = "127.0.0.1:{p_admin}"\n{head}\n[[volume]]\nname = "{VOLUME}"\n'
                 f'path = "{primary_img}"\nsize = {size_bytes}\nrole = "primary"\nnbd = "127.0.0.1:{p_nbd}"\n{tail}')
     primary = b.serve_node(pcfg, p_nbd, p_admin, VOLUME, "primary",
-                           baseline_bin if kind == "baseline" else None)
+                           baseline_bin if kind == "baseline" else None,
+                           cpus="0" if two_site else None)
     servers.append(primary)
     if kind != "standalone":
         b.wait_for("the mirror to be in sync", lambda: link(primary)["state"] == "in_sync", timeout=120)
@@ -98,6 +105,8 @@ def main():
     ap.add_argument("--only", default="", help="run only workloads whose name contains this")
     ap.add_argument("--unsplit", action="store_true",
                     help="also run the mirrored setup with no write split into track subtasks")
+    ap.add_argument("--two-site", action="store_true",
+                    help="emulate two sites: fio and the primary pinned to CPU 0, the mirror alone on CPU 1")
     ap.add_argument("--baseline-bin", default="",
                     help="also run the mirrored setup with this blockmirror binary (A/B of a change)")
     args = ap.parse_args()
@@ -122,13 +131,14 @@ def main():
             # always runs first (or last) on a machine whose speed drifts.
             for kind in (configs if r % 2 == 0 else configs[::-1]):
                 workdir = os.path.join(work, f"r{r}-{kind}")
-                primary, servers = start_config(kind, workdir, seed, size_bytes, ap_bin)
+                primary, servers = start_config(kind, workdir, seed, size_bytes, ap_bin, args.two_site)
                 try:
                     for wname, rw, bs, qd, _ in workloads:
                         if not b.drop_caches() and r == 0 and kind == configs[0]:
                             print("  (not root: page cache not dropped between runs)")
                         cpu0 = [s.cpu_seconds() for s in servers]
-                        job = b.fio_job(primary.uri, rw, bs, qd, args.runtime, args.size)
+                        job = b.fio_job(primary.uri, rw, bs, qd, args.runtime, args.size,
+                                        cpus="0" if args.two_site else None)
                         cpu = [s.cpu_seconds() - c for s, c in zip(servers, cpu0)]
                         w = job["write"]
                         iops, mibs = w["iops"], w["bw_bytes"] / (1 << 20)
