@@ -95,8 +95,13 @@ enum Item {
 struct Track {
     offset: u64,
     fua: bool,
-    /// One per distinct codec of the links ([`Shared::codecs`]).
+    /// One per distinct codec of the links when it was prepared.
     encoded: Vec<EncodedWrite>,
+    /// Per link: its codec's index in `encoded`. Read from each link when
+    /// the track is prepared: a link's codec is what its last handshake
+    /// negotiated, and changes only with a new connection (whose requests
+    /// these tickets are not).
+    link_codec: Vec<usize>,
     /// Per link: the request to send, or None (the link was away and the
     /// region is marked).
     tickets: Vec<Option<Ticket>>,
@@ -135,10 +140,6 @@ struct Shared {
     /// Woken whenever a context completes or is aborted (room freed).
     room: Notify,
     links: Vec<Arc<dyn TrackSink>>,
-    /// The distinct codecs of the links.
-    codecs: Vec<Codec>,
-    /// Per link: its codec's index in `codecs`.
-    link_codec: Vec<usize>,
 }
 
 /// The pipeline of one primary volume; see the module documentation.
@@ -148,6 +149,13 @@ pub struct Pipeline {
     track_size: u64,
     next_ctx: AtomicU64,
     workers: usize,
+    /// The process has one CPU: a track that needs only its checksum is
+    /// prepared by the writer itself. A worker thread there adds a hand-off
+    /// and two context switches per track and no parallelism (issue 16's
+    /// profile: 1 MiB writes pinned to one core, 782 -> 454 us each
+    /// prepared inline). Compression still goes to the worker: ~1 ms per
+    /// MiB on the runtime's only thread would hold up every other request.
+    inline_plain: bool,
     pub counters: PipelineCounters,
 }
 
@@ -187,19 +195,6 @@ impl Pipeline {
             max_contexts: DEFAULT_MAX_CONTEXTS,
         };
         let seq = Sequencer::new(limits).expect("pipeline limits are valid");
-        let mut codecs = Vec::new();
-        let link_codec = links
-            .iter()
-            .map(
-                |l| match codecs.iter().position(|&c| c == l.compression()) {
-                    Some(i) => i,
-                    None => {
-                        codecs.push(l.compression());
-                        codecs.len() - 1
-                    }
-                },
-            )
-            .collect();
         let shared = Arc::new(Shared {
             volume: volume.to_owned(),
             state: Mutex::new(State {
@@ -208,14 +203,11 @@ impl Pipeline {
             }),
             room: Notify::new(),
             links,
-            codecs,
-            link_codec,
         });
         let (jobs, rx) = sync_channel(limits.max_subtasks);
         let rx = Arc::new(Mutex::new(rx));
-        let workers = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(MAX_WORKERS);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = cpus.min(MAX_WORKERS);
         for i in 0..workers {
             let (rx, shared) = (rx.clone(), shared.clone());
             std::thread::Builder::new()
@@ -229,6 +221,7 @@ impl Pipeline {
             track_size,
             next_ctx: AtomicU64::new(1),
             workers,
+            inline_plain: cpus == 1,
             counters: PipelineCounters::default(),
         }
     }
@@ -237,6 +230,7 @@ impl Pipeline {
         self.track_size
     }
 
+    /// Worker threads preparing tracks.
     pub fn workers(&self) -> usize {
         self.workers
     }
@@ -315,6 +309,17 @@ impl OpenContext<'_> {
             data,
             tickets,
         };
+        if self.pipeline.inline_plain
+            && self
+                .pipeline
+                .shared
+                .links
+                .iter()
+                .all(|l| l.compression() == Codec::None)
+        {
+            self.pipeline.shared.prepare(job);
+            return;
+        }
         match self.pipeline.jobs.try_send(job) {
             Ok(()) => {}
             // Cannot happen while the queue is as long as the admission
@@ -369,8 +374,19 @@ impl Shared {
 
     /// A worker's job: checksum (and compress) once per codec, then insert.
     fn prepare(&self, job: Job) {
-        let encoded = self
-            .codecs
+        let mut codecs: Vec<Codec> = Vec::with_capacity(1);
+        let link_codec = self
+            .links
+            .iter()
+            .map(|l| {
+                let c = l.compression();
+                codecs.iter().position(|&x| x == c).unwrap_or_else(|| {
+                    codecs.push(c);
+                    codecs.len() - 1
+                })
+            })
+            .collect();
+        let encoded = codecs
             .iter()
             .map(|&c| EncodedWrite::new(job.data.clone(), c))
             .collect();
@@ -378,6 +394,7 @@ impl Shared {
             offset: job.offset,
             fua: job.fua,
             encoded,
+            link_codec,
             tickets: job.tickets,
         };
         self.insert(job.ctx, job.index, Item::Track(track));
@@ -412,14 +429,15 @@ impl Shared {
                 offset,
                 fua,
                 mut encoded,
+                link_codec,
                 tickets,
             } = t;
             for (i, (link, ticket)) in self.links.iter().zip(tickets).enumerate() {
                 let Some(ticket) = ticket else { continue };
-                let c = self.link_codec[i];
+                let c = link_codec[i];
                 // The last link using a codec takes the prepared write, the
                 // others a cheap clone (reference-counted payload).
-                let last = self.link_codec[i + 1..].iter().all(|&x| x != c);
+                let last = link_codec[i + 1..].iter().all(|&x| x != c);
                 let write = if last {
                     std::mem::replace(&mut encoded[c], placeholder())
                 } else {
