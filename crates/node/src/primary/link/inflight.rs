@@ -404,11 +404,7 @@ impl MirrorLink {
     /// True while a request that changes bytes of `[offset, offset+len)` is
     /// in flight (prepared or sent, not yet acknowledged or failed).
     pub fn has_inflight_in(&self, offset: u64, len: u64) -> bool {
-        let end = offset.saturating_add(len);
-        self.shared()
-            .inflight
-            .values()
-            .any(|p| p.len > 0 && p.offset < end && offset < p.offset.saturating_add(p.len))
+        self.shared().inflight_overlaps(offset, len)
     }
 
     /// True when a host read of `[offset, offset+len)` may be served by this
@@ -437,17 +433,7 @@ impl MirrorLink {
         }
         // Usually clear (O(1)); otherwise only the read's own regions (at
         // most 32 MiB / granularity), never a scan to the volume's end.
-        if !sh.bitmap.is_clear() {
-            let first = sh.bitmap.region_of(offset);
-            let last = sh.bitmap.region_of(offset.saturating_add(len - 1));
-            if (first..=last).any(|r| sh.bitmap.is_region_marked(r)) {
-                return false;
-            }
-        }
-        let end = offset.saturating_add(len);
-        !sh.inflight
-            .values()
-            .any(|p| p.len > 0 && p.offset < end && offset < p.offset.saturating_add(p.len))
+        !marked_in(&sh.bitmap, offset, len) && !sh.inflight_overlaps(offset, len)
     }
 
     /// True when this mirror can take over every host request of a primary
@@ -477,12 +463,9 @@ impl MirrorLink {
             }
         }
         // Acknowledged but perhaps not durable on the mirror.
-        let fresh = empty_like(&sh.bitmap);
-        let unflushed = std::mem::replace(&mut sh.unflushed, fresh);
-        let flushing = std::mem::take(&mut sh.flushing);
-        for b in std::iter::once(&unflushed).chain(flushing.iter().map(|(_, b)| b)) {
-            sh.bitmap.union_with(b).expect("same shape");
-        }
+        sh.bitmap = sh.bitmap_to_store().0;
+        sh.unflushed = empty_like(&sh.bitmap);
+        sh.flushing.clear();
         (inflight, freed)
     }
 }

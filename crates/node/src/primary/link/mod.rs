@@ -264,21 +264,17 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    /// What the mirror acknowledged but may not have flushed: lost if it
-    /// crashes, so it counts as out of sync wherever the bitmap is stored
-    /// (a crash here, then one there, must not forget it; the simulation's
-    /// seed 24 lost a catch-up copy that way).
+    /// What the mirror acknowledged but may not have flushed: since the
+    /// last FLUSH was sent, and covered by FLUSHes not yet acknowledged.
+    /// Lost if the mirror crashes, so it counts as out of sync wherever the
+    /// bitmap is stored, and is marked when the link fails (a crash here,
+    /// then one there, must not forget it: the simulation's seed 24).
+    fn unflushed_maps(&self) -> impl Iterator<Item = &Bitmap> {
+        std::iter::once(&self.unflushed).chain(self.flushing.iter().map(|(_, b)| b))
+    }
+
     fn unflushed_touches(&self, offset: u64, len: u64) -> bool {
-        if len == 0 {
-            return false;
-        }
-        let (first, last) = (
-            self.unflushed.region_of(offset),
-            self.unflushed.region_of(offset + len - 1),
-        );
-        std::iter::once(&self.unflushed)
-            .chain(self.flushing.iter().map(|(_, b)| b))
-            .any(|b| !b.is_clear() && (first..=last).any(|r| b.is_region_marked(r)))
+        self.unflushed_maps().any(|b| marked_in(b, offset, len))
     }
 
     /// The bitmap as it is stored: what is marked plus what the mirror
@@ -286,10 +282,19 @@ impl Shared {
     /// count it covers.
     fn bitmap_to_store(&self) -> (Bitmap, u64) {
         let mut bm = self.bitmap.clone();
-        for b in std::iter::once(&self.unflushed).chain(self.flushing.iter().map(|(_, b)| b)) {
+        for b in self.unflushed_maps() {
             bm.union_with(b).expect("same shape");
         }
         (bm, self.bitmap.changes())
+    }
+
+    /// True while a request that changes bytes of `[offset, offset+len)`
+    /// is in flight (prepared or sent, not yet acknowledged or failed).
+    fn inflight_overlaps(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        self.inflight
+            .values()
+            .any(|p| p.len > 0 && p.offset < end && offset < p.offset.saturating_add(p.len))
     }
 
     /// Whether the stored bitmap may lack something.
@@ -420,6 +425,17 @@ pub(super) fn mode_code(m: MirrorMode) -> u8 {
         MirrorMode::Sync => 0,
         MirrorMode::Async => 1,
     }
+}
+
+/// True when `b` marks any region of `[offset, offset+len)`: O(1) for a
+/// clear bitmap, else only the range's own regions, never a scan.
+fn marked_in(b: &Bitmap, offset: u64, len: u64) -> bool {
+    if len == 0 || b.is_clear() {
+        return false;
+    }
+    let first = b.region_of(offset);
+    let last = b.region_of(offset.saturating_add(len - 1));
+    (first..=last).any(|r| b.is_region_marked(r))
 }
 
 /// A clear bitmap of the same shape as `b`.
