@@ -6,18 +6,21 @@
 //!   (one `read` often brings dozens), validates each, and starts it. A
 //!   request's future is polled once inline: cheap work (a buffered write to
 //!   the page cache) completes right there and its reply joins the batch;
-//!   anything still pending (fsync, O_DIRECT, an uncached read, later a mirror
-//!   acknowledgement) is spawned as its own task and replies when done, out of
-//!   order.
-//! - the **writer** takes replies from a channel, as many as are waiting,
-//!   and sends them with one vectored write.
+//!   anything still pending (fsync, O_DIRECT, an uncached read, a mirror's
+//!   acknowledgement) goes with the batch to the writer, which finishes it.
+//! - the **writer** owns every request still pending (one `FuturesUnordered`,
+//!   not a task each) and the reply channel. Woken by either, it takes every
+//!   reply that is ready (many mirrored writes settled by one acknowledgement
+//!   batch finish in one wake-up) and sends them with one vectored write,
+//!   out of order; while a write waits for the socket it keeps finishing
+//!   requests for the next one.
 //!
 //! In-flight work per connection is bounded in requests and in bytes
 //! ([`MAX_INFLIGHT_REQUESTS`], [`MAX_INFLIGHT_BYTES`]): a permit is taken
 //! before a request starts and released only once its reply is on the wire,
 //! so a client that stops reading replies stops being read.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -26,6 +29,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
@@ -48,8 +52,6 @@ const READ_CHUNK: usize = 256 * 1024;
 /// Replies with less data than this are copied into the writer's buffer;
 /// larger ones go out as their own iovec.
 const COPY_THRESHOLD: usize = 16 * 1024;
-/// The writer sends once it has gathered this much.
-const WRITE_BATCH: usize = 4 * 1024 * 1024;
 
 /// Why a connection ended abnormally.
 #[derive(Debug, Error)]
@@ -230,7 +232,7 @@ pub async fn serve_connection<E: Export, S: SplitStream>(
     );
     let (rd, wr) = stream.split();
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(writer_loop(wr, rx, session.structured));
+    let writer = tokio::spawn(writer_loop::<E, _>(wr, rx, session.structured));
     export.connection_opened();
     let mut reader = Reader {
         export: export.clone(),
@@ -238,12 +240,13 @@ pub async fn serve_connection<E: Export, S: SplitStream>(
         session,
         tx,
         batch: Vec::new(),
+        pending: Vec::new(),
         requests: Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS)),
         bytes: Arc::new(Semaphore::new(MAX_INFLIGHT_BYTES)),
     };
     let read_result = reader.run(rd, &shutdown).await;
-    // Dropping the reader drops its sender; the writer finishes once every
-    // spawned request has replied and dropped its own.
+    // Dropping the reader drops the sender; the writer finishes once every
+    // request it holds has been answered.
     drop(reader);
     let write_result = writer.await.unwrap_or_else(|e| Err(io::Error::other(e)));
     export.connection_closed();
@@ -284,20 +287,56 @@ struct Permits {
     _bytes: Option<OwnedSemaphorePermit>,
 }
 
-enum Message {
-    One(Reply),
-    Batch(Vec<Reply>),
+/// What the reader hands the writer after each read: the replies of the
+/// requests that completed inline, and the requests still pending.
+struct Message<E> {
+    replies: Vec<Reply>,
+    pending: Vec<InFlight<E>>,
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// A request that did not complete on its first poll: its future and what
+/// its reply needs. Polled to completion by the writer.
+struct InFlight<E> {
+    fut: BoxFuture,
+    export: Arc<E>,
+    kind: CmdKind,
+    cookie: u64,
+    cmd: u16,
+    offset: u64,
+    payload: u64,
+    started: Instant,
+    permits: Option<Permits>,
+}
+
+impl<E: Export> Future for InFlight<E> {
+    type Output = Reply;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
+        // Every field is Unpin (the future is boxed), so is InFlight.
+        let this = &mut *self;
+        let outcome = std::task::ready!(this.fut.as_mut().poll(cx));
+        record(this.export.as_ref(), this.kind, this.payload, this.started, &outcome);
+        Poll::Ready(Reply {
+            cookie: this.cookie,
+            kind: this.cmd,
+            offset: this.offset,
+            outcome,
+            _permits: this.permits.take().expect("an InFlight completes once"),
+        })
+    }
+}
 
 struct Reader<E> {
     export: Arc<E>,
     geometry: Geometry,
     session: Session,
-    tx: mpsc::UnboundedSender<Message>,
+    tx: mpsc::UnboundedSender<Message<E>>,
     /// Replies of requests that completed inline, sent as one message.
     batch: Vec<Reply>,
+    /// Requests still pending after their first poll, sent with `batch`.
+    pending: Vec<InFlight<E>>,
     requests: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
 }
@@ -385,11 +424,21 @@ impl<E: Export> Reader<E> {
     }
 
     fn send_batch(&mut self) {
-        if !self.batch.is_empty() {
-            let batch = std::mem::take(&mut self.batch);
-            // A send error means the writer is gone (client vanished); the
-            // reader sees that as EOF on its next read.
-            let _ = self.tx.send(Message::Batch(batch));
+        if self.batch.is_empty() && self.pending.is_empty() {
+            return;
+        }
+        let m = Message {
+            replies: std::mem::take(&mut self.batch),
+            pending: std::mem::take(&mut self.pending),
+        };
+        // A send error means the writer is gone (the client vanished); the
+        // reader sees that as EOF on its next read. A request already
+        // started is never dropped half-way (a mirrored write still has to
+        // settle its links): it finishes on a task of its own, unanswered.
+        if let Err(mpsc::error::SendError(m)) = self.tx.send(m) {
+            for p in m.pending {
+                tokio::spawn(p);
+            }
         }
     }
 
@@ -563,7 +612,8 @@ impl<E: Export> Reader<E> {
         Flow::Continue
     }
 
-    /// Polls a request once inline; spawns it if it is not done yet.
+    /// Polls a request once inline; hands it to the writer if it is not
+    /// done yet.
     fn run_request(
         &mut self,
         h: &RequestHeader,
@@ -586,21 +636,17 @@ impl<E: Export> Reader<E> {
                     _permits: permits,
                 });
             }
-            Poll::Pending => {
-                let tx = self.tx.clone();
-                let export = self.export.clone();
-                tokio::spawn(async move {
-                    let outcome = fut.await;
-                    record(export.as_ref(), kind, payload, started, &outcome);
-                    let _ = tx.send(Message::One(Reply {
-                        cookie,
-                        kind: cmd,
-                        offset,
-                        outcome,
-                        _permits: permits,
-                    }));
-                });
-            }
+            Poll::Pending => self.pending.push(InFlight {
+                fut,
+                export: self.export.clone(),
+                kind,
+                cookie,
+                cmd,
+                offset,
+                payload,
+                started,
+                permits: Some(permits),
+            }),
         }
     }
 }
@@ -621,63 +667,111 @@ fn record<E: Export>(e: &E, kind: CmdKind, payload: u64, started: Instant, outco
     e.record(kind, bytes, started.elapsed(), ok);
 }
 
-/// Sends replies: drains every waiting message, then one vectored write.
-async fn writer_loop<W: AsyncWrite + Unpin>(
+/// The writer's side of a connection: the requests it finishes and the
+/// replies ready to go.
+struct Replies<E> {
+    rx: mpsc::UnboundedReceiver<Message<E>>,
+    /// The reader is gone: no more requests will come.
+    closed: bool,
+    inflight: FuturesUnordered<InFlight<E>>,
+    ready: Vec<Reply>,
+}
+
+impl<E: Export> Replies<E> {
+    /// Takes whatever has arrived and every request that has finished,
+    /// registering `cx` to be woken by the next of either. The reader's
+    /// requests are polled here right away: their first poll (on the
+    /// reader) had no waker.
+    fn take_in(&mut self, cx: &mut Context<'_>) {
+        while !self.closed {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(m)) => {
+                    self.ready.extend(m.replies);
+                    self.inflight.extend(m.pending);
+                }
+                Poll::Ready(None) => self.closed = true,
+                Poll::Pending => break,
+            }
+        }
+        while let Poll::Ready(Some(r)) = self.inflight.poll_next_unpin(cx) {
+            self.ready.push(r);
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.closed && self.inflight.is_empty()
+    }
+
+    /// The client is gone: no more replies, but every request that started
+    /// still finishes (a mirrored write must settle its links).
+    async fn finish_unanswered(&mut self) {
+        self.rx.close();
+        while let Some(m) = self.rx.recv().await {
+            self.inflight.extend(m.pending);
+        }
+        self.closed = true;
+        while self.inflight.next().await.is_some() {}
+    }
+}
+
+/// Sends replies: waits until one is ready, takes every one that is, sends
+/// them with one vectored write, and keeps taking in while that write waits.
+async fn writer_loop<E: Export, W: AsyncWrite + Unpin>(
     mut wr: W,
-    mut rx: mpsc::UnboundedReceiver<Message>,
+    rx: mpsc::UnboundedReceiver<Message<E>>,
     structured: bool,
 ) -> io::Result<()> {
     let mut hdr = BytesMut::with_capacity(64 * 1024);
     let mut segs: Vec<Bytes> = Vec::new();
     // Replies written but whose permits are released only after the write.
     let mut sent: Vec<Reply> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        if matches!(first, Message::One(_)) && rx.is_empty() {
-            // A reply from a request that completed on its own task (a
-            // mirrored write, woken with many others by one acknowledgement
-            // batch from the mirror): let the others run first, so their
-            // replies share this vectored write and one wake-up of the
-            // client, instead of a write each. Not for the reader's inline
-            // batches, which are whole already (a yield there cost the
-            // standalone 4 KiB path ~8%).
-            tokio::task::yield_now().await;
-        }
-        let mut pending = take(first, structured, &mut hdr, &mut segs, &mut sent);
-        while pending + hdr.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(m) => pending += take(m, structured, &mut hdr, &mut segs, &mut sent),
-                Err(_) => break,
+    let mut q = Replies {
+        rx,
+        closed: false,
+        inflight: FuturesUnordered::new(),
+        ready: Vec::new(),
+    };
+    loop {
+        poll_fn(|cx| {
+            q.take_in(cx);
+            if q.ready.is_empty() && !q.done() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
             }
+        })
+        .await;
+        if q.ready.is_empty() {
+            break; // The reader is gone and every request has been answered.
+        }
+        for r in q.ready.drain(..) {
+            encode_reply(&r, structured, &mut hdr, &mut segs);
+            sent.push(r);
         }
         if !hdr.is_empty() {
             segs.push(hdr.split().freeze());
         }
-        write_all_vectored(&mut wr, &mut segs).await?;
+        let result = {
+            let mut write = std::pin::pin!(write_all_vectored(&mut wr, &mut segs));
+            poll_fn(|cx| {
+                if let Poll::Ready(r) = write.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                q.take_in(cx);
+                Poll::Pending
+            })
+            .await
+        };
         sent.clear();
+        if let Err(e) = result {
+            q.ready.clear();
+            q.finish_unanswered().await;
+            return Err(e);
+        }
     }
     wr.flush().await?;
     let _ = wr.shutdown().await;
     Ok(())
-}
-
-/// Encodes a message's replies; returns the bytes added as separate segments.
-fn take(
-    m: Message,
-    structured: bool,
-    hdr: &mut BytesMut,
-    segs: &mut Vec<Bytes>,
-    sent: &mut Vec<Reply>,
-) -> usize {
-    let mut added = 0;
-    let mut one = |r: Reply| {
-        added += encode_reply(&r, structured, hdr, segs);
-        sent.push(r);
-    };
-    match m {
-        Message::One(r) => one(r),
-        Message::Batch(v) => v.into_iter().for_each(one),
-    }
-    added
 }
 
 /// Appends a reply's bytes: small parts into `hdr`, large data as its own

@@ -506,3 +506,26 @@ async fn many_requests_in_flight_pipelined() {
         assert!(d[i * 4096..(i + 1) * 4096].iter().all(|&x| x == i as u8));
     }
 }
+
+#[tokio::test]
+async fn a_pending_request_still_finishes_when_its_client_vanishes() {
+    // A request that is not done on its first poll is finished by the
+    // connection's writer; if the client goes away meanwhile, it must still
+    // run to its end (a mirrored write has links to settle), not be dropped.
+    let export = Arc::new(MemExport {
+        gate_flush: true,
+        ..Arc::into_inner(MemExport::new("db", 65536)).unwrap()
+    });
+    let (mut c, srv) = Client::connect(export.clone()).await;
+    c.go("db").await;
+    c.request(CMD_FLUSH, 0, 1, 0, 0, &[]).await;
+    c.request(CMD_WRITE, 0, 2, 0, 512, &[1; 512]).await;
+    assert_eq!(c.simple().await, (2, 0));
+    drop(c);
+    export.flush_gate.notify_one();
+    tokio::time::timeout(Duration::from_secs(5), srv)
+        .await
+        .expect("server task ends once the pending flush finished")
+        .unwrap();
+    assert_eq!(export.flushes.load(Ordering::SeqCst), 1);
+}
