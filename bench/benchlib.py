@@ -205,12 +205,23 @@ while True:
 """
 
 
-def loopback_rtt_us(n=10000):
+def loopback_rtt_us(n=10000, two_site=False):
     """Median round trip of a 1-byte ping-pong over loopback TCP (TCP_NODELAY) between
     this process and a child process, in microseconds: the floor that a synchronous
-    mirror on loopback adds to every write."""
-    echo = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    mirror on loopback adds to every write. With two_site, the two ends are pinned to
+    CPUs 0 and 1 like the primary and its mirror, so the figure includes waking the
+    other CPU."""
+    return loopback_rtt_stats(n, two_site)[0]
+
+
+def loopback_rtt_stats(n=10000, two_site=False):
+    """(median, p99) of loopback_rtt_us's ping-pong, in microseconds."""
+    echo = subprocess.Popen(pinned("1" if two_site else None, [sys.executable, "-c", _ECHO_SERVER]),
+                            stdout=subprocess.PIPE, text=True)
+    mask = os.sched_getaffinity(0)
     try:
+        if two_site:
+            os.sched_setaffinity(0, {0})
         port = int(echo.stdout.readline())
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -223,7 +234,9 @@ def loopback_rtt_us(n=10000):
                 s.sendall(b"x")
                 s.recv(64)
                 rtts.append(time.perf_counter_ns() - t0)
-        return statistics.median(rtts) / 1000.0
+        rtts.sort()
+        return statistics.median(rtts) / 1000.0, rtts[len(rtts) * 99 // 100] / 1000.0
     finally:
+        os.sched_setaffinity(0, mask)
         echo.kill()
         echo.wait()

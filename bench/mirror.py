@@ -24,18 +24,31 @@ machine: fio and the primary pinned to CPU 0, the mirror alone on CPU 1 (as
 on its own machine); the standalone primary is on CPU 0 too. Run it beside
 the unpinned figure: pinned, the primary's CPU per write is what limits it.
 
+With --qemu, the peer a user would otherwise pick runs beside them: QEMU's
+active mirror, `qemu-storage-daemon` exporting the image over NBD with a
+`blockdev-mirror` job (`copy-mode=write-blocking`, `sync=full`, driven over
+its QMP socket) to a `qemu-nbd` target; measured once the job is ready (the
+target in sync). With --two-site the daemon is on CPU 0 and qemu-nbd on CPU 1,
+like blockmirror's primary and mirror.
+
+After every mirrored configuration the processes are stopped and the two
+images compared byte for byte (`cmp`): a benchmark run that loses a write fails.
+
 With --baseline-bin PATH, a fourth runs the mirrored setup with another
 build of blockmirror (e.g. the commit before a change), both nodes, for an
 A/B of the change in the same run.
 
-    python3 bench/mirror.py [--rounds 3] [--runtime 10] [--size 512M] [--unsplit] [--two-site] [--baseline-bin PATH]
+    python3 bench/mirror.py [--rounds 3] [--runtime 10] [--size 512M] [--unsplit] [--two-site] [--qemu] [--baseline-bin PATH]
 """
 
 import argparse
+import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 
 import benchlib as b
 
@@ -55,9 +68,79 @@ def secret(path):
         f.write(os.urandom(32).hex() + "\n")
 
 
+class Qmp:
+    """A minimal QMP client on a unix socket: one command at a time, events skipped."""
+
+    def __init__(self, path, proc, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"qemu-storage-daemon's QMP socket {path} did not open")
+                time.sleep(0.05)
+        self.f = self.sock.makefile("rw")
+        json.loads(self.f.readline())  # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name, **args):
+        self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
+        self.f.flush()
+        while True:
+            r = json.loads(self.f.readline())
+            if "error" in r:
+                raise SystemExit(f"QMP {name}: {r['error']}")
+            if "return" in r:
+                return r["return"]
+
+
+def start_qemu(workdir, primary_img, mirror_img, two_site):
+    """QEMU's active mirror: qemu-nbd serving the target, qemu-storage-daemon exporting the
+    primary image with a write-blocking blockdev-mirror job to it. Returns (Server, [Servers])."""
+    t_port, s_port = b.free_port(), b.free_port()
+    target = b.Server("mirror", b.pinned("1" if two_site else None,
+                      ["qemu-nbd", "-f", "raw", "-x", "tgt", "-b", "127.0.0.1", "-p", str(t_port), "-t",
+                       mirror_img]), t_port, f"nbd://127.0.0.1:{t_port}/tgt")
+    qmp_path = os.path.join(workdir, "qmp.sock")
+    qsd = b.Server("primary", b.pinned("0" if two_site else None, [
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,node-name=file0,filename={primary_img}",
+        "--blockdev", "driver=raw,node-name=src,file=file0",
+        "--blockdev", f"driver=nbd,node-name=tgt,server.type=inet,server.host=127.0.0.1,"
+                      f"server.port={t_port},export=tgt",
+        "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={s_port}",
+        "--export", f"type=nbd,id=exp0,node-name=src,name={VOLUME},writable=on",
+        "--chardev", f"socket,path={qmp_path},server=on,wait=off,id=qmp0",
+        "--monitor", "chardev=qmp0"]), s_port, f"nbd://127.0.0.1:{s_port}/{VOLUME}")
+    qsd.qmp = Qmp(qmp_path, qsd.proc)
+    qsd.qmp.cmd("blockdev-mirror", **{"job-id": "m0", "device": "src", "target": "tgt",
+                                      "sync": "full", "copy-mode": "write-blocking"})
+    b.wait_for("QEMU's mirror job to be ready",
+               lambda: any(j.get("ready") for j in qsd.qmp.cmd("query-block-jobs")), timeout=120)
+    return qsd, [target, qsd]
+
+
+def stop_qemu(qsd):
+    """Ends the mirror job in sync (cancel of a ready job completes without a pivot), then quits."""
+    qsd.qmp.cmd("block-job-cancel", device="m0")
+    b.wait_for("QEMU's mirror job to end", lambda: not qsd.qmp.cmd("query-block-jobs"), timeout=60)
+    qsd.qmp.cmd("quit")
+    qsd.proc.wait(timeout=30)
+
+
 def start_config(kind, workdir, seed, size_bytes, baseline_bin=None, two_site=False):
     """Starts one configuration in a fresh folder; returns (primary Server, [all Servers])."""
     os.makedirs(workdir)
+    if kind == "qemu":
+        primary_img = os.path.join(workdir, "primary.img")
+        mirror_img = os.path.join(workdir, "mirror.img")
+        subprocess.run(["cp", "--sparse=never", seed, primary_img], check=True)
+        subprocess.run(["cp", "--sparse=never", seed, mirror_img], check=True)
+        return start_qemu(workdir, primary_img, mirror_img, two_site)
     primary_img = os.path.join(workdir, "primary.img")
     subprocess.run(["cp", "--sparse=never", seed, primary_img], check=True)
     p_nbd, p_admin = b.free_port(), b.free_port()
@@ -107,12 +190,16 @@ def main():
                     help="also run the mirrored setup with no write split into track subtasks")
     ap.add_argument("--two-site", action="store_true",
                     help="emulate two sites: fio and the primary pinned to CPU 0, the mirror alone on CPU 1")
+    ap.add_argument("--qemu", action="store_true",
+                    help="also run QEMU's active mirror (qemu-storage-daemon blockdev-mirror "
+                         "copy-mode=write-blocking to qemu-nbd)")
     ap.add_argument("--baseline-bin", default="",
                     help="also run the mirrored setup with this blockmirror binary (A/B of a change)")
     args = ap.parse_args()
     ap_bin = args.baseline_bin and os.path.abspath(args.baseline_bin)
-    configs = CONFIGS + (["unsplit"] if args.unsplit else []) + (["baseline"] if ap_bin else [])
-    b.need("fio")
+    configs = (CONFIGS + (["unsplit"] if args.unsplit else []) + (["baseline"] if ap_bin else [])
+               + (["qemu"] if args.qemu else []))
+    b.need("fio", *(["qemu-storage-daemon", "qemu-nbd"] if args.qemu else []))
     workloads = [w for w in WORKLOADS if args.only in w[0]]
     b.build_release()
     size_bytes = int(subprocess.run(["numfmt", "--from=iec", args.size.rstrip("B")], check=True,
@@ -125,8 +212,11 @@ def main():
         subprocess.run(["dd", "if=/dev/urandom", f"of={seed}", "bs=1M", f"count={size_bytes >> 20}",
                         "status=none"], check=True)
         for r in range(args.rounds):
-            rtts.append(b.loopback_rtt_us())
-            print(f"  round {r + 1} loopback TCP round trip {rtts[-1]:.1f} us (median of 10000)", flush=True)
+            rtt, rtt99 = b.loopback_rtt_stats(two_site=args.two_site)
+            rtts.append(rtt)
+            where = ", CPU 0 to CPU 1" if args.two_site else ""
+            print(f"  round {r + 1} loopback TCP round trip {rtt:.1f} us, p99 {rtt99:.0f} us "
+                  f"(10000 ping-pongs{where}; the machine's wake-up latency)", flush=True)
             # Alternate the order round by round, so that no configuration
             # always runs first (or last) on a machine whose speed drifts.
             for kind in (configs if r % 2 == 0 else configs[::-1]):
@@ -147,7 +237,7 @@ def main():
                         cpu_us = {s.name: c * 1e6 / ops for s, c in zip(servers, cpu)}
                         clat_p50_us = w["clat_ns"]["percentile"]["50.000000"] / 1000.0
                         lat_mean_us = w["lat_ns"]["mean"] / 1000.0
-                        if kind != "standalone":
+                        if kind not in ("standalone", "qemu"):
                             st = link(primary)
                             if st["state"] != "in_sync" or st["connection"] != "connected":
                                 raise SystemExit(f"the mirror left sync during {wname}: {st}")
@@ -157,8 +247,16 @@ def main():
                               f"p50 {clat_p50_us:7.1f} us mean {lat_mean_us:7.1f} us  CPU us/op {cpu_text}",
                               flush=True)
                 finally:
+                    if kind == "qemu" and primary.proc.poll() is None:
+                        stop_qemu(primary)
                     for s in reversed(servers):
                         s.stop()
+                if kind != "standalone":
+                    same = subprocess.run(["cmp", "-s", os.path.join(workdir, "primary.img"),
+                                           os.path.join(workdir, "mirror.img")]).returncode == 0
+                    if not same:
+                        raise SystemExit(f"round {r + 1} {kind}: the mirror differs from the primary")
+                    print(f"  round {r + 1} {kind:10} mirror image identical to the primary's (cmp)", flush=True)
                 shutil.rmtree(workdir, ignore_errors=True)
 
     rtt = b.median(rtts)
@@ -181,6 +279,14 @@ def main():
         for c in extra:
             line += f" {cells[c]:>16} {fig[c] / fig['standalone']:>18.2f}x"
         print(line)
+    if "qemu" in configs:
+        print()
+        print("blockmirror's sync mirror / QEMU's active mirror (same emulation, medians)")
+        for wname, rw, bs, qd, target in workloads:
+            key = 1 if bs == "1M" else 0
+            ours = b.median([x[key] for x in results[(wname, "mirrored")]])
+            theirs = b.median([x[key] for x in results[(wname, "qemu")]])
+            print(f"{wname:18} {ours / theirs:>6.2f}x")
     print()
     print("node CPU per operation (us, medians; the mirrored setup's primary and mirror separately)")
     for wname, *_ in workloads:
