@@ -112,6 +112,7 @@ print("  primary's CPU per write by call tree (us):")
 for label, sym in [("local pwrite", "__libc_pwrite"), ("writev", "__GI___writev"), ("recv", "__libc_recv"),
                    ("epoll_wait", "epoll_wait"), ("context switches", "finish_task_switch.isra.0"),
                    ("crc32c", "crc32c::hw_x86_64::crc_u64_parallel3"),
+                   ("memmove (copies in user space)", "__memmove_avx512_unaligned_erms"),
                    ("loopback delivery (tcp_v4_rcv)", "tcp_v4_rcv"), ("waking a reader", "sock_def_readable")]:
     print(f"    {label:32} {ch.get(sym, 0) * us / 100:8.2f}")
 for l in open(f"{d}/p.dso"):

@@ -353,6 +353,10 @@ impl<E: Export> Reader<E> {
         shutdown: &CancellationToken,
     ) -> Result<(), ConnError> {
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        // How much a new buffer is given: a read chunk, or the size of the
+        // last large WRITE, so that a stream of large writes lands each in
+        // one allocation instead of growing one (a copy of what arrived).
+        let mut chunk = READ_CHUNK;
         // Bytes of a refused WRITE payload still to be skipped.
         let mut discard: u64 = 0;
         loop {
@@ -381,6 +385,7 @@ impl<E: Export> Reader<E> {
                                 break REQUEST_HEADER_LEN + len;
                             }
                             buf.advance(REQUEST_HEADER_LEN);
+                            chunk = (REQUEST_HEADER_LEN + len).max(READ_CHUNK);
                             let data = buf.split_to(len).freeze();
                             self.start(&h, Some(data)).await;
                         }
@@ -403,7 +408,7 @@ impl<E: Export> Reader<E> {
 
             let missing = need.saturating_sub(buf.len());
             if buf.capacity() - buf.len() < missing.max(READ_CHUNK / 4) {
-                buf.reserve(missing.max(READ_CHUNK));
+                buf.reserve(missing.max(chunk));
             }
             let n = tokio::select! {
                 biased;
