@@ -317,7 +317,13 @@ impl<E: Export> Future for InFlight<E> {
         // Every field is Unpin (the future is boxed), so is InFlight.
         let this = &mut *self;
         let outcome = std::task::ready!(this.fut.as_mut().poll(cx));
-        record(this.export.as_ref(), this.kind, this.payload, this.started, &outcome);
+        record(
+            this.export.as_ref(),
+            this.kind,
+            this.payload,
+            this.started,
+            &outcome,
+        );
         Poll::Ready(Reply {
             cookie: this.cookie,
             kind: this.cmd,
