@@ -3,7 +3,7 @@
 # (fio and the primary on CPU 0, the mirror alone on CPU 1), one configuration at a time,
 # with perf on the primary and the mirror.
 #
-#   bench/profile-two-site.sh [--standalone] [--bin PATH] [--bs 4k] [--qd 32] [--rw randwrite]
+#   bench/profile-two-site.sh [--standalone] [--allocs] [--bin PATH] [--bs 4k] [--qd 32] [--rw randwrite]
 #
 # Prints, per write: each node's CPU (task-clock / writes fio completed), its context
 # switches and syscalls (writev, recvfrom, epoll_wait, pwrite64, futex), and the primary's CPU
@@ -12,10 +12,11 @@
 # compare: absolute figures move with this machine's load. Needs root (perf, drop_caches).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=target/release/blockmirror BS=4k QD=32 RW=randwrite STANDALONE=
+BIN=target/release/blockmirror BS=4k QD=32 RW=randwrite STANDALONE= ALLOCS=
 while [ $# -gt 0 ]; do
   case $1 in
     --standalone) STANDALONE=1 ;;
+    --allocs) ALLOCS=1 ;;
     --bin) BIN=$2; shift ;;
     --bs) BS=$2; shift ;;
     --qd) QD=$2; shift ;;
@@ -28,7 +29,10 @@ for t in perf fio taskset curl; do command -v $t >/dev/null || { echo "needs $t"
 [ -x "$BIN" ] || cargo build --release -p blockmirror
 BIN=$(realpath "$BIN")
 D=$(mktemp -d /tmp/bm-profile-XXXXXX)
-cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$D"; }
+cleanup() {
+  kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$D"
+  perf probe -q -d 'probe_*:mi_malloc_aligned*' 2>/dev/null || true
+}
 PIDS=()
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -73,6 +77,13 @@ taskset -c 0 fio --name=b --ioengine=nbd --uri="nbd://127.0.0.1:$PN/v" --rw="$RW
   --output-format=json > "$D/fio.json" 2>/dev/null & F=$!
 sleep 1.5
 EV=task-clock,context-switches,syscalls:sys_enter_writev,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_pwrite64,syscalls:sys_enter_futex
+# --allocs: allocations per write, with a uprobe on mimalloc's mi_malloc_aligned (the mimalloc
+# crate's GlobalAlloc: every Rust allocation). A uprobe traps on every call, so the run is much
+# slower and its other figures are not comparable; allocations are counted per local pwrite.
+if [ -n "$ALLOCS" ] && perf probe -q -x "$BIN" --add mi_malloc_aligned 2>/dev/null || perf probe -l 2>/dev/null | grep -q "mi_malloc_aligned.*$(basename "$BIN")"; then
+  PROBE=$(perf probe -l 2>/dev/null | grep "mi_malloc_aligned.*$BIN" | awk '{print $1}' | head -1)
+  [ -n "$PROBE" ] && EV="$EV,$PROBE"
+fi
 perf stat -x, -e "$EV" -p "$P" -- sleep 3 2> "$D/p.stat" &
 [ -z "$STANDALONE" ] && perf stat -x, -e "$EV" -p "$M" -- sleep 3 2> "$D/m.stat" &
 perf record -F 2999 -g -p "$P" -o "$D/p.perf" -- sleep 3 >/dev/null 2>&1
@@ -91,11 +102,16 @@ for who in ("p", "m"):
     if not os.path.exists(f"{d}/{who}.stat"):
         continue
     out = []
+    counts = {}
     for line in open(f"{d}/{who}.stat"):
         f = line.strip().split(",")
         if len(f) < 3 or not f[0].replace(".", "").isdigit():
             continue
         v, name = float(f[0]), f[2].replace("syscalls:sys_enter_", "")
+        counts[name] = v
+        if "mi_malloc_aligned" in name:
+            out.append(f"allocations per pwrite {v / max(counts.get('pwrite64', 1), 1):.2f}")
+            continue
         if name == "task-clock":
             cpu[who] = v * 1000 / ops
             out.append(f"cpu {cpu[who]:.2f} us")

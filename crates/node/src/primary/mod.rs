@@ -63,6 +63,11 @@ use crate::daemon::metrics::{self, MetricType};
 use crate::volume::role::RoleCell;
 pub use gen_state::GenState;
 pub use link::{MirrorLink, MirrorOp};
+
+/// One value per mirror link of a write, kept inline: a volume has a few
+/// mirrors, and the write path builds several of these per host write (an
+/// allocation each, before).
+type PerLink<T> = smallvec::SmallVec<[T; 4]>;
 pub use locks::RangeLocks;
 pub use pipeline::Pipeline;
 
@@ -233,13 +238,13 @@ impl Replicator {
             }
         }
         let modes = self.modes();
-        let prepared: Vec<_> = self
+        let prepared: PerLink<_> = self
             .links
             .iter()
             .zip(&modes)
             .map(|(l, m)| m.prepare(l, offset, len))
             .collect();
-        let marked: Vec<bool> = prepared
+        let marked: PerLink<bool> = prepared
             .iter()
             .map(|p| matches!(p, link::Prepared::Marked))
             .collect();
@@ -262,7 +267,7 @@ impl Replicator {
         }
         // An async mirror's activity-log range ends when the mirror has the
         // write, not when the host is answered.
-        let deferred: Vec<bool> = self
+        let deferred: PerLink<bool> = self
             .links
             .iter()
             .zip(&prepared)
@@ -273,14 +278,16 @@ impl Replicator {
                         .is_some_and(|t| l.end_when_done(&[t], offset, len))
             })
             .collect();
-        let sent: Vec<_> = self
+        let sent: PerLink<_> = self
             .links
             .iter()
             .zip(prepared)
-            .map(|(l, p)| vec![l.send(p, &op)])
+            .map(|(l, p)| l.send(p, &op))
             .collect();
         drop(guard);
-        let (result, missed, confirmed) = self.wait_links(sent, &modes).await;
+        let (result, missed, confirmed) = self
+            .wait_links(sent.into_iter().map(std::iter::once), &modes)
+            .await;
         let result = require_mirror(result, confirmed, mirror_required);
         self.finish(offset, len, &modes, &deferred, result, missed)
             .await
@@ -296,7 +303,7 @@ impl Replicator {
         modes: &[LinkWrite],
         deferred: &[bool],
         mut result: Result<(), Errno>,
-        missed: Vec<bool>,
+        missed: PerLink<bool>,
     ) -> Result<(), Errno> {
         if missed.contains(&true) {
             // A mirror lacks (part of) this write: the host hears "done" only
@@ -318,7 +325,7 @@ impl Replicator {
 
     /// How each link takes the next write: decided once per write, so a
     /// mode switch takes effect between writes.
-    fn modes(&self) -> Vec<LinkWrite> {
+    fn modes(&self) -> PerLink<LinkWrite> {
         self.links
             .iter()
             .map(|l| {
@@ -488,7 +495,7 @@ impl Replicator {
         self.check_fence()?;
         // Only live links take the flush; an away mirror has nothing to
         // flush that its bitmap does not already cover.
-        let sent: Vec<_> = self
+        let sent: PerLink<_> = self
             .links
             .iter()
             .map(|l| match l.prepare_flush() {
@@ -502,7 +509,7 @@ impl Replicator {
         let local = local().await;
         // An async mirror is flushed too (it keeps what a mirror crash can
         // lose small), but the host does not wait for it.
-        let modes: Vec<LinkWrite> = self
+        let modes: PerLink<LinkWrite> = self
             .links
             .iter()
             .map(|l| {
@@ -514,7 +521,7 @@ impl Replicator {
             })
             .collect();
         let (mirrors, _, confirmed) = self
-            .wait_links(sent.into_iter().map(|s| vec![s]).collect(), &modes)
+            .wait_links(sent.into_iter().map(std::iter::once), &modes)
             .await;
         require_mirror(local.and(mirrors), confirmed, mirror_required)
     }
@@ -542,14 +549,14 @@ impl Replicator {
     /// past the bound with lag_policy "throttle", where the write waits for
     /// its own acknowledgement (the host slows to the link's pace and the
     /// lag stays near the bound).
-    async fn wait_links(
+    async fn wait_links<S: IntoIterator<Item = link::Sent>>(
         &self,
-        sent: Vec<Vec<link::Sent>>,
+        sent: impl IntoIterator<Item = S>,
         modes: &[LinkWrite],
-    ) -> (Result<(), Errno>, Vec<bool>, usize) {
+    ) -> (Result<(), Errno>, PerLink<bool>, usize) {
         let mut result = Ok(());
         // Per link: it did not take (part of) the write.
-        let mut missed = vec![false; self.links.len()];
+        let mut missed: PerLink<bool> = smallvec::smallvec![false; self.links.len()];
         // Sync links that acknowledged everything and are in sync after it.
         let mut confirmed = 0;
         for (li, ((l, sent), m)) in self.links.iter().zip(sent).zip(modes).enumerate() {
@@ -567,8 +574,10 @@ impl Replicator {
             if m.is_async() {
                 l.counters.throttled.fetch_add(1, Relaxed);
             }
-            let mut all = !sent.is_empty();
+            let mut all = true;
+            let mut any = false;
             for s in sent {
+                any = true;
                 // Deferred: the mirror is filling and does not have it yet.
                 all &= matches!(s, link::Sent::Waiting(_));
                 if let Err(e) = l.wait(s).await {
@@ -580,7 +589,7 @@ impl Replicator {
                     }
                 }
             }
-            if all && *m == LinkWrite::Sync && l.state() == link::SyncState::InSync {
+            if all && any && *m == LinkWrite::Sync && l.state() == link::SyncState::InSync {
                 confirmed += 1;
             }
         }
