@@ -38,7 +38,8 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PN=$(port) PA=$(port) ML=$(port) MA=$(port) MN=$(port)
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$D/secret.key"
-fallocate -l 512M "$D/p.img"; fallocate -l 512M "$D/m.img"
+# Written extents, as in bench/mirror.py (fallocated ones would add extent conversions).
+head -c 512M /dev/urandom > "$D/p.img"; cp --sparse=never "$D/p.img" "$D/m.img"
 cat > "$D/p.toml" <<T
 node = "p"
 admin = "127.0.0.1:$PA"
