@@ -79,6 +79,11 @@ pub trait AdminSource: Send + Sync + 'static {
     fn status(&self) -> NodeStatus;
     /// The current `GET /metrics` text (Prometheus exposition format).
     fn metrics(&self) -> String;
+    /// The node's event channel and chart history (`GET /events`,
+    /// `/events/recent`, `/history`); `None` answers those with 404.
+    fn observer(&self) -> Option<Arc<crate::daemon::events::Observer>> {
+        None
+    }
     /// `POST /verify/VOLUME`: starts a verify; its id, or the HTTP status
     /// and reason it was refused.
     fn start_verify(&self, volume: &str, req: &VerifyRequest) -> Result<u64, (u16, String)> {
@@ -165,6 +170,10 @@ pub struct VerifyStarted {
 /// The admin routes, for callers that want to add their own before serving.
 pub fn router(source: Arc<dyn AdminSource>) -> Router {
     Router::new()
+        .route("/", get(crate::daemon::page::get_page))
+        .route("/events", get(crate::daemon::page::get_events))
+        .route("/events/recent", get(crate::daemon::page::get_recent))
+        .route("/history", get(crate::daemon::page::get_history))
         .route("/status", get(get_status))
         .route("/metrics", get(get_metrics))
         .route("/verify/{volume}", axum::routing::post(post_verify))
