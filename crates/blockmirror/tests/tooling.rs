@@ -11,7 +11,11 @@ use common::*;
 #[test]
 fn config_check_validates_and_says_what_it_would_serve() {
     let node = TestNode::start(&[VolumeSpec::new("db", 1 << 20)]);
-    let out = run_ok(Command::new(BIN).args(["config", "check"]).arg(&node.config));
+    let out = run_ok(
+        Command::new(BIN)
+            .args(["config", "check"])
+            .arg(&node.config),
+    );
     assert!(out.contains(": valid"), "{out}");
     assert!(out.contains("node test"), "{out}");
     assert!(out.contains(&format!("admin HTTP {}", node.admin)), "{out}");
@@ -30,23 +34,36 @@ fn config_check_validates_and_says_what_it_would_serve() {
 fn man_pages_and_completions_come_from_the_cli_definition() {
     let dir = tempfile::tempdir().unwrap();
     let out = run_ok(Command::new(BIN).arg("man").arg(dir.path()));
-    for page in ["blockmirror.1", "blockmirror-serve.1", "blockmirror-events.1", "blockmirror-status.1"] {
+    for page in [
+        "blockmirror.1",
+        "blockmirror-serve.1",
+        "blockmirror-events.1",
+        "blockmirror-status.1",
+    ] {
         let text = std::fs::read_to_string(dir.path().join(page))
             .unwrap_or_else(|e| panic!("{page}: {e}; wrote:\n{out}"));
-        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}: {text}");
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}: {text}"
+        );
     }
     let serve = std::fs::read_to_string(dir.path().join("blockmirror-serve.1")).unwrap();
     assert!(serve.contains("config"), "{serve}");
     for shell in ["bash", "zsh", "fish"] {
         let text = run_ok(Command::new(BIN).args(["completions", shell]));
-        assert!(text.contains("blockmirror") && text.contains("events"), "{shell}: {text}");
+        assert!(
+            text.contains("blockmirror") && text.contains("events"),
+            "{shell}: {text}"
+        );
     }
 }
 
 #[test]
 fn the_debian_package_unpacks_and_runs() {
     let Some(deb) = std::env::var_os("BLOCKMIRROR_DEB") else {
-        eprintln!("SKIPPED: BLOCKMIRROR_DEB unset (scripts/deb.sh builds the package and runs this test)");
+        eprintln!(
+            "SKIPPED: BLOCKMIRROR_DEB unset (scripts/deb.sh builds the package and runs this test)"
+        );
         return;
     };
     let dir = tempfile::tempdir().unwrap();

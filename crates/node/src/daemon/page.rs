@@ -71,20 +71,19 @@ pub async fn get_events(State(source): State<Arc<dyn AdminSource>>, uri: Uri) ->
     let closed = obs.closed.clone();
     let head = futures_util::stream::iter(initial.into_iter().map(|e| sse_event(&e)));
     let tail = futures_util::stream::unfold((rx, closed), |(mut rx, closed)| async move {
-        loop {
-            let r = tokio::select! {
-                _ = closed.cancelled() => return None,
-                r = rx.recv() => r,
-            };
-            match r {
-                Ok(e) => return Some((sse_event(&e), (rx, closed))),
-                Err(RecvError::Lagged(n)) => {
-                    let ev = SseEvent::default().event("lagged").data(n.to_string());
-                    return Some((Ok(ev), (rx, closed)));
-                }
-                Err(RecvError::Closed) => return None,
+        let r = tokio::select! {
+            _ = closed.cancelled() => return None,
+            r = rx.recv() => r,
+        };
+        let item = match r {
+            Ok(e) => sse_event(&e),
+            // A slow reader missed `n` events: say so, then go on.
+            Err(RecvError::Lagged(n)) => {
+                Ok(SseEvent::default().event("lagged").data(n.to_string()))
             }
-        }
+            Err(RecvError::Closed) => return None,
+        };
+        Some((item, (rx, closed)))
     });
     use futures_util::StreamExt as _;
     Sse::new(head.chain(tail))
