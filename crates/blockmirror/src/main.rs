@@ -33,6 +33,15 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a node config and print what `serve` would run; exit 0 when valid.
+    Check {
+        /// The node config (TOML).
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run one node: every volume in the config, its NBD exports and admin HTTP.
     Serve {
@@ -66,7 +75,35 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Refresh in place every second until interrupted.
+        #[arg(long, short)]
+        watch: bool,
     },
+    /// Print one line per state change (link up or down, state, role, resync,
+    /// verify, split brain) as it happens, like `drbdsetup events2`.
+    Events {
+        /// Admin address of the node (default: from ./blockmirror.toml, else 127.0.0.1:7780).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Print the current state first (`exists` lines), then the changes.
+        #[arg(long)]
+        now: bool,
+    },
+    /// Node config tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Write the man pages (blockmirror.1 and one per subcommand) into DIR.
+    Man {
+        /// Where to write them.
+        dir: PathBuf,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Compare a primary volume with its mirrors while it is in use.
     ///
     /// Exit status: 0 identical, 1 differ, 2 error.
@@ -212,7 +249,22 @@ async fn run(cli: Cli) -> Result<Outcome> {
         Command::Demo {
             dir, size, mode, ..
         } => ok(demo(&dir, &size, mode.as_deref()).await),
-        Command::Status { admin, json } => ok(show_status(admin, json).await),
+        Command::Status { admin, json, watch } => ok(show_status(admin, json, watch).await),
+        Command::Events { admin, json, now } => ok(events(admin, json, now).await),
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => ok(config_check(&file)),
+        Command::Man { dir } => ok(man(&dir)),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "blockmirror",
+                &mut std::io::stdout(),
+            );
+            Ok(Outcome::Success)
+        }
         Command::Verify {
             volume,
             admin,
@@ -383,17 +435,40 @@ fn cancel_on_signals(token: CancellationToken) -> Result<()> {
 
 async fn serve(path: &Path) -> Result<()> {
     let config = NodeConfig::load(path)?;
-    run_node(config).await.map(|_| ())
-}
-
-async fn run_node(config: NodeConfig) -> Result<blockmirror_node::daemon::node::Endpoints> {
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
     let node = Node::open(config)?;
-    let running = node.start(shutdown).await?;
-    let endpoints = running.endpoints.clone();
-    running.wait().await?;
-    Ok(endpoints)
+    let running = node.start(shutdown.clone()).await?;
+    systemd_ready(&shutdown);
+    let r = running.wait().await;
+    // Best effort, like every sd_notify call: no-op without NOTIFY_SOCKET.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    r.map_err(Into::into)
+}
+
+/// Under systemd (`Type=notify`): READY=1 once every listener is bound, and
+/// WATCHDOG=1 at half of `WatchdogSec` from a task on the runtime (a runtime
+/// that stops scheduling tasks stops the pings, and systemd restarts the
+/// node). Without NOTIFY_SOCKET, nothing.
+fn systemd_ready(shutdown: &CancellationToken) {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "sd_notify READY=1 failed");
+    }
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = std::time::Duration::from_micros(usec / 2);
+        info!(every = ?every, "systemd watchdog enabled");
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = sd.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
 }
 
 /// A free loopback port: `preferred` if it can be bound, else one the kernel picks.
@@ -635,13 +710,102 @@ async fn resync(
     }
 }
 
-async fn show_status(addr: Option<SocketAddr>, json: bool) -> Result<()> {
+async fn show_status(addr: Option<SocketAddr>, json: bool, watch: bool) -> Result<()> {
     let addr = admin_addr(addr)?;
-    let st = admin::fetch_status(addr).await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
-    } else {
-        print!("{}", status::render_table(&st));
+    loop {
+        let st = admin::fetch_status(addr).await;
+        let text = match (&st, json) {
+            (Ok(st), true) => format!("{}\n", serde_json::to_string_pretty(st)?),
+            (Ok(st), false) => status::render_table(st),
+            (Err(e), _) if watch => format!("{addr}: {e}\n"),
+            (Err(_), _) => return Err(st.unwrap_err().into()),
+        };
+        if !watch {
+            print!("{text}");
+            return Ok(());
+        }
+        // Home, the new text, clear to the end of the screen: no flicker.
+        let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        print!("\x1b[H\x1b[2J{stamp}  {addr}\n{text}");
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// `blockmirror events`: follows GET /events until the node goes away.
+async fn events(addr: Option<SocketAddr>, json: bool, now: bool) -> Result<()> {
+    use std::io::Write as _;
+    let addr = admin_addr(addr)?;
+    let mut out = std::io::stdout();
+    let follow = admin::follow_events(addr, now, |e| {
+        let line = if json {
+            serde_json::to_string(&e).unwrap_or_default()
+        } else {
+            e.to_line()
+        };
+        // A closed stdout (`| head`) ends the command.
+        writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+    });
+    tokio::select! {
+        r = follow => r?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}
+
+/// `blockmirror config check FILE`.
+fn config_check(file: &Path) -> Result<()> {
+    let cfg = NodeConfig::load(file).with_context(|| format!("{}", file.display()))?;
+    println!("{}: valid", file.display());
+    println!("node {}", cfg.node);
+    match cfg.listen {
+        Some(l) => println!("  replication listener {l}"),
+        None => println!("  no replication listener (cannot be a mirror)"),
+    }
+    println!(
+        "  admin HTTP {} (status page at http://{}/)",
+        cfg.admin, cfg.admin
+    );
+    for v in &cfg.volumes {
+        println!(
+            "  volume {}: {} {} at {}, NBD {}",
+            v.name,
+            v.role.as_str(),
+            status::human_bytes(v.size),
+            v.path.display(),
+            v.nbd.uri(&v.name)
+        );
+        for m in &v.mirrors {
+            println!("    mirror {} {}", m.peer, m.mode.as_str());
+        }
+    }
+    Ok(())
+}
+
+/// `blockmirror man DIR`: one page for the binary, one per subcommand.
+fn man(dir: &Path) -> Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = Cli::command();
+    let mut pages = vec![("blockmirror".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands() {
+        if sub.get_name() == "help" {
+            continue;
+        }
+        let name = format!("blockmirror-{}", sub.get_name());
+        let leaked: &'static str = Box::leak(name.clone().into_boxed_str());
+        pages.push((name, sub.clone().name(leaked)));
+    }
+    for (name, c) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(c).render(&mut buf)?;
+        std::fs::write(&path, buf).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
     }
     Ok(())
 }

@@ -79,6 +79,11 @@ pub trait AdminSource: Send + Sync + 'static {
     fn status(&self) -> NodeStatus;
     /// The current `GET /metrics` text (Prometheus exposition format).
     fn metrics(&self) -> String;
+    /// The node's event channel and chart history (`GET /events`,
+    /// `/events/recent`, `/history`); `None` answers those with 404.
+    fn observer(&self) -> Option<Arc<crate::daemon::events::Observer>> {
+        None
+    }
     /// `POST /verify/VOLUME`: starts a verify; its id, or the HTTP status
     /// and reason it was refused.
     fn start_verify(&self, volume: &str, req: &VerifyRequest) -> Result<u64, (u16, String)> {
@@ -165,6 +170,10 @@ pub struct VerifyStarted {
 /// The admin routes, for callers that want to add their own before serving.
 pub fn router(source: Arc<dyn AdminSource>) -> Router {
     Router::new()
+        .route("/", get(crate::daemon::page::get_page))
+        .route("/events", get(crate::daemon::page::get_events))
+        .route("/events/recent", get(crate::daemon::page::get_recent))
+        .route("/history", get(crate::daemon::page::get_history))
         .route("/status", get(get_status))
         .route("/metrics", get(get_metrics))
         .route("/verify/{volume}", axum::routing::post(post_verify))
@@ -545,6 +554,82 @@ pub async fn post_control(
 pub async fn fetch_metrics(addr: SocketAddr) -> Result<String, AdminClientError> {
     let body = get_ok(addr, "/metrics").await?;
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Follows `GET /events` (`?now=true` with `now`) on the node at `addr` and
+/// calls `each` for every event until the node closes the stream (shutdown)
+/// or `each` returns false. No overall timeout: the stream is meant to last.
+pub async fn follow_events(
+    addr: SocketAddr,
+    now: bool,
+    mut each: impl FnMut(crate::daemon::events::Event) -> bool,
+) -> Result<(), AdminClientError> {
+    let http =
+        |e: Box<dyn std::error::Error + Send + Sync>| AdminClientError::Http { addr, source: e };
+    let path = if now { "/events?now=true" } else { "/events" };
+    let stream = tokio::time::timeout(CLIENT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| AdminClientError::Timeout {
+            addr,
+            timeout: CLIENT_TIMEOUT,
+        })?
+        .map_err(|source| AdminClientError::Connect { addr, source })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| http(e.into()))?;
+    let conn = AbortOnDrop(tokio::spawn(conn));
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header(header::HOST, addr.to_string())
+        .header(header::ACCEPT, "text/event-stream")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| http(e.into()))?;
+    let resp = sender.send_request(req).await.map_err(|e| http(e.into()))?;
+    if !resp.status().is_success() {
+        return Err(AdminClientError::Status {
+            addr,
+            path: path.to_string(),
+            status: resp.status().as_u16(),
+            body: String::new(),
+        });
+    }
+    let mut body = resp.into_body();
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| http(e.into()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        // One SSE message ends with an empty line.
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let msg: Vec<u8> = buf.drain(..end + 2).collect();
+            let msg = String::from_utf8_lossy(&msg);
+            let mut is_event = true;
+            let mut data = String::new();
+            for line in msg.lines() {
+                if let Some(name) = line.strip_prefix("event:") {
+                    is_event = name.trim() == "message";
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim_start());
+                }
+            }
+            if !is_event || data.is_empty() {
+                continue;
+            }
+            let ev = serde_json::from_str(&data).map_err(|source| AdminClientError::Decode {
+                addr,
+                path: path.to_string(),
+                source,
+            })?;
+            if !each(ev) {
+                return Ok(());
+            }
+        }
+    }
+    drop(conn);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -6,11 +6,15 @@
 //! - [`role_driver`]: performs what a volume's role machine asks (promote, demote, discard).
 //! - [`admin`]: the admin HTTP server (status, metrics, role and data commands).
 //! - [`status`]: the /status JSON model and its table rendering.
+//! - [`events`]: state-change events (`GET /events`) and the charts' history, by sampling the status.
+//! - [`page`]: the live status page (`GET /`), embedded HTML.
 //! - [`metrics`]: lock-free counters and histograms, rendered as Prometheus text.
 
 pub mod admin;
 pub mod config;
+pub mod events;
 pub mod metrics;
 pub mod node;
+pub mod page;
 pub mod role_driver;
 pub mod status;

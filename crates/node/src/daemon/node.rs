@@ -496,7 +496,9 @@ impl Node {
                 link_tasks.spawn(async move { l.persist_periodically(sd).await });
             }
         }
+        let observer = crate::daemon::events::Observer::new(&self.config.node, shutdown.clone());
         let source = Arc::new(StatusSource {
+            observer: observer.clone(),
             verify: Arc::new(VerifyService::new(verifiable, shutdown.clone())),
             jobs: job_service,
             node: self.config.node.clone(),
@@ -511,6 +513,13 @@ impl Node {
                 })
                 .collect(),
         });
+        {
+            let (src, sd) = (source.clone() as Arc<dyn AdminSource>, shutdown.clone());
+            tasks.spawn(async move {
+                observer.run(src, sd).await;
+                Ok(())
+            });
+        }
         let sd = shutdown.clone();
         tasks.spawn(admin::serve(admin_listener, source, async move {
             sd.cancelled().await
@@ -674,6 +683,8 @@ struct Served {
 
 struct StatusSource {
     node: String,
+    /// Events and chart history, sampled from [`AdminSource::status`].
+    observer: Arc<crate::daemon::events::Observer>,
     volumes: Vec<Served>,
     verify: Arc<VerifyService>,
     /// On a node with mirror volumes: its job table.
@@ -735,6 +746,10 @@ impl StatusSource {
 }
 
 impl AdminSource for StatusSource {
+    fn observer(&self) -> Option<Arc<crate::daemon::events::Observer>> {
+        Some(self.observer.clone())
+    }
+
     fn status(&self) -> NodeStatus {
         NodeStatus {
             node: self.node.clone(),

@@ -59,7 +59,7 @@ pub struct VolumeStatus {
 }
 
 /// One replication link.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MirrorStatus {
     /// The peer's replication address.
     pub peer: String,
