@@ -52,6 +52,15 @@ fn alert_rules_pass_promtool() {
     );
     eprintln!("{out}");
     assert!(out.contains("SUCCESS"), "{out}");
+    // Each alert fires on the series a node exports, and not before its `for`.
+    let out = run_ok(
+        Command::new("promtool")
+            .arg("test")
+            .arg("rules")
+            .arg(repo().join("deploy/blockmirror.rules.test.yml")),
+    );
+    eprintln!("{out}");
+    assert!(out.contains("SUCCESS"), "{out}");
 }
 
 #[test]
