@@ -69,6 +69,8 @@ fn a_mirror_outage_arrives_as_ordered_events() {
     require_tool("qemu-io");
     let mut pair = PairBuilder::new(64 * MIB).start();
     let admin = pair.primary.admin.to_string();
+    // The initial sync first, so that `--now` below finds the link in sync.
+    pair.wait_in_sync(Duration::from_secs(60));
     // Paced, so the resync lasts long enough to be seen.
     let out = cli(&[
         "resync",

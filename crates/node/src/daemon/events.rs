@@ -403,6 +403,10 @@ impl Observer {
     /// A receiver of every event from now on, and the current state as
     /// `now` events (sent before anything the receiver will get).
     pub fn subscribe(&self, source: &dyn AdminSource) -> (Vec<Event>, broadcast::Receiver<Event>) {
+        // The snapshot is taken now, not at the last sample (up to
+        // SAMPLE_EVERY old): a change since then is published to the other
+        // receivers first, and this one starts from the current state.
+        self.observe(&source.status());
         // Taking the state lock orders this against `observe`: every change
         // after the snapshot below is on the receiver.
         let st = self.state.lock().expect("observer state");
