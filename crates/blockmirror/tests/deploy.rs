@@ -168,6 +168,77 @@ fn grafana_dashboard_queries_metrics_a_live_node_exports() {
         missing.is_empty(),
         "the alert rules use metrics the node lacks: {missing:?}"
     );
+
+    // Both nodes' expositions pass promtool's checks (Prometheus text, what
+    // a scraper that does not ask for OpenMetrics gets).
+    if self::have("promtool") {
+        for (who, text) in [
+            ("primary", pair.primary.metrics()),
+            ("mirror", pair.mirror.metrics()),
+        ] {
+            let mut child = Command::new("promtool")
+                .args(["check", "metrics"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            let complaints = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            // One name predates the check and is kept for its users.
+            let real: Vec<&str> = complaints
+                .lines()
+                .filter(|l| {
+                    !l.starts_with(
+                        "blockmirror_apply_counter_waits_total metric name should not include type",
+                    )
+                })
+                .collect();
+            assert!(
+                real.is_empty(),
+                "promtool check metrics ({who}): {real:?}\n{text}"
+            );
+        }
+    }
+
+    // A scraper that asks for OpenMetrics (Prometheus does) gets it.
+    let om = get_with_accept(
+        pair.primary.admin,
+        "/metrics",
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+    );
+    assert!(
+        om.contains("content-type: application/openmetrics-text"),
+        "{om}"
+    );
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert!(om.contains("# TYPE blockmirror_requests counter\n"), "{om}");
+}
+
+/// A raw GET with an Accept header: the response's head (lower case) and
+/// body, joined by a blank line.
+fn get_with_accept(addr: std::net::SocketAddr, path: &str, accept: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
+    format!("{}\r\n\r\n{body}", head.to_ascii_lowercase())
 }
 
 #[test]

@@ -65,7 +65,7 @@ pub enum ControlError {
 }
 
 /// The `Content-Type` of `GET /metrics`: Prometheus text format 0.0.4.
-pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub const METRICS_CONTENT_TYPE: &str = crate::daemon::metrics::CONTENT_TYPE;
 
 /// How long the client waits for a whole exchange with a node.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -202,11 +202,25 @@ async fn get_status(State(source): State<Arc<dyn AdminSource>>) -> Json<NodeStat
     Json(source.status())
 }
 
-async fn get_metrics(State(source): State<Arc<dyn AdminSource>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-        source.metrics(),
-    )
+/// OpenMetrics when the scraper asks for it (Prometheus does), else the
+/// Prometheus text format (curl, older collectors), as Go's promhttp does.
+async fn get_metrics(
+    State(source): State<Arc<dyn AdminSource>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let text = source.metrics();
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if crate::daemon::metrics::accepts_openmetrics(accept) {
+        ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text)
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                crate::daemon::metrics::PROMETHEUS_CONTENT_TYPE,
+            )],
+            crate::daemon::metrics::to_prometheus_text(&text),
+        )
+    }
 }
 
 async fn post_verify(
@@ -678,7 +692,7 @@ mod tests {
         }
 
         fn metrics(&self) -> String {
-            "# TYPE blockmirror_up gauge\nblockmirror_up 1\n".to_string()
+            "# TYPE blockmirror_up gauge\nblockmirror_up 1\n# EOF\n".to_string()
         }
     }
 
@@ -716,9 +730,11 @@ mod tests {
             .unwrap();
         assert_eq!(resp.status, 200);
         let ct = resp.content_type.unwrap();
+        // No Accept header: the Prometheus text format.
         assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
-        assert_eq!(resp.body, Fake.metrics().as_bytes());
-        assert_eq!(fetch_metrics(addr).await.unwrap(), Fake.metrics());
+        let text = crate::daemon::metrics::to_prometheus_text(&Fake.metrics());
+        assert_eq!(resp.body, text.as_bytes());
+        assert_eq!(fetch_metrics(addr).await.unwrap(), text);
 
         let resp = request(addr, Method::GET, "/nope", Bytes::new())
             .await

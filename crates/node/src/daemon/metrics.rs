@@ -6,12 +6,13 @@
 //! tolerates. Histogram buckets, `_sum` and `_count` come from one set of
 //! reads so that `+Inf` always equals `_count`.
 //!
-//! [`render_all`] writes every volume grouped by metric family, with `# HELP`
-//! and `# TYPE` once per family; [`write_header`] and [`write_sample`] let
-//! other modules add their own families in the same format.
+//! The text is written by the `prometheus-client` crate (OpenMetrics): each
+//! module registers a [`FnCollector`] for its own families beside the code it
+//! measures ([`register`] here for the request families), and [`family`] and
+//! [`Family::sample`] are the small helpers they encode with.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 use blockmirror_nbd::CmdKind;
@@ -37,12 +38,6 @@ pub const LATENCY_BOUNDS_NS: [u64; 18] = [
     2_500_000_000,
     5_000_000_000,
     10_000_000_000,
-];
-
-/// `le` labels matching [`LATENCY_BOUNDS_NS`], then `+Inf`.
-const LATENCY_LE: [&str; BUCKETS] = [
-    "1e-05", "2.5e-05", "5e-05", "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01",
-    "0.025", "0.05", "0.1", "0.25", "1", "2.5", "5", "10", "+Inf",
 ];
 
 const BUCKETS: usize = LATENCY_BOUNDS_NS.len() + 1;
@@ -178,12 +173,6 @@ impl VolumeMetrics {
     pub fn host_bytes_written(&self) -> u64 {
         self.bytes(CmdKind::Write)
     }
-
-    /// Renders this volume alone, with its own HELP/TYPE lines. To render
-    /// several volumes use [`render_all`].
-    pub fn render(&self, out: &mut String) {
-        render_into(out, &[self]);
-    }
 }
 
 /// The histogram bucket for a latency of `ns` nanoseconds (`le` is inclusive).
@@ -192,64 +181,211 @@ fn bucket_index(ns: u64) -> usize {
     LATENCY_BOUNDS_NS.partition_point(|&b| b < ns)
 }
 
-/// Prometheus metric types, for [`write_header`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MetricType {
-    Counter,
-    Gauge,
-    Histogram,
+pub use prometheus_client::encoding::DescriptorEncoder as Encoder;
+pub use prometheus_client::metrics::MetricType;
+pub use prometheus_client::registry::Registry;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{MetricEncoder, NoLabelSet};
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The registry's families as OpenMetrics text (Prometheus scrapes it; the
+/// sample lines are those of the Prometheus text format, and it ends with
+/// `# EOF`).
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail; a collector's own error would be a bug.
+    prometheus_client::encoding::text::encode(&mut out, registry)
+        .expect("metrics encode into a String");
+    out
 }
 
-impl MetricType {
-    fn as_str(self) -> &'static str {
-        match self {
-            MetricType::Counter => "counter",
-            MetricType::Gauge => "gauge",
-            MetricType::Histogram => "histogram",
+/// The content type of [`to_prometheus_text`]'s output.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether a scraper's `Accept` header asks for OpenMetrics (Prometheus
+/// does by default); anything else gets the Prometheus text format.
+pub fn accepts_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| {
+        a.split(',').any(|part| {
+            let mut it = part.split(';');
+            let mime = it.next().unwrap_or("").trim();
+            let q_zero = it.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f64>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            mime.eq_ignore_ascii_case("application/openmetrics-text") && !q_zero
+        })
+    })
+}
+
+/// [`render`]'s OpenMetrics text as the Prometheus text format (0.0.4): a
+/// counter family's `# HELP` and `# TYPE` name its `_total` samples, and
+/// there is no `# EOF`. The sample lines are the same in both formats.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let lines: Vec<&str> = openmetrics.lines().collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    let counter_type = |name: &str, from: usize| {
+        lines[from..]
+            .iter()
+            .take(3)
+            .find_map(|l| l.strip_prefix("# TYPE "))
+            .and_then(|t| t.split_once(' '))
+            .is_some_and(|(n, k)| n == name && k == "counter")
+    };
+    for (i, line) in lines.iter().enumerate() {
+        if *line == "# EOF" {
+            continue;
         }
-    }
-}
-
-/// Writes the `# HELP` and `# TYPE` lines of a metric family.
-pub fn write_header(out: &mut String, name: &str, kind: MetricType, help: &str) {
-    let help = help.replace('\\', "\\\\").replace('\n', "\\n");
-    // Writing to a String cannot fail.
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {}", kind.as_str());
-}
-
-/// Writes one sample line `name{k="v",...} value`, escaping label values.
-pub fn write_sample(
-    out: &mut String,
-    name: &str,
-    labels: &[(&str, &str)],
-    value: impl std::fmt::Display,
-) {
-    out.push_str(name);
-    if !labels.is_empty() {
-        out.push('{');
-        for (i, (k, v)) in labels.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
+        let meta = ["# HELP ", "# TYPE ", "# UNIT "]
+            .iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (*p, rest)));
+        match meta {
+            Some(("# UNIT ", _)) => continue,
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counter_type(name, i) {
+                    out.push_str(prefix);
+                    out.push_str(name);
+                    out.push_str("_total ");
+                    out.push_str(tail);
+                } else {
+                    out.push_str(line);
+                }
             }
-            out.push_str(k);
-            out.push_str("=\"");
-            escape_label_value(out, v);
-            out.push('"');
+            None => out.push_str(line),
         }
-        out.push('}');
+        out.push('\n');
     }
-    let _ = writeln!(out, " {value}");
+    out
 }
 
-fn escape_label_value(out: &mut String, v: &str) {
-    for c in v.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
+/// A [`Collector`] made of a function that encodes the families of one part
+/// of the node from the state it measures, read at each scrape. Each module
+/// registers its own beside the code it measures.
+pub struct FnCollector<F> {
+    what: &'static str,
+    encode: F,
+}
+
+impl<F> FnCollector<F>
+where
+    F: Fn(&mut Encoder<'_>) -> std::fmt::Result + Send + Sync + 'static,
+{
+    /// `what` names the part in Debug output.
+    pub fn boxed(what: &'static str, encode: F) -> Box<Self> {
+        Box::new(FnCollector { what, encode })
+    }
+}
+
+impl<F> std::fmt::Debug for FnCollector<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FnCollector({})", self.what)
+    }
+}
+
+impl<F> Collector for FnCollector<F>
+where
+    F: Fn(&mut Encoder<'_>) -> std::fmt::Result + Send + Sync + 'static,
+{
+    fn encode(&self, mut encoder: Encoder<'_>) -> std::fmt::Result {
+        (self.encode)(&mut encoder)
+    }
+}
+
+/// A sample's value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value {
+    U(u64),
+    I(i64),
+    F(f64),
+}
+
+macro_rules! value_from {
+    ($($t:ty => $v:ident),*) => {$(
+        impl From<$t> for Value {
+            fn from(x: $t) -> Value {
+                Value::$v(x.into())
+            }
         }
+    )*};
+}
+value_from!(u64 => U, u32 => U, u8 => U, bool => U, i64 => I, i32 => I, f64 => F, f32 => F);
+
+impl From<usize> for Value {
+    fn from(x: usize) -> Value {
+        Value::U(x as u64)
+    }
+}
+
+/// One metric family being encoded: its `# HELP` and `# TYPE` are written,
+/// [`Family::sample`] adds its samples.
+pub struct Family<'s> {
+    enc: MetricEncoder<'s>,
+    kind: MetricType,
+}
+
+/// Starts the family `name`. A counter's name ends in `_total` as it appears
+/// in the samples (the OpenMetrics family name is without it).
+pub fn family<'s>(
+    enc: &'s mut Encoder<'_>,
+    name: &'s str,
+    kind: MetricType,
+    help: &str,
+) -> Result<Family<'s>, std::fmt::Error> {
+    let base = match kind {
+        MetricType::Counter => name
+            .strip_suffix("_total")
+            .unwrap_or_else(|| panic!("counter {name} must end in _total")),
+        _ => name,
+    };
+    let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+    Ok(Family {
+        enc: enc.encode_descriptor(base, &help, None, kind)?,
+        kind,
+    })
+}
+
+impl Family<'_> {
+    /// Adds the sample with `labels` (label values are escaped).
+    pub fn sample(&mut self, labels: &[(&str, &str)], v: impl Into<Value>) -> std::fmt::Result {
+        let kind = self.kind;
+        if labels.is_empty() {
+            return encode_value(&mut self.enc, kind, v.into());
+        }
+        let mut m = self.enc.encode_family(&labels)?;
+        encode_value(&mut m, kind, v.into())
+    }
+
+    /// Adds one histogram series: `buckets` are (upper bound, count in that
+    /// bucket, not cumulative), the last bound `f64::INFINITY`.
+    pub fn histogram(
+        &mut self,
+        labels: &[(&str, &str)],
+        sum: f64,
+        count: u64,
+        buckets: &[(f64, u64)],
+    ) -> std::fmt::Result {
+        debug_assert_eq!(self.kind, MetricType::Histogram);
+        let mut m = self.enc.encode_family(&labels)?;
+        m.encode_histogram::<NoLabelSet>(sum, count, buckets, None)
+    }
+}
+
+fn encode_value(m: &mut MetricEncoder<'_>, kind: MetricType, v: Value) -> std::fmt::Result {
+    match (kind, v) {
+        (MetricType::Counter, Value::U(x)) => m.encode_counter::<NoLabelSet, _, u64>(&x, None),
+        (MetricType::Counter, Value::I(x)) => {
+            m.encode_counter::<NoLabelSet, _, u64>(&u64::try_from(x).unwrap_or(0), None)
+        }
+        (MetricType::Counter, Value::F(x)) => m.encode_counter::<NoLabelSet, _, u64>(&x, None),
+        (_, Value::U(x)) => m.encode_gauge(&x),
+        (_, Value::I(x)) => m.encode_gauge(&x),
+        (_, Value::F(x)) => m.encode_gauge(&x),
     }
 }
 
@@ -258,15 +394,16 @@ fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-/// Renders all `volumes` as Prometheus text, grouped by metric family.
-pub fn render_all(volumes: &[&VolumeMetrics]) -> String {
-    let mut out = String::new();
-    render_into(&mut out, volumes);
-    out
+/// Registers the request families of `volumes` (read at each scrape).
+pub fn register(registry: &mut Registry, volumes: Vec<Arc<crate::volume::Volume>>) {
+    registry.register_collector(FnCollector::boxed("requests", move |enc| {
+        let all: Vec<&VolumeMetrics> = volumes.iter().map(|v| v.metrics()).collect();
+        encode_volumes(enc, &all)
+    }));
 }
 
-/// Appends all `volumes` to `out`, grouped by metric family.
-pub fn render_into(out: &mut String, volumes: &[&VolumeMetrics]) {
+/// Encodes all `volumes`' request families, grouped by family.
+pub fn encode_volumes(enc: &mut Encoder<'_>, volumes: &[&VolumeMetrics]) -> std::fmt::Result {
     // Read every counter once so that all families agree with each other.
     let snaps: Vec<[CmdSnapshot; CMDS]> = volumes
         .iter()
@@ -298,74 +435,65 @@ pub fn render_into(out: &mut String, volumes: &[&VolumeMetrics]) {
         ),
     ];
     for (name, help, get) in counters {
-        write_header(out, name, MetricType::Counter, help);
+        let mut f = family(enc, name, MetricType::Counter, help)?;
         for (vol, cmd, s) in rows() {
-            write_sample(out, name, &[("volume", vol), ("cmd", cmd)], get(s));
+            f.sample(&[("volume", vol), ("cmd", cmd)], get(s))?;
         }
     }
 
-    let name = "blockmirror_host_bytes_written_total";
-    write_header(
-        out,
-        name,
+    let mut f = family(
+        enc,
+        "blockmirror_host_bytes_written_total",
         MetricType::Counter,
         "Bytes written by hosts (successful NBD writes).",
-    );
+    )?;
     for (v, s) in volumes.iter().zip(&snaps) {
-        write_sample(
-            out,
-            name,
-            &[("volume", &v.volume)],
-            s[CmdKind::Write.index()].bytes,
-        );
+        f.sample(&[("volume", &v.volume)], s[CmdKind::Write.index()].bytes)?;
     }
 
-    let name = "blockmirror_request_duration_seconds";
-    write_header(
-        out,
-        name,
+    let mut f = family(
+        enc,
+        "blockmirror_request_duration_seconds",
         MetricType::Histogram,
         "NBD request latency from receipt to reply, by command.",
-    );
-    let bucket = format!("{name}_bucket");
-    let sum = format!("{name}_sum");
-    let count = format!("{name}_count");
+    )?;
     for (vol, cmd, s) in rows() {
-        let mut cumulative = 0u64;
-        for (n, le) in s.buckets.iter().zip(LATENCY_LE) {
-            cumulative = cumulative.wrapping_add(*n);
-            write_sample(
-                out,
-                &bucket,
-                &[("volume", vol), ("cmd", cmd), ("le", le)],
-                cumulative,
-            );
-        }
-        write_sample(
-            out,
-            &sum,
+        let buckets: [(f64, u64); BUCKETS] = std::array::from_fn(|i| {
+            let le = LATENCY_BOUNDS_NS
+                .get(i)
+                .map_or(f64::INFINITY, |&ns| seconds(ns));
+            (le, s.buckets[i])
+        });
+        // _count is the buckets' total, so `+Inf` always equals it.
+        let count = s.buckets.iter().fold(0u64, |a, n| a.wrapping_add(*n));
+        f.histogram(
             &[("volume", vol), ("cmd", cmd)],
             seconds(s.latency_sum_ns),
-        );
-        write_sample(out, &count, &[("volume", vol), ("cmd", cmd)], cumulative);
+            count,
+            &buckets,
+        )?;
     }
 
-    let name = "blockmirror_connections";
-    write_header(out, name, MetricType::Gauge, "Open NBD client connections.");
+    let mut f = family(
+        enc,
+        "blockmirror_connections",
+        MetricType::Gauge,
+        "Open NBD client connections.",
+    )?;
     for v in volumes {
-        write_sample(
-            out,
-            name,
-            &[("volume", &v.volume)],
-            v.connections.load(Relaxed),
-        );
+        f.sample(&[("volume", &v.volume)], v.connections.load(Relaxed))?;
     }
 
-    let name = "blockmirror_volume_size_bytes";
-    write_header(out, name, MetricType::Gauge, "Volume size in bytes.");
+    let mut f = family(
+        enc,
+        "blockmirror_volume_size_bytes",
+        MetricType::Gauge,
+        "Volume size in bytes.",
+    )?;
     for v in volumes {
-        write_sample(out, name, &[("volume", &v.volume)], v.size_bytes());
+        f.sample(&[("volume", &v.volume)], v.size_bytes())?;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -381,11 +509,31 @@ mod tests {
         value: f64,
     }
 
-    /// A minimal checker of the Prometheus text exposition format: every
+    /// The request families of `volumes`, through a registry as /metrics
+    /// renders them.
+    fn render_volumes(volumes: &[&Arc<VolumeMetrics>]) -> String {
+        let vols: Vec<Arc<VolumeMetrics>> = volumes.iter().map(|v| (*v).clone()).collect();
+        let mut reg = Registry::default();
+        reg.register_collector(FnCollector::boxed("test", move |enc| {
+            let all: Vec<&VolumeMetrics> = vols.iter().map(|v| &**v).collect();
+            encode_volumes(enc, &all)
+        }));
+        render(&reg)
+    }
+
+    /// A minimal checker of the OpenMetrics text exposition: every
     /// non-comment line is `name{labels} value`; HELP and TYPE appear once
-    /// per family, before its samples; families are not interleaved.
+    /// per family, before its samples; a counter family's samples are
+    /// `NAME_total`, a histogram's `NAME_bucket`, `_sum` and `_count`;
+    /// families are not interleaved; the text ends with `# EOF`.
     fn check_exposition(text: &str) -> Vec<Sample> {
-        assert!(text.ends_with('\n'), "must end with a newline");
+        let text = text
+            .strip_suffix("# EOF\n")
+            .unwrap_or_else(|| panic!("must end with # EOF: {text:?}"));
+        assert!(
+            text.is_empty() || text.ends_with('\n'),
+            "must end with a newline"
+        );
         let mut samples = Vec::new();
         let mut typed: BTreeMap<String, String> = BTreeMap::new();
         let mut helped = HashSet::new();
@@ -421,15 +569,25 @@ mod tests {
                 continue;
             }
             let s = parse_sample(line);
-            let family = ["_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|suf| {
-                    s.name
-                        .strip_suffix(suf)
-                        .filter(|base| typed.get(*base).map(String::as_str) == Some("histogram"))
-                })
-                .unwrap_or(&s.name)
-                .to_string();
+            let family = [
+                ("_bucket", "histogram"),
+                ("_sum", "histogram"),
+                ("_count", "histogram"),
+                ("_total", "counter"),
+            ]
+            .iter()
+            .find_map(|(suf, kind)| {
+                s.name
+                    .strip_suffix(suf)
+                    .filter(|base| typed.get(*base).map(String::as_str) == Some(*kind))
+            })
+            .unwrap_or(&s.name)
+            .to_string();
+            if let Some(kind) = typed.get(&family) {
+                if kind == "counter" {
+                    assert!(s.name.ends_with("_total"), "counter sample {line}");
+                }
+            }
             assert_eq!(
                 current.as_deref(),
                 Some(family.as_str()),
@@ -579,16 +737,12 @@ mod tests {
         assert_eq!(bucket_index(10_001), 1);
         assert_eq!(bucket_index(1_000_000_000), 14);
         assert_eq!(bucket_index(u64::MAX), BUCKETS - 1);
-        for (ns, le) in LATENCY_BOUNDS_NS.iter().zip(LATENCY_LE) {
-            assert_eq!(le.parse::<f64>().unwrap(), *ns as f64 / 1e9);
-        }
-        assert_eq!(LATENCY_LE[BUCKETS - 1], "+Inf");
     }
 
     #[test]
     fn render_is_valid_exposition() {
-        let a = VolumeMetrics::new("db");
-        let b = VolumeMetrics::new("we\"ird\\name\n");
+        let a = Arc::new(VolumeMetrics::new("db"));
+        let b = Arc::new(VolumeMetrics::new("we\"ird\\name\n"));
         a.set_size_bytes(1 << 30);
         a.connection_opened();
         a.connection_opened();
@@ -600,7 +754,7 @@ mod tests {
         a.record(CmdKind::Flush, 0, Duration::from_millis(1), true);
         b.record(CmdKind::Trim, 1 << 20, Duration::from_micros(10), true);
 
-        let text = render_all(&[&a, &b]);
+        let text = render_volumes(&[&a, &b]);
         let samples = check_exposition(&text);
         check_histograms(&samples);
 
@@ -626,19 +780,43 @@ mod tests {
         );
         let sum = find(&samples, "blockmirror_request_duration_seconds_sum", &w).value;
         assert!((sum - 100.00303).abs() < 1e-9, "{sum}");
-        let bucket = |le| {
-            find(
-                &samples,
-                "blockmirror_request_duration_seconds_bucket",
-                &[("volume", "db"), ("cmd", "write"), ("le", le)],
-            )
-            .value
+        let bucket = |le: f64| {
+            let s: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| {
+                    s.name == "blockmirror_request_duration_seconds_bucket"
+                        && s.labels["volume"] == "db"
+                        && s.labels["cmd"] == "write"
+                        && match s.labels["le"].as_str() {
+                            "+Inf" => le.is_infinite(),
+                            v => v.parse::<f64>().unwrap() == le,
+                        }
+                })
+                .collect();
+            assert_eq!(s.len(), 1, "one bucket le={le}");
+            s[0].value
         };
-        assert_eq!(bucket("2.5e-05"), 0.0);
-        assert_eq!(bucket("5e-05"), 1.0);
-        assert_eq!(bucket("0.005"), 2.0);
-        assert_eq!(bucket("10"), 2.0);
-        assert_eq!(bucket("+Inf"), 3.0);
+        assert_eq!(bucket(2.5e-05), 0.0);
+        assert_eq!(bucket(5e-05), 1.0);
+        assert_eq!(bucket(0.005), 2.0);
+        assert_eq!(bucket(10.0), 2.0);
+        assert_eq!(bucket(f64::INFINITY), 3.0);
+        // Every bound of LATENCY_BOUNDS_NS is a bucket, in seconds.
+        let les: Vec<f64> = samples
+            .iter()
+            .filter(|s| {
+                s.name == "blockmirror_request_duration_seconds_bucket"
+                    && s.labels["volume"] == "db"
+                    && s.labels["cmd"] == "write"
+            })
+            .map(|s| s.labels["le"].parse::<f64>().unwrap_or(f64::INFINITY))
+            .collect();
+        let want: Vec<f64> = LATENCY_BOUNDS_NS
+            .iter()
+            .map(|&ns| seconds(ns))
+            .chain([f64::INFINITY])
+            .collect();
+        assert_eq!(les, want);
         assert_eq!(
             find(&samples, "blockmirror_connections", &[("volume", "db")]).value,
             1.0
@@ -676,12 +854,10 @@ mod tests {
 
     #[test]
     fn single_volume_render_and_empty_registry_are_valid() {
-        let v = VolumeMetrics::new("x");
-        let mut out = String::new();
-        v.render(&mut out);
-        check_histograms(&check_exposition(&out));
-        let empty = render_all(&[]);
-        check_exposition(&empty);
+        let v = Arc::new(VolumeMetrics::new("x"));
+        check_histograms(&check_exposition(&render_volumes(&[&v])));
+        check_exposition(&render_volumes(&[]));
+        assert_eq!(render(&Registry::default()), "# EOF\n");
     }
 
     #[test]
@@ -693,7 +869,7 @@ mod tests {
 
     #[test]
     fn concurrent_recording_counts_everything() {
-        let v = std::sync::Arc::new(VolumeMetrics::new("x"));
+        let v = Arc::new(VolumeMetrics::new("x"));
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let v = v.clone();
@@ -714,34 +890,94 @@ mod tests {
         }
         let total: u64 = CmdKind::ALL.iter().map(|c| v.requests(*c)).sum();
         assert_eq!(total, 40_000);
-        check_histograms(&check_exposition(&render_all(&[&v])));
+        check_histograms(&check_exposition(&render_volumes(&[&v])));
     }
 
     #[test]
-    fn extra_families_can_be_written() {
-        let mut out = String::new();
-        write_header(
-            &mut out,
-            "blockmirror_lag_bytes",
-            MetricType::Gauge,
-            "Replication lag.\nIn bytes.",
-        );
-        write_sample(
-            &mut out,
-            "blockmirror_lag_bytes",
-            &[("volume", "db"), ("peer", "10.0.0.1:7700")],
-            42,
-        );
-        write_sample(&mut out, "blockmirror_up", &[], 1);
+    fn families_of_other_modules_are_encoded_through_the_registry() {
+        let mut reg = Registry::default();
+        reg.register_collector(FnCollector::boxed("test", |enc| {
+            let mut f = family(
+                enc,
+                "blockmirror_lag_bytes",
+                MetricType::Gauge,
+                "Replication lag.\nIn bytes.",
+            )?;
+            f.sample(&[("volume", "db"), ("peer", "10.0.0.1:7700")], 42u64)?;
+            f.sample(&[("volume", "d\"b"), ("peer", "x")], 0.5)?;
+            let mut f = family(
+                enc,
+                "blockmirror_link_reconnects_total",
+                MetricType::Counter,
+                "Reconnects.",
+            )?;
+            f.sample(&[("volume", "db")], 3u64)?;
+            let mut f = family(enc, "blockmirror_up", MetricType::Gauge, "Up.")?;
+            f.sample(&[], 1u8)
+        }));
+        let out = render(&reg);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
-            lines[0],
-            "# HELP blockmirror_lag_bytes Replication lag.\\nIn bytes."
+            lines,
+            [
+                "# HELP blockmirror_lag_bytes Replication lag.\\nIn bytes.",
+                "# TYPE blockmirror_lag_bytes gauge",
+                "blockmirror_lag_bytes{volume=\"db\",peer=\"10.0.0.1:7700\"} 42",
+                "blockmirror_lag_bytes{volume=\"d\\\"b\",peer=\"x\"} 0.5",
+                "# HELP blockmirror_link_reconnects Reconnects.",
+                "# TYPE blockmirror_link_reconnects counter",
+                "blockmirror_link_reconnects_total{volume=\"db\"} 3",
+                "# HELP blockmirror_up Up.",
+                "# TYPE blockmirror_up gauge",
+                "blockmirror_up 1",
+                "# EOF",
+            ]
         );
+        check_exposition(&out);
+    }
+
+    #[test]
+    #[should_panic(expected = "must end in _total")]
+    fn a_counter_name_without_total_is_a_bug() {
+        let mut reg = Registry::default();
+        reg.register_collector(FnCollector::boxed("test", |enc| {
+            family(enc, "blockmirror_oops", MetricType::Counter, "x").map(|_| ())
+        }));
+        render(&reg);
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_samples() {
+        let om = "# HELP a_x Things.\n# TYPE a_x counter\na_x_total{v=\"1\"} 3\n\
+                  # HELP a_g A gauge.\n# TYPE a_g gauge\na_g 1\n\
+                  # HELP a_h Lat.\n# TYPE a_h histogram\na_h_sum 0.5\na_h_count 1\n\
+                  a_h_bucket{le=\"+Inf\"} 1\n# EOF\n";
         assert_eq!(
-            lines[2],
-            "blockmirror_lag_bytes{volume=\"db\",peer=\"10.0.0.1:7700\"} 42"
+            to_prometheus_text(om),
+            "# HELP a_x_total Things.\n# TYPE a_x_total counter\na_x_total{v=\"1\"} 3\n\
+             # HELP a_g A gauge.\n# TYPE a_g gauge\na_g 1\n\
+             # HELP a_h Lat.\n# TYPE a_h histogram\na_h_sum 0.5\na_h_count 1\n\
+             a_h_bucket{le=\"+Inf\"} 1\n"
         );
-        assert_eq!(lines[3], "blockmirror_up 1");
+        // The volumes' families convert to what the old checker accepted.
+        let v = Arc::new(VolumeMetrics::new("x"));
+        v.record(CmdKind::Write, 4096, Duration::from_micros(30), true);
+        let text = to_prometheus_text(&render_volumes(&[&v]));
+        assert!(text.contains("# TYPE blockmirror_requests_total counter\n"));
+        assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        // Prometheus 2.x's default Accept header.
+        let prom = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                    version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert!(accepts_openmetrics(Some(prom)));
+        assert!(!accepts_openmetrics(None));
+        assert!(!accepts_openmetrics(Some("*/*")));
+        assert!(!accepts_openmetrics(Some("text/plain;version=0.0.4")));
+        assert!(!accepts_openmetrics(Some(
+            "application/openmetrics-text;q=0"
+        )));
     }
 }

@@ -497,21 +497,24 @@ impl Node {
             }
         }
         let observer = crate::daemon::events::Observer::new(&self.config.node, shutdown.clone());
+        let volumes: Vec<Served> = self
+            .volumes
+            .iter()
+            .zip(&exports)
+            .map(|(v, (_, uri))| Served {
+                volume: v.volume.clone(),
+                uri: uri.clone(),
+                target: v.target.clone(),
+            })
+            .collect();
+        let verify = Arc::new(VerifyService::new(verifiable, shutdown.clone()));
+        let metrics = metrics_registry(&volumes, &verify, job_service.as_ref());
         let source = Arc::new(StatusSource {
             observer: observer.clone(),
-            verify: Arc::new(VerifyService::new(verifiable, shutdown.clone())),
-            jobs: job_service,
+            verify,
             node: self.config.node.clone(),
-            volumes: self
-                .volumes
-                .iter()
-                .zip(&exports)
-                .map(|(v, (_, uri))| Served {
-                    volume: v.volume.clone(),
-                    uri: uri.clone(),
-                    target: v.target.clone(),
-                })
-                .collect(),
+            volumes,
+            metrics,
         });
         {
             let (src, sd) = (source.clone() as Arc<dyn AdminSource>, shutdown.clone());
@@ -687,8 +690,41 @@ struct StatusSource {
     observer: Arc<crate::daemon::events::Observer>,
     volumes: Vec<Served>,
     verify: Arc<VerifyService>,
-    /// On a node with mirror volumes: its job table.
-    jobs: Option<Arc<JobService>>,
+    /// Every metric family, each registered by the module that measures it.
+    metrics: metrics::Registry,
+}
+
+/// The node's metric registry: the families of each part, in this order,
+/// read at each scrape.
+fn metrics_registry(
+    volumes: &[Served],
+    verify: &Arc<VerifyService>,
+    jobs: Option<&Arc<JobService>>,
+) -> metrics::Registry {
+    let mut reg = metrics::Registry::default();
+    reg.register(
+        "blockmirror_up",
+        "1 while the node serves (the scrape reached it)",
+        prometheus_client::metrics::gauge::ConstGauge::new(1i64),
+    );
+    let vols: Vec<Arc<Volume>> = volumes.iter().map(|s| s.volume.clone()).collect();
+    metrics::register(&mut reg, vols.clone());
+    crate::primary::link::register_link_metrics(&mut reg, vols.clone());
+    let targets = volumes
+        .iter()
+        .filter_map(|s| {
+            let t = s.target.as_ref()?;
+            Some((s.volume.name().to_owned(), t.apply_metrics.clone()))
+        })
+        .collect();
+    crate::mirror::apply::register_apply_metrics(&mut reg, targets);
+    crate::primary::register_metrics(&mut reg, vols.clone());
+    crate::primary::reads::register_metrics(&mut reg, vols);
+    verify.register_metrics(&mut reg);
+    if let Some(j) = jobs {
+        j.register_metrics(&mut reg);
+    }
+    reg
 }
 
 impl StatusSource {
@@ -975,51 +1011,7 @@ impl AdminSource for StatusSource {
     }
 
     fn metrics(&self) -> String {
-        let all: Vec<&metrics::VolumeMetrics> =
-            self.volumes.iter().map(|s| s.volume.metrics()).collect();
-        let mut out = metrics::render_all(&all);
-        let links: Vec<(&str, &Arc<MirrorLink>)> = self
-            .volumes
-            .iter()
-            // A mirror's own links are parked: not shown (they would read as
-            // degraded mirrors).
-            .filter(|s| s.volume.role() == Role::Primary)
-            .filter_map(|s| s.volume.replicator().map(|r| (s.volume.name(), r)))
-            .flat_map(|(name, r)| r.links.iter().map(move |l| (name, l)))
-            .collect();
-        crate::primary::link::render_link_metrics(&mut out, &links);
-        let targets: Vec<(&str, &crate::mirror::apply::ApplyMetrics)> = self
-            .volumes
-            .iter()
-            .filter_map(|s| {
-                s.target
-                    .as_ref()
-                    .map(|t| (s.volume.name(), &*t.apply_metrics))
-            })
-            .collect();
-        crate::mirror::apply::render_apply_metrics(&mut out, &targets);
-        let replicators: Vec<&Replicator> = self
-            .volumes
-            .iter()
-            .filter_map(|s| s.volume.replicator().map(|r| &**r))
-            .collect();
-        crate::primary::render_metrics(&mut out, &replicators);
-        let reads: Vec<crate::primary::reads::ReadMetrics<'_>> = self
-            .volumes
-            .iter()
-            .filter(|s| s.volume.replicator().is_some())
-            .map(|s| crate::primary::reads::ReadMetrics {
-                volume: s.volume.name(),
-                router: s.volume.reads(),
-                disk: s.volume.disk().map(|d| &**d),
-            })
-            .collect();
-        crate::primary::reads::render_metrics(&mut out, &reads);
-        self.verify.render_metrics(&mut out);
-        if let Some(j) = &self.jobs {
-            j.render_metrics(&mut out);
-        }
-        out
+        metrics::render(&self.metrics)
     }
 
     fn set_mode(

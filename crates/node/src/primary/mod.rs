@@ -639,11 +639,29 @@ impl LinkWrite {
     }
 }
 
+/// Registers the pipeline's and the links' compression metric families of
+/// every volume among `volumes` with mirrors.
+pub fn register_metrics(
+    registry: &mut metrics::Registry,
+    volumes: Vec<Arc<crate::volume::Volume>>,
+) {
+    registry.register_collector(metrics::FnCollector::boxed("pipeline", move |enc| {
+        let replicators: Vec<&Replicator> = volumes
+            .iter()
+            .filter_map(|v| v.replicator().map(|r| &**r))
+            .collect();
+        encode_metrics(enc, &replicators)
+    }));
+}
+
 /// The pipeline's and the links' compression metric families, labelled by
 /// volume (and peer), for every primary volume with mirrors.
-pub fn render_metrics(out: &mut String, replicators: &[&Replicator]) {
+pub fn encode_metrics(
+    enc: &mut metrics::Encoder<'_>,
+    replicators: &[&Replicator],
+) -> std::fmt::Result {
     if replicators.is_empty() {
-        return;
+        return Ok(());
     }
     let stats: Vec<_> = replicators.iter().map(|r| r.pipeline.stats()).collect();
     type Get = fn(&Replicator, &blockmirror_core::sequencer::SequencerStats) -> u64;
@@ -698,9 +716,9 @@ pub fn render_metrics(out: &mut String, replicators: &[&Replicator]) {
         ),
     ];
     for (name, kind, help, get) in families {
-        metrics::write_header(out, name, kind, help);
+        let mut f = metrics::family(enc, name, kind, help)?;
         for (r, s) in replicators.iter().zip(&stats) {
-            metrics::write_sample(out, name, &[("volume", &r.volume)], get(r, s));
+            f.sample(&[("volume", &r.volume)], get(r, s))?;
         }
     }
     type LinkGet = fn(&MirrorLink) -> u64;
@@ -717,7 +735,7 @@ pub fn render_metrics(out: &mut String, replicators: &[&Replicator]) {
         ),
     ];
     for (name, help, get) in link_families {
-        metrics::write_header(out, name, MetricType::Counter, help);
+        let mut f = metrics::family(enc, name, MetricType::Counter, help)?;
         for r in replicators {
             for l in &r.links {
                 let labels = [
@@ -725,8 +743,9 @@ pub fn render_metrics(out: &mut String, replicators: &[&Replicator]) {
                     ("peer", l.peer.as_str()),
                     ("compression", l.compression().as_str()),
                 ];
-                metrics::write_sample(out, name, &labels, get(l));
+                f.sample(&labels, get(l))?;
             }
         }
     }
+    Ok(())
 }

@@ -445,67 +445,84 @@ pub struct ReadMetrics<'a> {
     pub disk: Option<&'a crate::volume::local_disk::LocalDisk>,
 }
 
+/// Registers the read-path families of the volumes among `volumes` with
+/// mirrors.
+pub fn register_metrics(
+    registry: &mut metrics::Registry,
+    volumes: Vec<Arc<crate::volume::Volume>>,
+) {
+    use blockmirror_nbd::Export as _;
+    registry.register_collector(metrics::FnCollector::boxed("reads", move |enc| {
+        let reads: Vec<ReadMetrics<'_>> = volumes
+            .iter()
+            .filter(|v| v.replicator().is_some())
+            .map(|v| ReadMetrics {
+                volume: v.name(),
+                router: v.reads(),
+                disk: v.disk().map(|d| &**d),
+            })
+            .collect();
+        encode_metrics(enc, &reads)
+    }));
+}
+
 /// The read-path families: reads per path, latency average per path,
 /// probes, remote-read errors, and the local disk's state.
-pub fn render_metrics(out: &mut String, volumes: &[ReadMetrics<'_>]) {
+pub fn encode_metrics(
+    enc: &mut metrics::Encoder<'_>,
+    volumes: &[ReadMetrics<'_>],
+) -> std::fmt::Result {
     let routed: Vec<(&str, &ReadRouter, Vec<PathStats>)> = volumes
         .iter()
         .filter_map(|v| v.router.map(|r| (v.volume, r, r.paths())))
         .collect();
     if !routed.is_empty() {
         let name = "blockmirror_reads_total";
-        metrics::write_header(
-            out,
+        let mut f = metrics::family(
+            enc,
             name,
             MetricType::Counter,
             "Host reads served, by path: local, or the mirror (peer) that served it.",
-        );
+        )?;
         for (vol, _, paths) in &routed {
             for p in paths {
-                metrics::write_sample(out, name, &[("volume", vol), ("path", &p.name)], p.served);
+                f.sample(&[("volume", vol), ("path", &p.name)], p.served)?;
             }
         }
         let name = "blockmirror_read_probes_total";
-        metrics::write_header(
-            out,
+        let mut f = metrics::family(
+            enc,
             name,
             MetricType::Counter,
             "Balanced reads sent to a path to refresh its latency estimate.",
-        );
+        )?;
         for (vol, _, paths) in &routed {
             for p in paths {
-                metrics::write_sample(out, name, &[("volume", vol), ("path", &p.name)], p.probes);
+                f.sample(&[("volume", vol), ("path", &p.name)], p.probes)?;
             }
         }
         let name = "blockmirror_read_latency_ewma_seconds";
-        metrics::write_header(
-            out,
+        let mut f = metrics::family(
+            enc,
             name,
             MetricType::Gauge,
             "Moving average of read latency per path (balanced policy; absent before a sample).",
-        );
+        )?;
         for (vol, _, paths) in &routed {
             for p in paths {
                 if let Some(e) = p.ewma_seconds {
-                    metrics::write_sample(out, name, &[("volume", vol), ("path", &p.name)], e);
+                    f.sample(&[("volume", vol), ("path", &p.name)], e)?;
                 }
             }
         }
         let name = "blockmirror_remote_read_errors_total";
-        metrics::write_header(
-            out,
-            name,
-            MetricType::Counter,
-            "Remote reads that failed (the read was served locally, or failed if the disk is failed).",
-        );
+        let mut f = metrics::family(enc, name, MetricType::Counter, "Remote reads that failed (the read was served locally, or failed if the disk is failed).")?;
         for (vol, r, _) in &routed {
             for rr in &r.remotes {
-                metrics::write_sample(
-                    out,
-                    name,
+                f.sample(
                     &[("volume", vol), ("peer", rr.peer())],
                     rr.errors.load(Relaxed),
-                );
+                )?;
             }
         }
     }
@@ -515,14 +532,10 @@ pub fn render_metrics(out: &mut String, volumes: &[ReadMetrics<'_>]) {
         .collect();
     if !disks.is_empty() {
         let name = "blockmirror_local_disk_failed";
-        metrics::write_header(
-            out,
-            name,
-            MetricType::Gauge,
-            "1 when the primary's local disk is marked failed and the volume is served from a mirror.",
-        );
+        let mut f = metrics::family(enc, name, MetricType::Gauge, "1 when the primary's local disk is marked failed and the volume is served from a mirror.")?;
         for (vol, d) in &disks {
-            metrics::write_sample(out, name, &[("volume", vol)], u8::from(d.is_failed()));
+            f.sample(&[("volume", vol)], u8::from(d.is_failed()))?;
         }
     }
+    Ok(())
 }

@@ -458,15 +458,23 @@ impl VerifyService {
         Ok(id)
     }
 
-    /// Verify families for /metrics, labelled by volume and peer.
-    pub fn render_metrics(&self, out: &mut String) {
+    /// Registers the verify families for /metrics, labelled by volume and
+    /// peer.
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut metrics::Registry) {
+        let me = self.clone();
+        registry.register_collector(metrics::FnCollector::boxed("verify", move |enc| {
+            me.encode_metrics(enc)
+        }));
+    }
+
+    fn encode_metrics(&self, enc: &mut metrics::Encoder<'_>) -> std::fmt::Result {
         let mut all: Vec<((String, String), VerifyStatus)> = self
             .runs()
             .iter()
             .map(|(k, r)| (k.clone(), r.snapshot()))
             .collect();
         if all.is_empty() {
-            return;
+            return Ok(());
         }
         all.sort_by(|a, b| a.0.cmp(&b.0));
         type Get = fn(&VerifyStatus) -> f64;
@@ -503,11 +511,12 @@ impl VerifyService {
             ),
         ];
         for (name, kind, help, get) in families {
-            metrics::write_header(out, name, kind, help);
+            let mut f = metrics::family(enc, name, kind, help)?;
             for ((vol, peer), s) in &all {
-                metrics::write_sample(out, name, &[("volume", vol), ("peer", peer)], get(s));
+                f.sample(&[("volume", vol), ("peer", peer)], get(s))?;
             }
         }
+        Ok(())
     }
 }
 

@@ -580,8 +580,24 @@ fn worker(b: &dyn Backend, rx: std::sync::mpsc::Receiver<Job>, done: mpsc::Unbou
     }
 }
 
+/// Registers the apply engines' families of `targets` (volume name, its
+/// engine's counters) for /metrics.
+pub fn register_apply_metrics(
+    registry: &mut metrics::Registry,
+    targets: Vec<(String, Arc<ApplyMetrics>)>,
+) {
+    registry.register_collector(metrics::FnCollector::boxed("apply", move |enc| {
+        let t: Vec<(&str, &ApplyMetrics)> =
+            targets.iter().map(|(v, m)| (v.as_str(), &**m)).collect();
+        encode_apply_metrics(enc, &t)
+    }));
+}
+
 /// The apply engine's families in /metrics, labelled by volume.
-pub fn render_apply_metrics(out: &mut String, targets: &[(&str, &ApplyMetrics)]) {
+pub fn encode_apply_metrics(
+    enc: &mut metrics::Encoder<'_>,
+    targets: &[(&str, &ApplyMetrics)],
+) -> std::fmt::Result {
     use std::sync::atomic::Ordering::Relaxed;
     type Get = fn(&ApplyMetrics) -> u64;
     let families: [(&str, MetricType, &str, Get); 9] = [
@@ -641,32 +657,28 @@ pub fn render_apply_metrics(out: &mut String, targets: &[(&str, &ApplyMetrics)])
         ),
     ];
     if targets.is_empty() {
-        return;
+        return Ok(());
     }
     for (name, kind, help, get) in families {
-        metrics::write_header(out, name, kind, help);
+        let mut f = metrics::family(enc, name, kind, help)?;
         for (vol, t) in targets {
-            metrics::write_sample(out, name, &[("volume", vol)], get(t));
+            f.sample(&[("volume", vol)], get(t))?;
         }
     }
     let name = "blockmirror_apply_group_queue_depth";
-    metrics::write_header(
-        out,
+    let mut f = metrics::family(
+        enc,
         name,
         MetricType::Gauge,
         "Operations homed in a range group and not yet started.",
-    );
+    )?;
     for (vol, t) in targets {
         for (g, depth) in t.group_queued.iter().enumerate() {
             let g = g.to_string();
-            metrics::write_sample(
-                out,
-                name,
-                &[("volume", vol), ("group", &g)],
-                depth.load(Relaxed),
-            );
+            f.sample(&[("volume", vol), ("group", &g)], depth.load(Relaxed))?;
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]

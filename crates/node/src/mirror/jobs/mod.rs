@@ -41,6 +41,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::daemon::metrics;
+
 /// Jobs one mirror node keeps at once, all volumes together.
 pub const MAX_JOBS: usize = 64;
 /// Requests of one job connection being worked on at once; the reader
@@ -173,9 +175,16 @@ impl JobService {
             .unwrap_or(0)
     }
 
-    /// Job-table families for /metrics (a mirror node's).
-    pub fn render_metrics(&self, out: &mut String) {
-        use crate::daemon::metrics::{write_header, write_sample, MetricType};
+    /// Registers the job table's families (a mirror node's) for /metrics.
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut metrics::Registry) {
+        let me = self.clone();
+        registry.register_collector(metrics::FnCollector::boxed("jobs", move |enc| {
+            me.encode_metrics(enc)
+        }));
+    }
+
+    fn encode_metrics(&self, enc: &mut metrics::Encoder<'_>) -> std::fmt::Result {
+        use crate::daemon::metrics::{family, MetricType};
         let c = &self.counters;
         let (live, cap) = {
             let t = self.table();
@@ -226,9 +235,10 @@ impl JobService {
             ),
         ];
         for (name, kind, help, v) in families {
-            write_header(out, name, kind, help);
-            write_sample(out, name, &[], v);
+            let mut f = family(enc, name, kind, help)?;
+            f.sample(&[], v)?;
         }
+        Ok(())
     }
 
     /// The job named by `link` for connection `conn`, or a new one on

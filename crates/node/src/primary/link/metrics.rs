@@ -4,10 +4,31 @@
 use std::sync::Arc;
 
 use super::{LinkSnapshot, MirrorLink};
+use crate::daemon::config::Role;
 use crate::daemon::metrics::{self, MetricType};
+use crate::volume::Volume;
+use blockmirror_nbd::Export as _;
+
+/// Registers the links' families of the primary volumes among `volumes`
+/// (a mirror's own links are parked and not shown: they would read as
+/// degraded mirrors).
+pub fn register_link_metrics(registry: &mut metrics::Registry, volumes: Vec<Arc<Volume>>) {
+    registry.register_collector(metrics::FnCollector::boxed("links", move |enc| {
+        let links: Vec<(&str, &Arc<MirrorLink>)> = volumes
+            .iter()
+            .filter(|v| v.role() == Role::Primary)
+            .filter_map(|v| v.replicator().map(|r| (v.name(), r)))
+            .flat_map(|(name, r)| r.links.iter().map(move |l| (name, l)))
+            .collect();
+        encode_link_metrics(enc, &links)
+    }));
+}
 
 /// Per-mirror families, labelled by volume and peer, for /metrics.
-pub fn render_link_metrics(out: &mut String, links: &[(&str, &Arc<MirrorLink>)]) {
+pub fn encode_link_metrics(
+    enc: &mut metrics::Encoder<'_>,
+    links: &[(&str, &Arc<MirrorLink>)],
+) -> std::fmt::Result {
     use std::sync::atomic::Ordering::Relaxed;
     type Get = fn(&MirrorLink, &LinkSnapshot) -> f64;
     let families: [(&str, MetricType, &str, Get); 18] = [
@@ -121,21 +142,21 @@ pub fn render_link_metrics(out: &mut String, links: &[(&str, &Arc<MirrorLink>)])
         ),
     ];
     if links.is_empty() {
-        return;
+        return Ok(());
     }
     let snaps: Vec<_> = links.iter().map(|(_, l)| l.snapshot()).collect();
     for (name, kind, help, get) in families {
-        metrics::write_header(out, name, kind, help);
+        let mut f = metrics::family(enc, name, kind, help)?;
         for ((vol, l), s) in links.iter().zip(&snaps) {
-            metrics::write_sample(out, name, &[("volume", vol), ("peer", &l.peer)], get(l, s));
+            f.sample(&[("volume", vol), ("peer", &l.peer)], get(l, s))?;
         }
     }
-    metrics::write_header(
-        out,
+    let mut f = metrics::family(
+        enc,
         "blockmirror_mirror_state",
         MetricType::Gauge,
         "1 for the mirror's current state.",
-    );
+    )?;
     for ((vol, l), s) in links.iter().zip(&snaps) {
         for st in [
             "in_sync",
@@ -146,12 +167,8 @@ pub fn render_link_metrics(out: &mut String, links: &[(&str, &Arc<MirrorLink>)])
             "split_brain",
         ] {
             let v = u8::from(s.state.as_str() == st);
-            metrics::write_sample(
-                out,
-                "blockmirror_mirror_state",
-                &[("volume", vol), ("peer", &l.peer), ("state", st)],
-                v,
-            );
+            f.sample(&[("volume", vol), ("peer", &l.peer), ("state", st)], v)?;
         }
     }
+    Ok(())
 }

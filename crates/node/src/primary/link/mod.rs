@@ -36,7 +36,7 @@ pub use blockmirror_core::link::{Connection, SyncState};
 pub use error::{LinkError, MirrorFailure};
 use inflight::Pending;
 pub use inflight::{Prepared, Sent, Ticket};
-pub use metrics::render_link_metrics;
+pub use metrics::{encode_link_metrics, register_link_metrics};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
