@@ -16,7 +16,7 @@ gzip -9n "$assets"/man/*.1
 target/release/blockmirror completions bash >"$assets/completions/blockmirror"
 target/release/blockmirror completions zsh >"$assets/completions/_blockmirror"
 target/release/blockmirror completions fish >"$assets/completions/blockmirror.fish"
-deb=$(cargo deb -p blockmirror --no-build --no-strip | tail -n 1)
+deb=$(cargo deb -p blockmirror --no-build --strip | tail -n 1)
 case "$deb" in /*) ;; *) deb="$PWD/$deb" ;; esac
 echo "deb.sh: built $deb"
 BLOCKMIRROR_DEB="$deb" cargo test -p blockmirror --test tooling -- the_debian_package_unpacks_and_runs --nocapture
