@@ -31,7 +31,7 @@ pub fn encode_link_metrics(
 ) -> std::fmt::Result {
     use std::sync::atomic::Ordering::Relaxed;
     type Get = fn(&MirrorLink, &LinkSnapshot) -> f64;
-    let families: [(&str, MetricType, &str, Get); 18] = [
+    let families: [(&str, MetricType, &str, Get); 23] = [
         (
             "blockmirror_mirror_lag_bytes",
             MetricType::Gauge,
@@ -127,6 +127,36 @@ pub fn encode_link_metrics(
             MetricType::Gauge,
             "How long the last final copy suspended host writes.",
             |_, s| s.last_suspension.map_or(0.0, |d| d.as_secs_f64()),
+        ),
+        (
+            "blockmirror_resync_done_bytes",
+            MetricType::Gauge,
+            "Bytes the current or last resync of this mirror has copied or found equal.",
+            |_, s| s.resync_done as f64,
+        ),
+        (
+            "blockmirror_resync_total_bytes",
+            MetricType::Gauge,
+            "Bytes the current or last resync of this mirror covers.",
+            |_, s| s.resync_total as f64,
+        ),
+        (
+            "blockmirror_resync_rate_bytes_per_second",
+            MetricType::Gauge,
+            "The resync's pacing rate (0: unlimited).",
+            |_, s| s.resync_rate as f64,
+        ),
+        (
+            "blockmirror_mirror_max_lag_bytes",
+            MetricType::Gauge,
+            "Async: the configured lag bound in bytes (max_lag_bytes).",
+            |l, _| l.max_lag_bytes() as f64,
+        ),
+        (
+            "blockmirror_mirror_max_lag_seconds",
+            MetricType::Gauge,
+            "Async: the configured lag bound in time (max_lag).",
+            |l, _| l.max_lag().as_secs_f64(),
         ),
         (
             "blockmirror_mirror_inflight_requests",

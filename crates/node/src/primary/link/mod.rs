@@ -627,6 +627,16 @@ impl MirrorLink {
         self.holds_current.load(SeqCst)
     }
 
+    /// Async: the configured lag bound in bytes (`max_lag_bytes`).
+    pub fn max_lag_bytes(&self) -> u64 {
+        self.max_lag_bytes
+    }
+
+    /// Async: the configured lag bound in time (`max_lag`).
+    pub fn max_lag(&self) -> Duration {
+        self.max_lag
+    }
+
     /// How Write data is compressed on this link now (as negotiated).
     pub fn compression(&self) -> Codec {
         Codec::from_code(self.codec.load(Relaxed)).unwrap_or(Codec::None)
