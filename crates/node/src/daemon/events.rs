@@ -27,6 +27,25 @@ use crate::daemon::status::NodeStatus;
 
 /// How often the observer compares the node's status with the last one.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(150);
+
+/// After a [`poke`], the observer samples at once unless it sampled less
+/// than this ago (then it waits for the rest): a burst of changes costs at
+/// most one status read per this interval. Changes that undo each other
+/// within it can still be coalesced.
+pub const MIN_GAP: Duration = Duration::from_millis(5);
+
+/// Bumped by [`poke`]; every observer in the process watches it.
+static CHANGES: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::channel(0).0);
+
+/// Says that a link, a role or a mirror's stored state just changed: every
+/// observer samples the status now instead of at its next tick, so that a
+/// link that fails and reconnects within [`SAMPLE_EVERY`] still shows as
+/// two events. Cheap (no allocation; a wake-up only when an observer
+/// waits) and safe to call from any thread, with or without observers.
+pub fn poke() {
+    CHANGES.send_modify(|n| *n = n.wrapping_add(1));
+}
 /// Samples kept for the charts: one a second for ten minutes.
 pub const HISTORY_LEN: usize = 600;
 /// Events kept for `GET /events/recent` (the status page's event log).
@@ -467,11 +486,20 @@ impl Observer {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut counters = Counters::default();
         let mut last_sample: Option<Instant> = None;
+        let mut changes = CHANGES.subscribe();
+        let mut last_status: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+                _ = changes.changed() => {
+                    if let Some(gap) = last_status.and_then(|t| MIN_GAP.checked_sub(t.elapsed())) {
+                        tokio::time::sleep(gap).await;
+                    }
+                    changes.borrow_and_update();
+                }
             }
+            last_status = Some(Instant::now());
             let status = source.status();
             self.observe(&status);
             if last_sample.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
@@ -505,6 +533,55 @@ mod tests {
                 ..VolumeStatus::default()
             }],
         }
+    }
+
+    /// A source whose status the test sets.
+    struct Settable(Mutex<NodeStatus>);
+
+    impl AdminSource for Settable {
+        fn status(&self) -> NodeStatus {
+            self.0.lock().unwrap().clone()
+        }
+        fn metrics(&self) -> String {
+            String::new()
+        }
+    }
+
+    /// A link that fails and comes back well within one SAMPLE_EVERY shows
+    /// as both changes when each is poked (as the link, role and receiver
+    /// code do), and each event arrives before the next tick would.
+    #[tokio::test(start_paused = true)]
+    async fn a_poke_samples_at_once_so_a_quick_flap_is_seen() {
+        let shutdown = CancellationToken::new();
+        let o = Observer::new("a", shutdown.clone());
+        let src = Arc::new(Settable(Mutex::new(status("connected", "in_sync"))));
+        let (_, mut rx) = o.subscribe(&*src);
+        let run = tokio::spawn(o.clone().run(src.clone(), shutdown.clone()));
+        // Let the first tick pass.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let start = tokio::time::Instant::now();
+        *src.0.lock().unwrap() = status("disconnected", "degraded");
+        poke();
+        let down = rx.recv().await.unwrap();
+        assert_eq!(
+            (down.kind.as_str(), down.value.as_str()),
+            ("connection", Some("disconnected"))
+        );
+        assert_eq!(rx.recv().await.unwrap().kind, "state");
+        *src.0.lock().unwrap() = status("connected", "in_sync");
+        poke();
+        let up = rx.recv().await.unwrap();
+        assert_eq!(
+            (up.kind.as_str(), up.value.as_str()),
+            ("connection", Some("connected"))
+        );
+        let took = start.elapsed();
+        assert!(
+            took < SAMPLE_EVERY,
+            "{took:?}: the events waited for a tick"
+        );
+        shutdown.cancel();
+        run.await.unwrap();
     }
 
     #[test]

@@ -48,6 +48,7 @@ impl RoleCell {
         let (after, settled) = (*m, m.is_settled());
         drop(m);
         debug!(volume = %self.volume, %before, ?event, %after, ?actions, "role");
+        crate::daemon::events::poke();
         if settled {
             self.settled.notify_waiters();
         }

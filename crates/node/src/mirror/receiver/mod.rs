@@ -649,6 +649,7 @@ async fn apply_loop(
                     Ok(m) => {
                         info!(volume = %t.name, label = m.label.as_str(),
                             generations = %m.generations.to_display(), "mirror state stored");
+                        crate::daemon::events::poke();
                         Frame::Ack { id }
                     }
                     Err(source) => {

@@ -566,7 +566,10 @@ impl MirrorLink {
     pub(super) fn step(&self, sh: &mut Shared, event: Event, why: Option<LinkError>) -> Step {
         let mut step = Step::default();
         let actions = match sh.link.on(event) {
-            Ok(Outcome::Moved(a)) => a,
+            Ok(Outcome::Moved(a)) => {
+                crate::daemon::events::poke();
+                a
+            }
             Ok(Outcome::Stale) => return step,
             Err(IllegalEvent { phase, event }) => {
                 // A race the driver resolves by dropping what it holds (a
