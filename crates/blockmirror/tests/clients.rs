@@ -283,9 +283,16 @@ fn status_metrics_and_cli() {
         m.contains("blockmirror_host_bytes_written_total{volume=\"db\"} 1048576"),
         "{m}"
     );
-    assert!(m.contains(
-        "blockmirror_request_duration_seconds_bucket{volume=\"db\",cmd=\"write\",le=\"+Inf\"}"
-    ));
+    // Label order is the encoder's; look for the labels, not one spelling.
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("blockmirror_request_duration_seconds_bucket{")
+                && ["volume=\"db\"", "cmd=\"write\"", "le=\"+Inf\""]
+                    .iter()
+                    .all(|p| l.contains(p))
+        ),
+        "{m}"
+    );
     let flushes = m
         .lines()
         .find_map(|l| l.strip_prefix("blockmirror_requests_total{volume=\"db\",cmd=\"flush\"} "))
