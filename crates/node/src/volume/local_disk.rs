@@ -33,6 +33,7 @@ use blockmirror_core::role::{Action, Event};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use blockmirror_storage::fault::RandomFaults;
 use blockmirror_storage::{Backend, Extent, FaultBackend, Faults, FileBackend, Op, StorageError};
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
@@ -75,6 +76,25 @@ pub struct FaultRequest {
     /// Fail every flush with EIO.
     #[serde(default)]
     pub fail_flush: bool,
+    /// Seeded random faults (EIO, ENOSPC, latency spikes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random: Option<RandomFaultRequest>,
+}
+
+/// The `random` part of a [`FaultRequest`]: each write fails with EIO or
+/// ENOSPC, and each read, write or flush sleeps `spike_us`, with these
+/// probabilities in parts per million, drawn from `seed`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RandomFaultRequest {
+    pub seed: u64,
+    #[serde(default)]
+    pub eio_ppm: u32,
+    #[serde(default)]
+    pub enospc_ppm: u32,
+    #[serde(default)]
+    pub spike_ppm: u32,
+    #[serde(default)]
+    pub spike_us: u64,
 }
 
 /// A byte range of a [`FaultRequest`].
@@ -98,6 +118,13 @@ impl FaultRequest {
             fail_write_range: range(&self.fail_writes),
             fail_read_range: range(&self.fail_reads),
             fail_flush: self.fail_flush,
+            random: self.random.map(|r| RandomFaults {
+                seed: r.seed,
+                eio_ppm: r.eio_ppm.min(1_000_000),
+                enospc_ppm: r.enospc_ppm.min(1_000_000),
+                spike_ppm: r.spike_ppm.min(1_000_000),
+                spike: Duration::from_micros(r.spike_us),
+            }),
         }
     }
 }
@@ -450,5 +477,15 @@ mod tests {
         assert_eq!(f.fail_read_range.unwrap().0, 4096..8192);
         assert!(f.fail_write_range.is_none());
         assert_eq!(FaultRequest::default().faults().fail_writes, 0);
+        let req: FaultRequest = serde_json::from_str(
+            r#"{"random": {"seed": 7, "eio_ppm": 2000, "enospc_ppm": 3000, "spike_ppm": 50000, "spike_us": 20000}}"#,
+        )
+        .unwrap();
+        let r = req.faults().random.unwrap();
+        assert_eq!(
+            (r.seed, r.eio_ppm, r.enospc_ppm, r.spike_ppm),
+            (7, 2000, 3000, 50000)
+        );
+        assert_eq!(r.spike, Duration::from_millis(20));
     }
 }
