@@ -69,14 +69,20 @@ pub enum NetFault {
 impl NetFault {
     /// A fault drawn from `rng`: a drop or a corruption within the next
     /// `max_after` bytes (mostly towards the target, where the write frames
-    /// go), or a stall of up to `max_stall`.
+    /// go; within `max_after / 16` on the way back), or a stall of up to
+    /// `max_stall`.
     pub fn random(rng: &mut Rng, max_after: u64, max_stall: Duration) -> NetFault {
         let dir = if rng.chance(75) {
             Direction::ToTarget
         } else {
             Direction::ToClient
         };
-        let after = rng.range(0, max_after);
+        // Acknowledgements are small: the way back carries about a
+        // sixteenth of the bytes, so its faults are drawn closer.
+        let after = match dir {
+            Direction::ToTarget => rng.range(0, max_after),
+            Direction::ToClient => rng.range(0, max_after / 16),
+        };
         match rng.index(3) {
             0 => NetFault::Drop { dir, after },
             1 => NetFault::Corrupt {
@@ -562,7 +568,11 @@ mod tests {
         let t = Instant::now();
         let data = pattern(5000);
         assert_eq!(echo_round_trip(&p, &data), data);
-        assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
         assert_eq!(p.stats().stalls.load(Relaxed), 1);
         // Cleared early: forwarding resumes at once.
         p.inject(NetFault::Stall(Duration::from_secs(600)));

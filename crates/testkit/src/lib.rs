@@ -15,6 +15,8 @@
 //!   dropped after N bytes (mid-frame), a stall, one corrupted byte, a cut
 //!   and heal.
 //! - [`rng`]: the seeded generator every random choice here comes from.
+//! - [`soak`]: the `blockmirror-soak` run: two nodes, the history writer,
+//!   one seeded fault per cycle, the checks after each.
 //! - [`writer`]: the history writer: pipelined 4 KiB block writes with
 //!   periodic FLUSHes against an NBD export, recorded as it goes.
 //!
@@ -26,4 +28,5 @@ pub mod faultnet;
 pub mod history;
 pub mod nbd;
 pub mod rng;
+pub mod soak;
 pub mod writer;
