@@ -25,7 +25,6 @@
 //! field of the volume's metadata record: it is written from the I/O path,
 //! at most once.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 
@@ -325,18 +324,12 @@ impl LocalDisk {
             std::fs::create_dir_all(dir)?;
         }
         let tmp = self.marker.with_extension("disk-failed.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        writeln!(
-            f,
-            "volume {} local disk failed at unix time {unix}: {cause}",
+        let text = format!(
+            "volume {} local disk failed at unix time {unix}: {cause}\n",
             self.volume
-        )?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.marker)?;
-        if let Some(dir) = self.marker.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        );
+        blockmirror_storage::durable::replace_file(&self.marker, &tmp, text.as_bytes())
+            .map_err(|e| e.source)
     }
 
     fn refused(&self, op: Op, offset: u64, len: u64) -> StorageError {
@@ -459,6 +452,41 @@ mod tests {
         );
         let marker = std::fs::read_to_string(LocalDisk::marker_path(dir.path(), "v")).unwrap();
         assert!(marker.contains("offset 8192"), "{marker}");
+    }
+
+    /// Crash points of the marker: once it was stored, every state a power
+    /// cut can leave has it, readable; before, it is absent or readable.
+    #[test]
+    fn every_power_cut_after_the_marker_was_stored_keeps_it() {
+        use blockmirror_storage::durable::{self, crash};
+        let dir = tempfile::tempdir().unwrap();
+        let disk = LocalDisk::wrap(
+            "v",
+            Arc::new(MemBackend::new("v", 1 << 20)),
+            PrimaryFailurePolicy::ServeFromMirror,
+            dir.path(),
+        );
+        let ((), events) = durable::record(|| {
+            disk.store_marker().unwrap();
+            durable::mark("stored");
+        });
+        let marker = LocalDisk::marker_path(dir.path(), "v");
+        let states = crash::states(&crash::Files::new(), &events);
+        assert!(states.len() > 5);
+        for st in states {
+            crash::restore(dir.path(), &st.files).unwrap();
+            match std::fs::read_to_string(&marker) {
+                Ok(text) => assert!(text.contains("local disk failed"), "{}: {text:?}", st.how),
+                Err(e) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{}", st.how);
+                    assert!(
+                        st.marks.is_empty(),
+                        "{}: the stored marker vanished",
+                        st.how
+                    );
+                }
+            }
+        }
     }
 
     #[test]
