@@ -877,6 +877,9 @@ impl<'a> Soak<'a> {
         let before = rng.range(100, 1200);
         self.wait_acked(&w, before, deadline, c)?;
         let (p, m) = (self.primary, self.mirror());
+        // The primary's reconnections over the cycle (it keeps running,
+        // except after kill-primary and promote-failback).
+        let reconnects_before = self.nodes[p].metric(RECONNECTS);
         let mode = self.cfg.mode;
         let mut violations = Vec::new();
         let mut note = String::new();
@@ -1071,6 +1074,14 @@ impl<'a> Soak<'a> {
                 off / 4096
             )),
             Err(e) => violations.push(format!("comparing the images: {e}")),
+        }
+        if !matches!(
+            fault,
+            Fault::KillPrimary | Fault::PromoteFailback | Fault::Net
+        ) {
+            if let (Some(a), Some(b)) = (reconnects_before, self.nodes[p].metric(RECONNECTS)) {
+                note += &format!(" reconnects=+{}", b - a);
+            }
         }
         let line = format!(
             "cycle {c} fault={}{note} acked={} checked={checked} in_sync_ms={} cycle_ms={} {}",
