@@ -1075,6 +1075,14 @@ impl<'a> Soak<'a> {
             )),
             Err(e) => violations.push(format!("comparing the images: {e}")),
         }
+        if Instant::now() > deadline {
+            return Err(SoakError::Hang {
+                cycle: c,
+                seed,
+                what: format!("the cycle to end ({} ms)", start.elapsed().as_millis()),
+                last: format!("fault {}{note}", fault.name()),
+            });
+        }
         if !matches!(
             fault,
             Fault::KillPrimary | Fault::PromoteFailback | Fault::Net
