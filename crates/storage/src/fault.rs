@@ -43,13 +43,86 @@ pub struct Faults {
     pub fail_read_range: Option<(Range<u64>, i32)>,
     /// Fail every flush with EIO.
     pub fail_flush: bool,
+    /// Seeded random faults on top of the fixed ones.
+    pub random: Option<RandomFaults>,
+}
+
+/// Faults drawn per call from a seeded generator: each write fails with EIO
+/// or ENOSPC, and each read, write or flush has a latency spike, with the
+/// given probabilities (in parts per million). For a given sequence of calls
+/// a seed gives the same faults; concurrent callers draw in the order they
+/// take the backend's lock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RandomFaults {
+    pub seed: u64,
+    pub eio_ppm: u32,
+    pub enospc_ppm: u32,
+    pub spike_ppm: u32,
+    /// How long a spike sleeps.
+    pub spike: Duration,
+}
+
+impl RandomFaults {
+    /// What a call with draws `(fail, spike)` gets: an errno to fail with,
+    /// and whether it sleeps a spike.
+    fn judge(&self, fail: u64, spike: u64, write: bool) -> (Option<i32>, Option<Duration>) {
+        let fail = fail % 1_000_000;
+        let eio = u64::from(self.eio_ppm);
+        let errno = if !write {
+            None
+        } else if fail < eio {
+            Some(errno::EIO)
+        } else if fail < eio + u64::from(self.enospc_ppm) {
+            Some(errno::ENOSPC)
+        } else {
+            None
+        };
+        let spike = (spike % 1_000_000 < u64::from(self.spike_ppm) && !self.spike.is_zero())
+            .then_some(self.spike);
+        (errno, spike)
+    }
+}
+
+/// SplitMix64 step (the generator `crates/sim` and the testkit use).
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The fixed faults and the random generator's state, under one lock.
+#[derive(Debug)]
+struct State {
+    faults: Faults,
+    rng: u64,
+}
+
+impl State {
+    fn new(faults: Faults) -> Self {
+        let rng = faults.random.map_or(0, |r| r.seed ^ 0x9e37_79b9_7f4a_7c15);
+        Self { faults, rng }
+    }
+
+    /// Draws the random faults of one call.
+    fn draw(&mut self, write: bool) -> (Option<i32>, Option<Duration>) {
+        match self.faults.random {
+            None => (None, None),
+            Some(r) => {
+                let fail = splitmix(&mut self.rng);
+                let spike = splitmix(&mut self.rng);
+                r.judge(fail, spike, write)
+            }
+        }
+    }
 }
 
 /// A [`Backend`] that forwards to `inner` after injecting [`Faults`].
 #[derive(Debug)]
 pub struct FaultBackend<B: Backend> {
     inner: B,
-    faults: Mutex<Faults>,
+    state: Mutex<State>,
     injected: AtomicU64,
 }
 
@@ -58,7 +131,7 @@ impl<B: Backend> FaultBackend<B> {
     pub fn new(inner: B, faults: Faults) -> Self {
         Self {
             inner,
-            faults: Mutex::new(faults),
+            state: Mutex::new(State::new(faults)),
             injected: AtomicU64::new(0),
         }
     }
@@ -70,17 +143,18 @@ impl<B: Backend> FaultBackend<B> {
 
     /// A copy of the current faults.
     pub fn faults(&self) -> Faults {
-        self.lock().clone()
+        self.state().faults.clone()
     }
 
-    /// Replaces all faults.
+    /// Replaces all faults (and restarts the random generator from the
+    /// new faults' seed).
     pub fn set_faults(&self, faults: Faults) {
-        *self.lock() = faults;
+        *self.state() = State::new(faults);
     }
 
-    /// Changes faults in place.
+    /// Changes faults in place (the random generator keeps its place).
     pub fn update(&self, f: impl FnOnce(&mut Faults)) {
-        f(&mut self.lock());
+        f(&mut self.state().faults);
     }
 
     /// Removes every fault and latency.
@@ -126,8 +200,8 @@ impl<B: Backend> FaultBackend<B> {
         self.injected.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Faults> {
-        self.faults.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn fail(&self, op: Op, offset: u64, len: u64, errno: i32) -> StorageError {
@@ -144,8 +218,10 @@ impl<B: Backend> FaultBackend<B> {
 
     /// Applies write faults: sleeps, then returns the injected error if any.
     fn before_write(&self, op: Op, offset: u64, len: u64) -> Result<()> {
-        let (latency, errno) = {
-            let mut f = self.lock();
+        let (latency, errno, spike) = {
+            let mut st = self.state();
+            let (random, spike) = st.draw(true);
+            let f = &mut st.faults;
             let errno = if f.fail_writes > 0 {
                 f.fail_writes -= 1;
                 Some(f.fail_writes_errno)
@@ -154,10 +230,12 @@ impl<B: Backend> FaultBackend<B> {
                     .as_ref()
                     .filter(|(r, _)| overlaps(r, offset, len))
                     .map(|(_, e)| *e)
+                    .or(random)
             };
-            (f.write_latency, errno)
+            (f.write_latency, errno, spike)
         };
         sleep(latency);
+        sleep(spike);
         match errno {
             Some(e) => Err(self.fail(op, offset, len, e)),
             None => Ok(()),
@@ -183,11 +261,14 @@ impl<B: Backend> Backend for FaultBackend<B> {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
-        let (latency, errno) = {
-            let f = self.lock();
-            (f.read_latency, Self::read_fault(&f, offset, len))
+        let (latency, errno, spike) = {
+            let mut st = self.state();
+            let (_, spike) = st.draw(false);
+            let f = &st.faults;
+            (f.read_latency, Self::read_fault(f, offset, len), spike)
         };
         sleep(latency);
+        sleep(spike);
         match errno {
             Some(e) => Err(self.fail(Op::Read, offset, len, e)),
             None => self.inner.read_at(buf, offset),
@@ -198,8 +279,11 @@ impl<B: Backend> Backend for FaultBackend<B> {
     /// range (so `read_at` applies them); otherwise forwards.
     fn try_read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
         {
-            let f = self.lock();
-            if f.read_latency.is_some() || Self::read_fault(&f, offset, buf.len() as u64).is_some()
+            let st = self.state();
+            let f = &st.faults;
+            if f.read_latency.is_some()
+                || f.random.is_some()
+                || Self::read_fault(f, offset, buf.len() as u64).is_some()
             {
                 return Ok(false);
             }
@@ -213,11 +297,13 @@ impl<B: Backend> Backend for FaultBackend<B> {
     }
 
     fn flush(&self) -> Result<()> {
-        let (latency, fail) = {
-            let f = self.lock();
-            (f.write_latency, f.fail_flush)
+        let (latency, fail, spike) = {
+            let mut st = self.state();
+            let (_, spike) = st.draw(false);
+            (st.faults.write_latency, st.faults.fail_flush, spike)
         };
         sleep(latency);
+        sleep(spike);
         if fail {
             return Err(self.fail(Op::Flush, 0, self.size(), errno::EIO));
         }
@@ -225,7 +311,7 @@ impl<B: Backend> Backend for FaultBackend<B> {
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        sleep(self.lock().write_latency);
+        sleep(self.state().faults.write_latency);
         self.inner.trim(offset, len)
     }
 
@@ -244,8 +330,12 @@ impl<B: Backend> Backend for FaultBackend<B> {
 
     /// The inner backend's answer, but false while any latency is set.
     fn is_fast(&self) -> bool {
-        let f = self.lock();
-        f.read_latency.is_none() && f.write_latency.is_none() && self.inner.is_fast()
+        let st = self.state();
+        let f = &st.faults;
+        f.read_latency.is_none()
+            && f.write_latency.is_none()
+            && f.random.is_none()
+            && self.inner.is_fast()
     }
 }
 
@@ -361,6 +451,74 @@ mod tests {
         assert_eq!(buf, [1]);
         b.set_read_latency(None);
         assert!(b.is_fast());
+    }
+
+    #[test]
+    fn random_faults_replay_from_their_seed() {
+        let random = RandomFaults {
+            seed: 99,
+            eio_ppm: 100_000,
+            enospc_ppm: 100_000,
+            spike_ppm: 0,
+            spike: Duration::ZERO,
+        };
+        let run = |seed| {
+            let b = backend();
+            b.set_faults(Faults {
+                random: Some(RandomFaults { seed, ..random }),
+                ..Faults::default()
+            });
+            assert!(!b.is_fast());
+            (0..400)
+                .map(|i| b.write_at(&[1], i, false).err().map(|e| e.errno()))
+                .collect::<Vec<_>>()
+        };
+        let a = run(99);
+        assert_eq!(a, run(99), "a seed replays");
+        assert_ne!(a, run(100));
+        let eio = a.iter().filter(|e| **e == Some(errno::EIO)).count();
+        let enospc = a.iter().filter(|e| **e == Some(errno::ENOSPC)).count();
+        // 10% each of 400: far from 0 and from 400.
+        assert!((10..80).contains(&eio), "{eio} EIO");
+        assert!((10..80).contains(&enospc), "{enospc} ENOSPC");
+        // Reads and flushes never fail from the random faults.
+        let b = backend();
+        b.set_faults(Faults {
+            random: Some(random),
+            ..Faults::default()
+        });
+        let mut buf = [0u8; 4];
+        for _ in 0..100 {
+            b.read_at(&mut buf, 0).unwrap();
+            b.flush().unwrap();
+        }
+        b.clear();
+        assert!(b.is_fast());
+        b.write_at(&[1], 0, false).unwrap();
+    }
+
+    #[test]
+    fn random_latency_spikes() {
+        let b = backend();
+        b.set_faults(Faults {
+            random: Some(RandomFaults {
+                seed: 1,
+                spike_ppm: 1_000_000,
+                spike: Duration::from_millis(15),
+                ..RandomFaults::default()
+            }),
+            ..Faults::default()
+        });
+        let t = Instant::now();
+        b.write_at(&[1], 0, false).unwrap();
+        let mut buf = [0u8; 1];
+        b.read_at(&mut buf, 0).unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(30),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(b.injected(), 0, "a spike is not an error");
     }
 
     #[test]

@@ -7,8 +7,12 @@
 //!
 //! - [`file`]: a regular file (created sparse) or a block device, optionally O_DIRECT.
 //! - [`mem`]: an in-memory backend for tests.
+//! - [`durable`]: the durable small-file write path of every on-disk format
+//!   (replace by rename, pwrite + fdatasync) and a recorder of it for
+//!   crash-point tests.
 //! - [`fault`]: a wrapper that injects latency and errors, for tests and benchmarks.
 
+pub mod durable;
 pub mod error;
 pub mod fault;
 pub mod file;

@@ -45,7 +45,9 @@
 //!   if it holds write C, it holds every write that completed before C was
 //!   issued.
 //! - always: no block is damaged, and every block holds a write that was
-//!   issued to that block (or zeros).
+//!   issued to that block (or zeros, or a write numbered below the log's
+//!   first write: content from an earlier run over the same blocks, which
+//!   counts as "not written by this history").
 //!
 //! A write that was issued and never answered (in flight at the crash) may
 //! or may not be present; both are fine.
@@ -606,6 +608,7 @@ pub fn check(h: &History, contents: &[Content]) -> Report {
         }
     }
 
+    let first_seq = h.writes.first().map_or(1, |w| w.seq);
     // What each block holds, as a write of the history.
     let mut present: Vec<Option<&WriteRecord>> = Vec::with_capacity(contents.len());
     for (b, c) in contents.iter().enumerate() {
@@ -630,6 +633,9 @@ pub fn check(h: &History, contents: &[Content]) -> Report {
                 });
                 None
             }
+            // Written before this history began (a writer run over blocks an
+            // earlier run wrote starts above its numbers): like zeros.
+            Content::Record { seq, .. } if *seq < first_seq => None,
             Content::Record { seq, .. } => match h.write(*seq) {
                 Some(w) if w.block == b => {
                     if w.reply.is_none() {
@@ -778,6 +784,32 @@ mod tests {
 
     fn rec(b: u64, seq: u64) -> Content {
         Content::Record { block: b, seq }
+    }
+
+    #[test]
+    fn content_from_before_the_history_counts_as_unwritten() {
+        // A run whose writes start at 100 over blocks an earlier run wrote.
+        let h = log(|r| {
+            r.write_issued(100, 0).unwrap();
+            r.write_replied(100, Outcome::Ok).unwrap();
+            r.write_issued(101, 1).unwrap();
+        });
+        // Block 1 still holds write 7 of the earlier run (101 never
+        // answered), block 2 write 3: neither is unknown.
+        let rep = check(&h, &[rec(0, 100), rec(1, 7), rec(2, 3), Content::Zero]);
+        assert!(rep.holds(Require::Acked), "{}", rep.summary());
+        // But an acknowledged write of this run that lost to old content is missing.
+        let rep = check(
+            &h,
+            &[rec(0, 5), Content::Zero, Content::Zero, Content::Zero],
+        );
+        assert_eq!(rep.missing_acked.len(), 1);
+        // And a number above the first one that the log never issued is unknown.
+        let rep = check(
+            &h,
+            &[rec(0, 100), Content::Zero, rec(2, 150), Content::Zero],
+        );
+        assert_eq!(rep.unknown.len(), 1);
     }
 
     #[test]

@@ -11,6 +11,12 @@
 //!   simple replies) built on `blockmirror_nbd::proto`.
 //! - [`delay`]: a TCP proxy adding one-way delay and a bandwidth limit (a
 //!   WAN stand-in: this kernel has no netem), with cut and heal.
+//! - [`faultnet`]: a TCP proxy that injects seeded faults: a connection
+//!   dropped after N bytes (mid-frame), a stall, one corrupted byte, a cut
+//!   and heal.
+//! - [`rng`]: the seeded generator every random choice here comes from.
+//! - [`soak`]: the `blockmirror-soak` run: two nodes, the history writer,
+//!   one seeded fault per cycle, the checks after each.
 //! - [`writer`]: the history writer: pipelined 4 KiB block writes with
 //!   periodic FLUSHes against an NBD export, recorded as it goes.
 //!
@@ -18,6 +24,9 @@
 //! `history check`; integration tests call the library in-process.
 
 pub mod delay;
+pub mod faultnet;
 pub mod history;
 pub mod nbd;
+pub mod rng;
+pub mod soak;
 pub mod writer;

@@ -139,6 +139,7 @@ fn main() -> ExitCode {
                 flush_every,
                 duration: Duration::from_secs_f64(seconds),
                 seed,
+                first_seq: 1,
             };
             match writer::run(&cfg, &Progress::default()) {
                 Ok(s) => {

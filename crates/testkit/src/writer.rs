@@ -41,6 +41,10 @@ pub struct WriterConfig {
     pub flush_every: u64,
     pub duration: Duration,
     pub seed: u64,
+    /// The first write's sequence number (default 1). A run over blocks an
+    /// earlier run wrote starts above that run's numbers, so the checker
+    /// can tell the earlier content (see [`crate::history::check`]).
+    pub first_seq: u64,
 }
 
 impl WriterConfig {
@@ -56,6 +60,7 @@ impl WriterConfig {
             flush_every: 32,
             duration,
             seed: 0x1234_5678,
+            first_seq: 1,
         }
     }
 }
@@ -195,7 +200,7 @@ fn send_requests(
 ) -> Result<Summary> {
     let deadline = Instant::now() + cfg.duration;
     let mut rng = Rng(cfg.seed | 1);
-    let mut next_seq = 1u64;
+    let mut next_seq = cfg.first_seq.max(1);
     let mut next_cookie = 1u64;
     let mut since_flush = 0u64;
     let mut buf = BytesMut::with_capacity(cfg.block_size as usize + 64);
@@ -295,7 +300,7 @@ fn send_requests(
     }
     let _ = out.shutdown();
     Ok(Summary {
-        writes_issued: next_seq - 1,
+        writes_issued: next_seq - cfg.first_seq.max(1),
         writes_acked: progress.writes_acked.load(Relaxed),
         writes_failed: progress.writes_failed.load(Relaxed),
         flushes_issued,

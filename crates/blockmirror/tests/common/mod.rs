@@ -357,6 +357,7 @@ pub struct PairBuilder {
     mirror_node_extra: String,
     mirror_table: String,
     delay: Option<blockmirror_testkit::delay::Shape>,
+    faults: bool,
     wrong_secret: bool,
     wait_in_sync: bool,
     mirror_ip: String,
@@ -374,6 +375,7 @@ impl PairBuilder {
             mirror_node_extra: String::new(),
             mirror_table: "mode = \"sync\"\n".into(),
             delay: None,
+            faults: false,
             wrong_secret: false,
             wait_in_sync: true,
             mirror_ip: "127.0.0.1".into(),
@@ -430,6 +432,13 @@ impl PairBuilder {
     /// the mirror's replication listener.
     pub fn through_delay(mut self, shape: blockmirror_testkit::delay::Shape) -> Self {
         self.delay = Some(shape);
+        self
+    }
+
+    /// Put testkit's fault proxy (drop, stall, corrupt, cut) between the
+    /// primary and the mirror's replication listener (not with a delay proxy).
+    pub fn through_faults(mut self) -> Self {
+        self.faults = true;
         self
     }
 
@@ -507,7 +516,18 @@ impl PairBuilder {
             )
             .unwrap()
         });
-        let peer = proxy.as_ref().map_or(m_listen, |p| p.addr());
+        let fault_proxy = self.faults.then(|| {
+            blockmirror_testkit::faultnet::FaultProxy::start(
+                "127.0.0.1:0".parse().unwrap(),
+                m_listen,
+            )
+            .unwrap()
+        });
+        let peer = proxy
+            .as_ref()
+            .map(|p| p.addr())
+            .or(fault_proxy.as_ref().map(|p| p.addr()))
+            .unwrap_or(m_listen);
         let p_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let p_nbd = format!("127.0.0.1:{}", free_port());
         let pdir = tempfile::tempdir().unwrap();
@@ -543,6 +563,7 @@ impl PairBuilder {
             mirror_listen: m_listen,
             primary_listen: p_listen,
             proxy,
+            fault_proxy,
         };
         if self.wait_in_sync {
             pair.wait_in_sync(Duration::from_secs(30));
@@ -562,6 +583,8 @@ pub struct Pair {
     pub primary_listen: Option<SocketAddr>,
     /// The delay proxy between them, if [`PairBuilder::through_delay`].
     pub proxy: Option<blockmirror_testkit::delay::DelayProxy>,
+    /// The fault proxy between them, if [`PairBuilder::through_faults`].
+    pub fault_proxy: Option<blockmirror_testkit::faultnet::FaultProxy>,
 }
 
 impl Pair {

@@ -25,7 +25,6 @@
 //! field of the volume's metadata record: it is written from the I/O path,
 //! at most once.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 
@@ -33,6 +32,7 @@ use blockmirror_core::role::{Action, Event};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use blockmirror_storage::fault::RandomFaults;
 use blockmirror_storage::{Backend, Extent, FaultBackend, Faults, FileBackend, Op, StorageError};
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
@@ -75,6 +75,25 @@ pub struct FaultRequest {
     /// Fail every flush with EIO.
     #[serde(default)]
     pub fail_flush: bool,
+    /// Seeded random faults (EIO, ENOSPC, latency spikes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random: Option<RandomFaultRequest>,
+}
+
+/// The `random` part of a [`FaultRequest`]: each write fails with EIO or
+/// ENOSPC, and each read, write or flush sleeps `spike_us`, with these
+/// probabilities in parts per million, drawn from `seed`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RandomFaultRequest {
+    pub seed: u64,
+    #[serde(default)]
+    pub eio_ppm: u32,
+    #[serde(default)]
+    pub enospc_ppm: u32,
+    #[serde(default)]
+    pub spike_ppm: u32,
+    #[serde(default)]
+    pub spike_us: u64,
 }
 
 /// A byte range of a [`FaultRequest`].
@@ -98,6 +117,13 @@ impl FaultRequest {
             fail_write_range: range(&self.fail_writes),
             fail_read_range: range(&self.fail_reads),
             fail_flush: self.fail_flush,
+            random: self.random.map(|r| RandomFaults {
+                seed: r.seed,
+                eio_ppm: r.eio_ppm.min(1_000_000),
+                enospc_ppm: r.enospc_ppm.min(1_000_000),
+                spike_ppm: r.spike_ppm.min(1_000_000),
+                spike: Duration::from_micros(r.spike_us),
+            }),
         }
     }
 }
@@ -298,18 +324,12 @@ impl LocalDisk {
             std::fs::create_dir_all(dir)?;
         }
         let tmp = self.marker.with_extension("disk-failed.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        writeln!(
-            f,
-            "volume {} local disk failed at unix time {unix}: {cause}",
+        let text = format!(
+            "volume {} local disk failed at unix time {unix}: {cause}\n",
             self.volume
-        )?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.marker)?;
-        if let Some(dir) = self.marker.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        );
+        blockmirror_storage::durable::replace_file(&self.marker, &tmp, text.as_bytes())
+            .map_err(|e| e.source)
     }
 
     fn refused(&self, op: Op, offset: u64, len: u64) -> StorageError {
@@ -434,6 +454,41 @@ mod tests {
         assert!(marker.contains("offset 8192"), "{marker}");
     }
 
+    /// Crash points of the marker: once it was stored, every state a power
+    /// cut can leave has it, readable; before, it is absent or readable.
+    #[test]
+    fn every_power_cut_after_the_marker_was_stored_keeps_it() {
+        use blockmirror_storage::durable::{self, crash};
+        let dir = tempfile::tempdir().unwrap();
+        let disk = LocalDisk::wrap(
+            "v",
+            Arc::new(MemBackend::new("v", 1 << 20)),
+            PrimaryFailurePolicy::ServeFromMirror,
+            dir.path(),
+        );
+        let ((), events) = durable::record(|| {
+            disk.store_marker().unwrap();
+            durable::mark("stored");
+        });
+        let marker = LocalDisk::marker_path(dir.path(), "v");
+        let states = crash::states(&crash::Files::new(), &events);
+        assert!(states.len() > 5);
+        for st in states {
+            crash::restore(dir.path(), &st.files).unwrap();
+            match std::fs::read_to_string(&marker) {
+                Ok(text) => assert!(text.contains("local disk failed"), "{}: {text:?}", st.how),
+                Err(e) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{}", st.how);
+                    assert!(
+                        st.marks.is_empty(),
+                        "{}: the stored marker vanished",
+                        st.how
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn fault_requests_map_to_faults() {
         let f = FaultRequest {
@@ -450,5 +505,15 @@ mod tests {
         assert_eq!(f.fail_read_range.unwrap().0, 4096..8192);
         assert!(f.fail_write_range.is_none());
         assert_eq!(FaultRequest::default().faults().fail_writes, 0);
+        let req: FaultRequest = serde_json::from_str(
+            r#"{"random": {"seed": 7, "eio_ppm": 2000, "enospc_ppm": 3000, "spike_ppm": 50000, "spike_us": 20000}}"#,
+        )
+        .unwrap();
+        let r = req.faults().random.unwrap();
+        assert_eq!(
+            (r.seed, r.eio_ppm, r.enospc_ppm, r.spike_ppm),
+            (7, 2000, 3000, 50000)
+        );
+        assert_eq!(r.spike, Duration::from_millis(20));
     }
 }

@@ -44,8 +44,7 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -53,6 +52,7 @@ use blockmirror_core::activity::{
     ActivityRecord, ActivityRecordError, Transaction, MAX_RECORD_LEN,
 };
 use blockmirror_core::bitmap::{Bitmap, BitmapError};
+use blockmirror_storage::durable;
 use thiserror::Error;
 
 /// Size of each of the activity log's two slots.
@@ -186,7 +186,6 @@ struct AlState {
 struct Files {
     volume: String,
     peer: String,
-    dir: PathBuf,
     bitmap_path: PathBuf,
     al_path: PathBuf,
     volume_size: u64,
@@ -233,7 +232,6 @@ impl OosStore {
         let files = Files {
             volume: volume.to_owned(),
             peer: peer.to_owned(),
-            dir: dir.to_owned(),
             bitmap_path: dir.join(format!("{base}.bitmap")),
             al_path: dir.join(format!("{base}.al")),
             volume_size,
@@ -403,10 +401,13 @@ impl OosStore {
 
     fn write_record(&self, al: &mut AlState, record: &ActivityRecord) -> Result<(), OosStoreError> {
         let bytes = record.encode();
-        al.file
-            .write_all_at(&bytes, al.next_slot * SLOT_SIZE)
-            .and_then(|()| al.file.sync_data())
-            .map_err(|e| self.files.io(&self.files.al_path, e))?;
+        durable::write_at_sync(
+            &al.file,
+            &self.files.al_path,
+            &bytes,
+            al.next_slot * SLOT_SIZE,
+        )
+        .map_err(|e| self.files.io(&self.files.al_path, e))?;
         al.next_slot = 1 - al.next_slot;
         al.next_seq += 1;
         Ok(())
@@ -442,16 +443,7 @@ impl Files {
     fn replace_file(&self, path: &Path, bytes: &[u8]) -> Result<(), OosStoreError> {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let mut f = File::create(&tmp).map_err(|e| self.io(&tmp, e))?;
-        f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| self.io(&tmp, e))?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(|e| self.io(path, e))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| self.io(&self.dir, e))
+        durable::replace_file(path, Path::new(&tmp), bytes).map_err(|e| self.io(&e.path, e.source))
     }
 
     fn io(&self, path: &Path, source: io::Error) -> OosStoreError {
@@ -498,5 +490,7 @@ fn sanitise(name: &str) -> String {
     out
 }
 
+#[cfg(test)]
+mod crash_points;
 #[cfg(test)]
 mod tests;
