@@ -42,7 +42,30 @@ enum ConfigCommand {
 }
 
 #[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a CA and a certificate per node under DIR: ca.pem (ca.key: keep
+    /// it off the nodes), NAME.pem and NAME.key per node (subject names:
+    /// NAME, 127.0.0.1, localhost), qemu-client/ for qemu and libnbd
+    /// clients, qemu-server/ for qemu-nbd.
+    Init {
+        /// Where to write them (created; an existing ca.pem is not overwritten).
+        dir: PathBuf,
+        /// Node names, comma-separated (e.g. site-a,site-b).
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// For tests of refusals: the qemu-client certificate is expired.
+        #[arg(long, hide = true)]
+        expired_client: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
+    /// TLS certificates for nodes and hosts.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Run one node: every volume in the config, its NBD exports and admin HTTP.
     Serve {
         /// The node config (TOML).
@@ -255,6 +278,24 @@ async fn run(cli: Cli) -> Result<Outcome> {
             command: ConfigCommand::Check { file },
         } => ok(config_check(&file)),
         Command::Man { dir } => ok(man(&dir)),
+        Command::Certs {
+            command:
+                CertsCommand::Init {
+                    dir,
+                    nodes,
+                    expired_client,
+                },
+        } => {
+            use blockmirror_node::tls::certs;
+            let w = certs::init(&dir, &nodes, &certs::InitOptions { expired_client })?;
+            println!("CA:          {}", w.ca.display());
+            for (n, c, k) in &w.nodes {
+                println!("node {n}: {} {}", c.display(), k.display());
+            }
+            println!("qemu/libnbd: {}/", w.qemu_client.display());
+            println!("qemu-nbd:    {}/", w.qemu_server.display());
+            Ok(Outcome::Success)
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

@@ -38,6 +38,7 @@ use crate::primary::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
 use crate::primary::reads::ReadRouter;
 use crate::primary::verify::{VerifyService, VerifyVolume};
 use crate::primary::{GenState, MirrorLink, Replicator};
+use crate::tls::TlsStore;
 use crate::volume::local_disk::{FaultRequest, LocalDisk, LocalDiskError};
 use crate::volume::meta_file::{self, MetaCell, MetaFileError};
 use crate::volume::role::RoleCell;
@@ -60,6 +61,8 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -81,6 +84,8 @@ pub struct Node {
     config: NodeConfig,
     volumes: Vec<OpenVolume>,
     secret: Option<Arc<[u8]>>,
+    /// `[tls]`, loaded.
+    tls: Option<Arc<TlsStore>>,
 }
 
 /// Reads the shared secret: the file's bytes, without trailing whitespace.
@@ -128,6 +133,10 @@ impl Node {
     pub fn open(config: NodeConfig) -> Result<Node, NodeError> {
         let state_dir = state_dir(&config);
         let secret = config.secret_file.as_deref().map(read_secret).transpose()?;
+        let tls = match &config.tls {
+            None => None,
+            Some(t) => Some(Arc::new(TlsStore::load(t.clone())?)),
+        };
         let mut volumes = Vec::new();
         for vc in &config.volumes {
             if let Some(parent) = vc.path.parent() {
@@ -324,7 +333,8 @@ impl Node {
                     meta_cell.clone(),
                     replicator,
                 )
-                .with_disk(disk, reads),
+                .with_disk(disk, reads)
+                .with_tls(vc.tls),
             );
             volumes.push(OpenVolume {
                 volume,
@@ -356,6 +366,7 @@ impl Node {
             config,
             volumes,
             secret,
+            tls,
         })
     }
 
@@ -399,7 +410,11 @@ impl Node {
 
         for (listener, volume) in listeners {
             let sd = shutdown.clone();
-            let exports = Arc::new(Exports::new([volume]));
+            let mut exports = Exports::new([volume]);
+            if let Some(tls) = &self.tls {
+                exports = exports.with_tls(tls.clone() as Arc<dyn blockmirror_nbd::TlsSource>);
+            }
+            let exports = Arc::new(exports);
             tasks.spawn(blockmirror_nbd::serve(listener, exports, sd));
         }
 
