@@ -207,3 +207,146 @@ fn allow_serves_both_and_off_refuses_starttls() {
     let out = run_ok(Command::new("nbdinfo").arg(node.uri()));
     assert!(out.contains("without TLS"), "{out}");
 }
+
+// ---------------------------------------------------------------------------
+// Replication links.
+
+/// A pair whose nodes run with `[tls]` (the primary as site-a, the mirror
+/// with the certificate files `mirror_cert`.pem/.key from `certs`), the
+/// primary expecting `peer_name` in the mirror's certificate.
+fn tls_pair(certs: &Path, mirror_cert: &str, peer_name: &str) -> PairBuilder {
+    PairBuilder::new(64 * MIB)
+        .primary_node(&tls_table(certs, "site-a"))
+        .mirror_node(&tls_table(certs, mirror_cert))
+        .mirror_table(&format!("mode = \"sync\"\npeer_name = \"{peer_name}\""))
+}
+
+#[test]
+fn a_sync_mirror_over_mutual_tls_holds_every_acknowledged_write_after_a_primary_kill() {
+    use blockmirror_testkit::history::{self, Require};
+    use blockmirror_testkit::writer::{self, End, Progress, WriterConfig};
+    let certs = tempfile::tempdir().unwrap();
+    certs_init(certs.path(), "site-a,site-b", &[]);
+    let mut pair = tls_pair(certs.path(), "site-b", "site-b").start();
+    assert!(pair.primary.log().contains("tls=true"), "{}", pair.logs());
+    assert!(pair.mirror.log().contains("tls=true"), "{}", pair.logs());
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("history.log");
+    let cfg = WriterConfig::new(pair.primary.uri(), &log, 4096, Duration::from_secs(30));
+    let progress = Progress::default();
+    let summary = std::thread::scope(|s| {
+        let w = s.spawn(|| writer::run(&cfg, &progress));
+        wait_for(
+            "acknowledged writes and flushes",
+            Duration::from_secs(30),
+            || {
+                use std::sync::atomic::Ordering::Relaxed;
+                assert!(!w.is_finished(), "the writer stopped early");
+                (progress.flushes_acked.load(Relaxed) >= 60
+                    && progress.writes_acked.load(Relaxed) >= 3000)
+                    .then_some(())
+            },
+        );
+        pair.primary.stop_with("KILL");
+        w.join().unwrap().expect("history writer")
+    });
+    assert!(matches!(summary.end, End::ConnectionLost(_)), "{summary:?}");
+    wait_for(
+        "the mirror to see the link drop",
+        Duration::from_secs(10),
+        || {
+            pair.mirror.status_json()["volumes"][0]["primary"]
+                .is_null()
+                .then_some(())
+        },
+    );
+    let report = history::check_image(pair.mirror.image(), &log).unwrap();
+    let text = format!("{summary:?}\n{}", report.summary());
+    assert!(report.required_flushed > 0, "{text}");
+    assert!(report.holds(Require::Flushed), "{text}");
+    assert!(report.holds(Require::Acked), "{text}");
+    assert!(report.holds(Require::Prefix), "{text}");
+}
+
+#[test]
+fn a_mirror_whose_certificate_names_another_node_is_refused_until_it_reloads_the_right_one() {
+    let certs = tempfile::tempdir().unwrap();
+    certs_init(certs.path(), "site-a,site-b,site-c", &[]);
+    // The mirror's files start as site-c's; the primary expects site-b.
+    for ext in ["pem", "key"] {
+        std::fs::copy(
+            certs.path().join(format!("site-c.{ext}")),
+            certs.path().join(format!("mirror.{ext}")),
+        )
+        .unwrap();
+    }
+    let pair = tls_pair(certs.path(), "mirror", "site-b").no_wait().start();
+    let log = wait_log(&pair.primary, "the refusal in the primary's log", |l| {
+        l.contains("mirror link connect failed")
+    });
+    let line = log
+        .lines()
+        .find(|l| l.contains("mirror link connect failed"))
+        .unwrap();
+    assert!(
+        line.contains(&format!("peer={}", pair.mirror_listen)),
+        "{line}"
+    );
+    assert!(line.contains("name site-b"), "{line}");
+    assert!(line.contains("not valid for name \"site-b\""), "{line}");
+    assert_ne!(pair.link()["connection"], "connected");
+    // Nothing reached the mirror's image.
+    assert!(std::fs::read(pair.mirror.image())
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+
+    // The right certificate, and SIGHUP: the next reconnect succeeds.
+    for ext in ["pem", "key"] {
+        std::fs::copy(
+            certs.path().join(format!("site-b.{ext}")),
+            certs.path().join(format!("mirror.{ext}")),
+        )
+        .unwrap();
+    }
+    run_ok(Command::new("kill").args(["-HUP", &pair.mirror.pid().to_string()]));
+    wait_log(&pair.mirror, "the reload in the mirror's log", |l| {
+        l.contains("tls certificates reloaded")
+    });
+    pair.wait_in_sync(Duration::from_secs(30));
+    qemu_io_ok(pair.primary.uri(), &["write -P 0x7e 0 1M", "flush"]);
+    pair.assert_images_identical();
+    // Job connections (verify, here with remote reads of the data) use TLS too.
+    let admin = pair.primary.admin.to_string();
+    for mode in [&[][..], &["--full"][..]] {
+        let out = run(Command::new(BIN)
+            .args(["verify", PAIR_VOLUME, "--admin", &admin])
+            .args(mode));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "verify {mode:?}: {text}\n{}",
+            pair.logs()
+        );
+        assert!(text.contains("identical"), "{text}");
+    }
+    // And the admin API reloads too.
+    let (code, body) = http_post(pair.mirror.admin, "/admin/reload-tls").unwrap();
+    assert_eq!(code, 200, "{body}");
+}
+
+#[test]
+fn a_plaintext_primary_is_refused_by_a_tls_mirror() {
+    let certs = tempfile::tempdir().unwrap();
+    certs_init(certs.path(), "site-a,site-b", &[]);
+    let pair = PairBuilder::new(16 * MIB)
+        .mirror_node(&tls_table(certs.path(), "site-b"))
+        .no_wait()
+        .start();
+    let log = wait_log(&pair.mirror, "the refusal in the mirror's log", |l| {
+        l.contains("replication peer refused") && l.contains("TLS handshake failed")
+    });
+    assert!(log.contains("peer=127.0.0.1:"), "{log}");
+    assert_ne!(pair.link()["connection"], "connected");
+}

@@ -106,6 +106,11 @@ pub trait AdminSource: Send + Sync + 'static {
         let _ = (volume, req);
         Err((404, "fault injection is not available on this node".into()))
     }
+    /// `POST /admin/reload-tls`: reads the `[tls]` files again; the message,
+    /// or the HTTP status and reason.
+    fn reload_tls(&self) -> Result<String, (u16, String)> {
+        Err((404, "TLS reload is not available on this node".into()))
+    }
     /// Makes a mirror volume the primary. Called on the blocking pool.
     fn promote(&self, volume: &str, _req: &PromoteRequest) -> Result<String, ControlError> {
         Err(ControlError::Refused {
@@ -182,6 +187,7 @@ pub fn router(source: Arc<dyn AdminSource>) -> Router {
         .route("/volumes/{name}/demote", post(post_demote))
         .route("/volumes/{name}/resync", post(post_resync))
         .route("/volumes/{name}/faults", post(post_faults))
+        .route("/admin/reload-tls", post(post_reload_tls))
         .fallback(not_found)
         .with_state(source)
 }
@@ -375,6 +381,18 @@ async fn post_faults(
             Err((code, msg)) => refused(code, &msg),
         },
         Err(e) => (StatusCode::BAD_REQUEST, e + "\n").into_response(),
+    }
+}
+
+async fn post_reload_tls(State(source): State<Arc<dyn AdminSource>>) -> axum::response::Response {
+    match tokio::task::spawn_blocking(move || source.reload_tls()).await {
+        Ok(Ok(msg)) => (StatusCode::OK, msg + "\n").into_response(),
+        Ok(Err((code, msg))) => (
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            msg + "\n",
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }
 

@@ -457,6 +457,7 @@ impl Node {
                 l,
                 self.config.node.clone(),
                 secret,
+                self.tls.clone(),
                 Arc::new(targets),
                 jobs,
                 shutdown.clone(),
@@ -471,6 +472,7 @@ impl Node {
                 continue;
             };
             let ctx = LinkContext {
+                tls: self.tls.clone(),
                 secret: self
                     .secret
                     .clone()
@@ -517,6 +519,7 @@ impl Node {
             verify: Arc::new(VerifyService::new(verifiable, shutdown.clone())),
             jobs: job_service,
             node: self.config.node.clone(),
+            tls: self.tls.clone(),
             volumes: self
                 .volumes
                 .iter()
@@ -533,6 +536,31 @@ impl Node {
             tasks.spawn(async move {
                 observer.run(src, sd).await;
                 Ok(())
+            });
+        }
+        // SIGHUP: read the TLS files again (new connections use them).
+        {
+            let (tls, sd) = (self.tls.clone(), shutdown.clone());
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|source| NodeError::Io {
+                    what: "installing the SIGHUP handler".into(),
+                    source,
+                })?;
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = sd.cancelled() => return Ok(()),
+                        _ = hup.recv() => {}
+                    }
+                    match &tls {
+                        None => info!("SIGHUP: no [tls] to reload"),
+                        Some(t) => {
+                            if let Err(e) = t.reload() {
+                                warn!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificates");
+                            }
+                        }
+                    }
+                }
             });
         }
         let sd = shutdown.clone();
@@ -698,6 +726,8 @@ struct Served {
 
 struct StatusSource {
     node: String,
+    /// `[tls]`, for `POST /admin/reload-tls`.
+    tls: Option<Arc<TlsStore>>,
     /// Events and chart history, sampled from [`AdminSource::status`].
     observer: Arc<crate::daemon::events::Observer>,
     volumes: Vec<Served>,
@@ -763,6 +793,17 @@ impl StatusSource {
 impl AdminSource for StatusSource {
     fn observer(&self) -> Option<Arc<crate::daemon::events::Observer>> {
         Some(self.observer.clone())
+    }
+
+    fn reload_tls(&self) -> Result<String, (u16, String)> {
+        let Some(t) = &self.tls else {
+            return Err((409, "this node has no [tls] table".into()));
+        };
+        t.reload().map_err(|e| (500, e.to_string()))?;
+        Ok(format!(
+            "reloaded {}; new connections use it",
+            t.settings().cert.display()
+        ))
     }
 
     fn status(&self) -> NodeStatus {

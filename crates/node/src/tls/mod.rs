@@ -261,3 +261,64 @@ pub fn client_config_for_ca(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
         .with_no_client_auth();
     Ok(Arc::new(c))
 }
+
+/// Why a primary could not open a connection to its mirror.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("connect {addr}: {source}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with mirror {addr} (its certificate must chain to the CA and name {expected}): {source}")]
+    Tls {
+        addr: std::net::SocketAddr,
+        expected: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Name(#[from] TlsError),
+}
+
+/// Opens a replication or job connection to the mirror at `addr`: TCP, then
+/// TLS with this node's certificate when `tls` is set, checking that the
+/// mirror's certificate names `peer_name` (else `addr`'s IP address).
+pub async fn dial(
+    addr: std::net::SocketAddr,
+    tls: Option<&TlsStore>,
+    peer_name: Option<&str>,
+) -> Result<blockmirror_repl::LinkStream, DialError> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|source| DialError::Connect { addr, source })?;
+    tcp.set_nodelay(true)
+        .map_err(|source| DialError::Connect { addr, source })?;
+    let Some(tls) = tls else {
+        return Ok(tcp.into());
+    };
+    let name = expected_name(peer_name, addr)?;
+    let expected = peer_name.map_or_else(|| addr.ip().to_string(), str::to_string);
+    blockmirror_repl::LinkStream::connect_tls(tcp, tls.current().repl_client.clone(), name)
+        .await
+        .map_err(|source| DialError::Tls {
+            addr,
+            expected,
+            source,
+        })
+}
+
+/// The mirror's side: TLS (a client certificate from the CA required) when
+/// `tls` is set, else the plain stream.
+pub async fn accept(
+    tcp: tokio::net::TcpStream,
+    tls: Option<&TlsStore>,
+) -> std::io::Result<blockmirror_repl::LinkStream> {
+    match tls {
+        None => Ok(tcp.into()),
+        Some(t) => {
+            blockmirror_repl::LinkStream::accept_tls(tcp, t.current().repl_server.clone()).await
+        }
+    }
+}

@@ -771,7 +771,11 @@ fn contract_tls_and_admin_auth_keys_parse() {
 
 #[test]
 fn tls_keys_are_checked() {
-    assert_err(&vol("tls = \"require\""), "volume[0].tls", "needs a [tls] table");
+    assert_err(
+        &vol("tls = \"require\""),
+        "volume[0].tls",
+        "needs a [tls] table",
+    );
     assert_err(&vol("tls = \"maybe\""), "volume[0].tls", "expected \"off\"");
     assert_err(
         &format!("{}[tls]\nca = \"a\"\ncert = \"b\"\n", vol("")),
