@@ -30,6 +30,15 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The admin API's bearer token file (default: `[admin_auth] token_file`
+    /// of ./blockmirror.toml, if it has one).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// The CA that signed the node's certificate: talk HTTPS to the admin
+    /// API (default: `[tls] ca` of ./blockmirror.toml when its admin port
+    /// is HTTPS).
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -252,8 +261,48 @@ enum Outcome {
     Differ,
 }
 
+/// The admin client's token and CA: the flags, else ./blockmirror.toml.
+fn configure_admin_client(token_file: Option<PathBuf>, ca: Option<PathBuf>) -> Result<()> {
+    let local = std::env::current_dir()
+        .ok()
+        .map(|d| d.join(config::DEFAULT_CONFIG_FILE))
+        .filter(|p| p.is_file())
+        .and_then(|p| NodeConfig::load(&p).ok());
+    let token_file = token_file.or_else(|| {
+        local
+            .as_ref()
+            .and_then(|c| c.admin_auth.as_ref().map(|a| a.token_file.clone()))
+    });
+    let ca = ca.or_else(|| {
+        local.as_ref().and_then(|c| {
+            c.tls
+                .as_ref()
+                .filter(|t| t.admin_https)
+                .map(|t| t.ca.clone())
+        })
+    });
+    let token = token_file
+        .map(|p| blockmirror_node::daemon::admin_auth::read_token(&p))
+        .transpose()?;
+    let tls = ca
+        .map(|p| blockmirror_node::tls::client_config_for_ca(&p))
+        .transpose()?;
+    admin::configure_client(admin::ClientSettings { token, tls });
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<Outcome> {
     let ok = |r: Result<()>| r.map(|()| Outcome::Success);
+    if !matches!(
+        cli.command,
+        Command::Serve { .. }
+            | Command::Certs { .. }
+            | Command::Man { .. }
+            | Command::Completions { .. }
+            | Command::Config { .. }
+    ) {
+        configure_admin_client(cli.token_file, cli.ca)?;
+    }
     match cli.command {
         Command::Serve { config } => ok(serve(&config).await),
         Command::Demo {

@@ -1,7 +1,8 @@
 //! TLS end to end with real clients: `certs init`, NBD STARTTLS with
 //! nbdinfo, nbdcopy, qemu-img and qemu-io (GnuTLS clients), and the
 //! refusals (plaintext to a `require` export, a client certificate from
-//! another CA, an expired one), each logged with the peer's address.
+//! another CA, an expired one), each logged with the peer's address;
+//! mutual TLS on replication links; the admin API's token and HTTPS.
 
 mod common;
 
@@ -26,9 +27,11 @@ fn certs_init(dir: &Path, nodes: &str, extra: &[&str]) {
     );
 }
 
+/// A `[tls]` table for `node`'s files in `certs`; the admin port stays
+/// plain HTTP (the harness polls it), except in the admin tests.
 fn tls_table(certs: &Path, node: &str) -> String {
     format!(
-        "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/{node}.pem\"\nkey = \"{0}/{node}.key\"\n",
+        "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/{node}.pem\"\nkey = \"{0}/{node}.key\"\nadmin_https = false\n",
         certs.display()
     )
 }
@@ -349,4 +352,186 @@ fn a_plaintext_primary_is_refused_by_a_tls_mirror() {
     });
     assert!(log.contains("peer=127.0.0.1:"), "{log}");
     assert_ne!(pair.link()["connection"], "connected");
+}
+
+// ---------------------------------------------------------------------------
+// The admin API: bearer token, HTTPS.
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+/// A standalone node with `[admin_auth]` (and `tls`, a `[tls]` table with
+/// HTTPS on the admin port, if given).
+fn auth_node(open_reads: bool, tls: Option<&Path>) -> TestNode {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin.token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::write(dir.path().join("secret.key"), format!("{}\n", new_secret())).unwrap();
+    // `listen` and a secret: demote (the change the tests make) needs them.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let port = free_port();
+    let img = dir.path().join("db.img");
+    let tls_text = tls.map_or(String::new(), |c| {
+        format!(
+            "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/site-a.pem\"\nkey = \"{0}/site-a.key\"\n",
+            c.display()
+        )
+    });
+    let text = format!(
+        "node = \"site-a\"\nadmin = \"{admin}\"\nlisten = \"{listen}\"\nsecret_file = \"secret.key\"\n[admin_auth]\ntoken_file = \"admin.token\"\n\
+         open_reads = {open_reads}\n{tls_text}\n[[volume]]\nname = \"db\"\npath = \"{}\"\nsize = {}\n\
+         role = \"primary\"\nnbd = \"127.0.0.1:{port}\"\n",
+        img.display(),
+        16 * MIB
+    );
+    TestNode::from_config_with(
+        dir,
+        &text,
+        admin,
+        vec![format!("nbd://127.0.0.1:{port}/db")],
+        vec![img],
+        Vec::new(),
+        tls.is_some(),
+    )
+}
+
+#[test]
+fn the_admin_api_wants_a_bearer_token_for_changes_and_logs_refusals() {
+    let node = auth_node(true, None);
+    let a = node.admin;
+    // Reads are open.
+    assert_eq!(http_get(a, "/status").unwrap().0, 200);
+    assert_eq!(http_get(a, "/metrics").unwrap().0, 200);
+    // Changes: 401 without a token, 403 with a wrong one, through with it.
+    let (code, _) = http_post(a, "/volumes/db/demote").unwrap();
+    assert_eq!(code, 401);
+    let wrong = "Authorization: Bearer not-the-token-at-all";
+    let (code, _) = http_request(a, "POST", "/volumes/db/demote", &[wrong], "{}").unwrap();
+    assert_eq!(code, 403);
+    let right = format!("Authorization: Bearer {TOKEN}");
+    let (code, body) = http_request(a, "POST", "/admin/reload-tls", &[&right], "").unwrap();
+    assert_eq!(
+        code, 409,
+        "past the token, refused for want of [tls]: {body}"
+    );
+    let log = wait_log(&node, "both refusals in the log", |l| {
+        l.contains("admin request refused: no bearer token")
+            && l.contains("admin request refused: wrong token")
+    });
+    for l in log.lines().filter(|l| l.contains("admin request refused")) {
+        assert!(l.contains("peer=127.0.0.1:"), "{l}");
+        assert!(l.contains("path=/volumes/db/demote"), "{l}");
+    }
+    assert_eq!(node.status_json()["volumes"][0]["role"], "primary");
+
+    // The CLI: refused without the token file, obeyed with it.
+    let addr = a.to_string();
+    let out = cli(&["demote", "db", "--admin", &addr]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token_file = node.dir.path().join("admin.token");
+    let out = cli(&[
+        "demote",
+        "db",
+        "--admin",
+        &addr,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(node.status_json()["volumes"][0]["role"], "mirror");
+}
+
+#[test]
+fn closed_reads_need_the_token_and_the_cli_finds_it_in_the_config() {
+    let node = auth_node(false, None);
+    assert_eq!(http_get(node.admin, "/status").unwrap().0, 401);
+    let right = format!("Authorization: Bearer {TOKEN}");
+    let (code, body) = http_request(node.admin, "GET", "/status", &[&right], "").unwrap();
+    assert_eq!(code, 200, "{body}");
+    // Run from a directory whose blockmirror.toml names the token file:
+    // no flags needed.
+    std::fs::copy(&node.config, node.dir.path().join("blockmirror.toml")).unwrap();
+    let out = run(Command::new(BIN)
+        .args(["status", "--json"])
+        .current_dir(node.dir.path()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"db\""));
+}
+
+#[test]
+fn https_on_the_admin_port_with_the_node_certificate() {
+    require_tool("curl");
+    let certs = tempfile::tempdir().unwrap();
+    certs_init(certs.path(), "site-a", &[]);
+    let node = auth_node(true, Some(certs.path()));
+    let addr = node.admin.to_string();
+    let ca = certs.path().join("ca.pem");
+    let token_file = node.dir.path().join("admin.token");
+    // The CLI with --ca (and the token for a change).
+    let out = cli(&[
+        "status",
+        "--json",
+        "--admin",
+        &addr,
+        "--ca",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&[
+        "demote",
+        "db",
+        "--admin",
+        &addr,
+        "--ca",
+        ca.to_str().unwrap(),
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without --ca the CLI speaks plain HTTP to a TLS port: an error.
+    let out = cli(&["status", "--admin", &addr]);
+    assert!(!out.status.success());
+    // A CA that did not sign the node's certificate: refused.
+    let other = tempfile::tempdir().unwrap();
+    certs_init(other.path(), "x", &[]);
+    let bad_ca = other.path().join("ca.pem");
+    let out = cli(&["status", "--admin", &addr, "--ca", bad_ca.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TLS"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // curl, for Prometheus-style scrapers.
+    let body = run_ok(Command::new("curl").args([
+        "-sf",
+        "--cacert",
+        ca.to_str().unwrap(),
+        &format!("https://{addr}/metrics"),
+    ]));
+    assert!(body.contains("blockmirror_"), "{body}");
+    wait_log(&node, "the plain-HTTP refusal in the log", |l| {
+        l.contains("admin connection refused: TLS handshake failed")
+            && l.contains("peer=127.0.0.1:")
+    });
 }

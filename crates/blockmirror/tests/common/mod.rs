@@ -191,6 +191,9 @@ pub struct TestNode {
     pub images: Vec<PathBuf>,
     /// A command the node is started under (e.g. `ip netns exec NS`); empty: none.
     pub launcher: Vec<String>,
+    /// The admin port speaks HTTPS: readiness is the "node running" log
+    /// line, not a plain-HTTP answer.
+    pub https: bool,
     child: Option<Child>,
 }
 
@@ -235,6 +238,7 @@ impl TestNode {
             uris,
             images,
             launcher: Vec::new(),
+            https: false,
             child: None,
         };
         node.spawn();
@@ -266,8 +270,12 @@ impl TestNode {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("blockmirror serve exited early ({st}):\n{}", self.log());
             }
+            if self.https {
+                return self.log().contains("node running").then_some(());
+            }
+            // 401: up, with `[admin_auth] open_reads = false`.
             match http_get(admin, "/status") {
-                Ok((200, _)) => Some(()),
+                Ok((200 | 401, _)) => Some(()),
                 _ => None,
             }
         });
@@ -701,6 +709,19 @@ impl TestNode {
         images: Vec<PathBuf>,
         launcher: Vec<String>,
     ) -> TestNode {
+        Self::from_config_with(dir, text, admin, uris, images, launcher, false)
+    }
+
+    /// [`TestNode::from_config`]; `https`: the admin port speaks HTTPS.
+    pub fn from_config_with(
+        dir: tempfile::TempDir,
+        text: &str,
+        admin: SocketAddr,
+        uris: Vec<String>,
+        images: Vec<PathBuf>,
+        launcher: Vec<String>,
+        https: bool,
+    ) -> TestNode {
         let config = dir.path().join("node.toml");
         std::fs::write(&config, text).unwrap();
         let mut node = TestNode {
@@ -710,6 +731,7 @@ impl TestNode {
             uris,
             images,
             launcher,
+            https,
             child: None,
         };
         node.spawn();

@@ -24,6 +24,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::daemon::admin_auth::{AdminAuth, AdminListener};
 use crate::daemon::status::NodeStatus;
 
 /// `POST /volumes/{name}/promote`.
@@ -199,9 +200,29 @@ pub async fn serve(
     source: Arc<dyn AdminSource>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(source))
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with(AdminListener::plain(listener)?, source, None, shutdown).await
+}
+
+/// [`serve`] on a plain or HTTPS listener, with a bearer token if `auth`.
+pub async fn serve_with(
+    listener: AdminListener,
+    source: Arc<dyn AdminSource>,
+    auth: Option<Arc<AdminAuth>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut app = router(source);
+    if let Some(a) = auth {
+        app = app.layer(axum::middleware::from_fn_with_state(
+            a,
+            crate::daemon::admin_auth::authorize,
+        ));
+    }
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<crate::daemon::admin_auth::PeerAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn get_status(State(source): State<Arc<dyn AdminSource>>) -> Json<NodeStatus> {
@@ -414,6 +435,14 @@ pub enum AdminClientError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "admin API at {addr}: TLS: {source} (is --ca the CA that signed the node's certificate?)"
+    )]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("admin API at {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -437,6 +466,50 @@ pub enum AdminClientError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// How this process's admin client talks to nodes: a bearer token and, for
+/// HTTPS, the CA that signed the nodes' certificates. Set once, by the CLI.
+#[derive(Default)]
+pub struct ClientSettings {
+    pub token: Option<String>,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+static CLIENT: std::sync::OnceLock<ClientSettings> = std::sync::OnceLock::new();
+
+/// Sets the admin client's token and TLS (first call wins).
+pub fn configure_client(settings: ClientSettings) {
+    let _ = CLIENT.set(settings);
+}
+
+fn client() -> &'static ClientSettings {
+    CLIENT.get_or_init(ClientSettings::default)
+}
+
+/// TCP, then TLS if the client has a CA (the node's certificate must name
+/// the IP address dialled).
+async fn open(addr: SocketAddr) -> Result<blockmirror_repl::LinkStream, AdminClientError> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| AdminClientError::Connect { addr, source })?;
+    match &client().tls {
+        None => Ok(tcp.into()),
+        Some(c) => blockmirror_repl::LinkStream::connect_tls(
+            tcp,
+            c.clone(),
+            rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+        )
+        .await
+        .map_err(|source| AdminClientError::Tls { addr, source }),
+    }
+}
+
+fn with_token(req: axum::http::request::Builder) -> axum::http::request::Builder {
+    match &client().token {
+        Some(t) => req.header(header::AUTHORIZATION, format!("Bearer {t}")),
+        None => req,
+    }
 }
 
 /// A response from the admin API.
@@ -473,16 +546,14 @@ async fn request_inner(
 ) -> Result<AdminResponse, AdminClientError> {
     let http =
         |e: Box<dyn std::error::Error + Send + Sync>| AdminClientError::Http { addr, source: e };
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|source| AdminClientError::Connect { addr, source })?;
+    let stream = open(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| http(e.into()))?;
     // Drives the connection; aborted when this function returns.
     let conn = AbortOnDrop(tokio::spawn(conn));
 
-    let mut req = Request::builder()
+    let mut req = with_token(Request::builder())
         .method(method)
         .uri(path)
         .header(header::HOST, addr.to_string())
@@ -585,18 +656,17 @@ pub async fn follow_events(
     let http =
         |e: Box<dyn std::error::Error + Send + Sync>| AdminClientError::Http { addr, source: e };
     let path = if now { "/events?now=true" } else { "/events" };
-    let stream = tokio::time::timeout(CLIENT_TIMEOUT, TcpStream::connect(addr))
+    let stream = tokio::time::timeout(CLIENT_TIMEOUT, open(addr))
         .await
         .map_err(|_| AdminClientError::Timeout {
             addr,
             timeout: CLIENT_TIMEOUT,
-        })?
-        .map_err(|source| AdminClientError::Connect { addr, source })?;
+        })??;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| http(e.into()))?;
     let conn = AbortOnDrop(tokio::spawn(conn));
-    let req = Request::builder()
+    let req = with_token(Request::builder())
         .method(Method::GET)
         .uri(path)
         .header(header::HOST, addr.to_string())

@@ -25,6 +25,7 @@ use blockmirror_core::role::{self as roles, Action, Event, RoleError};
 use crate::daemon::admin::{
     self, AdminSource, ControlError, DemoteRequest, PromoteRequest, ResyncRequest, VerifyRequest,
 };
+use crate::daemon::admin_auth::{read_token, AdminAuth, AdminListener};
 use crate::daemon::config::{NbdListen, NodeConfig, Role};
 use crate::daemon::metrics::{self};
 use crate::daemon::role_driver::{DriveError, RoleDriver};
@@ -63,6 +64,8 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Token(#[from] crate::daemon::admin_auth::TokenError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -86,6 +89,8 @@ pub struct Node {
     secret: Option<Arc<[u8]>>,
     /// `[tls]`, loaded.
     tls: Option<Arc<TlsStore>>,
+    /// `[admin_auth]`, its token read.
+    admin_auth: Option<Arc<AdminAuth>>,
 }
 
 /// Reads the shared secret: the file's bytes, without trailing whitespace.
@@ -136,6 +141,13 @@ impl Node {
         let tls = match &config.tls {
             None => None,
             Some(t) => Some(Arc::new(TlsStore::load(t.clone())?)),
+        };
+        let admin_auth = match &config.admin_auth {
+            None => None,
+            Some(a) => Some(Arc::new(AdminAuth::new(
+                read_token(&a.token_file)?,
+                a.open_reads,
+            ))),
         };
         let mut volumes = Vec::new();
         for vc in &config.volumes {
@@ -367,6 +379,7 @@ impl Node {
             volumes,
             secret,
             tls,
+            admin_auth,
         })
     }
 
@@ -563,10 +576,28 @@ impl Node {
                 }
             });
         }
+        let admin_io = |source| NodeError::Io {
+            what: "admin listener".into(),
+            source,
+        };
+        let (admin_listener, https) = match &self.tls {
+            Some(t) if t.settings().admin_https => (
+                AdminListener::tls(admin_listener, t.clone()).map_err(admin_io)?,
+                true,
+            ),
+            _ => (
+                AdminListener::plain(admin_listener).map_err(admin_io)?,
+                false,
+            ),
+        };
+        info!(%admin_addr, https, token = self.admin_auth.is_some(), "admin API");
         let sd = shutdown.clone();
-        tasks.spawn(admin::serve(admin_listener, source, async move {
-            sd.cancelled().await
-        }));
+        tasks.spawn(admin::serve_with(
+            admin_listener,
+            source,
+            self.admin_auth.clone(),
+            async move { sd.cancelled().await },
+        ));
 
         for (name, uri) in &exports {
             info!(volume = %name, %uri, "serving NBD export");

@@ -68,6 +68,9 @@ pub struct TlsSettings {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub nbd_client_certs: ClientCerts,
+    /// HTTPS on the admin port with the node's certificate (key
+    /// `admin_https`, default true).
+    pub admin_https: bool,
 }
 
 /// The rustls configs made from one reading of the files.

@@ -511,6 +511,7 @@ struct RawTls {
     cert: Option<String>,
     key: Option<String>,
     nbd_client_certs: Option<String>,
+    admin_https: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -677,6 +678,7 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                 cert: file(t.cert, "cert")?,
                 key: file(t.key, "key")?,
                 nbd_client_certs,
+                admin_https: t.admin_https.unwrap_or(true),
             })
         }
     };
