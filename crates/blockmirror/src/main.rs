@@ -98,6 +98,10 @@ enum Command {
         /// check passed.
         #[arg(long)]
         drill: bool,
+        /// Mutual TLS on the replication link and NBD STARTTLS (`tls =
+        /// "allow"`), with certificates from `certs init` under DIR/tls.
+        #[arg(long)]
+        tls: bool,
     },
     /// Show what each volume is doing.
     Status {
@@ -319,8 +323,12 @@ async fn run(cli: Cli) -> Result<Outcome> {
             }
         }
         Command::Demo {
-            dir, size, mode, ..
-        } => ok(demo(&dir, &size, mode.as_deref()).await),
+            dir,
+            size,
+            mode,
+            tls,
+            ..
+        } => ok(demo(&dir, &size, mode.as_deref(), tls).await),
         Command::Status { admin, json, watch } => ok(show_status(admin, json, watch).await),
         Command::Events { admin, json, now } => ok(events(admin, json, now).await),
         Command::Config {
@@ -569,7 +577,7 @@ fn free_port(preferred: u16) -> Result<u16> {
     Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
 
-async fn demo(dir: &Path, size: &str, mode: Option<&str>) -> Result<()> {
+async fn demo(dir: &Path, size: &str, mode: Option<&str>, tls: bool) -> Result<()> {
     let mode = match mode {
         None | Some("sync") => "sync",
         Some("async") => "async",
@@ -586,6 +594,30 @@ async fn demo(dir: &Path, size: &str, mode: Option<&str>) -> Result<()> {
         std::fs::write(&secret, hex + "\n")
             .with_context(|| format!("writing {}", secret.display()))?;
     }
+    let certs = dir.join("tls");
+    if tls && !certs.join("ca.pem").exists() {
+        let nodes = ["demo-primary".to_string(), "demo-mirror".to_string()];
+        blockmirror_node::tls::certs::init(&certs, &nodes, &Default::default())?;
+    }
+    // The admin ports stay plain HTTP: the demo prints http:// addresses.
+    let tls_table = |node: &str| {
+        if tls {
+            format!(
+                "\n[tls]\nca = \"tls/ca.pem\"\ncert = \"tls/{node}.pem\"\nkey = \"tls/{node}.key\"\nadmin_https = false\n"
+            )
+        } else {
+            String::new()
+        }
+    };
+    let (m_tls, p_tls) = (tls_table("demo-mirror"), tls_table("demo-primary"));
+    let (peer_a, peer_b) = if tls {
+        (
+            "peer_name = \"demo-primary\"\n",
+            "peer_name = \"demo-mirror\"\n",
+        )
+    } else {
+        ("", "")
+    };
     let (p_nbd, p_admin, p_listen) = (free_port(10809)?, free_port(7780)?, free_port(7700)?);
     let (m_nbd, m_admin, m_listen) = (free_port(10810)?, free_port(7781)?, free_port(7701)?);
     let mirror_text = format!(
@@ -595,7 +627,7 @@ node = "demo-mirror"
 listen = "127.0.0.1:{m_listen}"
 admin = "127.0.0.1:{m_admin}"
 secret_file = "secret.key"
-
+{m_tls}
 [[volume]]
 name = "demo"
 path = "mirror/demo.img"
@@ -606,7 +638,7 @@ nbd = "127.0.0.1:{m_nbd}"
 [[volume.mirror]]
 peer = "127.0.0.1:{p_listen}"
 mode = "{mode}"
-"#
+{peer_a}"#
     );
     let primary_text = format!(
         r#"# blockmirror demo: the primary node (site A), mirrored ({mode}) to site B.
@@ -615,7 +647,7 @@ node = "demo-primary"
 listen = "127.0.0.1:{p_listen}"
 admin = "127.0.0.1:{p_admin}"
 secret_file = "secret.key"
-
+{p_tls}
 [[volume]]
 name = "demo"
 path = "primary/demo.img"
@@ -626,7 +658,7 @@ nbd = "127.0.0.1:{p_nbd}"
 [[volume.mirror]]
 peer = "127.0.0.1:{m_listen}"
 mode = "{mode}"
-"#
+{peer_b}"#
     );
     let m_cfg = dir.join("mirror.toml");
     let p_cfg = dir.join("primary.toml");
@@ -675,6 +707,14 @@ mode = "{mode}"
     println!();
     println!("Try:");
     println!("  nbdinfo {uri}");
+    if tls {
+        let creds = certs.join("qemu-client");
+        let tls_uri = uri.replacen("nbd://", "nbds://", 1);
+        println!(
+            "  nbdinfo '{tls_uri}?tls-certificates={}'      # over TLS (the link is mutual TLS too)",
+            creds.display()
+        );
+    }
     println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c flush {uri}");
     println!("  qemu-io -f raw -r -c 'read -P 0xab 0 1M' {muri}      # the mirror has it");
     println!("  fio --name=w --ioengine=nbd --uri={uri} --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based");
