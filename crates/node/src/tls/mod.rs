@@ -92,8 +92,19 @@ pub struct TlsStore {
     current: RwLock<Arc<TlsConfigs>>,
 }
 
+/// ring's provider with AES-128-GCM preferred over AES-256-GCM (rustls'
+/// default order): the replication link encrypts every byte a host writes,
+/// twice (once per side), and AES-128 has 10 rounds to AES-256's 14. Both
+/// ends of a link are ours, so this order is what links negotiate;
+/// docs/BENCHMARKS.md has the measurement.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites.sort_by_key(|s| match s.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
+        _ => 2,
+    });
+    Arc::new(p)
 }
 
 fn file_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(String) -> TlsError + 'a {
