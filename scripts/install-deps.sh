@@ -10,6 +10,7 @@ PACKAGES=(
   nbdkit          # nbdkit's file plugin (baseline server)
   fio             # load generator with an nbd engine
   iproute2        # ip netns, for multi-host tests
+  curl            # an HTTPS client for the admin API test (tests/tls.rs)
   chromium        # headless browser for the status page test (tests/page.rs)
   prometheus      # promtool, which checks deploy/*.rules.yml (tests/deploy.rs)
   systemd         # systemd-analyze, which verifies deploy/blockmirror@.service

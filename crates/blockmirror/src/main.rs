@@ -30,6 +30,15 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The admin API's bearer token file (default: `[admin_auth] token_file`
+    /// of ./blockmirror.toml, if it has one).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// The CA that signed the node's certificate: talk HTTPS to the admin
+    /// API (default: `[tls] ca` of ./blockmirror.toml when its admin port
+    /// is HTTPS).
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -42,7 +51,30 @@ enum ConfigCommand {
 }
 
 #[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a CA and a certificate per node under DIR: ca.pem (ca.key: keep
+    /// it off the nodes), NAME.pem and NAME.key per node (subject names:
+    /// NAME, 127.0.0.1, localhost), qemu-client/ for qemu and libnbd
+    /// clients, qemu-server/ for qemu-nbd.
+    Init {
+        /// Where to write them (created; an existing ca.pem is not overwritten).
+        dir: PathBuf,
+        /// Node names, comma-separated (e.g. site-a,site-b).
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// For tests of refusals: the qemu-client certificate is expired.
+        #[arg(long, hide = true)]
+        expired_client: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
+    /// TLS certificates for nodes and hosts.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Run one node: every volume in the config, its NBD exports and admin HTTP.
     Serve {
         /// The node config (TOML).
@@ -66,6 +98,10 @@ enum Command {
         /// check passed.
         #[arg(long)]
         drill: bool,
+        /// Mutual TLS on the replication link and NBD STARTTLS (`tls =
+        /// "allow"`), with certificates from `certs init` under DIR/tls.
+        #[arg(long)]
+        tls: bool,
     },
     /// Show what each volume is doing.
     Status {
@@ -229,8 +265,48 @@ enum Outcome {
     Differ,
 }
 
+/// The admin client's token and CA: the flags, else ./blockmirror.toml.
+fn configure_admin_client(token_file: Option<PathBuf>, ca: Option<PathBuf>) -> Result<()> {
+    let local = std::env::current_dir()
+        .ok()
+        .map(|d| d.join(config::DEFAULT_CONFIG_FILE))
+        .filter(|p| p.is_file())
+        .and_then(|p| NodeConfig::load(&p).ok());
+    let token_file = token_file.or_else(|| {
+        local
+            .as_ref()
+            .and_then(|c| c.admin_auth.as_ref().map(|a| a.token_file.clone()))
+    });
+    let ca = ca.or_else(|| {
+        local.as_ref().and_then(|c| {
+            c.tls
+                .as_ref()
+                .filter(|t| t.admin_https)
+                .map(|t| t.ca.clone())
+        })
+    });
+    let token = token_file
+        .map(|p| blockmirror_node::daemon::admin_auth::read_token(&p))
+        .transpose()?;
+    let tls = ca
+        .map(|p| blockmirror_node::tls::client_config_for_ca(&p))
+        .transpose()?;
+    admin::configure_client(admin::ClientSettings { token, tls });
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<Outcome> {
     let ok = |r: Result<()>| r.map(|()| Outcome::Success);
+    if !matches!(
+        cli.command,
+        Command::Serve { .. }
+            | Command::Certs { .. }
+            | Command::Man { .. }
+            | Command::Completions { .. }
+            | Command::Config { .. }
+    ) {
+        configure_admin_client(cli.token_file, cli.ca)?;
+    }
     match cli.command {
         Command::Serve { config } => ok(serve(&config).await),
         Command::Demo {
@@ -247,14 +323,36 @@ async fn run(cli: Cli) -> Result<Outcome> {
             }
         }
         Command::Demo {
-            dir, size, mode, ..
-        } => ok(demo(&dir, &size, mode.as_deref()).await),
+            dir,
+            size,
+            mode,
+            tls,
+            ..
+        } => ok(demo(&dir, &size, mode.as_deref(), tls).await),
         Command::Status { admin, json, watch } => ok(show_status(admin, json, watch).await),
         Command::Events { admin, json, now } => ok(events(admin, json, now).await),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => ok(config_check(&file)),
         Command::Man { dir } => ok(man(&dir)),
+        Command::Certs {
+            command:
+                CertsCommand::Init {
+                    dir,
+                    nodes,
+                    expired_client,
+                },
+        } => {
+            use blockmirror_node::tls::certs;
+            let w = certs::init(&dir, &nodes, &certs::InitOptions { expired_client })?;
+            println!("CA:          {}", w.ca.display());
+            for (n, c, k) in &w.nodes {
+                println!("node {n}: {} {}", c.display(), k.display());
+            }
+            println!("qemu/libnbd: {}/", w.qemu_client.display());
+            println!("qemu-nbd:    {}/", w.qemu_server.display());
+            Ok(Outcome::Success)
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(
@@ -479,7 +577,7 @@ fn free_port(preferred: u16) -> Result<u16> {
     Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
 
-async fn demo(dir: &Path, size: &str, mode: Option<&str>) -> Result<()> {
+async fn demo(dir: &Path, size: &str, mode: Option<&str>, tls: bool) -> Result<()> {
     let mode = match mode {
         None | Some("sync") => "sync",
         Some("async") => "async",
@@ -496,6 +594,30 @@ async fn demo(dir: &Path, size: &str, mode: Option<&str>) -> Result<()> {
         std::fs::write(&secret, hex + "\n")
             .with_context(|| format!("writing {}", secret.display()))?;
     }
+    let certs = dir.join("tls");
+    if tls && !certs.join("ca.pem").exists() {
+        let nodes = ["demo-primary".to_string(), "demo-mirror".to_string()];
+        blockmirror_node::tls::certs::init(&certs, &nodes, &Default::default())?;
+    }
+    // The admin ports stay plain HTTP: the demo prints http:// addresses.
+    let tls_table = |node: &str| {
+        if tls {
+            format!(
+                "\n[tls]\nca = \"tls/ca.pem\"\ncert = \"tls/{node}.pem\"\nkey = \"tls/{node}.key\"\nadmin_https = false\n"
+            )
+        } else {
+            String::new()
+        }
+    };
+    let (m_tls, p_tls) = (tls_table("demo-mirror"), tls_table("demo-primary"));
+    let (peer_a, peer_b) = if tls {
+        (
+            "peer_name = \"demo-primary\"\n",
+            "peer_name = \"demo-mirror\"\n",
+        )
+    } else {
+        ("", "")
+    };
     let (p_nbd, p_admin, p_listen) = (free_port(10809)?, free_port(7780)?, free_port(7700)?);
     let (m_nbd, m_admin, m_listen) = (free_port(10810)?, free_port(7781)?, free_port(7701)?);
     let mirror_text = format!(
@@ -505,7 +627,7 @@ node = "demo-mirror"
 listen = "127.0.0.1:{m_listen}"
 admin = "127.0.0.1:{m_admin}"
 secret_file = "secret.key"
-
+{m_tls}
 [[volume]]
 name = "demo"
 path = "mirror/demo.img"
@@ -516,7 +638,7 @@ nbd = "127.0.0.1:{m_nbd}"
 [[volume.mirror]]
 peer = "127.0.0.1:{p_listen}"
 mode = "{mode}"
-"#
+{peer_a}"#
     );
     let primary_text = format!(
         r#"# blockmirror demo: the primary node (site A), mirrored ({mode}) to site B.
@@ -525,7 +647,7 @@ node = "demo-primary"
 listen = "127.0.0.1:{p_listen}"
 admin = "127.0.0.1:{p_admin}"
 secret_file = "secret.key"
-
+{p_tls}
 [[volume]]
 name = "demo"
 path = "primary/demo.img"
@@ -536,7 +658,7 @@ nbd = "127.0.0.1:{p_nbd}"
 [[volume.mirror]]
 peer = "127.0.0.1:{m_listen}"
 mode = "{mode}"
-"#
+{peer_b}"#
     );
     let m_cfg = dir.join("mirror.toml");
     let p_cfg = dir.join("primary.toml");
@@ -585,6 +707,14 @@ mode = "{mode}"
     println!();
     println!("Try:");
     println!("  nbdinfo {uri}");
+    if tls {
+        let creds = certs.join("qemu-client");
+        let tls_uri = uri.replacen("nbd://", "nbds://", 1);
+        println!(
+            "  nbdinfo '{tls_uri}?tls-certificates={}'      # over TLS (the link is mutual TLS too)",
+            creds.display()
+        );
+    }
     println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c flush {uri}");
     println!("  qemu-io -f raw -r -c 'read -P 0xab 0 1M' {muri}      # the mirror has it");
     println!("  fio --name=w --ioengine=nbd --uri={uri} --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based");

@@ -11,11 +11,22 @@ use common::*;
 
 #[test]
 fn demo_prints_a_working_uri_and_stops_on_sigint() {
+    run_demo(false);
+}
+
+/// `demo --tls`: the link is mutual TLS, and the printed `nbds://` command works.
+#[test]
+fn demo_with_tls() {
+    run_demo(true);
+}
+
+fn run_demo(tls: bool) {
     require_tool("qemu-io");
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(BIN)
         .args(["demo", "--size", "64MiB", "--dir"])
         .arg(dir.path().join("demo"))
+        .args(if tls { &["--tls"][..] } else { &[][..] })
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -23,6 +34,7 @@ fn demo_prints_a_working_uri_and_stops_on_sigint() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut uri = None;
     let mut admin = None;
+    let mut tls_cmd = None;
     // The demo prints its banner and then waits; read until "Press Ctrl-C".
     for line in lines.by_ref() {
         let line = line.unwrap();
@@ -34,6 +46,9 @@ fn demo_prints_a_working_uri_and_stops_on_sigint() {
         }
         if let Some(rest) = line.trim().strip_prefix("blockmirror status --admin ") {
             admin = Some(rest.trim().to_owned());
+        }
+        if let Some(rest) = line.trim().strip_prefix("nbdinfo 'nbds://") {
+            tls_cmd = rest.split('\'').next().map(|u| format!("nbds://{u}"));
         }
         if line.starts_with("Press Ctrl-C") {
             break;
@@ -64,6 +79,16 @@ fn demo_prints_a_working_uri_and_stops_on_sigint() {
     });
     let out = run_ok(Command::new(BIN).args(["verify", "demo", "--admin", &admin]));
     assert!(out.contains("identical"), "{out}");
+    if tls {
+        require_tool("nbdinfo");
+        let uri = tls_cmd.expect("demo --tls prints an nbds:// command");
+        let out = run_ok(Command::new("nbdinfo").arg(&uri));
+        assert!(out.contains("with TLS"), "{out}");
+        let st =
+            String::from_utf8_lossy(&std::fs::read(dir.path().join("demo/primary.toml")).unwrap())
+                .into_owned();
+        assert!(st.contains("[tls]"), "{st}");
+    }
 
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

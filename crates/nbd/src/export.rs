@@ -87,6 +87,11 @@ pub trait Export: Send + Sync + 'static {
     fn fast_zeroes(&self) -> bool {
         false
     }
+    /// How this export takes NBD_OPT_STARTTLS (used only when the
+    /// [`crate::Exports`] have a TLS source).
+    fn tls(&self) -> crate::tls::TlsMode {
+        crate::tls::TlsMode::Off
+    }
 
     fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Bytes, Errno>> + Send;
     fn write(

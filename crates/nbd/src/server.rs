@@ -36,10 +36,11 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::export::{CmdKind, Export, StatusExtent};
-use crate::handshake::{handshake, Exports, HandshakeError, BASE_ALLOCATION_ID};
+use crate::handshake::BASE_ALLOCATION_ID;
+use crate::handshake::{greet, options, Exports, HandshakeError, Negotiated, Step, Transport};
 use crate::proto::*;
 use blockmirror_core::geometry::{Geometry, RangeError};
 
@@ -134,6 +135,7 @@ pub async fn serve<E: Export>(
                 };
                 let exports = exports.clone();
                 let shutdown = shutdown.clone();
+                let span = tracing::info_span!("nbd", %peer);
                 tracker.spawn(async move {
                     debug!(%peer, "connection opened");
                     let r = match stream {
@@ -147,9 +149,12 @@ pub async fn serve<E: Export>(
                         {
                             debug!(%peer, "client left during handshake")
                         }
+                        Err(e @ ConnError::Handshake(
+                            HandshakeError::Tls(_) | HandshakeError::TlsRequired(_),
+                        )) => warn!(%peer, error = %e, "refused"),
                         Err(e) => info!(%peer, error = %e, "connection ended"),
                     }
-                });
+                }.instrument(span));
             }
         }
     }
@@ -200,6 +205,16 @@ impl SplitStream for tokio::net::UnixStream {
     }
 }
 
+/// A TLS session after STARTTLS: split with `tokio::io::split` (a lock
+/// per poll; the plaintext types above split without one).
+impl<S: SplitStream> SplitStream for tokio_rustls::server::TlsStream<S> {
+    type R = tokio::io::ReadHalf<Self>;
+    type W = tokio::io::WriteHalf<Self>;
+    fn split(self) -> (Self::R, Self::W) {
+        tokio::io::split(self)
+    }
+}
+
 impl SplitStream for tokio::io::DuplexStream {
     type R = tokio::io::ReadHalf<tokio::io::DuplexStream>;
     type W = tokio::io::WriteHalf<tokio::io::DuplexStream>;
@@ -208,21 +223,73 @@ impl SplitStream for tokio::io::DuplexStream {
     }
 }
 
-/// Serves one client: handshake, then transmission until it disconnects or
-/// `shutdown` fires (in-flight requests are finished and answered first).
+/// Serves one client: handshake (with STARTTLS if the exports offer it),
+/// then transmission until it disconnects or `shutdown` fires (in-flight
+/// requests are finished and answered first).
+///
+/// The plaintext and the TLS session are different stream types, each with
+/// its own monomorphised transmission phase: plaintext pays nothing for TLS.
 pub async fn serve_connection<E: Export, S: SplitStream>(
     mut stream: S,
     exports: &Exports<E>,
     shutdown: CancellationToken,
 ) -> Result<(), ConnError> {
-    let negotiated = tokio::select! {
-        r = handshake(&mut stream, exports) => match r {
-            Ok(n) => n,
+    let plain = async {
+        let no_zeroes = greet(&mut stream).await?;
+        let step = options(
+            &mut stream,
+            exports,
+            no_zeroes,
+            Transport::Plain { tls: true },
+        )
+        .await?;
+        Ok::<_, HandshakeError>((no_zeroes, step))
+    };
+    let (no_zeroes, step) = tokio::select! {
+        r = plain => match r {
+            Ok(x) => x,
             Err(HandshakeError::Aborted) => return Ok(()),
             Err(e) => return Err(e.into()),
         },
         _ = shutdown.cancelled() => return Ok(()),
     };
+    match step {
+        Step::Negotiated(n) => transmission(stream, n, shutdown).await,
+        Step::StartTls(config) => {
+            let upgrade = async {
+                // The handshake read exactly up to the end of STARTTLS, so
+                // the TLS layer sees every byte after it: plaintext a man in
+                // the middle injected there fails the TLS handshake.
+                let mut tls = tokio_rustls::TlsAcceptor::from(config)
+                    .accept(stream)
+                    .await
+                    .map_err(HandshakeError::Tls)?;
+                let client_cert = tls.get_ref().1.peer_certificates().is_some();
+                debug!(client_cert, "TLS up");
+                let step = options(&mut tls, exports, no_zeroes, Transport::Tls).await?;
+                Ok::<_, HandshakeError>((tls, step))
+            };
+            let (tls, step) = tokio::select! {
+                r = upgrade => match r {
+                    Ok(x) => x,
+                    Err(HandshakeError::Aborted) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                },
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            match step {
+                Step::Negotiated(n) => transmission(tls, n, shutdown).await,
+                Step::StartTls(_) => unreachable!("STARTTLS over TLS is refused"),
+            }
+        }
+    }
+}
+
+async fn transmission<E: Export, S: SplitStream>(
+    stream: S,
+    negotiated: Negotiated<E>,
+    shutdown: CancellationToken,
+) -> Result<(), ConnError> {
     let export = negotiated.export;
     let session = negotiated.session;
     debug!(
@@ -419,7 +486,13 @@ impl<E: Export> Reader<E> {
             let n = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
-                n = rd.read_buf(&mut buf) => n?,
+                n = rd.read_buf(&mut buf) => match n {
+                    Ok(n) => n,
+                    // TLS: the client closed without close_notify (most do,
+                    // after NBD_CMD_DISC); judged like a plain EOF below.
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                    Err(e) => return Err(e.into()),
+                },
             };
             if n == 0 {
                 if buf.is_empty() && discard == 0 {

@@ -13,4 +13,5 @@
 pub mod daemon;
 pub mod mirror;
 pub mod primary;
+pub mod tls;
 pub mod volume;

@@ -25,6 +25,9 @@
 //!   [`FrameReader`] (clean EOF between frames is `None`; EOF inside a frame
 //!   is an error) and [`FrameWriter`] (small frames coalesce into one buffer,
 //!   write data goes out as its own iovec without a copy).
+//! - [`stream`]: the stream under it all, [`LinkStream`]: plain TCP or TLS
+//!   (rustls; the primary is the client). The HMAC handshake runs inside
+//!   TLS when both are configured.
 //!
 //! After the handshake the link carries `Write`, `Trim`, `WriteZeroes` and
 //! `Flush` requests from the primary, each with a request id that the mirror
@@ -40,6 +43,7 @@ pub mod compress;
 pub mod frame;
 pub mod handshake;
 pub mod link;
+pub mod stream;
 pub mod wire;
 
 pub use compress::{encode_encoded_write_header, EncodedWrite};
@@ -53,6 +57,7 @@ pub use handshake::{
     HANDSHAKE_VERSION, HISTORY_LEN,
 };
 pub use link::{FrameReader, FrameWriter, LinkError};
+pub use stream::{LinkRead, LinkStream, LinkWrite};
 pub use wire::{
     Codec, DecompressError, Kind, PayloadError, RangeError, RawHeader, WireError, DIGEST_LEN,
     FLAG_FUA, FLAG_LZ4, FLAG_NO_TRIM, FLAG_ZSTD, HASH_LEN, HEADER_LEN, MAGIC, MAX_CONTROL_PAYLOAD,

@@ -125,6 +125,43 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     Ok((code, body))
 }
 
+/// A minimal HTTP/1.1 request with extra header lines (e.g.
+/// `Authorization: Bearer X`) and a body; returns (status code, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        req += h;
+        req += "\r\n";
+    }
+    req += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// A POST with an empty body.
+pub fn http_post(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "POST", path, &[], "")
+}
+
 /// One volume of a test node.
 pub struct VolumeSpec {
     pub name: String,
@@ -154,6 +191,9 @@ pub struct TestNode {
     pub images: Vec<PathBuf>,
     /// A command the node is started under (e.g. `ip netns exec NS`); empty: none.
     pub launcher: Vec<String>,
+    /// The admin port speaks HTTPS: readiness is the "node running" log
+    /// line, not a plain-HTTP answer.
+    pub https: bool,
     child: Option<Child>,
 }
 
@@ -198,6 +238,7 @@ impl TestNode {
             uris,
             images,
             launcher: Vec::new(),
+            https: false,
             child: None,
         };
         node.spawn();
@@ -229,8 +270,12 @@ impl TestNode {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("blockmirror serve exited early ({st}):\n{}", self.log());
             }
+            if self.https {
+                return self.log().contains("node running").then_some(());
+            }
+            // 401: up, with `[admin_auth] open_reads = false`.
             match http_get(admin, "/status") {
-                Ok((200, _)) => Some(()),
+                Ok((200 | 401, _)) => Some(()),
                 _ => None,
             }
         });
@@ -355,6 +400,7 @@ pub struct PairBuilder {
     primary_volume_extra: String,
     mirror_volume_extra: String,
     mirror_node_extra: String,
+    primary_node_extra: String,
     mirror_table: String,
     delay: Option<blockmirror_testkit::delay::Shape>,
     faults: bool,
@@ -373,6 +419,7 @@ impl PairBuilder {
             primary_volume_extra: String::new(),
             mirror_volume_extra: String::new(),
             mirror_node_extra: String::new(),
+            primary_node_extra: String::new(),
             mirror_table: "mode = \"sync\"\n".into(),
             delay: None,
             faults: false,
@@ -418,6 +465,13 @@ impl PairBuilder {
     pub fn mirror_node(mut self, extra: &str) -> Self {
         self.mirror_node_extra += extra;
         self.mirror_node_extra.push('\n');
+        self
+    }
+
+    /// Extra node-level keys or tables for the primary's config (e.g. a `[tls]` table).
+    pub fn primary_node(mut self, extra: &str) -> Self {
+        self.primary_node_extra += extra;
+        self.primary_node_extra.push('\n');
         self
     }
 
@@ -540,9 +594,10 @@ impl PairBuilder {
         let pimg = pdir.path().join(format!("{PAIR_VOLUME}.img"));
         let listen_line = p_listen.map_or(String::new(), |l| format!("listen = \"{l}\"\n"));
         let ptext = format!(
-            "node = \"primary\"\n{listen_line}admin = \"{p_admin}\"\nsecret_file = \"secret.key\"\n\n\
+            "node = \"primary\"\n{listen_line}admin = \"{p_admin}\"\nsecret_file = \"secret.key\"\n{}\n\
              [[volume]]\nname = \"{PAIR_VOLUME}\"\npath = \"{}\"\nsize = {}\nrole = \"primary\"\nnbd = \"{p_nbd}\"\n\
              mirror_timeout = \"{}\"\n{}\n[[volume.mirror]]\npeer = \"{peer}\"\n{}",
+            self.primary_node_extra,
             pimg.display(),
             self.size,
             self.mirror_timeout,
@@ -677,6 +732,19 @@ impl TestNode {
         images: Vec<PathBuf>,
         launcher: Vec<String>,
     ) -> TestNode {
+        Self::from_config_with(dir, text, admin, uris, images, launcher, false)
+    }
+
+    /// [`TestNode::from_config`]; `https`: the admin port speaks HTTPS.
+    pub fn from_config_with(
+        dir: tempfile::TempDir,
+        text: &str,
+        admin: SocketAddr,
+        uris: Vec<String>,
+        images: Vec<PathBuf>,
+        launcher: Vec<String>,
+        https: bool,
+    ) -> TestNode {
         let config = dir.path().join("node.toml");
         std::fs::write(&config, text).unwrap();
         let mut node = TestNode {
@@ -686,6 +754,7 @@ impl TestNode {
             uris,
             images,
             launcher,
+            https,
             child: None,
         };
         node.spawn();

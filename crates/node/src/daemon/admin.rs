@@ -24,6 +24,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::daemon::admin_auth::{AdminAuth, AdminListener};
 use crate::daemon::status::NodeStatus;
 
 /// `POST /volumes/{name}/promote`.
@@ -106,6 +107,11 @@ pub trait AdminSource: Send + Sync + 'static {
         let _ = (volume, req);
         Err((404, "fault injection is not available on this node".into()))
     }
+    /// `POST /admin/reload-tls`: reads the `[tls]` files again; the message,
+    /// or the HTTP status and reason.
+    fn reload_tls(&self) -> Result<String, (u16, String)> {
+        Err((404, "TLS reload is not available on this node".into()))
+    }
     /// Makes a mirror volume the primary. Called on the blocking pool.
     fn promote(&self, volume: &str, _req: &PromoteRequest) -> Result<String, ControlError> {
         Err(ControlError::Refused {
@@ -182,6 +188,7 @@ pub fn router(source: Arc<dyn AdminSource>) -> Router {
         .route("/volumes/{name}/demote", post(post_demote))
         .route("/volumes/{name}/resync", post(post_resync))
         .route("/volumes/{name}/faults", post(post_faults))
+        .route("/admin/reload-tls", post(post_reload_tls))
         .fallback(not_found)
         .with_state(source)
 }
@@ -193,9 +200,29 @@ pub async fn serve(
     source: Arc<dyn AdminSource>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(source))
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with(AdminListener::plain(listener)?, source, None, shutdown).await
+}
+
+/// [`serve`] on a plain or HTTPS listener, with a bearer token if `auth`.
+pub async fn serve_with(
+    listener: AdminListener,
+    source: Arc<dyn AdminSource>,
+    auth: Option<Arc<AdminAuth>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut app = router(source);
+    if let Some(a) = auth {
+        app = app.layer(axum::middleware::from_fn_with_state(
+            a,
+            crate::daemon::admin_auth::authorize,
+        ));
+    }
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<crate::daemon::admin_auth::PeerAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn get_status(State(source): State<Arc<dyn AdminSource>>) -> Json<NodeStatus> {
@@ -392,6 +419,18 @@ async fn post_faults(
     }
 }
 
+async fn post_reload_tls(State(source): State<Arc<dyn AdminSource>>) -> axum::response::Response {
+    match tokio::task::spawn_blocking(move || source.reload_tls()).await {
+        Ok(Ok(msg)) => (StatusCode::OK, msg + "\n").into_response(),
+        Ok(Err((code, msg))) => (
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            msg + "\n",
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
 async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, "not found\n")
 }
@@ -406,6 +445,14 @@ pub enum AdminClientError {
         "admin API at {addr}: cannot connect: {source} (is `blockmirror serve` running there?)"
     )]
     Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "admin API at {addr}: TLS: {source} (is --ca the CA that signed the node's certificate?)"
+    )]
+    Tls {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -433,6 +480,50 @@ pub enum AdminClientError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// How this process's admin client talks to nodes: a bearer token and, for
+/// HTTPS, the CA that signed the nodes' certificates. Set once, by the CLI.
+#[derive(Default)]
+pub struct ClientSettings {
+    pub token: Option<String>,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+static CLIENT: std::sync::OnceLock<ClientSettings> = std::sync::OnceLock::new();
+
+/// Sets the admin client's token and TLS (first call wins).
+pub fn configure_client(settings: ClientSettings) {
+    let _ = CLIENT.set(settings);
+}
+
+fn client() -> &'static ClientSettings {
+    CLIENT.get_or_init(ClientSettings::default)
+}
+
+/// TCP, then TLS if the client has a CA (the node's certificate must name
+/// the IP address dialled).
+async fn open(addr: SocketAddr) -> Result<blockmirror_repl::LinkStream, AdminClientError> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| AdminClientError::Connect { addr, source })?;
+    match &client().tls {
+        None => Ok(tcp.into()),
+        Some(c) => blockmirror_repl::LinkStream::connect_tls(
+            tcp,
+            c.clone(),
+            rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+        )
+        .await
+        .map_err(|source| AdminClientError::Tls { addr, source }),
+    }
+}
+
+fn with_token(req: axum::http::request::Builder) -> axum::http::request::Builder {
+    match &client().token {
+        Some(t) => req.header(header::AUTHORIZATION, format!("Bearer {t}")),
+        None => req,
+    }
 }
 
 /// A response from the admin API.
@@ -469,16 +560,14 @@ async fn request_inner(
 ) -> Result<AdminResponse, AdminClientError> {
     let http =
         |e: Box<dyn std::error::Error + Send + Sync>| AdminClientError::Http { addr, source: e };
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|source| AdminClientError::Connect { addr, source })?;
+    let stream = open(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| http(e.into()))?;
     // Drives the connection; aborted when this function returns.
     let conn = AbortOnDrop(tokio::spawn(conn));
 
-    let mut req = Request::builder()
+    let mut req = with_token(Request::builder())
         .method(method)
         .uri(path)
         .header(header::HOST, addr.to_string())
@@ -581,18 +670,17 @@ pub async fn follow_events(
     let http =
         |e: Box<dyn std::error::Error + Send + Sync>| AdminClientError::Http { addr, source: e };
     let path = if now { "/events?now=true" } else { "/events" };
-    let stream = tokio::time::timeout(CLIENT_TIMEOUT, TcpStream::connect(addr))
+    let stream = tokio::time::timeout(CLIENT_TIMEOUT, open(addr))
         .await
         .map_err(|_| AdminClientError::Timeout {
             addr,
             timeout: CLIENT_TIMEOUT,
-        })?
-        .map_err(|source| AdminClientError::Connect { addr, source })?;
+        })??;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| http(e.into()))?;
     let conn = AbortOnDrop(tokio::spawn(conn));
-    let req = Request::builder()
+    let req = with_token(Request::builder())
         .method(Method::GET)
         .uri(path)
         .header(header::HOST, addr.to_string())

@@ -25,6 +25,7 @@ use blockmirror_core::role::{self as roles, Action, Event, RoleError};
 use crate::daemon::admin::{
     self, AdminSource, ControlError, DemoteRequest, PromoteRequest, ResyncRequest, VerifyRequest,
 };
+use crate::daemon::admin_auth::{read_token, AdminAuth, AdminListener};
 use crate::daemon::config::{NbdListen, NodeConfig, Role};
 use crate::daemon::metrics::{self};
 use crate::daemon::role_driver::{DriveError, RoleDriver};
@@ -38,6 +39,7 @@ use crate::primary::oos_store::{OosStore, OosStoreError, RecoveryOutcome};
 use crate::primary::reads::ReadRouter;
 use crate::primary::verify::{VerifyService, VerifyVolume};
 use crate::primary::{GenState, MirrorLink, Replicator};
+use crate::tls::TlsStore;
 use crate::volume::local_disk::{FaultRequest, LocalDisk, LocalDiskError};
 use crate::volume::meta_file::{self, MetaCell, MetaFileError};
 use crate::volume::role::RoleCell;
@@ -60,6 +62,10 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Token(#[from] crate::daemon::admin_auth::TokenError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -81,6 +87,10 @@ pub struct Node {
     config: NodeConfig,
     volumes: Vec<OpenVolume>,
     secret: Option<Arc<[u8]>>,
+    /// `[tls]`, loaded.
+    tls: Option<Arc<TlsStore>>,
+    /// `[admin_auth]`, its token read.
+    admin_auth: Option<Arc<AdminAuth>>,
 }
 
 /// Reads the shared secret: the file's bytes, without trailing whitespace.
@@ -128,6 +138,17 @@ impl Node {
     pub fn open(config: NodeConfig) -> Result<Node, NodeError> {
         let state_dir = state_dir(&config);
         let secret = config.secret_file.as_deref().map(read_secret).transpose()?;
+        let tls = match &config.tls {
+            None => None,
+            Some(t) => Some(Arc::new(TlsStore::load(t.clone())?)),
+        };
+        let admin_auth = match &config.admin_auth {
+            None => None,
+            Some(a) => Some(Arc::new(AdminAuth::new(
+                read_token(&a.token_file)?,
+                a.open_reads,
+            ))),
+        };
         let mut volumes = Vec::new();
         for vc in &config.volumes {
             if let Some(parent) = vc.path.parent() {
@@ -324,7 +345,8 @@ impl Node {
                     meta_cell.clone(),
                     replicator,
                 )
-                .with_disk(disk, reads),
+                .with_disk(disk, reads)
+                .with_tls(vc.tls),
             );
             volumes.push(OpenVolume {
                 volume,
@@ -356,6 +378,8 @@ impl Node {
             config,
             volumes,
             secret,
+            tls,
+            admin_auth,
         })
     }
 
@@ -399,7 +423,11 @@ impl Node {
 
         for (listener, volume) in listeners {
             let sd = shutdown.clone();
-            let exports = Arc::new(Exports::new([volume]));
+            let mut exports = Exports::new([volume]);
+            if let Some(tls) = &self.tls {
+                exports = exports.with_tls(tls.clone() as Arc<dyn blockmirror_nbd::TlsSource>);
+            }
+            let exports = Arc::new(exports);
             tasks.spawn(blockmirror_nbd::serve(listener, exports, sd));
         }
 
@@ -442,6 +470,7 @@ impl Node {
                 l,
                 self.config.node.clone(),
                 secret,
+                self.tls.clone(),
                 Arc::new(targets),
                 jobs,
                 shutdown.clone(),
@@ -456,6 +485,7 @@ impl Node {
                 continue;
             };
             let ctx = LinkContext {
+                tls: self.tls.clone(),
                 secret: self
                     .secret
                     .clone()
@@ -513,6 +543,7 @@ impl Node {
             observer: observer.clone(),
             verify,
             node: self.config.node.clone(),
+            tls: self.tls.clone(),
             volumes,
             metrics,
         });
@@ -523,10 +554,53 @@ impl Node {
                 Ok(())
             });
         }
+        // SIGHUP: read the TLS files again (new connections use them).
+        {
+            let (tls, sd) = (self.tls.clone(), shutdown.clone());
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|source| NodeError::Io {
+                    what: "installing the SIGHUP handler".into(),
+                    source,
+                })?;
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = sd.cancelled() => return Ok(()),
+                        _ = hup.recv() => {}
+                    }
+                    match &tls {
+                        None => info!("SIGHUP: no [tls] to reload"),
+                        Some(t) => {
+                            if let Err(e) = t.reload() {
+                                warn!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificates");
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        let admin_io = |source| NodeError::Io {
+            what: "admin listener".into(),
+            source,
+        };
+        let (admin_listener, https) = match &self.tls {
+            Some(t) if t.settings().admin_https => (
+                AdminListener::tls(admin_listener, t.clone()).map_err(admin_io)?,
+                true,
+            ),
+            _ => (
+                AdminListener::plain(admin_listener).map_err(admin_io)?,
+                false,
+            ),
+        };
+        info!(%admin_addr, https, token = self.admin_auth.is_some(), "admin API");
         let sd = shutdown.clone();
-        tasks.spawn(admin::serve(admin_listener, source, async move {
-            sd.cancelled().await
-        }));
+        tasks.spawn(admin::serve_with(
+            admin_listener,
+            source,
+            self.admin_auth.clone(),
+            async move { sd.cancelled().await },
+        ));
 
         for (name, uri) in &exports {
             info!(volume = %name, %uri, "serving NBD export");
@@ -686,6 +760,8 @@ struct Served {
 
 struct StatusSource {
     node: String,
+    /// `[tls]`, for `POST /admin/reload-tls`.
+    tls: Option<Arc<TlsStore>>,
     /// Events and chart history, sampled from [`AdminSource::status`].
     observer: Arc<crate::daemon::events::Observer>,
     volumes: Vec<Served>,
@@ -784,6 +860,17 @@ impl StatusSource {
 impl AdminSource for StatusSource {
     fn observer(&self) -> Option<Arc<crate::daemon::events::Observer>> {
         Some(self.observer.clone())
+    }
+
+    fn reload_tls(&self) -> Result<String, (u16, String)> {
+        let Some(t) = &self.tls else {
+            return Err((409, "this node has no [tls] table".into()));
+        };
+        t.reload().map_err(|e| (500, e.to_string()))?;
+        Ok(format!(
+            "reloaded {}; new connections use it",
+            t.settings().cert.display()
+        ))
     }
 
     fn status(&self) -> NodeStatus {

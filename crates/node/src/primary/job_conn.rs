@@ -1,5 +1,5 @@
 //! The primary's end of a job connection (seed 002), shared by verify and
-//! remote reads: TCP and the handshake with `Purpose::Jobs`, a sender task
+//! remote reads: TCP (and TLS with `[tls]`) and the handshake with `Purpose::Jobs`, a sender task
 //! that batches queued frames into vectored writes, and a reader task that
 //! routes each reply to its waiter by request id, in whatever order they
 //! come. A `JobNotReady` is only an interim answer (the data is pushed
@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blockmirror_repl::{connect_for, Frame, FrameReader, FrameWriter, Purpose};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -43,15 +42,15 @@ impl JobConn {
     /// within `timeout`. `on_not_ready` runs for every `JobNotReady`.
     pub async fn open(
         addr: SocketAddr,
+        peer_name: Option<&str>,
         ctx: &LinkContext,
         timeout: Duration,
         on_not_ready: impl Fn() + Send + 'static,
     ) -> Result<JobConn, String> {
         let attempt = async {
-            let mut s = TcpStream::connect(addr)
+            let mut s = crate::tls::dial(addr, ctx.tls.as_deref(), peer_name)
                 .await
-                .map_err(|e| format!("connect {addr}: {e}"))?;
-            s.set_nodelay(true).map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?;
             connect_for(&mut s, &ctx.secret, &ctx.hello(), Purpose::Jobs)
                 .await
                 .map_err(|e| e.to_string())?;

@@ -183,9 +183,15 @@ impl RemoteReader {
             .ok_or("the mirror link has not started")?
             .clone();
         let nr = self.not_ready.clone();
-        let conn = JobConn::open(self.link.addr(), &ctx, CONNECT_TIMEOUT, move || {
-            nr.fetch_add(1, Relaxed);
-        })
+        let conn = JobConn::open(
+            self.link.addr(),
+            self.link.peer_name(),
+            &ctx,
+            CONNECT_TIMEOUT,
+            move || {
+                nr.fetch_add(1, Relaxed);
+            },
+        )
         .await?;
         let mut conn = ReadConn {
             conn,

@@ -785,10 +785,16 @@ impl JobClient {
         link: &MirrorLink,
         progress: Arc<Progress>,
     ) -> Result<Arc<Self>, VerifyError> {
-        let conn = JobConn::open(link.addr(), &v.ctx, CONNECT_TIMEOUT, move || {
-            // Seed 002's "not found yet": the data follows.
-            progress.not_ready.fetch_add(1, Relaxed);
-        })
+        let conn = JobConn::open(
+            link.addr(),
+            link.peer_name(),
+            &v.ctx,
+            CONNECT_TIMEOUT,
+            move || {
+                // Seed 002's "not found yet": the data follows.
+                progress.not_ready.fetch_add(1, Relaxed);
+            },
+        )
         .await
         .map_err(|reason| VerifyError::Connect {
             volume: v.name.clone(),

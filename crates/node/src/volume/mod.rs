@@ -59,6 +59,8 @@ pub struct Volume {
     /// On a primary with mirrors: where host reads go (`read_policy`), and
     /// the remote reads of a failed disk.
     reads: Option<ReadRouter>,
+    /// NBD STARTTLS mode of the export (`tls` key).
+    tls: blockmirror_nbd::TlsMode,
 }
 
 impl Volume {
@@ -87,7 +89,14 @@ impl Volume {
             replicator,
             disk: None,
             reads: None,
+            tls: blockmirror_nbd::TlsMode::Off,
         }
+    }
+
+    /// Sets how the export takes NBD STARTTLS.
+    pub fn with_tls(mut self, tls: blockmirror_nbd::TlsMode) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Gives the volume its local disk (the same object as its backend) and,
@@ -333,6 +342,10 @@ impl Export for Volume {
 
     fn fast_zeroes(&self) -> bool {
         self.backend.fast_zeroes()
+    }
+
+    fn tls(&self) -> blockmirror_nbd::TlsMode {
+        self.tls
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, Errno> {

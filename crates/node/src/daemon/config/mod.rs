@@ -19,6 +19,8 @@ mod values;
 use values::{duration, size_or, size_value};
 pub use values::{parse_size, DurationRange, SizeError, ValueError, ValueProblem};
 
+use crate::tls::{ClientCerts, TlsSettings};
+pub use blockmirror_nbd::TlsMode;
 use blockmirror_repl::{Codec, MAX_DATA};
 use serde::Deserialize;
 
@@ -86,8 +88,23 @@ pub struct NodeConfig {
     /// leave the job table (key `job_idle_timeout`, default
     /// [`DEFAULT_JOB_IDLE_TIMEOUT`]).
     pub job_idle_timeout: Duration,
+    /// `[tls]`: the CA, this node's certificate and key (paths resolved),
+    /// used by replication links (mutual TLS), NBD STARTTLS and HTTPS on the
+    /// admin port. Not read here.
+    pub tls: Option<TlsSettings>,
+    /// `[admin_auth]`: bearer token for the admin API.
+    pub admin_auth: Option<AdminAuthConfig>,
     /// The config file this was read from.
     pub path: PathBuf,
+}
+
+/// The `[admin_auth]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminAuthConfig {
+    /// The file holding the bearer token (resolved; read at start).
+    pub token_file: PathBuf,
+    /// GET requests (status, metrics, events, the page) need no token.
+    pub open_reads: bool,
 }
 
 /// One `[[volume]]` table, validated.
@@ -139,6 +156,9 @@ pub struct VolumeConfig {
     /// For tests only: wrap the backend in a fault injector that
     /// `POST /volumes/{name}/faults` sets (key `fault_injection`, default false).
     pub fault_injection: bool,
+    /// NBD STARTTLS for this export (key `tls`: "off", "allow", "require";
+    /// default "allow" with `[tls]`, else "off").
+    pub tls: TlsMode,
 }
 
 /// Where a primary's host reads go.
@@ -254,6 +274,10 @@ pub struct MirrorConfig {
     /// so the mirror stays crash-consistent across an OS crash or power
     /// loss of its own, not only a crash of its process.
     pub durable_barriers: bool,
+    /// With `[tls]`: the name the mirror's certificate must hold (key
+    /// `peer_name`, e.g. its node name); without it, the IP address of
+    /// `peer`.
+    pub peer_name: Option<String>,
 }
 
 /// What an async mirror does when its lag passes a bound.
@@ -474,8 +498,28 @@ struct RawNode {
     job_timeout: Option<String>,
     primary_silence: Option<String>,
     job_idle_timeout: Option<String>,
+    tls: Option<RawTls>,
+    admin_auth: Option<RawAdminAuth>,
     #[serde(default)]
     volume: Vec<RawVolume>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    nbd_client_certs: Option<String>,
+    admin_https: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdminAuth {
+    token_file: Option<String>,
+    #[serde(default)]
+    open_reads: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -511,6 +555,7 @@ struct RawVolume {
     on_primary_failure: Option<String>,
     #[serde(default)]
     fault_injection: bool,
+    tls: Option<String>,
 }
 
 /// A `[[volume.mirror]]` table.
@@ -524,6 +569,7 @@ struct RawMirror {
     max_lag_seconds: Option<toml::Value>,
     lag_policy: Option<String>,
     durable_barriers: Option<bool>,
+    peer_name: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -606,6 +652,54 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
         DurationRange::AboveZero,
         "60s, 5m",
     ))?;
+
+    let tls = match raw.tls {
+        None => None,
+        Some(t) => {
+            let file = |v: Option<String>, k: &str| -> Result<PathBuf, ConfigError> {
+                match v {
+                    None => Err(cx.invalid(format!("tls.{k}"), "missing (required in [tls])")),
+                    Some(s) if s.is_empty() => Err(cx.invalid(format!("tls.{k}"), "empty path")),
+                    Some(s) => Ok(cx.resolve(&s)),
+                }
+            };
+            let nbd_client_certs = match t.nbd_client_certs.as_deref() {
+                None | Some("optional") => ClientCerts::Optional,
+                Some("require") => ClientCerts::Require,
+                Some(other) => {
+                    return Err(cx.invalid(
+                        "tls.nbd_client_certs",
+                        format!("{other:?}: expected \"optional\" or \"require\""),
+                    ))
+                }
+            };
+            Some(TlsSettings {
+                ca: file(t.ca, "ca")?,
+                cert: file(t.cert, "cert")?,
+                key: file(t.key, "key")?,
+                nbd_client_certs,
+                admin_https: t.admin_https.unwrap_or(true),
+            })
+        }
+    };
+    let admin_auth = match raw.admin_auth {
+        None => None,
+        Some(a) => match a.token_file {
+            None => {
+                return Err(cx.invalid(
+                    "admin_auth.token_file",
+                    "missing (required in [admin_auth])",
+                ))
+            }
+            Some(s) if s.is_empty() => {
+                return Err(cx.invalid("admin_auth.token_file", "empty path"))
+            }
+            Some(s) => Some(AdminAuthConfig {
+                token_file: cx.resolve(&s),
+                open_reads: a.open_reads,
+            }),
+        },
+    };
 
     if raw.volume.is_empty() {
         return Err(cx.invalid("volume", "at least one [[volume]] table is required"));
@@ -728,7 +822,20 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                     ))
                 }
             };
+            let peer_name = match rm.peer_name {
+                None => None,
+                Some(n) => {
+                    if rustls::pki_types::ServerName::try_from(n.as_str()).is_err() {
+                        return Err(cx.invalid(
+                            mkey("peer_name"),
+                            format!("{n:?} is not a DNS name or IP address"),
+                        ));
+                    }
+                    Some(n)
+                }
+            };
             mirrors.push(MirrorConfig {
+                peer_name,
                 peer,
                 addr,
                 mode,
@@ -907,7 +1014,29 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             "200ms, 1s",
         ))?;
 
+        let vtls = match rv.tls.as_deref() {
+            None if tls.is_some() => TlsMode::Allow,
+            None => TlsMode::Off,
+            Some(m) => match TlsMode::from_name(m) {
+                Some(TlsMode::Off) => TlsMode::Off,
+                Some(_) if tls.is_none() => {
+                    return Err(cx.invalid(
+                        key("tls"),
+                        format!("{m:?} needs a [tls] table (ca, cert, key)"),
+                    ))
+                }
+                Some(t) => t,
+                None => {
+                    return Err(cx.invalid(
+                        key("tls"),
+                        format!("{m:?}: expected \"off\", \"allow\" or \"require\""),
+                    ))
+                }
+            },
+        };
+
         volumes.push(VolumeConfig {
+            tls: vtls,
             name,
             path: vpath,
             size,
@@ -956,6 +1085,8 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
         job_timeout,
         primary_silence,
         job_idle_timeout,
+        tls,
+        admin_auth,
         path: path.to_path_buf(),
     })
 }

@@ -745,3 +745,54 @@ proptest! {
         let _ = parse_size(&s);
     }
 }
+
+#[test]
+fn contract_tls_and_admin_auth_keys_parse() {
+    let text = format!(
+        "{}tls = \"require\"\n[tls]\nca = \"tls/ca.pem\"\ncert = \"tls/site-a.pem\"\nkey = \"tls/site-a.key\"\n\
+         [admin_auth]\ntoken_file = \"admin.token\"\nopen_reads = true\n",
+        vol("")
+    );
+    let c = parse(&text).unwrap();
+    let t = c.tls.as_ref().unwrap();
+    assert_eq!(t.ca, Path::new("/etc/blockmirror/tls/ca.pem"));
+    assert_eq!(t.cert, Path::new("/etc/blockmirror/tls/site-a.pem"));
+    assert_eq!(t.key, Path::new("/etc/blockmirror/tls/site-a.key"));
+    assert_eq!(t.nbd_client_certs, ClientCerts::Optional);
+    assert_eq!(c.volumes[0].tls, TlsMode::Require);
+    let a = c.admin_auth.as_ref().unwrap();
+    assert_eq!(a.token_file, Path::new("/etc/blockmirror/admin.token"));
+    assert!(a.open_reads);
+    // With [tls] the default is "allow"; without, "off".
+    let text = format!("{}[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n", vol(""));
+    assert_eq!(parse(&text).unwrap().volumes[0].tls, TlsMode::Allow);
+    assert_eq!(parse(&vol("")).unwrap().volumes[0].tls, TlsMode::Off);
+}
+
+#[test]
+fn tls_keys_are_checked() {
+    assert_err(
+        &vol("tls = \"require\""),
+        "volume[0].tls",
+        "needs a [tls] table",
+    );
+    assert_err(&vol("tls = \"maybe\""), "volume[0].tls", "expected \"off\"");
+    assert_err(
+        &format!("{}[tls]\nca = \"a\"\ncert = \"b\"\n", vol("")),
+        "tls.key",
+        "missing",
+    );
+    assert_err(
+        &format!(
+            "{}[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nnbd_client_certs = \"x\"\n",
+            vol("")
+        ),
+        "tls.nbd_client_certs",
+        "expected",
+    );
+    assert_err(
+        &format!("{}[admin_auth]\nopen_reads = true\n", vol("")),
+        "admin_auth.token_file",
+        "missing",
+    );
+}

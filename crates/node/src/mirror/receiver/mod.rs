@@ -34,6 +34,7 @@ use crate::volume::meta_file::{MetaCell, MetaFileError};
 use crate::volume::role::RoleCell;
 
 use super::apply::{Applied, ApplyConfig, ApplyEngine, ApplyMetrics, ApplyOp};
+use blockmirror_repl::{LinkStream, LinkWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -243,10 +244,12 @@ impl MirrorTarget {
 }
 
 /// Accepts replication links until `shutdown`.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     node: String,
     secret: Arc<[u8]>,
+    tls: Option<Arc<crate::tls::TlsStore>>,
     targets: Arc<HashMap<String, Arc<MirrorTarget>>>,
     jobs: Arc<super::jobs::JobService>,
     shutdown: CancellationToken,
@@ -264,9 +267,10 @@ pub async fn serve(
                 }
             },
         };
-        let (node, secret, targets, jobs, shutdown) = (
+        let (node, secret, tls, targets, jobs, shutdown) = (
             node.clone(),
             secret.clone(),
+            tls.clone(),
             targets.clone(),
             jobs.clone(),
             shutdown.clone(),
@@ -277,6 +281,7 @@ pub async fn serve(
                 peer.to_string(),
                 &node,
                 &secret,
+                tls.as_deref(),
                 &targets,
                 jobs,
                 shutdown,
@@ -289,29 +294,33 @@ pub async fn serve(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     peer: String,
     node: &str,
     secret: &[u8],
+    tls: Option<&crate::tls::TlsStore>,
     targets: &HashMap<String, Arc<MirrorTarget>>,
     jobs: Arc<super::jobs::JobService>,
     shutdown: CancellationToken,
 ) {
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
     let lookup = |name: &str| targets.get(name).map(|t| t.identity());
-    let hs = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        blockmirror_repl::accept_any(&mut stream, secret, node, lookup),
-    )
+    // TLS first (with `[tls]`: the primary's certificate must chain to the
+    // CA), then the HMAC handshake inside it; one deadline for both.
+    let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let mut stream = match crate::tls::accept(tcp, tls).await {
+            Ok(s) => s,
+            Err(e) => return Err(format!("TLS handshake failed: {e}")),
+        };
+        match blockmirror_repl::accept_any(&mut stream, secret, node, lookup).await {
+            Ok(x) => Ok((stream, x)),
+            Err(e) => Err(e.to_string()),
+        }
+    })
     .await;
-    // A job connection (verify, remote read) goes to the job handler, never
-    // near the replication link's replacement logic below.
-    if let Ok(Ok((primary, volume, blockmirror_repl::Purpose::Jobs))) = hs {
-        return jobs.serve(stream, primary, &volume.name, shutdown).await;
-    }
-    let hs = hs.map(|r| r.map(|(p, v, _)| (p, v)));
-    let (primary, volume) = match hs {
+    let (mut stream, (primary, volume, purpose)) = match hs {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             warn!(%peer, error = %e, "replication peer refused");
@@ -322,6 +331,11 @@ async fn handle(
             return;
         }
     };
+    // A job connection (verify, remote read) goes to the job handler, never
+    // near the replication link's replacement logic below.
+    if matches!(purpose, blockmirror_repl::Purpose::Jobs) {
+        return jobs.serve(stream, primary, &volume.name, shutdown).await;
+    }
     let Some(target) = targets.get(&volume.name).cloned() else {
         return;
     };
@@ -414,7 +428,7 @@ async fn handle(
         Some(r) => r,
         None => {
             info!(volume = %target.name, primary = %primary.node, %peer,
-                compression = %primary.compression, "replication link up");
+                compression = %primary.compression, tls = stream.is_tls(), "replication link up");
             apply_loop(stream, &target, &primary.node, token).await
         }
     };
@@ -454,7 +468,7 @@ async fn handle(
 /// on the primary's sending. While the engine is full the socket is not read
 /// (back-pressure to the primary).
 async fn apply_loop(
-    stream: TcpStream,
+    stream: LinkStream,
     t: &MirrorTarget,
     peer: &str,
     shutdown: CancellationToken,
@@ -700,7 +714,7 @@ async fn apply_loop(
 }
 
 /// Refuses a link: logs why and tells the primary in an Error frame.
-async fn refuse(stream: TcpStream, addr: &str, e: ReceiveError) {
+async fn refuse(stream: LinkStream, addr: &str, e: ReceiveError) {
     let primary = match &e {
         ReceiveError::Promoted { peer, .. }
         | ReceiveError::Generations { peer, .. }
@@ -725,7 +739,7 @@ async fn refuse(stream: TcpStream, addr: &str, e: ReceiveError) {
 /// Writes the gathered replies; gives up when the node shuts down (a
 /// primary that stopped reading must not hold the shutdown).
 async fn send_acks(
-    w: &mut FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    w: &mut FrameWriter<LinkWrite>,
     acks: &mut Vec<Frame>,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {

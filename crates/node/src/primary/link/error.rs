@@ -12,6 +12,8 @@ use blockmirror_core::link::FailCause;
 pub enum LinkError {
     #[error("connect {addr}: {message}")]
     Connect { addr: SocketAddr, message: String },
+    #[error("{message}")]
+    Tls { addr: SocketAddr, message: String },
     #[error("handshake with {addr}: {message}")]
     Handshake { addr: SocketAddr, message: String },
     #[error("no handshake within {0:?}")]

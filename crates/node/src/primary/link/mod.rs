@@ -368,6 +368,8 @@ pub struct LinkTuning {
 pub struct MirrorLink {
     pub peer: String,
     addr: SocketAddr,
+    /// With `[tls]`: the name the mirror's certificate must hold (`peer_name`).
+    peer_name: Option<String>,
     /// sync or async, switchable while running ([`MirrorLink::set_mode`]).
     mode: AtomicU8,
     max_lag_bytes: u64,
@@ -447,6 +449,8 @@ pub(super) fn empty_like(b: &Bitmap) -> Bitmap {
 #[derive(Clone)]
 pub struct LinkContext {
     pub secret: Arc<[u8]>,
+    /// `[tls]`: connections to mirrors use mutual TLS.
+    pub tls: Option<Arc<crate::tls::TlsStore>>,
     /// This node's name.
     pub node: String,
     pub volume: String,
@@ -493,6 +497,7 @@ impl MirrorLink {
         Self {
             peer: cfg.peer.clone(),
             addr: cfg.addr,
+            peer_name: cfg.peer_name.clone(),
             mode: AtomicU8::new(mode_code(cfg.mode)),
             max_lag_bytes: cfg.max_lag_bytes,
             max_lag: cfg.max_lag,
@@ -741,6 +746,11 @@ impl MirrorLink {
     /// The mirror's replication address (job connections go there too).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The name the mirror's certificate must hold, if configured.
+    pub fn peer_name(&self) -> Option<&str> {
+        self.peer_name.as_deref()
     }
 
     /// What the link runs with (secret, hello), once it started.

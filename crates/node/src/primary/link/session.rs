@@ -7,8 +7,8 @@ use crate::daemon::config::InitialSync;
 use blockmirror_core::link::{Action, Event, Judgment, Phase};
 use blockmirror_core::{compare_generations, resync_basis, Relation, ResyncBasis};
 use blockmirror_repl::{FrameReader, FrameWriter, PeerInfo};
+use blockmirror_repl::{LinkRead, LinkStream, LinkWrite};
 use std::sync::atomic::Ordering::Relaxed;
-use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 /// The live link asks the mirror to flush this often when it has written
@@ -31,7 +31,7 @@ pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// may hold that we lack. The mirror sends nothing else until it is asked,
 /// so the reader dropped here buffers nothing of what follows.
 pub(super) async fn read_divergence(
-    stream: &mut TcpStream,
+    stream: &mut LinkStream,
 ) -> Result<(bool, Vec<(u64, u64)>), LinkError> {
     let mut reader = FrameReader::new(stream);
     let mut all = Vec::new();
@@ -67,7 +67,7 @@ pub(super) async fn read_divergence(
 }
 
 pub(super) async fn sender_loop(
-    mut w: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut w: FrameWriter<LinkWrite>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     cancel: CancellationToken,
 ) {
@@ -96,7 +96,7 @@ pub(super) async fn sender_loop(
     }
 }
 
-pub(super) fn queue(w: &mut FrameWriter<tokio::net::tcp::OwnedWriteHalf>, out: Outgoing) {
+pub(super) fn queue(w: &mut FrameWriter<LinkWrite>, out: Outgoing) {
     match out {
         Outgoing::Frame(f) => w.queue(&f),
         Outgoing::Encoded {
@@ -148,7 +148,7 @@ impl MirrorLink {
                         match read_divergence(&mut stream).await {
                             Ok((was_primary, ranges)) => {
                                 self.take_divergence(&ctx, &peer, rel, was_primary, &ranges);
-                                info!(volume = %self.volume, peer = %self.peer, peer_node = %peer_node, "mirror link connected");
+                                info!(volume = %self.volume, peer = %self.peer, peer_node = %peer_node, tls = stream.is_tls(), "mirror link connected");
                                 self.clone()
                                     .serve_connection(stream, peer_node, &ctx, &shutdown)
                                     .await;
@@ -349,15 +349,21 @@ impl MirrorLink {
     pub(super) async fn connect(
         &self,
         ctx: &LinkContext,
-    ) -> Result<(TcpStream, PeerInfo), LinkError> {
+    ) -> Result<(LinkStream, PeerInfo), LinkError> {
         let addr = self.addr;
         let attempt = async {
-            let connect_err = |e: std::io::Error| LinkError::Connect {
-                addr,
-                message: e.to_string(),
-            };
-            let mut s = TcpStream::connect(addr).await.map_err(connect_err)?;
-            s.set_nodelay(true).map_err(connect_err)?;
+            let mut s = crate::tls::dial(addr, ctx.tls.as_deref(), self.peer_name())
+                .await
+                .map_err(|e| match e {
+                    crate::tls::DialError::Connect { source, .. } => LinkError::Connect {
+                        addr,
+                        message: source.to_string(),
+                    },
+                    e => LinkError::Tls {
+                        addr,
+                        message: e.to_string(),
+                    },
+                })?;
             let options = blockmirror_repl::ConnectOptions {
                 compression: self.configured_codec,
                 ..Default::default()
@@ -377,7 +383,7 @@ impl MirrorLink {
 
     pub(super) async fn serve_connection(
         self: Arc<Self>,
-        stream: TcpStream,
+        stream: LinkStream,
         peer_node: String,
         ctx: &LinkContext,
         shutdown: &CancellationToken,
@@ -471,7 +477,7 @@ impl MirrorLink {
     /// Reads acknowledgements until the connection ends; returns why it ended.
     pub(super) async fn receive(
         &self,
-        mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        mut reader: FrameReader<LinkRead>,
         epoch: u64,
         cancel: &CancellationToken,
     ) -> LinkError {
