@@ -14,9 +14,6 @@ PACKAGES=(
   chromium        # headless browser for the status page test (tests/page.rs)
   prometheus      # promtool, which checks deploy/*.rules.yml (tests/deploy.rs)
   systemd         # systemd-analyze, which verifies deploy/blockmirror@.service
-  prometheus      # promtool: checks and unit-tests deploy/*.rules.yml (tests/deploy.rs)
-  systemd         # systemd-analyze verify deploy/blockmirror@.service (tests/deploy.rs)
-  chromium        # headless browser for the status page test
 )
 
 missing=()
