@@ -20,7 +20,12 @@ fn demo_with_tls() {
     run_demo(true);
 }
 
+/// The demo binds its fixed default ports (7780, 10809, ...): the two tests
+/// take turns.
+static DEMO_PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run_demo(tls: bool) {
+    let _turn = DEMO_PORTS.lock().unwrap_or_else(|e| e.into_inner());
     require_tool("qemu-io");
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(BIN)
