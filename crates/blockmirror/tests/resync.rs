@@ -273,9 +273,22 @@ fn initial_sync_under_a_write_load_ends_identical() {
     pair.assert_images_identical();
 
     assert!(link["resync_passes"].as_u64().unwrap() >= 1, "{link}");
-    let suspended_us = link["resync_suspension_us"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no suspension reported: {link}\n{}", pair.logs()));
+    assert!(pair.primary_metric("blockmirror_resync_bytes_total") >= (256 * MIB) as f64);
+    assert_eq!(pair.mirror.status_json()["volumes"][0]["state"], "in_sync");
+    let Some(suspended_us) = link["resync_suspension_us"].as_u64() else {
+        // On a loaded machine the host writes can outpace every pass: the
+        // documented fallback goes live with the range-locked catch-up and
+        // suspends nothing. The images were compared above either way.
+        assert!(
+            pair.primary
+                .log()
+                .contains("host writes outpace the copy: going live"),
+            "no suspension and no fallback: {link}\n{}",
+            pair.logs()
+        );
+        eprintln!("SKIPPED the suspension checks: the passes did not converge under this load");
+        return;
+    };
     assert!(suspended_us > 0 && suspended_us < 2_000_000, "{link}");
     assert_eq!(
         metric(&still_writing, "blockmirror_resync_suspensions_total"),
@@ -287,8 +300,6 @@ fn initial_sync_under_a_write_load_ends_identical() {
         "{total} vs {suspended_us}"
     );
     assert!(pair.primary.log().contains("host writes were suspended"));
-    assert!(pair.primary_metric("blockmirror_resync_bytes_total") >= (256 * MIB) as f64);
-    assert_eq!(pair.mirror.status_json()["volumes"][0]["state"], "in_sync");
     eprintln!(
         "initial sync of 256 MiB under fio: {} passes, host writes suspended {:.2} ms",
         link["resync_passes"],
