@@ -14,6 +14,8 @@ PACKAGES=(
   chromium        # headless browser for the status page test (tests/page.rs)
   prometheus      # promtool, which checks deploy/*.rules.yml (tests/deploy.rs)
   systemd         # systemd-analyze, which verifies deploy/blockmirror@.service
+  etcd-server     # the coordinator of cluster mode (tests/cluster*.rs, demo --cluster)
+  protobuf-compiler # protoc, should the etcd-client crate's build need it
 )
 
 missing=()
