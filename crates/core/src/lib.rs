@@ -20,6 +20,7 @@
 
 pub mod activity;
 pub mod bitmap;
+pub mod cluster;
 pub mod generation;
 pub mod geometry;
 pub mod jobs;

@@ -10,6 +10,7 @@
 //!   job handler.
 //! - [`daemon`]: config, admin HTTP API, status, metrics, node start and stop.
 
+pub mod cluster;
 pub mod daemon;
 pub mod mirror;
 pub mod primary;

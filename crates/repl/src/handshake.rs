@@ -47,7 +47,7 @@
 //!
 //! | frame | payload |
 //! |---|---|
-//! | Hello | node string, volume identity, 32-byte nonce Np, u8 handshake version ([`HANDSHAKE_VERSION`]), u8 purpose (0 replication, 1 jobs), u8 compression the primary wants ([`Codec::code`]) |
+//! | Hello | node string, volume identity, 32-byte nonce Np, u8 handshake version ([`HANDSHAKE_VERSION`]), u8 purpose (0 replication, 1 jobs), u8 compression the primary wants ([`Codec::code`]), u64 fencing epoch (0: no cluster) |
 //! | Challenge | node string, volume identity, 32-byte nonce Nm, u8 handshake version, u8 codecs the mirror supports (bit `1 << code` per codec; bit 0, none, always set), 32-byte proof_m |
 //! | Auth | 32-byte proof_p |
 //! | Welcome | empty |
@@ -89,8 +89,8 @@ pub const PROOF_LEN: usize = 32;
 /// Longest node or volume name accepted.
 pub const MAX_NAME_LEN: usize = 4096;
 /// The handshake payload version this build speaks (1: before compression
-/// was negotiated).
-pub const HANDSHAKE_VERSION: u8 = 2;
+/// was negotiated; 2: before the Hello carried the fencing epoch).
+pub const HANDSHAKE_VERSION: u8 = 3;
 
 const MIRROR_LABEL: &[u8] = b"blockmirror-v1 mirror";
 const PRIMARY_LABEL: &[u8] = b"blockmirror-v1 primary";
@@ -135,6 +135,11 @@ pub struct ConnectOptions {
     /// The codec the primary's link is configured with (`compression` in
     /// `[[volume.mirror]]`); what it gets is [`PeerInfo::compression`].
     pub compression: Codec,
+    /// The fencing epoch under which the primary holds its volume (cluster
+    /// mode: the epoch it took in etcd; 0 without a cluster). Inside the
+    /// transcript, so it cannot be altered in flight; a mirror refuses a
+    /// primary whose epoch is older than one it has seen.
+    pub epoch: u64,
 }
 
 /// A set of codecs, as the Challenge carries it: bit `1 << code` per codec.
@@ -187,6 +192,9 @@ pub struct PeerInfo {
     /// the primary's [`ConnectOptions::compression`] if the mirror supports
     /// it, else [`Codec::None`].
     pub compression: Codec,
+    /// The primary's fencing epoch ([`ConnectOptions::epoch`]): on the
+    /// mirror side what the Hello said; on the primary side its own.
+    pub epoch: u64,
 }
 
 /// Which way an authentication failed.
@@ -317,6 +325,7 @@ where
     let opts = ConnectOptions {
         purpose,
         compression: Codec::None,
+        epoch: 0,
     };
     connect_with(s, secret, local, opts).await
 }
@@ -350,6 +359,7 @@ where
     hello.put_u8(HANDSHAKE_VERSION);
     hello.put_u8(opts.purpose.code());
     hello.put_u8(opts.compression.code());
+    hello.put_u64(opts.epoch);
     let hello = hello.freeze();
     send(
         s,
@@ -451,6 +461,7 @@ where
         node: node_m,
         volume: volume_m,
         compression,
+        epoch: opts.epoch,
     })
 }
 
@@ -527,10 +538,11 @@ where
         }
         let [purpose, wanted] = c.array()?;
         let purpose = Purpose::from_code(purpose).ok_or(Malformation::UnknownPurpose(purpose))?;
+        let epoch = c.u64()?;
         c.finish()?;
-        Ok((node, volume, np, purpose, wanted))
+        Ok((node, volume, np, purpose, wanted, epoch))
     })();
-    let (node_p, volume_p, np, purpose, wanted) = match decoded {
+    let (node_p, volume_p, np, purpose, wanted, epoch) = match decoded {
         Ok(d) => d,
         Err(reason) => return Err(protocol_error(s, Kind::Hello, None, reason).await),
     };
@@ -621,6 +633,7 @@ where
             node: node_p,
             volume: volume_p,
             compression,
+            epoch,
         },
         volume_m,
         purpose,
@@ -925,6 +938,7 @@ mod tests {
         put_volume(&mut hello, &vol("db", 4096));
         hello.put_slice(&[0; NONCE_LEN]);
         hello.put_slice(&[HANDSHAKE_VERSION, 7, 0]);
+        hello.put_u64(0);
         send(
             &mut a,
             &Frame::Hello {

@@ -175,6 +175,7 @@ async fn same_secret_succeeds_and_both_sides_learn_the_peer() {
             node: MIRROR.into(),
             volume: mirror_vol.clone(),
             compression: Codec::None,
+            epoch: 0,
         }
     );
     let (m_peer, m_vol) = m.unwrap();
@@ -184,6 +185,7 @@ async fn same_secret_succeeds_and_both_sides_learn_the_peer() {
             node: PRIMARY.into(),
             volume: vol("db", 1 << 30, 1),
             compression: Codec::None,
+            epoch: 0,
         }
     );
     assert_eq!(m_vol, mirror_vol);
@@ -641,6 +643,7 @@ async fn negotiate(wanted: Codec, supported: &'static [Codec]) -> (Codec, Codec)
     let opts = ConnectOptions {
         purpose: Purpose::Replication,
         compression: wanted,
+        epoch: 0,
     };
     let p = connect_with(&mut a, SECRET, &primary_hello(1 << 20), opts)
         .await
@@ -830,6 +833,7 @@ async fn the_proofs_cover_the_compression_fields() {
         let opts = ConnectOptions {
             purpose: Purpose::Replication,
             compression: Codec::Zstd,
+            epoch: 0,
         };
         let e = connect_with(&mut a, SECRET, &primary_hello(1 << 20), opts)
             .await

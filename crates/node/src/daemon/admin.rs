@@ -744,6 +744,7 @@ mod tests {
     impl AdminSource for Fake {
         fn status(&self) -> NodeStatus {
             NodeStatus {
+                cluster: None,
                 node: "site-a".into(),
                 volumes: vec![VolumeStatus {
                     name: "db".into(),

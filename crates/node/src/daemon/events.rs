@@ -519,6 +519,7 @@ mod tests {
 
     fn status(conn: &str, state: &str) -> NodeStatus {
         NodeStatus {
+            cluster: None,
             node: "a".into(),
             volumes: vec![VolumeStatus {
                 name: "db".into(),

@@ -76,6 +76,9 @@ pub enum NodeError {
 
 struct OpenVolume {
     volume: Arc<Volume>,
+    /// The volume's fencing state, shared by its write path, links and
+    /// receiver (inert without `[cluster]`).
+    fence: Arc<crate::cluster::fence::Fence>,
     nbd: NbdListen,
     meta: Arc<MetaCell>,
     /// On a mirror volume: what the replication receiver applies to.
@@ -240,6 +243,7 @@ impl Node {
             info!(volume = %vc.name, generations = %meta.generations.to_display(),
                 label = meta.label.as_str(), "volume metadata");
             let meta_cell = Arc::new(MetaCell::new(meta_path.clone(), meta));
+            let fence = Arc::new(crate::cluster::fence::Fence::new());
             let replicator = if vc.mirrors.is_empty() {
                 None
             } else {
@@ -291,7 +295,9 @@ impl Node {
                     vc.on_mirror_failure,
                     vc.track_size,
                     {
-                        let gen = Arc::new(GenState::new(&vc.name, meta_cell.clone()));
+                        let gen = Arc::new(
+                            GenState::new(&vc.name, meta_cell.clone()).with_fence(fence.clone()),
+                        );
                         gen.hold_writes_at_start(vc.start_wait);
                         gen
                     },
@@ -313,7 +319,8 @@ impl Node {
                         },
                         role_cell.clone(),
                     )
-                    .with_primary_silence(config.primary_silence),
+                    .with_primary_silence(config.primary_silence)
+                    .with_fence(fence.clone()),
                 )
             });
             if let (Some(t), Some(r)) = (&target, &replicator) {
@@ -334,8 +341,8 @@ impl Node {
                     vc.mirror_timeout,
                 )
             });
-            let volume = Arc::new(
-                Volume::new(
+            let volume = {
+                let v = Volume::new(
                     &vc.name,
                     role_cell,
                     backend,
@@ -346,9 +353,15 @@ impl Node {
                     replicator,
                 )
                 .with_disk(disk, reads)
-                .with_tls(vc.tls),
-            );
+                .with_tls(vc.tls);
+                Arc::new(if config.cluster.is_some() {
+                    v.with_fence(fence.clone())
+                } else {
+                    v
+                })
+            };
             volumes.push(OpenVolume {
+                fence,
                 volume,
                 nbd: vc.nbd.clone(),
                 meta: meta_cell,
@@ -538,7 +551,45 @@ impl Node {
             })
             .collect();
         let verify = Arc::new(VerifyService::new(verifiable, shutdown.clone()));
-        let metrics = metrics_registry(&volumes, &verify, job_service.as_ref());
+        // Cluster mode: the agent that takes and watches the volumes' keys
+        // in etcd, and performs the role changes they call for.
+        let cluster = self.config.cluster.clone().map(|cfg| {
+            let agent = crate::cluster::Agent::new(
+                cfg,
+                &self.config.node,
+                admin_addr,
+                self.config.listen,
+                self.volumes
+                    .iter()
+                    .map(|v| crate::cluster::ClusterVolume {
+                        volume: v.volume.clone(),
+                        target: v.target.clone(),
+                        fence: v.fence.clone(),
+                    })
+                    .collect(),
+                Arc::new(ClusterRoles {
+                    volumes: volumes
+                        .iter()
+                        .map(|s| (s.volume.clone(), s.target.clone()))
+                        .collect(),
+                }),
+            );
+            for v in &self.volumes {
+                if let Some(r) = v.volume.replicator() {
+                    r.gen.set_publisher(Arc::new(crate::cluster::Publisher {
+                        agent: Arc::downgrade(&agent),
+                        volume: v.volume.name().to_owned(),
+                    }));
+                }
+            }
+            let (a, sd) = (agent.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                a.run(sd).await;
+                Ok(())
+            });
+            agent
+        });
+        let metrics = metrics_registry(&volumes, &verify, job_service.as_ref(), cluster.as_ref());
         let source = Arc::new(StatusSource {
             observer: observer.clone(),
             verify,
@@ -546,6 +597,7 @@ impl Node {
             tls: self.tls.clone(),
             volumes,
             metrics,
+            cluster,
         });
         {
             let (src, sd) = (source.clone() as Arc<dyn AdminSource>, shutdown.clone());
@@ -689,6 +741,90 @@ impl Running {
     }
 }
 
+/// Promotes `s` here: `promote` by hand, or in cluster mode by the agent
+/// once the old primary's lease lapsed (`primary_gone`: a link it may still
+/// seem to feed does not count; promoting cuts it).
+async fn promote_volume(
+    s: &Volume,
+    t: &MirrorTarget,
+    force: bool,
+    primary_gone: bool,
+) -> Result<String, ControlError> {
+    let volume = s.name();
+    let refused = |reason: String| ControlError::Refused {
+        volume: volume.to_owned(),
+        reason,
+    };
+    // A promotion or demotion under way finishes first.
+    s.role_cell().settled().await;
+    // The link is refused first (the role says promoting), so nothing of
+    // the old primary lands after the new generation; then the durable
+    // record; then the links to this volume's own mirrors; then the
+    // export turns read-write (the role says primary).
+    let fed = t.primary().filter(|_| !primary_gone);
+    let promoted = RoleDriver {
+        volume: s,
+        target: Some(t),
+    }
+    .run(Event::Promote {
+        force,
+        fed: fed.is_some(),
+        label: s.meta().label,
+    })
+    .await;
+    match promoted {
+        Ok(()) => {}
+        Err(DriveError::Role(RoleError::Fed)) => {
+            return Err(refused(format!(
+                "its primary {} is connected and feeding it; stop that node first, or use --force",
+                fed.unwrap_or_default()
+            )))
+        }
+        Err(DriveError::Role(RoleError::Inconsistent)) => {
+            return Err(refused(
+                "its data is inconsistent (a resync did not finish); use --force to promote it anyway"
+                    .into(),
+            ))
+        }
+        Err(DriveError::Role(e @ RoleError::Illegal { state, .. })) => {
+            return Err(refused(if state.role == roles::Role::Primary {
+                "already primary".into()
+            } else {
+                e.to_string()
+            }))
+        }
+        Err(DriveError::Failed(reason)) => {
+            return Err(ControlError::Failed {
+                volume: volume.to_owned(),
+                reason,
+            })
+        }
+    }
+    let m = s.meta();
+    let mirrors = match s.replicator() {
+        Some(r) => {
+            format!(
+                "; mirroring to {}",
+                r.links
+                    .iter()
+                    .map(|l| l.peer.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+        None => {
+            warn!(volume, "promoted without [[volume.mirror]] tables: nothing mirrors it now, and its old primary cannot fail back to it");
+            "; no mirrors configured here (add [[volume.mirror]] for failback)".into()
+        }
+    };
+    warn!(volume, generations = %m.generations.to_display(), forced = force,
+        "promoted to primary: the export is read-write, new generation");
+    Ok(format!(
+        "{volume}: promoted to primary (generation {}); new NBD connections are read-write{mirrors}",
+        m.generations.to_display()
+    ))
+}
+
 /// Makes `volume` a mirror on this node: `demote` (`event` Demote), and
 /// `resync --discard-local` on a primary (DiscardLocal). New host writes get
 /// EPERM at once; the writes in progress finish; every live mirror is
@@ -768,6 +904,52 @@ struct StatusSource {
     verify: Arc<VerifyService>,
     /// Every metric family, each registered by the module that measures it.
     metrics: metrics::Registry,
+    /// Cluster mode's agent.
+    cluster: Option<Arc<crate::cluster::Agent>>,
+}
+
+/// The role changes the cluster agent asks for, performed as `promote` and
+/// `demote` perform them.
+struct ClusterRoles {
+    volumes: Vec<(Arc<Volume>, Option<Arc<MirrorTarget>>)>,
+}
+
+impl ClusterRoles {
+    fn find(&self, name: &str) -> Result<&(Arc<Volume>, Option<Arc<MirrorTarget>>), String> {
+        self.volumes
+            .iter()
+            .find(|(v, _)| v.name() == name)
+            .ok_or_else(|| format!("{name}: no such volume"))
+    }
+}
+
+impl crate::cluster::Roles for ClusterRoles {
+    fn promote<'a>(&'a self, volume: &'a str) -> crate::cluster::BoxFut<'a, Result<String, String>> {
+        Box::pin(async move {
+            let (v, t) = self.find(volume)?;
+            let t = t.as_ref().ok_or("no `listen`: it cannot be promoted")?;
+            promote_volume(v, t, false, true)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn demote<'a>(
+        &'a self,
+        volume: &'a str,
+        why: String,
+    ) -> crate::cluster::BoxFut<'a, Result<String, String>> {
+        Box::pin(async move {
+            let (v, t) = self.find(volume)?;
+            let t = t.as_ref().ok_or("no `listen`: it cannot be a mirror")?;
+            if v.role() != Role::Primary {
+                return Ok(format!("{volume}: already a mirror"));
+            }
+            demote_volume(v, t, Event::Demote, &why)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
 }
 
 /// The node's metric registry: the families of each part, in this order,
@@ -776,6 +958,7 @@ fn metrics_registry(
     volumes: &[Served],
     verify: &Arc<VerifyService>,
     jobs: Option<&Arc<JobService>>,
+    cluster: Option<&Arc<crate::cluster::Agent>>,
 ) -> metrics::Registry {
     let mut reg = metrics::Registry::default();
     reg.register(
@@ -799,6 +982,9 @@ fn metrics_registry(
     verify.register_metrics(&mut reg);
     if let Some(j) = jobs {
         j.register_metrics(&mut reg);
+    }
+    if let Some(a) = cluster {
+        crate::cluster::register_metrics(&mut reg, a.clone());
     }
     reg
 }
@@ -938,9 +1124,11 @@ impl AdminSource for StatusSource {
                             .map(|t| t.applied_bytes.load(std::sync::atomic::Ordering::Relaxed)),
                         local_disk: v.disk().map(|d| d.state_str().to_owned()),
                         read_policy: v.reads().map(|r| r.policy().as_str().to_owned()),
+                        epoch: v.fence().map(|f| f.epoch()),
                     },
                 )
                 .collect(),
+            cluster: self.cluster.as_ref().map(|c| c.status()),
         }
     }
 
@@ -957,76 +1145,7 @@ impl AdminSource for StatusSource {
                 "this node has no `listen` address: it cannot be a mirror, nor be promoted".into()
             }));
         };
-        // A promotion or demotion under way finishes first.
-        let rt = tokio::runtime::Handle::current();
-        rt.block_on(s.volume.role_cell().settled());
-        // The link is refused first (the role says promoting), so nothing of
-        // the old primary lands after the new generation; then the durable
-        // record; then the links to this volume's own mirrors; then the
-        // export turns read-write (the role says primary).
-        let fed = t.primary();
-        let promoted = rt.block_on(
-            RoleDriver {
-                volume: &s.volume,
-                target: Some(t),
-            }
-            .run(Event::Promote {
-                force: req.force,
-                fed: fed.is_some(),
-                label: s.volume.meta().label,
-            }),
-        );
-        match promoted {
-            Ok(()) => {}
-            Err(DriveError::Role(RoleError::Fed)) => {
-                return Err(refused(format!(
-                    "its primary {} is connected and feeding it; stop that node first, or use --force",
-                    fed.unwrap_or_default()
-                )))
-            }
-            Err(DriveError::Role(RoleError::Inconsistent)) => {
-                return Err(refused(
-                    "its data is inconsistent (a resync did not finish); use --force to promote it anyway"
-                        .into(),
-                ))
-            }
-            Err(DriveError::Role(e @ RoleError::Illegal { state, .. })) => {
-                return Err(refused(if state.role == roles::Role::Primary {
-                    "already primary".into()
-                } else {
-                    e.to_string()
-                }))
-            }
-            Err(DriveError::Failed(reason)) => {
-                return Err(ControlError::Failed {
-                    volume: volume.to_owned(),
-                    reason,
-                })
-            }
-        }
-        let m = s.volume.meta();
-        let mirrors = match s.volume.replicator() {
-            Some(r) => {
-                format!(
-                    "; mirroring to {}",
-                    r.links
-                        .iter()
-                        .map(|l| l.peer.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            }
-            None => {
-                warn!(volume, "promoted without [[volume.mirror]] tables: nothing mirrors it now, and its old primary cannot fail back to it");
-                "; no mirrors configured here (add [[volume.mirror]] for failback)".into()
-            }
-        };
-        warn!(volume, generations = %m.generations.to_display(), forced = req.force,
-            "promoted to primary: the export is read-write, new generation");
-        Ok(format!(
-            "{volume}: promoted to primary (generation {}); new NBD connections are read-write{mirrors}",
-            m.generations.to_display()
-        ))
+        tokio::runtime::Handle::current().block_on(promote_volume(&s.volume, t, req.force, false))
     }
 
     fn demote(&self, volume: &str, _req: &DemoteRequest) -> Result<String, ControlError> {

@@ -8,11 +8,32 @@
 use serde::{Deserialize, Serialize};
 
 /// Everything `GET /status` returns.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
     /// The node's name from its config.
     pub node: String,
     pub volumes: Vec<VolumeStatus>,
+    /// Cluster mode (`[cluster]`): the node's link to etcd and its lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// The node-wide cluster state in /status.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub etcd_connected: bool,
+    /// The lease is trusted now (a primary acknowledges writes only then).
+    pub lease_ok: bool,
+    pub site: String,
+    pub auto_promote: String,
+    pub lease_ttl_ms: u64,
+    pub lease_remaining_ms: u64,
+    /// Automatic promotions made here, lossy ones among them, step-downs
+    /// for a newer epoch, and lease losses.
+    pub promotions: u64,
+    pub lossy_promotions: u64,
+    pub step_downs: u64,
+    pub lease_losses: u64,
 }
 
 /// One volume.
@@ -56,6 +77,10 @@ pub struct VolumeStatus {
     /// On a primary with mirrors: `primary` or `balanced`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_policy: Option<String>,
+    /// Cluster mode: the volume's fencing epoch as this node knows it (the
+    /// one it holds as primary, or the newest seen as a mirror).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// One replication link.
@@ -281,6 +306,7 @@ mod tests {
 
     fn sample() -> NodeStatus {
         NodeStatus {
+            cluster: None,
             node: "site-a".into(),
             volumes: vec![
                 VolumeStatus {
@@ -501,6 +527,7 @@ mod tests {
     #[test]
     fn empty_node_table() {
         let t = render_table(&NodeStatus {
+            cluster: None,
             node: "n".into(),
             volumes: vec![],
         });

@@ -24,9 +24,23 @@ pub trait Reannounce: Send + Sync {
     fn reannounce(self: Arc<Self>);
 }
 
+/// Cluster mode: publishes the volume's current generation in the
+/// coordinator (`crate::cluster`).
+pub trait Publish: Send + Sync {
+    fn publish(&self) -> crate::cluster::BoxFut<'_, Result<(), String>>;
+}
+
 /// A primary volume's generation record, shared by its write path and its
 /// links.
 pub struct GenState {
+    /// The volume's fencing state (epoch, and in cluster mode whether writes
+    /// may be acknowledged).
+    pub fence: Arc<crate::cluster::fence::Fence>,
+    /// Cluster mode: where a new generation is published before a write
+    /// under it is acknowledged.
+    publisher: std::sync::OnceLock<Arc<dyn Publish>>,
+    /// A generation was stored that the coordinator has not been told of.
+    unpublished: AtomicBool,
     pub volume: String,
     pub meta: Arc<MetaCell>,
     rotating: tokio::sync::Mutex<()>,
@@ -48,6 +62,9 @@ impl GenState {
     /// write a mirror misses starts a new generation.
     pub fn new(volume: &str, meta: Arc<MetaCell>) -> Self {
         Self {
+            fence: Arc::new(crate::cluster::fence::Fence::new()),
+            publisher: std::sync::OnceLock::new(),
+            unpublished: AtomicBool::new(false),
             volume: volume.to_owned(),
             meta,
             rotating: tokio::sync::Mutex::new(()),
@@ -58,6 +75,43 @@ impl GenState {
             born: std::time::Instant::now(),
             start_wait: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Shares `fence` (the volume's) with the write path and the links.
+    pub fn with_fence(mut self, fence: Arc<crate::cluster::fence::Fence>) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// Cluster mode: new generations are published through `p`.
+    pub fn set_publisher(&self, p: Arc<dyn Publish>) {
+        let _ = self.publisher.set(p);
+    }
+
+    /// The coordinator holds `generation` now.
+    pub fn published(&self, generation: u64) {
+        if self.meta.get().generations.current == generation {
+            self.unpublished.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// In cluster mode, returns once the coordinator holds the current
+    /// generation (publishing it if needed): a write under a generation the
+    /// coordinator does not know is never acknowledged, so a mirror that
+    /// holds the published one and is listed in step holds every
+    /// acknowledged write. One atomic load when nothing is pending.
+    pub async fn ensure_published(&self) -> Result<(), String> {
+        if !self.unpublished.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let Some(p) = self.publisher.get() else {
+            return Ok(());
+        };
+        let _one = self.rotating.lock().await;
+        if !self.unpublished.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        p.publish().await
     }
 
     /// Host writes wait at start for the links, at most `d` (`start_wait`).
@@ -154,6 +208,9 @@ impl GenState {
         });
         match stored {
             Ok(m) => {
+                if self.publisher.get().is_some() {
+                    self.unpublished.store(true, Ordering::SeqCst);
+                }
                 info!(volume = %self.volume, generations = %m.generations.to_display(),
                     "a mirror misses writes: new generation");
                 for l in links {

@@ -314,6 +314,15 @@ impl Replicator {
                 result = Err(Errno::Io);
             }
         }
+        // Cluster mode: the coordinator hears of a new generation before a
+        // write under it is acknowledged (one atomic load otherwise).
+        if result.is_ok() {
+            if let Err(e) = self.gen.ensure_published().await {
+                warn!(volume = %self.gen.volume, error = %e,
+                    "write not acknowledged: its generation could not be published in the cluster");
+                result = Err(Errno::Io);
+            }
+        }
         for (l, d) in self.links.iter().zip(deferred) {
             if !d {
                 l.end(offset, len);

@@ -61,7 +61,15 @@ pub struct Volume {
     reads: Option<ReadRouter>,
     /// NBD STARTTLS mode of the export (`tls` key).
     tls: blockmirror_nbd::TlsMode,
+    /// Cluster mode: host writes are acknowledged only while this node
+    /// holds the volume's primary key under a trusted lease. None: static
+    /// roles (no check at all).
+    fence: Option<Arc<crate::cluster::fence::Fence>>,
 }
+
+/// How long a host write waits for the fence to lift (this node taking the
+/// primary key, a lease renewal) before it fails with EIO.
+const FENCE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Volume {
     /// A volume whose role is `role`; `primary_read_only` is the
@@ -90,7 +98,44 @@ impl Volume {
             disk: None,
             reads: None,
             tls: blockmirror_nbd::TlsMode::Off,
+            fence: None,
         }
+    }
+
+    /// Cluster mode: writes are acknowledged only under `fence`.
+    pub fn with_fence(mut self, fence: Arc<crate::cluster::fence::Fence>) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    pub fn fence(&self) -> Option<&Arc<crate::cluster::fence::Fence>> {
+        self.fence.as_ref()
+    }
+
+    /// Runs a host write (or flush) under the fence: it starts only once
+    /// this node may acknowledge (waiting at most [`FENCE_WAIT`]), and its
+    /// success is reported only if it still may when the write is done; a
+    /// write done but not acknowledged is a write the host may or may not
+    /// find later, which is allowed.
+    async fn fenced<F: std::future::Future<Output = Result<(), Errno>>>(
+        &self,
+        f: F,
+    ) -> Result<(), Errno> {
+        let Some(fence) = &self.fence else {
+            return f.await;
+        };
+        if !fence.wait_writable(FENCE_WAIT).await {
+            warn!(volume = %self.name, epoch = fence.epoch(),
+                "host write refused: this node does not hold the volume's primary key under a live lease");
+            return Err(Errno::Io);
+        }
+        f.await?;
+        if !fence.may_ack() {
+            warn!(volume = %self.name,
+                "host write done but not acknowledged: the cluster lease lapsed meanwhile");
+            return Err(Errno::Io);
+        }
+        Ok(())
     }
 
     /// Sets how the export takes NBD STARTTLS.
@@ -316,6 +361,76 @@ impl Volume {
 
     /// Whether the request must be acknowledged by an in-sync sync mirror:
     /// the local disk is failed (before or during the request).
+    async fn write_inner(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Errno> {
+        match &self.replicator {
+            None => self.local_write(offset, data, fua).await,
+            Some(r) => {
+                let op = MirrorOp::Write {
+                    offset,
+                    data: data.clone(),
+                    fua,
+                };
+                r.replicate_with(op, || self.local_write(offset, data, fua), &|| {
+                    self.mirror_required()
+                })
+                .await
+            }
+        }
+    }
+
+    async fn flush_inner(&self) -> Result<(), Errno> {
+        match &self.replicator {
+            None => self.local_flush().await,
+            Some(r) => {
+                r.flush_with(|| self.local_flush(), &|| self.mirror_required())
+                    .await
+            }
+        }
+    }
+
+    async fn trim_inner(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {
+        match &self.replicator {
+            None => self.local_trim(offset, len, fua).await,
+            Some(r) => {
+                let op = MirrorOp::Trim {
+                    offset,
+                    len: len as u32,
+                    fua,
+                };
+                r.replicate_with(op, || self.local_trim(offset, len, fua), &|| {
+                    self.mirror_required()
+                })
+                .await
+            }
+        }
+    }
+
+    async fn zeroes_inner(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> Result<(), Errno> {
+        match &self.replicator {
+            None => self.local_zeroes(offset, len, may_trim, fua).await,
+            Some(r) => {
+                let op = MirrorOp::WriteZeroes {
+                    offset,
+                    len: len as u32,
+                    fua,
+                    may_trim,
+                };
+                r.replicate_with(
+                    op,
+                    || self.local_zeroes(offset, len, may_trim, fua),
+                    &|| self.mirror_required(),
+                )
+                .await
+            }
+        }
+    }
+
     fn mirror_required(&self) -> bool {
         self.disk_failed()
     }
@@ -380,48 +495,19 @@ impl Export for Volume {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Errno> {
         self.check_writable()?;
-        match &self.replicator {
-            None => self.local_write(offset, data, fua).await,
-            Some(r) => {
-                let op = MirrorOp::Write {
-                    offset,
-                    data: data.clone(),
-                    fua,
-                };
-                r.replicate_with(op, || self.local_write(offset, data, fua), &|| {
-                    self.mirror_required()
-                })
-                .await
-            }
-        }
+        self.fenced(self.write_inner(offset, data, fua)).await
     }
 
     async fn flush(&self) -> Result<(), Errno> {
-        match &self.replicator {
-            None => self.local_flush().await,
-            Some(r) => {
-                r.flush_with(|| self.local_flush(), &|| self.mirror_required())
-                    .await
-            }
+        if self.fence.is_some() && self.role.accepts_host_writes() {
+            return self.fenced(self.flush_inner()).await;
         }
+        self.flush_inner().await
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {
         self.check_writable()?;
-        match &self.replicator {
-            None => self.local_trim(offset, len, fua).await,
-            Some(r) => {
-                let op = MirrorOp::Trim {
-                    offset,
-                    len: len as u32,
-                    fua,
-                };
-                r.replicate_with(op, || self.local_trim(offset, len, fua), &|| {
-                    self.mirror_required()
-                })
-                .await
-            }
-        }
+        self.fenced(self.trim_inner(offset, len, fua)).await
     }
 
     async fn write_zeroes(
@@ -432,23 +518,8 @@ impl Export for Volume {
         fua: bool,
     ) -> Result<(), Errno> {
         self.check_writable()?;
-        match &self.replicator {
-            None => self.local_zeroes(offset, len, may_trim, fua).await,
-            Some(r) => {
-                let op = MirrorOp::WriteZeroes {
-                    offset,
-                    len: len as u32,
-                    fua,
-                    may_trim,
-                };
-                r.replicate_with(
-                    op,
-                    || self.local_zeroes(offset, len, may_trim, fua),
-                    &|| self.mirror_required(),
-                )
-                .await
-            }
-        }
+        self.fenced(self.zeroes_inner(offset, len, may_trim, fua))
+            .await
     }
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, Errno> {

@@ -94,9 +94,34 @@ pub struct NodeConfig {
     pub tls: Option<TlsSettings>,
     /// `[admin_auth]`: bearer token for the admin API.
     pub admin_auth: Option<AdminAuthConfig>,
+    /// `[cluster]`: roles decided through etcd (leases, fencing epochs,
+    /// automatic failover). None: static roles, as configured.
+    pub cluster: Option<ClusterConfig>,
     /// The config file this was read from.
     pub path: PathBuf,
 }
+
+/// The `[cluster]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// etcd endpoints (`http://host:port`), at least one.
+    pub etcd: Vec<String>,
+    /// The node's lease in etcd (key `lease_ttl`, default
+    /// [`DEFAULT_LEASE_TTL`], at least 2 s): a primary that cannot renew it
+    /// stops acknowledging writes before it lapses, and a mirror is promoted
+    /// only after it lapsed.
+    pub lease_ttl: Duration,
+    /// Which mirrors may be promoted automatically (`auto_promote`).
+    pub auto_promote: blockmirror_core::cluster::AutoPromote,
+    /// The node's site (key `site`; default: the node's name).
+    pub site: String,
+    /// Key prefix in etcd (key `prefix`, default `/blockmirror`), so that
+    /// several deployments can share one etcd.
+    pub prefix: String,
+}
+
+/// Default `[cluster] lease_ttl`.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 
 /// The `[admin_auth]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -500,8 +525,20 @@ struct RawNode {
     job_idle_timeout: Option<String>,
     tls: Option<RawTls>,
     admin_auth: Option<RawAdminAuth>,
+    cluster: Option<RawCluster>,
     #[serde(default)]
     volume: Vec<RawVolume>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    #[serde(default)]
+    etcd: Vec<String>,
+    lease_ttl: Option<String>,
+    auto_promote: Option<String>,
+    site: Option<String>,
+    prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -699,6 +736,65 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
                 open_reads: a.open_reads,
             }),
         },
+    };
+
+    let cluster = match raw.cluster {
+        None => None,
+        Some(c) => {
+            if c.etcd.is_empty() {
+                return Err(cx.invalid(
+                    "cluster.etcd",
+                    "missing: at least one endpoint, e.g. [\"http://127.0.0.1:2379\"]",
+                ));
+            }
+            for e in &c.etcd {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    return Err(cx.invalid(
+                        "cluster.etcd",
+                        format!("{e:?}: expected a URL such as http://127.0.0.1:2379"),
+                    ));
+                }
+            }
+            let lease_ttl = cx.value(duration(
+                c.lease_ttl.as_deref(),
+                "cluster.lease_ttl",
+                DEFAULT_LEASE_TTL,
+                DurationRange::AboveZero,
+                "5s, 10s",
+            ))?;
+            if lease_ttl < Duration::from_secs(2) {
+                return Err(cx.invalid(
+                    "cluster.lease_ttl",
+                    "at least 2s (etcd leases count whole seconds, and the primary stops \
+                     acknowledging writes a safety margin before its lease lapses)",
+                ));
+            }
+            let auto_promote = match c.auto_promote.as_deref() {
+                None => blockmirror_core::cluster::AutoPromote::default(),
+                Some(s) => blockmirror_core::cluster::AutoPromote::parse(s).ok_or_else(|| {
+                    cx.invalid(
+                        "cluster.auto_promote",
+                        format!("{s:?}: expected \"sync_only\", \"any\" or \"never\""),
+                    )
+                })?,
+            };
+            let prefix = c.prefix.unwrap_or_else(|| "/blockmirror".into());
+            if !prefix.starts_with('/') || prefix.ends_with('/') {
+                return Err(cx.invalid(
+                    "cluster.prefix",
+                    format!("{prefix:?}: expected a path such as /blockmirror"),
+                ));
+            }
+            let site = c.site.unwrap_or_else(|| node.clone());
+            check_name(&site).map_err(|e| cx.invalid("cluster.site", e))?;
+            Some(ClusterConfig {
+                etcd: c.etcd,
+                lease_ttl,
+                auto_promote,
+                site,
+                prefix,
+            })
+        }
     };
 
     if raw.volume.is_empty() {
@@ -1087,6 +1183,7 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
         job_idle_timeout,
         tls,
         admin_auth,
+        cluster,
         path: path.to_path_buf(),
     })
 }

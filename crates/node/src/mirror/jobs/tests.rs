@@ -16,6 +16,7 @@ fn peer() -> PeerInfo {
             history: [0; blockmirror_repl::HISTORY_LEN],
         },
         compression: blockmirror_repl::Codec::None,
+        epoch: 0,
     }
 }
 

@@ -31,6 +31,21 @@ pub enum ReceiveError {
         ours: String,
         theirs: String,
     },
+    #[error(
+        "volume {volume}: primary {peer} comes with fencing epoch {epoch}, older than epoch \
+         {newest} known here (a newer primary was elected): refused"
+    )]
+    StaleEpoch {
+        volume: String,
+        peer: String,
+        epoch: u64,
+        newest: u64,
+    },
+    #[error(
+        "volume {volume}: cluster mode, and this node has not read the cluster's epoch yet; \
+         primary {peer} is refused until it has"
+    )]
+    EpochUnknown { volume: String, peer: String },
     #[error("volume {volume} is already fed by primary {current}")]
     AlreadyFed {
         volume: String,
@@ -75,7 +90,9 @@ impl ReceiveError {
             ReceiveError::Storage { source, .. } if source.is_no_space() => Errno::NoSpc,
             ReceiveError::Promoted { .. }
             | ReceiveError::Generations { .. }
-            | ReceiveError::AlreadyFed { .. } => Errno::Perm,
+            | ReceiveError::AlreadyFed { .. }
+            | ReceiveError::StaleEpoch { .. }
+            | ReceiveError::EpochUnknown { .. } => Errno::Perm,
             ReceiveError::UnexpectedFrame { .. } => Errno::Inval,
             ReceiveError::Storage { .. } | ReceiveError::StoreState { .. } => Errno::Io,
         }

@@ -54,8 +54,21 @@ pub const PRIMARY_SILENCE: Duration = crate::daemon::config::DEFAULT_PRIMARY_SIL
 /// The apply tag of an operation nobody waits for (a Barrier with id 0).
 const UNANSWERED: u64 = u64::MAX;
 
+/// The link feeding a target now.
+struct Feeding {
+    node: String,
+    conn: u64,
+    token: CancellationToken,
+    /// The primary's fencing epoch (its Hello's).
+    epoch: u64,
+}
+
 /// A mirror volume as the receiver sees it.
 pub struct MirrorTarget {
+    /// The volume's fencing state: the newest epoch known here (0 without
+    /// a cluster). A link from an older epoch is refused, and one already
+    /// running is cut at its next frame once a newer epoch is known.
+    pub fence: Arc<crate::cluster::fence::Fence>,
     pub name: String,
     pub backend: Arc<dyn Backend>,
     /// The volume's record: generations and mirror label.
@@ -65,7 +78,7 @@ pub struct MirrorTarget {
     role: Arc<RoleCell>,
     /// The link feeding it now: primary node, connection number, and what
     /// cancels that link.
-    current: Mutex<Option<(String, u64, CancellationToken)>>,
+    current: Mutex<Option<Feeding>>,
     next_conn: AtomicU64,
     /// Held by the running apply loop: one at a time, strictly.
     apply_slot: Arc<tokio::sync::Semaphore>,
@@ -95,6 +108,7 @@ impl MirrorTarget {
         role: Arc<RoleCell>,
     ) -> Self {
         Self {
+            fence: Arc::new(crate::cluster::fence::Fence::new()),
             apply,
             apply_metrics: Arc::new(ApplyMetrics::new(apply.groups)),
             name: name.to_owned(),
@@ -108,6 +122,24 @@ impl MirrorTarget {
             applied_bytes: AtomicU64::new(0),
             applied_ops: AtomicU64::new(0),
             primary_silence: PRIMARY_SILENCE,
+        }
+    }
+
+    /// Shares the volume's fencing state.
+    pub fn with_fence(mut self, fence: Arc<crate::cluster::fence::Fence>) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    /// A newer epoch is known (the cluster agent read it): a link from an
+    /// older one is cut now, not at its next frame (it may be silent).
+    pub fn epoch_raised(&self, epoch: u64) {
+        if let Some(f) = self.current.lock().expect("poisoned").as_ref() {
+            if f.epoch < epoch {
+                warn!(volume = %self.name, primary = %f.node, old = f.epoch, new = epoch,
+                    "a newer primary was elected: cutting the link of the old one");
+                f.token.cancel();
+            }
         }
     }
 
@@ -173,8 +205,8 @@ impl MirrorTarget {
     /// its primary reconnects and judges the generations again (a full
     /// copy).
     pub fn cut_link(&self) {
-        if let Some((_, _, token)) = self.current.lock().expect("poisoned").as_ref() {
-            token.cancel();
+        if let Some(f) = self.current.lock().expect("poisoned").as_ref() {
+            f.token.cancel();
         }
     }
 
@@ -239,7 +271,7 @@ impl MirrorTarget {
             .lock()
             .expect("poisoned")
             .as_ref()
-            .map(|(node, _, _)| node.clone())
+            .map(|f| f.node.clone())
     }
 }
 
@@ -356,6 +388,18 @@ async fn handle(
             volume: target.name.clone(),
             peer: primary.node.clone(),
         })
+    } else if !target.fence.synced() {
+        Some(ReceiveError::EpochUnknown {
+            volume: target.name.clone(),
+            peer: primary.node.clone(),
+        })
+    } else if primary.epoch < target.fence.epoch() {
+        Some(ReceiveError::StaleEpoch {
+            volume: target.name.clone(),
+            peer: primary.node.clone(),
+            epoch: primary.epoch,
+            newest: target.fence.epoch(),
+        })
     } else if matches!(
         rel,
         Relation::Same | Relation::PeerAhead | Relation::LocalBlank
@@ -379,18 +423,34 @@ async fn handle(
     let busy = {
         let mut current = target.current.lock().expect("poisoned");
         match current.as_ref() {
-            Some((node, _, _)) if *node != primary.node => Some(ReceiveError::AlreadyFed {
-                volume: target.name.clone(),
-                peer: primary.node.clone(),
-                current: node.clone(),
-            }),
+            // Another primary of the same epoch: one feeds at a time. (Of
+            // an older epoch: it was deposed, the newer one replaces it.)
+            Some(f) if f.node != primary.node && f.epoch >= primary.epoch => {
+                Some(ReceiveError::AlreadyFed {
+                    volume: target.name.clone(),
+                    peer: primary.node.clone(),
+                    current: f.node.clone(),
+                })
+            }
             other => {
-                if let Some((_, old, old_token)) = other {
-                    info!(volume = %target.name, primary = %primary.node, old_link = old,
-                        "a new link from the same primary replaces the old one");
-                    old_token.cancel();
+                if let Some(f) = other {
+                    if f.node == primary.node {
+                        info!(volume = %target.name, primary = %primary.node, old_link = f.conn,
+                            "a new link from the same primary replaces the old one");
+                    } else {
+                        warn!(volume = %target.name, primary = %primary.node, epoch = primary.epoch,
+                            old = %f.node, old_epoch = f.epoch,
+                            "a primary of a newer epoch replaces the old one's link");
+                    }
+                    f.token.cancel();
                 }
-                *current = Some((primary.node.clone(), conn, token.clone()));
+                target.fence.raise(primary.epoch);
+                *current = Some(Feeding {
+                    node: primary.node.clone(),
+                    conn,
+                    token: token.clone(),
+                    epoch: primary.epoch,
+                });
                 None
             }
         }
@@ -429,7 +489,7 @@ async fn handle(
         None => {
             info!(volume = %target.name, primary = %primary.node, %peer,
                 compression = %primary.compression, tls = stream.is_tls(), "replication link up");
-            apply_loop(stream, &target, &primary.node, token).await
+            apply_loop(stream, &target, &primary.node, primary.epoch, token).await
         }
     };
     // Without its primary, an in-sync mirror is a point in time the primary
@@ -450,7 +510,7 @@ async fn handle(
     drop(slot);
     {
         let mut current = target.current.lock().expect("poisoned");
-        if current.as_ref().is_some_and(|(_, c, _)| *c == conn) {
+        if current.as_ref().is_some_and(|f| f.conn == conn) {
             *current = None;
         }
     }
@@ -471,6 +531,7 @@ async fn apply_loop(
     stream: LinkStream,
     t: &MirrorTarget,
     peer: &str,
+    epoch: u64,
     shutdown: CancellationToken,
 ) -> String {
     let (rd, wr) = stream.into_split();
@@ -560,6 +621,20 @@ async fn apply_loop(
             }
         };
         heard = tokio::time::Instant::now();
+        // Every frame is judged against the newest epoch known here: once a
+        // newer primary is elected, nothing more of this one lands.
+        let newest = t.fence.epoch();
+        if epoch < newest {
+            warn!(volume = %t.name, primary = peer, epoch, newest,
+                "frame from a primary of an older fencing epoch: refused, closing its link");
+            acks.push(Frame::Error {
+                id: 0,
+                code: ErrorCode::Protocol,
+                message: format!("fencing epoch {epoch} is older than {newest}"),
+            });
+            let _ = send_acks(&mut writer, &mut acks, &shutdown).await;
+            break format!("fenced: epoch {epoch} superseded by {newest}");
+        }
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
@@ -718,7 +793,9 @@ async fn refuse(stream: LinkStream, addr: &str, e: ReceiveError) {
     let primary = match &e {
         ReceiveError::Promoted { peer, .. }
         | ReceiveError::Generations { peer, .. }
-        | ReceiveError::AlreadyFed { peer, .. } => peer.as_str(),
+        | ReceiveError::AlreadyFed { peer, .. }
+        | ReceiveError::StaleEpoch { peer, .. }
+        | ReceiveError::EpochUnknown { peer, .. } => peer.as_str(),
         _ => "?",
     };
     if matches!(e, ReceiveError::AlreadyFed { .. }) {

@@ -351,6 +351,18 @@ impl MirrorLink {
         ctx: &LinkContext,
     ) -> Result<(LinkStream, PeerInfo), LinkError> {
         let addr = self.addr;
+        // Cluster mode: a primary links to its mirrors only while it holds
+        // the volume's key (a node back from a partition learns first
+        // whether it still is the primary).
+        let fence = &ctx.gen.fence;
+        if fence.is_clustered() && fence.holds() == 0 {
+            return Err(LinkError::Connect {
+                addr,
+                message: "cluster mode: this node does not hold the volume's primary key (yet)"
+                    .into(),
+            });
+        }
+        let epoch = fence.epoch();
         let attempt = async {
             let mut s = crate::tls::dial(addr, ctx.tls.as_deref(), self.peer_name())
                 .await
@@ -366,6 +378,7 @@ impl MirrorLink {
                 })?;
             let options = blockmirror_repl::ConnectOptions {
                 compression: self.configured_codec,
+                epoch,
                 ..Default::default()
             };
             let peer = blockmirror_repl::connect_with(&mut s, &ctx.secret, &ctx.hello(), options)

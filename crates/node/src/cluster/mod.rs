@@ -1,0 +1,815 @@
+//! Cluster mode: roles decided through etcd (`[cluster]`), never by a
+//! consensus of our own.
+//!
+//! - The node holds a lease ([`fence::LeaseClock`]) and registers under it.
+//! - Each volume's primary holds a lease-backed key with a fencing epoch,
+//!   taken in one transaction that also raises the epoch in the volume's
+//!   record ([`records`]). The epoch travels in every link's handshake;
+//!   a mirror refuses a primary, and every frame of a link, older than the
+//!   newest epoch it knows.
+//! - A primary whose lease is not trusted any more stops acknowledging
+//!   host writes ([`fence::Fence::may_ack`]) before etcd can let the key go.
+//! - A primary publishes each new generation in the record before it
+//!   acknowledges a write under it, with the sync mirrors in step with it;
+//!   when the key lapses, the best eligible mirror
+//!   ([`blockmirror_core::cluster::choose`]) takes the next epoch in one
+//!   transaction and is promoted. The old primary, back, finds a newer
+//!   epoch, demotes itself and is resynced by the new one (the failback that
+//!   static mode has).
+//!
+//! The decisions are pure (`blockmirror_core::cluster`); this module reads
+//! etcd, runs them and applies them.
+
+pub mod fence;
+pub mod records;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blockmirror_core::cluster::{self as decide, DataState, Decision};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use blockmirror_nbd::Export;
+
+use crate::daemon::config::{ClusterConfig, MirrorMode, Role};
+use crate::mirror::receiver::MirrorTarget;
+use crate::volume::Volume;
+use fence::{Fence, LeaseClock};
+use records::{
+    decode, encode, gen_hex, KeyEntry, Keys, NodeEntry, RecordEntry, ReportEntry, FORMAT,
+};
+
+/// A boxed future, for the callbacks into the node.
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the agent asks of the node: the role changes `promote` and
+/// `demote` perform by hand.
+pub trait Roles: Send + Sync {
+    /// Promotes `volume` here (its old primary is gone: its lease lapsed).
+    fn promote<'a>(&'a self, volume: &'a str) -> BoxFut<'a, Result<String, String>>;
+    /// Demotes `volume` here (a newer epoch is held elsewhere).
+    fn demote<'a>(&'a self, volume: &'a str, why: String) -> BoxFut<'a, Result<String, String>>;
+}
+
+/// One volume under cluster mode.
+pub struct ClusterVolume {
+    pub volume: Arc<Volume>,
+    pub target: Option<Arc<MirrorTarget>>,
+    pub fence: Arc<Fence>,
+}
+
+/// Counters for /metrics and /status.
+#[derive(Debug, Default)]
+pub struct ClusterCounters {
+    /// Promotions this node made automatically, and of those, lossy ones
+    /// (an async or out-of-step mirror, `auto_promote = "any"`).
+    pub promotions: AtomicU64,
+    pub lossy_promotions: AtomicU64,
+    /// Times this node stepped down for a newer epoch.
+    pub step_downs: AtomicU64,
+    /// Lease losses (not renewed in time).
+    pub lease_losses: AtomicU64,
+}
+
+/// The node's cluster agent.
+pub struct Agent {
+    cfg: ClusterConfig,
+    node: String,
+    keys: Keys,
+    entry: NodeEntry,
+    pub lease: Arc<LeaseClock>,
+    lease_id: AtomicI64,
+    connected: AtomicBool,
+    client: tokio::sync::OnceCell<Client>,
+    volumes: Vec<ClusterVolume>,
+    roles: Arc<dyn Roles>,
+    pub counters: ClusterCounters,
+    /// Per volume: the report last put, so an unchanged one is not put again.
+    reported: Mutex<HashMap<String, (i64, ReportEntry)>>,
+    /// Per volume: the record this node last published as its primary.
+    published: Mutex<HashMap<String, RecordEntry>>,
+    /// Wakes the reconcile loop (a lease change, a publish).
+    kick: tokio::sync::Notify,
+}
+
+/// How long one etcd request may take.
+fn request_timeout(ttl: Duration) -> Duration {
+    (ttl / 4).max(Duration::from_millis(500))
+}
+
+impl Agent {
+    pub fn new(
+        cfg: ClusterConfig,
+        node: &str,
+        admin: std::net::SocketAddr,
+        listen: Option<std::net::SocketAddr>,
+        volumes: Vec<ClusterVolume>,
+        roles: Arc<dyn Roles>,
+    ) -> Arc<Self> {
+        let lease = Arc::new(LeaseClock::new());
+        for v in &volumes {
+            v.fence.clustered(lease.clone());
+        }
+        Arc::new(Self {
+            keys: Keys {
+                prefix: cfg.prefix.clone(),
+            },
+            entry: NodeEntry {
+                v: FORMAT,
+                site: cfg.site.clone(),
+                admin: admin.to_string(),
+                listen: listen.map(|l| l.to_string()),
+            },
+            cfg,
+            node: node.to_owned(),
+            lease,
+            lease_id: AtomicI64::new(0),
+            connected: AtomicBool::new(false),
+            client: tokio::sync::OnceCell::new(),
+            volumes,
+            roles,
+            counters: ClusterCounters::default(),
+            reported: Mutex::new(HashMap::new()),
+            published: Mutex::new(HashMap::new()),
+            kick: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The node-wide part of /status.
+    pub fn status(&self) -> crate::daemon::status::ClusterStatus {
+        let c = &self.counters;
+        crate::daemon::status::ClusterStatus {
+            etcd_connected: self.connected.load(Ordering::Relaxed),
+            lease_ok: self.lease.valid(),
+            site: self.cfg.site.clone(),
+            auto_promote: self.cfg.auto_promote.as_str().into(),
+            lease_ttl_ms: self.cfg.lease_ttl.as_millis() as u64,
+            lease_remaining_ms: self.lease.remaining().as_millis() as u64,
+            promotions: c.promotions.load(Ordering::Relaxed),
+            lossy_promotions: c.lossy_promotions.load(Ordering::Relaxed),
+            step_downs: c.step_downs.load(Ordering::Relaxed),
+            lease_losses: c.lease_losses.load(Ordering::Relaxed),
+        }
+    }
+
+    fn ttl_secs(&self) -> i64 {
+        self.cfg.lease_ttl.as_secs().max(2) as i64
+    }
+
+    async fn client(&self, shutdown: &CancellationToken) -> Option<Client> {
+        if let Some(c) = self.client.get() {
+            return Some(c.clone());
+        }
+        let timeout = request_timeout(self.cfg.lease_ttl);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let opts = ConnectOptions::new()
+                .with_connect_timeout(timeout)
+                .with_timeout(timeout)
+                .with_require_leader(true)
+                .with_keep_alive(Duration::from_secs(1), timeout);
+            match Client::connect(&self.cfg.etcd, Some(opts)).await {
+                Ok(c) => {
+                    info!(endpoints = ?self.cfg.etcd, "connected to etcd");
+                    let _ = self.client.set(c);
+                    return self.client.get().cloned();
+                }
+                Err(e) => {
+                    warn!(endpoints = ?self.cfg.etcd, error = %e, "cannot reach etcd; retrying")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Runs until `shutdown`: the lease, and the reconcile loop.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(client) = self.client(&shutdown).await else {
+            return;
+        };
+        let lease = {
+            let (a, c, sd) = (self.clone(), client.clone(), shutdown.clone());
+            tokio::spawn(async move { a.keep_lease(c, sd).await })
+        };
+        self.reconcile_loop(client.clone(), shutdown.clone()).await;
+        let _ = lease.await;
+        // A clean stop: give the keys up at once, so that a mirror need not
+        // wait for the lease to lapse.
+        let id = self.lease_id.load(Ordering::SeqCst);
+        for v in &self.volumes {
+            v.fence.release();
+        }
+        if id != 0 {
+            let mut c = client;
+            let _ = tokio::time::timeout(Duration::from_secs(1), c.lease_revoke(id)).await;
+            info!("cluster lease revoked on shutdown");
+        }
+    }
+
+    /// Grants the lease, keeps it alive, grants a new one when it is lost.
+    async fn keep_lease(&self, mut client: Client, shutdown: CancellationToken) {
+        let ttl = self.cfg.lease_ttl;
+        let timeout = request_timeout(ttl);
+        let every = ttl / 3;
+        'grant: while !shutdown.is_cancelled() {
+            let sent = Instant::now();
+            let granted = tokio::time::timeout(timeout, client.lease_grant(self.ttl_secs(), None)).await;
+            let id = match granted {
+                Ok(Ok(r)) if r.ttl() > 0 => {
+                    self.lease
+                        .renewed(sent, Duration::from_secs(r.ttl() as u64));
+                    r.id()
+                }
+                other => {
+                    self.connected.store(false, Ordering::Relaxed);
+                    debug!(result = ?other.map(|r| r.map(|_| ())), "lease grant failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => continue 'grant,
+                    }
+                }
+            };
+            self.connected.store(true, Ordering::Relaxed);
+            self.lease_id.store(id, Ordering::SeqCst);
+            let put = client
+                .put(
+                    self.keys.node(&self.node),
+                    encode(&self.entry),
+                    Some(PutOptions::new().with_lease(id)),
+                )
+                .await;
+            if let Err(e) = put {
+                warn!(error = %e, "registering the node in etcd failed");
+            }
+            info!(lease = format!("{id:x}"), ttl_ms = ttl.as_millis() as u64, "cluster lease granted");
+            self.kick.notify_one();
+            // Keep it alive: one keep-alive every ttl/3; the answer to each
+            // renews the clock from when it was sent.
+            let mut stream = None;
+            loop {
+                if stream.is_none() {
+                    match tokio::time::timeout(timeout, client.lease_keep_alive(id)).await {
+                        Ok(Ok(s)) => stream = Some(s),
+                        _ => self.connected.store(false, Ordering::Relaxed),
+                    }
+                }
+                if let Some((keeper, answers)) = &mut stream {
+                    let sent = Instant::now();
+                    let answered = tokio::time::timeout(timeout, async {
+                        keeper.keep_alive().await?;
+                        answers.message().await
+                    })
+                    .await;
+                    match answered {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                            self.connected.store(true, Ordering::Relaxed);
+                            self.lease.renewed(sent, Duration::from_secs(r.ttl() as u64));
+                        }
+                        Ok(Ok(Some(_))) => {
+                            warn!(lease = format!("{id:x}"), "the cluster lease expired in etcd");
+                            break;
+                        }
+                        _ => {
+                            self.connected.store(false, Ordering::Relaxed);
+                            stream = None;
+                        }
+                    }
+                }
+                if !self.lease.valid() {
+                    break;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(if stream.is_some() { every } else { Duration::from_millis(100) }) => {}
+                }
+            }
+            // Lost: every key under it is gone (or soon will be); nothing
+            // here acknowledges a write any more.
+            self.lease.expire();
+            self.lease_id.store(0, Ordering::SeqCst);
+            self.counters.lease_losses.fetch_add(1, Ordering::Relaxed);
+            for v in &self.volumes {
+                if v.fence.holds() != 0 {
+                    warn!(volume = %v.volume.name(), epoch = v.fence.holds(),
+                        "cluster lease not renewed in time: host writes are no longer acknowledged here");
+                }
+                v.fence.release();
+            }
+            self.kick.notify_one();
+        }
+    }
+
+    async fn reconcile_loop(&self, mut client: Client, shutdown: CancellationToken) {
+        let tick = (self.cfg.lease_ttl / 10).max(Duration::from_millis(100));
+        let mut watch = None;
+        loop {
+            if watch.is_none() {
+                let w = tokio::time::timeout(
+                    request_timeout(self.cfg.lease_ttl),
+                    client.watch(self.keys.volumes(), Some(WatchOptions::new().with_prefix())),
+                )
+                .await;
+                if let Ok(Ok(stream)) = w {
+                    watch = Some(stream);
+                }
+            }
+            for v in &self.volumes {
+                if let Err(e) = self.reconcile(&mut client, v).await {
+                    debug!(volume = %v.volume.name(), error = %e, "cluster reconcile failed; retrying");
+                }
+            }
+            let changed = async {
+                match &mut watch {
+                    Some(w) => w.message().await.map(|_| ()).map_err(|_| ()),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = changed => if r.is_err() { watch = None },
+                _ = self.kick.notified() => {}
+                _ = tokio::time::sleep(tick) => {}
+            }
+        }
+    }
+
+    /// One volume: read what etcd holds of it, decide, act.
+    async fn reconcile(&self, client: &mut Client, v: &ClusterVolume) -> Result<(), String> {
+        let name = v.volume.name();
+        let got = client
+            .get(self.keys.volume(name), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut record: Option<(RecordEntry, i64)> = None;
+        let mut key: Option<KeyEntry> = None;
+        let mut reports = Vec::new();
+        for kv in got.kvs() {
+            let k = kv.key_str().map_err(|e| e.to_string())?;
+            let Some((_, rest)) = self.keys.split_volume_key(k) else {
+                continue;
+            };
+            match rest {
+                "record" => match decode::<RecordEntry>(kv.value()) {
+                    Ok(r) => record = Some((r, kv.mod_revision())),
+                    Err(e) => return Err(format!("{k}: {e}")),
+                },
+                "primary" => match decode::<KeyEntry>(kv.value()) {
+                    Ok(e) => key = Some(e),
+                    Err(e) => return Err(format!("{k}: {e}")),
+                },
+                other => {
+                    if let Some(node) = other.strip_prefix("mirrors/") {
+                        match decode::<ReportEntry>(kv.value()) {
+                            Ok(r) => {
+                                if let Some(r) = r.to_core(node) {
+                                    reports.push(r);
+                                }
+                            }
+                            Err(e) => warn!(key = k, error = %e, "unreadable mirror report"),
+                        }
+                    }
+                }
+            }
+        }
+        let lease = self.lease_id.load(Ordering::SeqCst);
+        let primary_here = v.volume.role() == Role::Primary;
+        // A mirror learns the newest epoch (and cuts an older primary).
+        if let Some((r, _)) = &record {
+            if v.fence.raise(r.epoch) {
+                if let Some(t) = &v.target {
+                    t.epoch_raised(r.epoch);
+                }
+            }
+        }
+        v.fence.mark_synced();
+        // My own report, from my state now (not what etcd has of me).
+        let mine = self.local_report(v);
+        if let Some(m) = &mine {
+            reports.retain(|r| r.node != self.node);
+            reports.push(m.clone());
+            if lease != 0 && !primary_here {
+                self.put_report(client, name, m, lease).await?;
+            }
+        }
+        if lease == 0 || !self.lease.valid() {
+            return Ok(());
+        }
+        let core_record = match &record {
+            Some((r, _)) => Some(
+                r.to_core()
+                    .ok_or_else(|| format!("{name}: unreadable generation in the record"))?,
+            ),
+            None => None,
+        };
+        let holds = v.fence.holds();
+        let local = decide::Local {
+            node: &self.node,
+            primary: primary_here,
+            holds: (holds != 0).then_some(holds),
+        };
+        let view = decide::View {
+            record: core_record.as_ref(),
+            key: key.as_ref().map(|k| (k.node.as_str(), k.epoch)),
+            reports: &reports,
+        };
+        let decision = decide::decide(&local, &view, self.cfg.auto_promote);
+        match decision {
+            Decision::Stay => {
+                if primary_here && holds != 0 {
+                    // Publish what changed (a mirror came into step).
+                    self.publish(client, v, false).await?;
+                }
+                Ok(())
+            }
+            Decision::Bootstrap => {
+                let rec = self.new_record(v, 1, &[]);
+                let txn = Txn::new()
+                    .when([
+                        Compare::version(self.keys.record(name), CompareOp::Equal, 0),
+                        Compare::version(self.keys.primary(name), CompareOp::Equal, 0),
+                    ])
+                    .and_then(self.take_ops(name, &rec, lease));
+                if client.txn(txn).await.map_err(|e| e.to_string())?.succeeded() {
+                    info!(volume = name, epoch = 1, "cluster: first primary of the volume");
+                    self.took(v, rec);
+                }
+                Ok(())
+            }
+            Decision::Reacquire { epoch } => {
+                let (old, rev) = record.clone().expect("decided on a record");
+                let gen = v.volume.meta().generations.current;
+                let keep: Vec<String> = if gen_hex(gen) == old.generation {
+                    old.sync_mirrors.clone()
+                } else {
+                    Vec::new()
+                };
+                let rec = self.new_record(v, epoch, &keep);
+                if self.take(client, name, &rec, rev, lease).await? {
+                    info!(volume = name, epoch, "cluster: primary key taken again");
+                    self.took(v, rec);
+                }
+                Ok(())
+            }
+            Decision::StepDown { by, epoch } => {
+                v.fence.release();
+                self.counters.step_downs.fetch_add(1, Ordering::Relaxed);
+                let why = format!("cluster: {by} holds epoch {epoch}");
+                warn!(volume = name, %by, epoch, "a newer primary holds the volume: demoting here");
+                self.roles.demote(name, why).await.map(|_| ())
+            }
+            Decision::Promote { epoch, lossless } => {
+                let (old, rev) = record.clone().expect("decided on a record");
+                // Until this node publishes a generation of its own, the
+                // old primary's other sync mirrors stay as good as it.
+                let others: Vec<String> = old
+                    .sync_mirrors
+                    .iter()
+                    .filter(|n| **n != self.node)
+                    .cloned()
+                    .collect();
+                let mut rec = self.new_record(v, epoch, &others);
+                rec.generation = old.generation.clone();
+                if !self.take(client, name, &rec, rev, lease).await? {
+                    return Ok(());
+                }
+                let started = Instant::now();
+                v.fence.raise(epoch);
+                if lossless {
+                    warn!(volume = name, old = %old.primary, epoch,
+                        "cluster: the primary's lease lapsed; promoting this in-step sync mirror");
+                } else {
+                    warn!(volume = name, old = %old.primary, epoch, published = %old.generation,
+                        "cluster: the primary's lease lapsed; promoting this mirror, which may lack \
+                         its last writes (auto_promote = \"any\"): that data window is given up");
+                    self.counters.lossy_promotions.fetch_add(1, Ordering::Relaxed);
+                }
+                match self.roles.promote(name).await {
+                    Ok(msg) => {
+                        self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+                        info!(volume = name, ms = started.elapsed().as_millis() as u64, "{msg}");
+                        self.publish(client, v, true).await?;
+                        v.fence.hold(epoch);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Give the key back, so that another mirror may try.
+                        let _ = client.delete(self.keys.primary(name), None).await;
+                        Err(format!("promotion failed: {e}"))
+                    }
+                }
+            }
+            Decision::NoCandidate => {
+                let r = core_record.expect("decided on a record");
+                let why: Vec<String> = reports
+                    .iter()
+                    .filter(|m| m.node != r.primary)
+                    .map(|m| match decide::candidacy(&r, m, self.cfg.auto_promote) {
+                        Ok(_) => format!("{}: eligible", m.node),
+                        Err(e) => format!("{}: {e}", m.node),
+                    })
+                    .collect();
+                debug!(volume = name, primary = %r.primary, mirrors = ?why,
+                    "the primary's key lapsed and no mirror may be promoted automatically");
+                Ok(())
+            }
+        }
+    }
+
+    /// The record this node would publish as primary at `epoch`.
+    fn new_record(&self, v: &ClusterVolume, epoch: u64, sync: &[String]) -> RecordEntry {
+        RecordEntry {
+            v: FORMAT,
+            epoch,
+            primary: self.node.clone(),
+            generation: gen_hex(v.volume.meta().generations.current),
+            sync_mirrors: sync.to_vec(),
+        }
+    }
+
+    fn take_ops(&self, name: &str, rec: &RecordEntry, lease: i64) -> Vec<TxnOp> {
+        let key = KeyEntry {
+            v: FORMAT,
+            node: self.node.clone(),
+            epoch: rec.epoch,
+        };
+        vec![
+            TxnOp::put(self.keys.record(name), encode(rec), None),
+            TxnOp::put(
+                self.keys.primary(name),
+                encode(&key),
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        ]
+    }
+
+    /// Takes the primary key at `rec.epoch`, if nobody holds it and the
+    /// record is still the one decided on.
+    async fn take(
+        &self,
+        client: &mut Client,
+        name: &str,
+        rec: &RecordEntry,
+        record_rev: i64,
+        lease: i64,
+    ) -> Result<bool, String> {
+        let txn = Txn::new()
+            .when([
+                Compare::version(self.keys.primary(name), CompareOp::Equal, 0),
+                Compare::mod_revision(self.keys.record(name), CompareOp::Equal, record_rev),
+            ])
+            .and_then(self.take_ops(name, rec, lease));
+        Ok(client
+            .txn(txn)
+            .await
+            .map_err(|e| e.to_string())?
+            .succeeded())
+    }
+
+    fn took(&self, v: &ClusterVolume, rec: RecordEntry) {
+        let epoch = rec.epoch;
+        self.published
+            .lock()
+            .expect("poisoned")
+            .insert(v.volume.name().to_owned(), rec);
+        v.fence.hold(epoch);
+        if let Some(r) = v.volume.replicator() {
+            r.gen.published(v.volume.meta().generations.current);
+        }
+    }
+
+    /// The sync mirrors live and in step now, by node name.
+    fn in_step(v: &ClusterVolume) -> Vec<String> {
+        let Some(r) = v.volume.replicator() else {
+            return Vec::new();
+        };
+        let mut n: Vec<String> = r
+            .links
+            .iter()
+            .map(|l| l.snapshot())
+            .filter(|s| {
+                s.mode == MirrorMode::Sync
+                    && s.state == crate::primary::link::SyncState::InSync
+                    && s.connection == crate::primary::link::Connection::Connected
+            })
+            .filter_map(|s| s.peer_node)
+            .collect();
+        n.sort();
+        n
+    }
+
+    /// Publishes this primary's generation and sync mirrors in the record
+    /// if they changed (`force`: even if not), guarded by holding the key.
+    async fn publish(&self, client: &mut Client, v: &ClusterVolume, force: bool) -> Result<(), String> {
+        let name = v.volume.name();
+        let epoch = v.fence.holds().max(v.fence.epoch());
+        let gen = v.volume.meta().generations.current;
+        let rec = RecordEntry {
+            v: FORMAT,
+            epoch,
+            primary: self.node.clone(),
+            generation: gen_hex(gen),
+            sync_mirrors: Self::in_step(v),
+        };
+        if !force && self.published.lock().expect("poisoned").get(name) == Some(&rec) {
+            return Ok(());
+        }
+        let key = KeyEntry {
+            v: FORMAT,
+            node: self.node.clone(),
+            epoch,
+        };
+        let txn = Txn::new()
+            .when([Compare::value(
+                self.keys.primary(name),
+                CompareOp::Equal,
+                encode(&key),
+            )])
+            .and_then([TxnOp::put(self.keys.record(name), encode(&rec), None)]);
+        let ok = tokio::time::timeout(request_timeout(self.cfg.lease_ttl), client.txn(txn))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?
+            .succeeded();
+        if !ok {
+            return Err(format!("{name}: not the holder of epoch {epoch} any more"));
+        }
+        debug!(volume = name, generation = %rec.generation, sync = ?rec.sync_mirrors, "record published");
+        self.published
+            .lock()
+            .expect("poisoned")
+            .insert(name.to_owned(), rec);
+        if let Some(r) = v.volume.replicator() {
+            r.gen.published(gen);
+        }
+        Ok(())
+    }
+
+    /// What this node says of its copy of `v` while it is a mirror.
+    fn local_report(&self, v: &ClusterVolume) -> Option<decide::MirrorReport> {
+        if v.volume.role() == Role::Primary {
+            return None;
+        }
+        let m = v.volume.meta();
+        Some(decide::MirrorReport {
+            node: self.node.clone(),
+            generation: m.generations.current,
+            data: m.label.view(),
+        })
+    }
+
+    async fn put_report(
+        &self,
+        client: &mut Client,
+        name: &str,
+        m: &decide::MirrorReport,
+        lease: i64,
+    ) -> Result<(), String> {
+        let entry = ReportEntry {
+            v: FORMAT,
+            generation: gen_hex(m.generation),
+            data: records::data_str(m.data).into(),
+        };
+        if self.reported.lock().expect("poisoned").get(name) == Some(&(lease, entry.clone())) {
+            return Ok(());
+        }
+        client
+            .put(
+                self.keys.report(name, &self.node),
+                encode(&entry),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        self.reported
+            .lock()
+            .expect("poisoned")
+            .insert(name.to_owned(), (lease, entry));
+        Ok(())
+    }
+
+    /// Publishes a new generation of `volume` before any write under it is
+    /// acknowledged (called by the write path through
+    /// [`crate::primary::GenState`]).
+    pub async fn publish_now(&self, volume: &str) -> Result<(), String> {
+        let Some(v) = self.volumes.iter().find(|v| v.volume.name() == volume) else {
+            return Err(format!("{volume}: not a cluster volume"));
+        };
+        let Some(client) = self.client.get() else {
+            return Err("not connected to etcd".into());
+        };
+        let mut client = client.clone();
+        self.publish(&mut client, v, true).await
+    }
+}
+
+/// The bridge from a volume's generation record to the agent.
+pub struct Publisher {
+    pub agent: std::sync::Weak<Agent>,
+    pub volume: String,
+}
+
+impl crate::primary::gen_state::Publish for Publisher {
+    fn publish(&self) -> BoxFut<'_, Result<(), String>> {
+        Box::pin(async move {
+            match self.agent.upgrade() {
+                Some(a) => a.publish_now(&self.volume).await,
+                None => Err("the cluster agent stopped".into()),
+            }
+        })
+    }
+}
+
+/// A mirror's label as a report's data state.
+pub trait LabelView {
+    fn view(&self) -> DataState;
+}
+
+impl LabelView for blockmirror_core::MirrorLabel {
+    fn view(&self) -> DataState {
+        match self {
+            blockmirror_core::MirrorLabel::InSync => DataState::InSync,
+            blockmirror_core::MirrorLabel::Inconsistent => DataState::Inconsistent,
+            _ => DataState::Consistent,
+        }
+    }
+}
+
+
+/// Registers cluster mode's families: the lease, the epoch each volume is
+/// known at here and whether this node holds it, and the counters.
+pub fn register_metrics(registry: &mut crate::daemon::metrics::Registry, agent: Arc<Agent>) {
+    use crate::daemon::metrics::{self as m, MetricType};
+    registry.register_collector(m::FnCollector::boxed("cluster", move |enc| {
+        let s = agent.status();
+        let mut f = m::family(
+            enc,
+            "blockmirror_cluster_lease_ok",
+            MetricType::Gauge,
+            "1 while this node's etcd lease is trusted (a primary acknowledges writes only then).",
+        )?;
+        f.sample(&[], u64::from(s.lease_ok))?;
+        let mut f = m::family(
+            enc,
+            "blockmirror_cluster_etcd_connected",
+            MetricType::Gauge,
+            "1 while the last etcd request of the lease keeper succeeded.",
+        )?;
+        f.sample(&[], u64::from(s.etcd_connected))?;
+        let mut f = m::family(
+            enc,
+            "blockmirror_volume_epoch",
+            MetricType::Gauge,
+            "The volume's fencing epoch as known here: held as primary, or the newest seen as a mirror.",
+        )?;
+        for v in &agent.volumes {
+            f.sample(&[("volume", v.volume.name())], v.fence.epoch())?;
+        }
+        let mut f = m::family(
+            enc,
+            "blockmirror_volume_epoch_held",
+            MetricType::Gauge,
+            "1 while this node holds the volume's primary key.",
+        )?;
+        for v in &agent.volumes {
+            f.sample(&[("volume", v.volume.name())], u64::from(v.fence.holds() != 0))?;
+        }
+        for (name, help, value) in [
+            (
+                "blockmirror_cluster_promotions_total",
+                "Automatic promotions made by this node.",
+                s.promotions,
+            ),
+            (
+                "blockmirror_cluster_lossy_promotions_total",
+                "Automatic promotions of a mirror that may have lacked the last writes (auto_promote = \"any\"): data windows given up.",
+                s.lossy_promotions,
+            ),
+            (
+                "blockmirror_cluster_step_downs_total",
+                "Times this node demoted a volume because another node held a newer epoch.",
+                s.step_downs,
+            ),
+            (
+                "blockmirror_cluster_lease_losses_total",
+                "Times this node's lease was not renewed in time.",
+                s.lease_losses,
+            ),
+        ] {
+            let mut f = m::family(enc, name, MetricType::Counter, help)?;
+            f.sample(&[], value)?;
+        }
+        Ok(())
+    }));
+}
