@@ -1,0 +1,187 @@
+//! The cluster-mode harness tested on itself: an etcd cluster that keeps
+//! and loses quorum as members die and come back, and the same cluster
+//! spread over network namespaces with one site partitioned and healed.
+//!
+//! Needs `etcd` (scripts/install-deps.sh); the namespace test also needs
+//! root and `ip netns`, and says why and passes without them.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blockmirror_testkit::etcd::{self, EtcdCluster, EtcdOpts, MemberSpec};
+use blockmirror_testkit::netns::Sites;
+
+/// What a request that should succeed may take (an election may be on).
+const OK_WITHIN: Duration = Duration::from_secs(10);
+/// The bound on a request that should not succeed.
+const FAIL_WITHIN: Duration = Duration::from_millis(1500);
+
+/// Retries `f` until it succeeds or `timeout` passes.
+fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => panic!("{what}: still failing after {timeout:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Asserts that `f` fails, and within the bound it was given (plus slack).
+fn fails_in_time<T: std::fmt::Debug>(what: &str, f: impl FnOnce() -> Result<T, String>) -> String {
+    let t = Instant::now();
+    let r = f();
+    let took = t.elapsed();
+    assert!(took < FAIL_WITHIN + Duration::from_secs(1), "{what} took {took:?}");
+    match r {
+        Ok(v) => panic!("{what} succeeded: {v:?}"),
+        Err(e) => {
+            println!("{what}: failed as it should, in {took:?}: {e}");
+            e
+        }
+    }
+}
+
+#[test]
+fn loopback_cluster_keeps_quorum_with_one_down_and_loses_it_with_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let mut c = EtcdCluster::start(EtcdOpts::new(dir.path(), 3)).unwrap();
+    println!("3 members healthy in {:?}: {:?}", t.elapsed(), c.endpoints());
+    assert_eq!(c.endpoints().len(), 3);
+    assert!(c.member_endpoint(1).starts_with("http://127.0.0.1:"));
+
+    // Written through one member, read (linearizably) through another.
+    c.put(0, b"k1", b"v1", OK_WITHIN).unwrap();
+    assert_eq!(c.get(1, b"k1", OK_WITHIN).unwrap().as_deref(), Some(&b"v1"[..]));
+    assert_eq!(c.get(2, b"absent", OK_WITHIN).unwrap(), None);
+    assert!(c.leader_seen_by(2, OK_WITHIN).is_some());
+
+    // One down: still a quorum.
+    c.kill(0);
+    assert!(!c.is_running(0));
+    c.wait_healthy(OK_WITHIN).unwrap();
+    eventually("a put with one member down", OK_WITHIN, || {
+        c.put(1, b"k2", b"v2", Duration::from_secs(2))
+    });
+    assert_eq!(c.get(2, b"k2", OK_WITHIN).unwrap().as_deref(), Some(&b"v2"[..]));
+
+    // Two down: no quorum; a put neither succeeds nor hangs.
+    c.kill(1);
+    fails_in_time("a put with two of three down", || {
+        c.put(2, b"k3", b"v3", FAIL_WITHIN)
+    });
+    fails_in_time("a linearizable read with two of three down", || {
+        c.get(2, b"k2", FAIL_WITHIN)
+    });
+    // Its own copy still answers.
+    assert_eq!(
+        c.get_local(2, b"k2", OK_WITHIN).unwrap().as_deref(),
+        Some(&b"v2"[..])
+    );
+
+    // Both back from their data dirs, on the same ports.
+    let t = Instant::now();
+    c.restart(0).unwrap();
+    c.restart(1).unwrap();
+    c.wait_all_healthy(OK_WITHIN).unwrap();
+    println!("healthy again {:?} after the restarts", t.elapsed());
+    eventually("a put after the restarts", OK_WITHIN, || {
+        c.put(0, b"k3", b"v3", Duration::from_secs(2))
+    });
+    // Member 0 missed k2 while down and caught up.
+    assert_eq!(c.get(0, b"k2", OK_WITHIN).unwrap().as_deref(), Some(&b"v2"[..]));
+    assert!(c.log(0).contains("3.4") || c.log(0).contains("etcd"));
+
+    let data = dir.path().join("m0.data");
+    assert!(data.exists());
+    drop(c);
+    assert!(!data.exists(), "data dirs are removed on drop");
+    assert!(dir.path().join("m0.log").exists(), "logs are kept");
+}
+
+/// The namespace names `ip netns list` shows.
+fn netns_list() -> String {
+    Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn netns_cluster_survives_a_partitioned_site_and_heals() {
+    let sites = match Sites::create(3) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("skipping: network namespaces unavailable ({e})");
+            return;
+        }
+    };
+    let names: Vec<String> = (0..3).map(|i| sites.ns(i).to_string()).collect();
+    let bridge = sites.bridge().to_string();
+
+    let dir = tempfile::tempdir().unwrap();
+    let members = (0..3)
+        .map(|i| MemberSpec::new(sites.ip(i), sites.launcher(i)))
+        .collect();
+    let t = Instant::now();
+    let c = EtcdCluster::start(EtcdOpts::with_members(dir.path(), members)).unwrap();
+    println!("3 members in 3 sites healthy in {:?}: {:?}", t.elapsed(), c.endpoints());
+    c.put(0, b"before", b"1", OK_WITHIN).unwrap();
+    assert_eq!(c.get(2, b"before", OK_WITHIN).unwrap().as_deref(), Some(&b"1"[..]));
+
+    // Site 0 cut off: sites 1 and 2 are a quorum.
+    sites.partition(0).unwrap();
+    eventually("a put through member 1 during the partition", OK_WITHIN, || {
+        c.put(1, b"during", b"2", Duration::from_secs(2))
+    });
+    // Member 0 is unreachable from here and from the other sites, but its
+    // own site still reaches it: a serializable read answers, a
+    // linearizable one cannot.
+    let addr = c.client_addr(0);
+    let in_site0 = |body: serde_json::Value, timeout: Duration| {
+        let deadline = Instant::now() + timeout;
+        let stream = sites
+            .connect(0, addr, timeout)
+            .map_err(|e| format!("connect in site 0: {e}"))?;
+        let (status, answer) = etcd::http_on(
+            stream,
+            &addr.to_string(),
+            "POST",
+            "/v3/kv/range",
+            Some(body.to_string().as_bytes()),
+            deadline,
+        )?;
+        etcd::parse_answer(status, &answer, "/v3/kv/range").and_then(|v| etcd::range_value(&v))
+    };
+    let key = etcd::b64encode(b"before");
+    assert_eq!(
+        in_site0(serde_json::json!({"key": key, "serializable": true}), OK_WITHIN)
+            .unwrap()
+            .as_deref(),
+        Some(&b"1"[..])
+    );
+    fails_in_time("a linearizable read in the partitioned site", || {
+        in_site0(serde_json::json!({"key": key}), FAIL_WITHIN)
+    });
+    fails_in_time("a put from here to the partitioned site", || {
+        c.put(0, b"lost", b"3", FAIL_WITHIN)
+    });
+
+    sites.heal(0).unwrap();
+    let t = Instant::now();
+    c.wait_all_healthy(OK_WITHIN).unwrap();
+    println!("all healthy {:?} after the heal", t.elapsed());
+    assert_eq!(c.get(0, b"during", OK_WITHIN).unwrap().as_deref(), Some(&b"2"[..]));
+
+    drop(c);
+    drop(sites);
+    let left = netns_list();
+    for name in &names {
+        assert!(!left.contains(name.as_str()), "{name} left behind: {left}");
+    }
+    let link = Command::new("ip").args(["link", "show", &bridge]).output().unwrap();
+    assert!(!link.status.success(), "bridge {bridge} left behind");
+}
