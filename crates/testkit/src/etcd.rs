@@ -25,7 +25,11 @@
 //! HTTP/1.0 client over `std::net` for that and for `GET /health`.
 //!
 //! Dropping the cluster kills every member and removes the data dirs; the
-//! logs stay in the directory the caller gave (usually a temp dir).
+//! logs stay in the directory the caller gave (usually a temp dir). A test
+//! process killed before its drops run leaves its members running (they
+//! are not tied to the parent's life: a member may outlive the thread that
+//! started it); the next [`EtcdCluster::start`] kills them ([`kill_stale`]:
+//! the cluster token names the pid that started them).
 
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
@@ -145,6 +149,7 @@ impl EtcdCluster {
         if opts.members.is_empty() {
             return Err("an etcd cluster needs at least one member".into());
         }
+        kill_stale();
         fs::create_dir_all(&opts.dir)
             .map_err(|e| format!("cannot create {}: {e}", opts.dir.display()))?;
         static CLUSTERS: AtomicU32 = AtomicU32::new(0);
@@ -223,7 +228,9 @@ impl EtcdCluster {
                 Err((false, e)) => return Err(e),
             }
         }
-        Err(format!("{START_TRIES} tries, ports taken each time; last: {last}"))
+        Err(format!(
+            "{START_TRIES} tries, ports taken each time; last: {last}"
+        ))
     }
 
     /// The command line of member `i` (after its launcher).
@@ -294,12 +301,9 @@ impl EtcdCluster {
                 cmd.env_remove(key);
             }
         }
-        let child = cmd.spawn().map_err(|e| {
-            format!(
-                "cannot run {} for etcd member {i}: {e}",
-                program.display()
-            )
-        })?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run {} for etcd member {i}: {e}", program.display()))?;
         m.child = Some(child);
         Ok(())
     }
@@ -464,7 +468,13 @@ impl EtcdCluster {
     }
 
     /// Puts `key` = `value` through member `i`; the revision it made.
-    pub fn put(&self, i: usize, key: &[u8], value: &[u8], timeout: Duration) -> Result<i64, String> {
+    pub fn put(
+        &self,
+        i: usize,
+        key: &[u8],
+        value: &[u8],
+        timeout: Duration,
+    ) -> Result<i64, String> {
         let v = self.post_json(
             i,
             "/v3/kv/put",
@@ -538,6 +548,46 @@ impl Drop for EtcdCluster {
     }
 }
 
+/// Kills etcd members that an earlier test process started and left
+/// behind when it died without running its drops (SIGKILL, a panic in a
+/// signal handler): any process whose command line has
+/// `--initial-cluster-token bm-<pid>-...` for a `<pid>` no longer alive.
+/// Nothing else is touched.
+pub fn kill_stale() {
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in procs.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let Some(token) = args
+            .windows(2)
+            .find(|w| w[0] == b"--initial-cluster-token")
+            .map(|w| String::from_utf8_lossy(w[1]).into_owned())
+        else {
+            continue;
+        };
+        let Some(owner) = token
+            .strip_prefix("bm-")
+            .and_then(|t| t.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{owner}")).exists() {
+            // SAFETY: kill(2) on a pid; no memory is involved.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 /// How often the waits poll.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -572,7 +622,13 @@ pub fn post_json(
     body: &Value,
     timeout: Duration,
 ) -> Result<Value, String> {
-    let (status, answer) = http(addr, "POST", path, Some(body.to_string().as_bytes()), timeout)?;
+    let (status, answer) = http(
+        addr,
+        "POST",
+        path,
+        Some(body.to_string().as_bytes()),
+        timeout,
+    )?;
     parse_answer(status, &answer, path)
 }
 

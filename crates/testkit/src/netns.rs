@@ -92,7 +92,9 @@ pub fn available() -> Result<(), String> {
     if euid.as_deref() != Some("0") {
         return Err("not root".into());
     }
-    ip(&["netns", "list"]).map(|_| ()).map_err(|e| format!("`ip netns` unavailable: {e}"))
+    ip(&["netns", "list"])
+        .map(|_| ())
+        .map_err(|e| format!("`ip netns` unavailable: {e}"))
 }
 
 impl Sites {
@@ -129,10 +131,24 @@ impl Sites {
     fn build(&mut self) -> Result<(), String> {
         let br = self.bridge.clone();
         ip(&[
-            "link", "add", &br, "type", "bridge", "stp_state", "0", "forward_delay", "0",
+            "link",
+            "add",
+            &br,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
         ])?;
         self.bridge_made = true;
-        ip(&["link", "set", &br, "alias", &format!("{ALIAS}{}", std::process::id())])?;
+        ip(&[
+            "link",
+            "set",
+            &br,
+            "alias",
+            &format!("{ALIAS}{}", std::process::id()),
+        ])?;
         // Not every iproute2 knows these; the host's sysctls decide anyway.
         let _ = ip(&[
             "link",
@@ -288,7 +304,14 @@ impl Drop for Sites {
         if self.bridge_made {
             let _ = ip(&["link", "del", &self.bridge]);
         }
-        let _ = ip(&["route", "del", "unreachable", &self.subnet, "metric", METRIC]);
+        let _ = ip(&[
+            "route",
+            "del",
+            "unreachable",
+            &self.subnet,
+            "metric",
+            METRIC,
+        ]);
     }
 }
 
@@ -316,6 +339,9 @@ fn claim_subnet(pid: u32, run: u32) -> Result<u32, String> {
 /// Removes what runs of processes no longer alive left behind (a test
 /// killed before its drop ran): their namespaces, bridges and routes.
 pub fn cleanup_stale() {
+    // Their etcd members first: a process left in a namespace keeps it
+    // (and its veth pair) alive after its name is deleted.
+    crate::etcd::kill_stale();
     let alive = |pid: &str| std::path::Path::new(&format!("/proc/{pid}")).exists();
     for line in ip(&["netns", "list"]).unwrap_or_default().lines() {
         let name = line.split_whitespace().next().unwrap_or("");
@@ -341,10 +367,24 @@ pub fn cleanup_stale() {
         let Some(n) = name.strip_prefix("bmbr") else {
             continue;
         };
-        let Some(pid) = line.split(ALIAS).nth(1).and_then(|r| r.split_whitespace().next()) else {
+        let Some(pid) = line
+            .split(ALIAS)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+        else {
             continue;
         };
         if !alive(pid) {
+            for port in ip(&["-o", "link", "show", "master", name])
+                .unwrap_or_default()
+                .lines()
+            {
+                let port = port.split(": ").nth(1).unwrap_or("");
+                let port = port.split('@').next().unwrap_or("");
+                if port.starts_with("bmv") {
+                    let _ = ip(&["link", "del", port]);
+                }
+            }
             let _ = ip(&["link", "del", name]);
             let _ = ip(&[
                 "route",

@@ -22,7 +22,9 @@ fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T,
     loop {
         match f() {
             Ok(v) => return v,
-            Err(e) if Instant::now() >= deadline => panic!("{what}: still failing after {timeout:?}: {e}"),
+            Err(e) if Instant::now() >= deadline => {
+                panic!("{what}: still failing after {timeout:?}: {e}")
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
@@ -33,7 +35,10 @@ fn fails_in_time<T: std::fmt::Debug>(what: &str, f: impl FnOnce() -> Result<T, S
     let t = Instant::now();
     let r = f();
     let took = t.elapsed();
-    assert!(took < FAIL_WITHIN + Duration::from_secs(1), "{what} took {took:?}");
+    assert!(
+        took < FAIL_WITHIN + Duration::from_secs(1),
+        "{what} took {took:?}"
+    );
     match r {
         Ok(v) => panic!("{what} succeeded: {v:?}"),
         Err(e) => {
@@ -48,13 +53,20 @@ fn loopback_cluster_keeps_quorum_with_one_down_and_loses_it_with_two() {
     let dir = tempfile::tempdir().unwrap();
     let t = Instant::now();
     let mut c = EtcdCluster::start(EtcdOpts::new(dir.path(), 3)).unwrap();
-    println!("3 members healthy in {:?}: {:?}", t.elapsed(), c.endpoints());
+    println!(
+        "3 members healthy in {:?}: {:?}",
+        t.elapsed(),
+        c.endpoints()
+    );
     assert_eq!(c.endpoints().len(), 3);
     assert!(c.member_endpoint(1).starts_with("http://127.0.0.1:"));
 
     // Written through one member, read (linearizably) through another.
     c.put(0, b"k1", b"v1", OK_WITHIN).unwrap();
-    assert_eq!(c.get(1, b"k1", OK_WITHIN).unwrap().as_deref(), Some(&b"v1"[..]));
+    assert_eq!(
+        c.get(1, b"k1", OK_WITHIN).unwrap().as_deref(),
+        Some(&b"v1"[..])
+    );
     assert_eq!(c.get(2, b"absent", OK_WITHIN).unwrap(), None);
     assert!(c.leader_seen_by(2, OK_WITHIN).is_some());
 
@@ -65,7 +77,10 @@ fn loopback_cluster_keeps_quorum_with_one_down_and_loses_it_with_two() {
     eventually("a put with one member down", OK_WITHIN, || {
         c.put(1, b"k2", b"v2", Duration::from_secs(2))
     });
-    assert_eq!(c.get(2, b"k2", OK_WITHIN).unwrap().as_deref(), Some(&b"v2"[..]));
+    assert_eq!(
+        c.get(2, b"k2", OK_WITHIN).unwrap().as_deref(),
+        Some(&b"v2"[..])
+    );
 
     // Two down: no quorum; a put neither succeeds nor hangs.
     c.kill(1);
@@ -91,7 +106,10 @@ fn loopback_cluster_keeps_quorum_with_one_down_and_loses_it_with_two() {
         c.put(0, b"k3", b"v3", Duration::from_secs(2))
     });
     // Member 0 missed k2 while down and caught up.
-    assert_eq!(c.get(0, b"k2", OK_WITHIN).unwrap().as_deref(), Some(&b"v2"[..]));
+    assert_eq!(
+        c.get(0, b"k2", OK_WITHIN).unwrap().as_deref(),
+        Some(&b"v2"[..])
+    );
     assert!(c.log(0).contains("3.4") || c.log(0).contains("etcd"));
 
     let data = dir.path().join("m0.data");
@@ -128,15 +146,24 @@ fn netns_cluster_survives_a_partitioned_site_and_heals() {
         .collect();
     let t = Instant::now();
     let c = EtcdCluster::start(EtcdOpts::with_members(dir.path(), members)).unwrap();
-    println!("3 members in 3 sites healthy in {:?}: {:?}", t.elapsed(), c.endpoints());
+    println!(
+        "3 members in 3 sites healthy in {:?}: {:?}",
+        t.elapsed(),
+        c.endpoints()
+    );
     c.put(0, b"before", b"1", OK_WITHIN).unwrap();
-    assert_eq!(c.get(2, b"before", OK_WITHIN).unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(
+        c.get(2, b"before", OK_WITHIN).unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
 
     // Site 0 cut off: sites 1 and 2 are a quorum.
     sites.partition(0).unwrap();
-    eventually("a put through member 1 during the partition", OK_WITHIN, || {
-        c.put(1, b"during", b"2", Duration::from_secs(2))
-    });
+    eventually(
+        "a put through member 1 during the partition",
+        OK_WITHIN,
+        || c.put(1, b"during", b"2", Duration::from_secs(2)),
+    );
     // Member 0 is unreachable from here and from the other sites, but its
     // own site still reaches it: a serializable read answers, a
     // linearizable one cannot.
@@ -158,9 +185,12 @@ fn netns_cluster_survives_a_partitioned_site_and_heals() {
     };
     let key = etcd::b64encode(b"before");
     assert_eq!(
-        in_site0(serde_json::json!({"key": key, "serializable": true}), OK_WITHIN)
-            .unwrap()
-            .as_deref(),
+        in_site0(
+            serde_json::json!({"key": key, "serializable": true}),
+            OK_WITHIN
+        )
+        .unwrap()
+        .as_deref(),
         Some(&b"1"[..])
     );
     fails_in_time("a linearizable read in the partitioned site", || {
@@ -174,7 +204,10 @@ fn netns_cluster_survives_a_partitioned_site_and_heals() {
     let t = Instant::now();
     c.wait_all_healthy(OK_WITHIN).unwrap();
     println!("all healthy {:?} after the heal", t.elapsed());
-    assert_eq!(c.get(0, b"during", OK_WITHIN).unwrap().as_deref(), Some(&b"2"[..]));
+    assert_eq!(
+        c.get(0, b"during", OK_WITHIN).unwrap().as_deref(),
+        Some(&b"2"[..])
+    );
 
     drop(c);
     drop(sites);
@@ -182,6 +215,74 @@ fn netns_cluster_survives_a_partitioned_site_and_heals() {
     for name in &names {
         assert!(!left.contains(name.as_str()), "{name} left behind: {left}");
     }
-    let link = Command::new("ip").args(["link", "show", &bridge]).output().unwrap();
+    let link = Command::new("ip")
+        .args(["link", "show", &bridge])
+        .output()
+        .unwrap();
     assert!(!link.status.success(), "bridge {bridge} left behind");
+}
+
+/// Whether a connection from `from` (a site, or None for the root
+/// namespace) to `to` is accepted within the bound.
+fn reaches(sites: &Sites, from: Option<usize>, to: std::net::SocketAddr) -> bool {
+    let t = Duration::from_millis(700);
+    match from {
+        Some(i) => sites.connect(i, to, t).is_ok(),
+        None => std::net::TcpStream::connect_timeout(&to, t).is_ok(),
+    }
+}
+
+#[test]
+fn sites_reach_each_other_and_the_root_until_partitioned() {
+    let sites = match Sites::create(3) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("skipping: network namespaces unavailable ({e})");
+            return;
+        }
+    };
+    assert_eq!(sites.launcher(1), ["ip", "netns", "exec", sites.ns(1)]);
+    assert!(sites.ip(2).starts_with("10.251.") && sites.ip(2).ends_with(".12"));
+    // A listener in each site on its address, and one here on the bridge's.
+    let listeners: Vec<std::net::TcpListener> = (0..3)
+        .map(|i| {
+            let ip = sites.ip(i).to_string();
+            sites
+                .in_ns(i, move || std::net::TcpListener::bind((ip.as_str(), 0)))
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let root = std::net::TcpListener::bind((sites.bridge_ip(), 0)).unwrap();
+    let addr: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let root_addr = root.local_addr().unwrap();
+
+    for i in 0..3 {
+        assert!(reaches(&sites, None, addr[i]), "root to site {i}");
+        assert!(reaches(&sites, Some(i), root_addr), "site {i} to root");
+        for (j, &to) in addr.iter().enumerate() {
+            assert!(reaches(&sites, Some(i), to), "site {i} to site {j}");
+        }
+    }
+    // Nothing leaks: a site has no route off the subnet.
+    assert!(!reaches(&sites, Some(0), "192.0.2.1:80".parse().unwrap()));
+
+    sites.partition(1).unwrap();
+    assert!(sites.is_partitioned(1).unwrap());
+    assert!(!reaches(&sites, None, addr[1]), "root to a cut site");
+    assert!(!reaches(&sites, Some(0), addr[1]), "site 0 to a cut site");
+    assert!(!reaches(&sites, Some(1), addr[2]), "a cut site to site 2");
+    assert!(reaches(&sites, Some(1), addr[1]), "a cut site to itself");
+    assert!(reaches(&sites, Some(0), addr[2]), "the others still meet");
+
+    sites.heal(1).unwrap();
+    assert!(!sites.is_partitioned(1).unwrap());
+    let deadline = Instant::now() + OK_WITHIN;
+    while !(reaches(&sites, Some(0), addr[1]) && reaches(&sites, Some(1), root_addr)) {
+        assert!(
+            Instant::now() < deadline,
+            "site 1 unreachable after the heal"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
