@@ -196,6 +196,23 @@ fn netns_cluster_survives_a_partitioned_site_and_heals() {
     fails_in_time("a linearizable read in the partitioned site", || {
         in_site0(serde_json::json!({"key": key}), FAIL_WITHIN)
     });
+    // And its own /health soon says so (no leader: etcd 3.4 answers 503
+    // {"health":"false"}).
+    eventually("member 0 unhealthy in its own site", OK_WITHIN, || {
+        let stream = sites
+            .connect(0, addr, FAIL_WITHIN)
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let (status, body) =
+            etcd::http_on(stream, &addr.to_string(), "GET", "/health", None, deadline)?;
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if status != 200 && body.contains(r#""health":"false""#) {
+            println!("member 0's /health in its site: HTTP {status} {body}");
+            Ok(())
+        } else {
+            Err(format!("HTTP {status} {body}"))
+        }
+    });
     fails_in_time("a put from here to the partitioned site", || {
         c.put(0, b"lost", b"3", FAIL_WITHIN)
     });
