@@ -545,6 +545,118 @@ impl EtcdCluster {
         range_value(&v)
     }
 
+    /// Puts `key` = `value` attached to `lease` (from [`EtcdCluster::grant`]);
+    /// the revision it made.
+    pub fn put_with_lease(
+        &self,
+        i: usize,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+        timeout: Duration,
+    ) -> Result<i64, String> {
+        let v = self.post_json(
+            i,
+            "/v3/kv/put",
+            &json!({"key": b64encode(key), "value": b64encode(value), "lease": lease.to_string()}),
+            timeout,
+        )?;
+        int_field(&v["header"]["revision"])
+            .ok_or_else(|| format!("put answer without a revision: {v}"))
+    }
+
+    /// Deletes `key`; how many keys went (0 or 1).
+    pub fn delete(&self, i: usize, key: &[u8], timeout: Duration) -> Result<i64, String> {
+        let v = self.post_json(
+            i,
+            "/v3/kv/deleterange",
+            &json!({"key": b64encode(key)}),
+            timeout,
+        )?;
+        Ok(int_field(&v["deleted"]).unwrap_or(0))
+    }
+
+    /// Every key starting with `prefix` (all keys for an empty one), in key
+    /// order, read linearizably through member `i`.
+    pub fn list(&self, i: usize, prefix: &[u8], timeout: Duration) -> Result<Vec<Kv>, String> {
+        let v = self.post_json(
+            i,
+            "/v3/kv/range",
+            // Every key: etcd wants key "\0" (an empty key is refused).
+            &json!({
+                "key": b64encode(if prefix.is_empty() { &[0] } else { prefix }),
+                "range_end": b64encode(&prefix_end(prefix)),
+            }),
+            timeout,
+        )?;
+        v["kvs"]
+            .as_array()
+            .map(|kvs| kvs.iter().map(Kv::from_json).collect())
+            .unwrap_or(Ok(Vec::new()))
+    }
+
+    /// Grants a lease of `ttl_secs` through member `i`; its id. etcd raises
+    /// a TTL below its minimum (1.5 election timeouts, rounded up to whole
+    /// seconds) to that.
+    pub fn grant(&self, i: usize, ttl_secs: i64, timeout: Duration) -> Result<i64, String> {
+        let v = self.post_json(
+            i,
+            "/v3/lease/grant",
+            &json!({"TTL": ttl_secs.to_string()}),
+            timeout,
+        )?;
+        if let Some(e) = v["error"].as_str().filter(|e| !e.is_empty()) {
+            return Err(format!("lease grant: {e}"));
+        }
+        int_field(&v["ID"]).ok_or_else(|| format!("grant answer without an ID: {v}"))
+    }
+
+    /// One keep-alive of `lease` (the gateway's keep-alive is a stream; one
+    /// message in, one out); the TTL it was renewed to. An expired or
+    /// unknown lease is an Err.
+    pub fn keep_alive_once(&self, i: usize, lease: i64, timeout: Duration) -> Result<i64, String> {
+        let v = self.post_json(
+            i,
+            "/v3/lease/keepalive",
+            &json!({"ID": lease.to_string()}),
+            timeout,
+        )?;
+        match int_field(&v["result"]["TTL"]) {
+            Some(ttl) if ttl > 0 => Ok(ttl),
+            _ => Err(format!(
+                "lease {lease} not renewed (expired or unknown): {v}"
+            )),
+        }
+    }
+
+    /// The seconds `lease` has left, or None if it expired or never was.
+    pub fn time_to_live(
+        &self,
+        i: usize,
+        lease: i64,
+        timeout: Duration,
+    ) -> Result<Option<i64>, String> {
+        let v = self.post_json(
+            i,
+            "/v3/lease/timetolive",
+            &json!({"ID": lease.to_string()}),
+            timeout,
+        )?;
+        // Whole seconds, rounded down; 0 is left out of the JSON; -1 is gone.
+        Ok(Some(int_field(&v["TTL"]).unwrap_or(0)).filter(|&t| t >= 0))
+    }
+
+    /// Revokes `lease`, deleting the keys attached to it.
+    pub fn revoke(&self, i: usize, lease: i64, timeout: Duration) -> Result<(), String> {
+        self.post_json(
+            i,
+            "/v3/lease/revoke",
+            &json!({"ID": lease.to_string()}),
+            timeout,
+        )
+        .map(|_| ())
+    }
+
     /// The index of the member member `i` believes is the leader (from
     /// `/v3/maintenance/status`), if it knows one.
     pub fn leader_seen_by(&self, i: usize, timeout: Duration) -> Option<usize> {
@@ -631,6 +743,48 @@ fn int_field(v: &Value) -> Option<i64> {
         Value::Number(n) => n.as_i64(),
         _ => None,
     }
+}
+
+/// One key of a range answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kv {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// The lease it is attached to, 0 for none.
+    pub lease: i64,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+}
+
+impl Kv {
+    /// From the gateway's JSON (fields at their zero value are left out).
+    pub fn from_json(v: &Value) -> Result<Kv, String> {
+        let bytes = |f: &str| b64decode(v[f].as_str().unwrap_or(""));
+        let int = |f: &str| int_field(&v[f]).unwrap_or(0);
+        Ok(Kv {
+            key: bytes("key")?,
+            value: bytes("value")?,
+            lease: int("lease"),
+            create_revision: int("create_revision"),
+            mod_revision: int("mod_revision"),
+            version: int("version"),
+        })
+    }
+}
+
+/// The `range_end` that makes a range of every key starting with `prefix`:
+/// the prefix with its last byte below 0xff raised by one; `[0]` (every
+/// key) when there is none.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 /// The value of the first key in a `/v3/kv/range` answer, None if no key.
@@ -932,6 +1086,15 @@ mod tests {
         let e = b"HTTP/1.0 503 Service Unavailable\r\n\r\n{}";
         assert_eq!(parse_response(e, true).unwrap(), (503, b"{}".to_vec()));
         assert!(parse_response(b"HTTP/1.0 200", true).is_err());
+    }
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"a"), b"b");
+        assert_eq!(prefix_end(b"/bm/"), b"/bm0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), [0]);
+        assert_eq!(prefix_end(b""), [0]);
     }
 
     #[test]

@@ -303,3 +303,45 @@ fn sites_reach_each_other_and_the_root_until_partitioned() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn leases_hold_keys_while_kept_alive_and_take_them_when_they_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = EtcdCluster::start(EtcdOpts::new(dir.path(), 3)).unwrap();
+    let kept = c.grant(0, 1, OK_WITHIN).unwrap();
+    let left = c.grant(1, 1, OK_WITHIN).unwrap();
+    c.put_with_lease(0, b"/bm/kept", b"a", kept, OK_WITHIN)
+        .unwrap();
+    c.put_with_lease(1, b"/bm/left", b"b", left, OK_WITHIN)
+        .unwrap();
+    c.put(2, b"/bm0", b"outside the prefix", OK_WITHIN).unwrap();
+    let kvs = c.list(2, b"/bm/", OK_WITHIN).unwrap();
+    assert_eq!(
+        kvs.iter()
+            .map(|kv| (&kv.key[..], kv.lease))
+            .collect::<Vec<_>>(),
+        [(&b"/bm/kept"[..], kept), (&b"/bm/left"[..], left)]
+    );
+    assert!(c.time_to_live(2, left, OK_WITHIN).unwrap().is_some());
+
+    // One lease renewed, the other left to run out.
+    let t = Instant::now();
+    let expired = loop {
+        c.keep_alive_once(0, kept, OK_WITHIN).unwrap();
+        let keys = c.list(1, b"/bm/", OK_WITHIN).unwrap();
+        if keys.len() == 1 {
+            break keys;
+        }
+        assert!(t.elapsed() < OK_WITHIN, "the lease never expired");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("a 1 s lease expired after {:?}", t.elapsed());
+    assert_eq!(expired[0].key, b"/bm/kept");
+    assert_eq!(c.time_to_live(0, left, OK_WITHIN).unwrap(), None);
+    assert!(c.keep_alive_once(0, left, OK_WITHIN).is_err());
+
+    c.revoke(2, kept, OK_WITHIN).unwrap();
+    assert!(c.list(0, b"/bm/", OK_WITHIN).unwrap().is_empty());
+    assert_eq!(c.delete(0, b"/bm0", OK_WITHIN).unwrap(), 1);
+    assert!(c.list(0, b"", OK_WITHIN).unwrap().is_empty());
+}
