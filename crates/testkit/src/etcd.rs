@@ -117,6 +117,8 @@ struct Member {
     peer_port: u16,
     data_dir: PathBuf,
     log_path: PathBuf,
+    /// The log's length when the current run of the member started.
+    log_start: u64,
     child: Option<Child>,
 }
 
@@ -168,6 +170,7 @@ impl EtcdCluster {
                         peer_port: free_port()?,
                         data_dir: opts.dir.join(format!("m{i}.data")),
                         log_path: opts.dir.join(format!("m{i}.log")),
+                        log_start: 0,
                         child: None,
                     })
                 })
@@ -208,14 +211,19 @@ impl EtcdCluster {
                 loop {
                     for i in 0..cluster.len() {
                         if let Some(status) = cluster.exited(i) {
+                            // This run's part of the log (earlier tries'
+                            // runs appended theirs before it).
                             let log = cluster.log(i);
+                            let log = log
+                                .get(cluster.members[i].log_start as usize..)
+                                .unwrap_or(&log);
                             let busy = log.contains("address already in use");
                             return Err((
                                 busy,
                                 format!(
                                     "etcd member {i} exited during start ({status}); log {}:\n{}",
                                     cluster.members[i].log_path.display(),
-                                    tail(&log, 20)
+                                    tail(log, 20)
                                 ),
                             ));
                         }
@@ -293,6 +301,7 @@ impl EtcdCluster {
             .append(true)
             .open(&m.log_path)
             .map_err(|e| format!("cannot open {}: {e}", m.log_path.display()))?;
+        m.log_start = log.metadata().map(|md| md.len()).unwrap_or(0);
         let log2 = log
             .try_clone()
             .map_err(|e| format!("cannot clone the log fd: {e}"))?;
@@ -731,9 +740,18 @@ pub fn kill_stale() {
 /// How often the waits poll.
 const POLL: Duration = Duration::from_millis(50);
 
+/// The first 5 and the last `lines` lines of a log (a flag error comes
+/// first, before pages of usage; a crash comes last).
 fn tail(s: &str, lines: usize) -> String {
     let all: Vec<&str> = s.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    if all.len() <= lines + 5 {
+        return all.join("\n");
+    }
+    format!(
+        "{}\n[...]\n{}",
+        all[..5].join("\n"),
+        all[all.len() - lines..].join("\n")
+    )
 }
 
 /// An int64 field of a gateway answer: a JSON string ("12"), or a number.

@@ -345,3 +345,24 @@ fn leases_hold_keys_while_kept_alive_and_take_them_when_they_expire() {
     assert_eq!(c.delete(0, b"/bm0", OK_WITHIN).unwrap(), 1);
     assert!(c.list(0, b"", OK_WITHIN).unwrap().is_empty());
 }
+
+#[test]
+fn a_member_that_cannot_start_is_reported_with_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = EtcdOpts::new(dir.path(), 1);
+    opts.extra_args = vec!["--no-such-flag".into()];
+    let err = EtcdCluster::start(opts).err().unwrap();
+    assert!(err.contains("exited during start"), "{err}");
+    assert!(err.contains("no-such-flag"), "the log tail is in: {err}");
+
+    // A port taken under it: started over on new ports, and here (the
+    // taken port is in the extra args, so every try) given up.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut opts = EtcdOpts::new(dir.path(), 1);
+    opts.extra_args = vec![
+        "--listen-metrics-urls".into(),
+        format!("http://{}", held.local_addr().unwrap()),
+    ];
+    let err = EtcdCluster::start(opts).err().unwrap();
+    assert!(err.contains("3 tries, ports taken each time"), "{err}");
+}
