@@ -16,9 +16,11 @@
 //!   and heal.
 //! - [`etcd`]: a throwaway N-member etcd cluster (child processes, own
 //!   ports and data dirs, fast raft timing) with kill, restart, health
-//!   waits and a JSON-gateway client: the coordinator of cluster mode.
+//!   waits, and keys, prefix lists and leases through the JSON gateway:
+//!   the coordinator of cluster mode.
 //! - [`netns`]: K network namespaces ("sites") on one bridge, each with its
-//!   own address, with partition and heal of one site's link.
+//!   own address, with partition and heal of one site's link, and
+//!   `in_ns`/`connect` to act from inside a site.
 //! - [`rng`]: the seeded generator every random choice here comes from.
 //! - [`soak`]: the `blockmirror-soak` run: two nodes, the history writer,
 //!   one seeded fault per cycle, the checks after each.
