@@ -14,6 +14,13 @@
 //! - [`faultnet`]: a TCP proxy that injects seeded faults: a connection
 //!   dropped after N bytes (mid-frame), a stall, one corrupted byte, a cut
 //!   and heal.
+//! - [`etcd`]: a throwaway N-member etcd cluster (child processes, own
+//!   ports and data dirs, fast raft timing) with kill, restart, health
+//!   waits, and keys, prefix lists and leases through the JSON gateway:
+//!   the coordinator of cluster mode.
+//! - [`netns`]: K network namespaces ("sites") on one bridge, each with its
+//!   own address, with partition and heal of one site's link, and
+//!   `in_ns`/`connect` to act from inside a site.
 //! - [`rng`]: the seeded generator every random choice here comes from.
 //! - [`soak`]: the `blockmirror-soak` run: two nodes, the history writer,
 //!   one seeded fault per cycle, the checks after each.
@@ -24,9 +31,11 @@
 //! `history check`; integration tests call the library in-process.
 
 pub mod delay;
+pub mod etcd;
 pub mod faultnet;
 pub mod history;
 pub mod nbd;
+pub mod netns;
 pub mod rng;
 pub mod soak;
 pub mod writer;
