@@ -117,16 +117,20 @@ fn volume(s: &Site) -> serde_json::Value {
 
 /// Waits until `s` is primary at some epoch with every mirror in sync.
 fn wait_primary_in_sync(s: &Site, min_epoch: u64, timeout: Duration) -> u64 {
-    wait_for(&format!("{} primary, mirrors in sync", s.name), timeout, || {
-        let v = volume(s);
-        let epoch = v["epoch"].as_u64()?;
-        let mirrors = v["mirrors"].as_array()?;
-        (v["role"] == "primary"
-            && epoch >= min_epoch
-            && !mirrors.is_empty()
-            && mirrors.iter().all(|m| m["state"] == "in_sync"))
-        .then_some(epoch)
-    })
+    wait_for(
+        &format!("{} primary, mirrors in sync", s.name),
+        timeout,
+        || {
+            let v = volume(s);
+            let epoch = v["epoch"].as_u64()?;
+            let mirrors = v["mirrors"].as_array()?;
+            (v["role"] == "primary"
+                && epoch >= min_epoch
+                && !mirrors.is_empty()
+                && mirrors.iter().all(|m| m["state"] == "in_sync"))
+            .then_some(epoch)
+        },
+    )
 }
 
 fn signal(s: &Site, sig: &str) {
@@ -140,7 +144,7 @@ fn signal(s: &Site, sig: &str) {
 
 /// Whether qemu-io's command failed (it may exit 0 and say "failed").
 fn refused(uri: &str, cmd: &str) -> bool {
-    let o = qemu_io(uri, &["-c", cmd]);
+    let o = qemu_io(uri, &[cmd]);
     let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     !o.status.success() || out.contains("failed")
 }
@@ -155,7 +159,7 @@ fn the_lost_primary_is_replaced_by_one_mirror_and_rejoins_as_its_mirror() {
     let mut c = start_cluster("2s");
     let e1 = wait_primary_in_sync(&c.sites[0], 1, Duration::from_secs(60));
     // Acknowledged sync writes: they must survive the failover.
-    qemu_io_ok(&c.sites[0].nbd, &["-c", "write -P 0xab 0 8M", "-c", "flush"]);
+    qemu_io_ok(&c.sites[0].nbd, &["write -P 0xab 0 8M", "flush"]);
 
     // The primary vanishes (frozen: a partition, as the rest sees it).
     signal(&c.sites[0], "STOP");
@@ -168,19 +172,25 @@ fn the_lost_primary_is_replaced_by_one_mirror_and_rejoins_as_its_mirror() {
     });
     assert!(e2 > e1, "the new primary's epoch {e2} is newer than {e1}");
     let other = if new == 1 { 2 } else { 1 };
-    assert_eq!(volume(&c.sites[other])["role"], "mirror", "exactly one primary");
+    assert_eq!(
+        volume(&c.sites[other])["role"],
+        "mirror",
+        "exactly one primary"
+    );
     // The first write the new primary acknowledges.
     let uri = c.sites[new].nbd.clone();
-    wait_for("a write acknowledged by the new primary", Duration::from_secs(20), || {
-        (!refused(&uri, "write -P 0xcd 8M 1M")).then_some(())
-    });
+    wait_for(
+        "a write acknowledged by the new primary",
+        Duration::from_secs(20),
+        || (!refused(&uri, "write -P 0xcd 8M 1M")).then_some(()),
+    );
     eprintln!(
         "failover: {} ms from the primary's loss to the first write acknowledged by {} (lease_ttl 2s)",
         lost.elapsed().as_millis(),
         c.sites[new].name
     );
     // Nothing acknowledged was lost.
-    qemu_io_ok(&uri, &["-c", "read -P 0xab 0 8M", "-c", "read -P 0xcd 8M 1M"]);
+    qemu_io_ok(&uri, &["read -P 0xab 0 8M", "read -P 0xcd 8M 1M"]);
 
     // The old primary thaws: its lease is not trusted any more, so it
     // acknowledges no write; it learns the newer epoch and steps down.
@@ -189,10 +199,14 @@ fn the_lost_primary_is_replaced_by_one_mirror_and_rejoins_as_its_mirror() {
         refused(&c.sites[0].nbd, "write -P 0xee 0 64k"),
         "the deposed primary acknowledged a write"
     );
-    wait_for("the old primary steps down", Duration::from_secs(30), || {
-        let v = volume(&c.sites[0]);
-        (v["role"] == "mirror" && v["epoch"].as_u64() == Some(e2)).then_some(())
-    });
+    wait_for(
+        "the old primary steps down",
+        Duration::from_secs(30),
+        || {
+            let v = volume(&c.sites[0]);
+            (v["role"] == "mirror" && v["epoch"].as_u64() == Some(e2)).then_some(())
+        },
+    );
     assert!(
         c.sites[0].node.log().contains("demoting here"),
         "{}",
@@ -200,7 +214,7 @@ fn the_lost_primary_is_replaced_by_one_mirror_and_rejoins_as_its_mirror() {
     );
     // Resynced by the new primary: every mirror in sync, images identical.
     wait_primary_in_sync(&c.sites[new], e2, Duration::from_secs(60));
-    qemu_io_ok(&uri, &["-c", "flush"]);
+    qemu_io_ok(&uri, &["flush"]);
     let status = c.sites[new].node.status_json();
     assert_eq!(status["cluster"]["lease_ok"], true, "{status}");
     for s in c.sites.iter_mut() {
@@ -214,7 +228,7 @@ fn the_lost_primary_is_replaced_by_one_mirror_and_rejoins_as_its_mirror() {
             s.name
         );
     }
-    drop(c.etcd);
+    drop(c);
 }
 
 #[test]
@@ -226,7 +240,7 @@ fn without_etcd_quorum_the_primary_stops_acknowledging_and_nobody_is_promoted() 
     require_tool("qemu-io");
     let mut c = start_cluster("2s");
     let e1 = wait_primary_in_sync(&c.sites[0], 1, Duration::from_secs(60));
-    qemu_io_ok(&c.sites[0].nbd, &["-c", "write -P 0x11 0 1M"]);
+    qemu_io_ok(&c.sites[0].nbd, &["write -P 0x11 0 1M"]);
     // One member lost: nothing changes.
     c.etcd.kill(2);
     assert!(!refused(&c.sites[0].nbd, "write -P 0x12 1M 1M"));
@@ -239,7 +253,12 @@ fn without_etcd_quorum_the_primary_stops_acknowledging_and_nobody_is_promoted() 
     });
     assert_eq!(c.sites[0].node.status_json()["cluster"]["lease_ok"], false);
     for s in &c.sites[1..] {
-        assert_eq!(volume(s)["role"], "mirror", "{} was promoted without etcd", s.name);
+        assert_eq!(
+            volume(s)["role"],
+            "mirror",
+            "{} was promoted without etcd",
+            s.name
+        );
     }
     // Quorum back: the same node serves again (its key lapsed with its
     // lease: it takes it again at a newer epoch).
@@ -253,5 +272,20 @@ fn without_etcd_quorum_the_primary_stops_acknowledging_and_nobody_is_promoted() 
     assert_eq!(v["role"], "primary");
     for s in &c.sites[1..] {
         assert_eq!(volume(s)["role"], "mirror");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for s in &self.sites {
+                let log = s.node.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- node {} (last lines) ---", s.name);
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
     }
 }

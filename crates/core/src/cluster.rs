@@ -111,7 +111,11 @@ impl std::fmt::Display for Ineligible {
 
 /// Whether `m` may be promoted automatically; `Ok(true)` when it holds
 /// every acknowledged write (nothing is given up).
-pub fn candidacy(record: &Record, m: &MirrorReport, policy: AutoPromote) -> Result<bool, Ineligible> {
+pub fn candidacy(
+    record: &Record,
+    m: &MirrorReport,
+    policy: AutoPromote,
+) -> Result<bool, Ineligible> {
     if policy == AutoPromote::Never {
         return Err(Ineligible::Manual);
     }
@@ -120,7 +124,7 @@ pub fn candidacy(record: &Record, m: &MirrorReport, policy: AutoPromote) -> Resu
     }
     let lossless = m.generation == record.generation
         && m.generation != 0
-        && record.sync_mirrors.iter().any(|n| *n == m.node);
+        && record.sync_mirrors.contains(&m.node);
     match (lossless, policy) {
         (true, _) => Ok(true),
         (false, AutoPromote::Any) => Ok(false),
@@ -167,6 +171,11 @@ pub struct View<'a> {
     /// The live primary key: (node, epoch).
     pub key: Option<(&'a str, u64)>,
     pub reports: &'a [MirrorReport],
+    /// The record's primary node is registered (its node lease is live) and
+    /// does not report as a mirror: it lost only its key (etcd lost quorum,
+    /// or its lease lapsed and came back) and is about to take it again, so
+    /// no mirror is promoted in its place.
+    pub primary_alive: bool,
 }
 
 /// What a node does about a group.
@@ -215,6 +224,8 @@ pub fn decide(local: &Local<'_>, view: &View<'_>, policy: AutoPromote) -> Decisi
             };
         }
         // Demoted here since: another node is promoted below, or nobody.
+    } else if view.primary_alive {
+        return Decision::Stay;
     } else if local.primary {
         // A primary here that the record does not name: a newer epoch was
         // taken elsewhere while this node was away.
@@ -259,9 +270,15 @@ mod tests {
     fn only_a_sync_mirror_at_the_published_generation_is_lossless() {
         let r = rec("a", 5, &["b"]);
         let ok = |m: &MirrorReport, p| candidacy(&r, m, p);
-        assert_eq!(ok(&rep("b", 5, DataState::InSync), AutoPromote::SyncOnly), Ok(true));
+        assert_eq!(
+            ok(&rep("b", 5, DataState::InSync), AutoPromote::SyncOnly),
+            Ok(true)
+        );
         // Connected or not: what counts is the generation it holds.
-        assert_eq!(ok(&rep("b", 5, DataState::Consistent), AutoPromote::SyncOnly), Ok(true));
+        assert_eq!(
+            ok(&rep("b", 5, DataState::Consistent), AutoPromote::SyncOnly),
+            Ok(true)
+        );
         // Behind the published generation: it missed writes.
         assert_eq!(
             ok(&rep("b", 4, DataState::Consistent), AutoPromote::SyncOnly),
@@ -272,7 +289,10 @@ mod tests {
             ok(&rep("c", 5, DataState::InSync), AutoPromote::SyncOnly),
             Err(Ineligible::MayLackWrites)
         );
-        assert_eq!(ok(&rep("c", 5, DataState::InSync), AutoPromote::Any), Ok(false));
+        assert_eq!(
+            ok(&rep("c", 5, DataState::InSync), AutoPromote::Any),
+            Ok(false)
+        );
         assert_eq!(
             ok(&rep("b", 5, DataState::Inconsistent), AutoPromote::Any),
             Err(Ineligible::Inconsistent)
@@ -291,9 +311,15 @@ mod tests {
             rep("c", 5, DataState::InSync),
             rep("d", 4, DataState::Consistent),
         ];
-        assert_eq!(choose(&r, &reports, AutoPromote::SyncOnly), Some(("c", true)));
+        assert_eq!(
+            choose(&r, &reports, AutoPromote::SyncOnly),
+            Some(("c", true))
+        );
         assert_eq!(choose(&r, &reports, AutoPromote::Any), Some(("c", true)));
-        let lossy = [rep("d", 4, DataState::Consistent), rep("e", 5, DataState::Consistent)];
+        let lossy = [
+            rep("d", 4, DataState::Consistent),
+            rep("e", 5, DataState::Consistent),
+        ];
         assert_eq!(choose(&r, &lossy, AutoPromote::SyncOnly), None);
         assert_eq!(choose(&r, &lossy, AutoPromote::Any), Some(("e", false)));
         // The old primary's own report never counts.
@@ -309,6 +335,7 @@ mod tests {
             record: Some(&r),
             key,
             reports: &reports,
+            primary_alive: false,
         };
         let local = |node, primary, holds| Local {
             node,
@@ -321,22 +348,41 @@ mod tests {
             record: None,
             key: None,
             reports: &[],
+            primary_alive: false,
         };
-        assert_eq!(decide(&local("a", true, None), &empty, p), Decision::Bootstrap);
+        assert_eq!(
+            decide(&local("a", true, None), &empty, p),
+            Decision::Bootstrap
+        );
         assert_eq!(decide(&local("b", false, None), &empty, p), Decision::Stay);
         // A live key: everybody stays, except a primary that is not its holder.
-        assert_eq!(decide(&local("a", true, Some(7)), &view(Some(("a", 7))), p), Decision::Stay);
-        assert_eq!(decide(&local("b", false, None), &view(Some(("a", 7))), p), Decision::Stay);
+        assert_eq!(
+            decide(&local("a", true, Some(7)), &view(Some(("a", 7))), p),
+            Decision::Stay
+        );
+        assert_eq!(
+            decide(&local("b", false, None), &view(Some(("a", 7))), p),
+            Decision::Stay
+        );
         assert_eq!(
             decide(&local("c", true, Some(6)), &view(Some(("a", 7))), p),
-            Decision::StepDown { by: "a".into(), epoch: 7 }
+            Decision::StepDown {
+                by: "a".into(),
+                epoch: 7
+            }
         );
         // The key is gone: the chosen mirror promotes at the next epoch.
         assert_eq!(
             decide(&local("b", false, None), &view(None), p),
-            Decision::Promote { epoch: 8, lossless: true }
+            Decision::Promote {
+                epoch: 8,
+                lossless: true
+            }
         );
-        assert_eq!(decide(&local("z", false, None), &view(None), p), Decision::Stay);
+        assert_eq!(
+            decide(&local("z", false, None), &view(None), p),
+            Decision::Stay
+        );
         assert_eq!(
             decide(&local("b", false, None), &view(None), AutoPromote::Never),
             Decision::NoCandidate
@@ -346,10 +392,24 @@ mod tests {
             decide(&local("a", true, None), &view(None), p),
             Decision::Reacquire { epoch: 8 }
         );
+        // The old primary is alive (it lost only its key): nobody is
+        // promoted, it takes the key again.
+        let alive = View {
+            primary_alive: true,
+            ..view(None)
+        };
+        assert_eq!(decide(&local("b", false, None), &alive, p), Decision::Stay);
+        assert_eq!(
+            decide(&local("a", true, None), &alive, p),
+            Decision::Reacquire { epoch: 8 }
+        );
         // A primary the record does not name steps down.
         assert_eq!(
             decide(&local("c", true, None), &view(None), p),
-            Decision::StepDown { by: "a".into(), epoch: 7 }
+            Decision::StepDown {
+                by: "a".into(),
+                epoch: 7
+            }
         );
     }
 
@@ -378,7 +438,7 @@ mod tests {
                 .filter(|(_, (_, _, s))| *s).map(|(n, _)| n.as_str()).collect();
             let r = rec("n0", record_gen, &sync);
             let policy = if any_policy { AutoPromote::Any } else { AutoPromote::SyncOnly };
-            let view = View { record: Some(&r), key: None, reports: &reports };
+            let view = View { record: Some(&r), key: None, reports: &reports, primary_alive: false };
             let promoting: Vec<(&String, Decision)> = names.iter()
                 .map(|n| (n, decide(&Local { node: n, primary: false, holds: None }, &view, policy)))
                 .filter(|(_, d)| matches!(d, Decision::Promote { .. }))

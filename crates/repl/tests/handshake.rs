@@ -483,8 +483,9 @@ async fn malformed_hello_is_refused() {
     good.extend_from_slice(&1u64.to_be_bytes());
     good.extend_from_slice(&[0; 8 * HISTORY_LEN]);
     good.extend_from_slice(&[5; NONCE_LEN]);
-    // Version 2, replication, asking for lz4.
+    // Version 3, replication, asking for lz4, epoch 9.
     good.extend_from_slice(&[HANDSHAKE_VERSION, 0, 1]);
+    good.extend_from_slice(&9u64.to_be_bytes());
     let mut trailing = good.clone();
     trailing.push(0);
     let mut bad_utf8 = good.clone();
@@ -710,6 +711,7 @@ async fn an_unknown_codec_code_negotiates_none() {
     hello.extend_from_slice(&[0; 8 * (1 + HISTORY_LEN)]);
     hello.extend_from_slice(&[5; NONCE_LEN]);
     hello.extend_from_slice(&[HANDSHAKE_VERSION, 0, 200]);
+    hello.extend_from_slice(&0u64.to_be_bytes());
     a.write_all(&enc(&Frame::Hello {
         payload: hello.into(),
     }))
@@ -743,12 +745,16 @@ async fn a_version_1_hello_is_refused_clearly() {
     v1.extend_from_slice(&[5; NONCE_LEN]);
     let mut v1_jobs = v1.clone();
     v1_jobs.push(1);
-    let mut v3 = v1.clone();
-    v3.extend_from_slice(&[3, 0, 0]);
+    let mut v2 = v1.clone();
+    v2.extend_from_slice(&[2, 0, 0]);
+    let mut v4 = v1.clone();
+    v4.extend_from_slice(&[4, 0, 0]);
+    v4.extend_from_slice(&0u64.to_be_bytes());
     for (payload, needle) in [
         (v1, "handshake version 1"),
         (v1_jobs, "handshake version 1"),
-        (v3, "handshake version 3"),
+        (v2, "handshake version 2"),
+        (v4, "handshake version 4"),
     ] {
         let (e, answer) = mirror_given(enc(&Frame::Hello {
             payload: payload.into(),
@@ -765,7 +771,7 @@ async fn a_version_1_hello_is_refused_clearly() {
             "{e:?}"
         );
         let text = e.to_string();
-        assert!(text.contains(needle) && text.contains("speaks 2"), "{text}");
+        assert!(text.contains(needle) && text.contains("speaks 3"), "{text}");
         match frames_of(&answer).as_slice() {
             [Frame::Error { code, message, .. }] => {
                 assert_eq!(*code, ErrorCode::Protocol);
@@ -803,8 +809,15 @@ async fn the_proofs_cover_the_compression_fields() {
     // Which frame to rewrite, and how: the primary's wanted codec, or the
     // mirror's supported set.
     type Edit = fn(&mut Vec<u8>);
-    let cases: [(Kind, Edit); 2] = [
-        (Kind::Hello, |p| *p.last_mut().unwrap() = Codec::None.code()),
+    let cases: [(Kind, Edit); 3] = [
+        // The wanted codec sits before the 8-byte epoch.
+        (Kind::Hello, |p| {
+            let at = p.len() - 9;
+            p[at] = Codec::None.code();
+        }),
+        // The epoch itself: a man in the middle cannot make a deposed
+        // primary look current.
+        (Kind::Hello, |p| *p.last_mut().unwrap() ^= 1),
         (Kind::Challenge, |p| {
             let at = p.len() - PROOF_LEN - 1;
             p[at] = 0b001;
@@ -922,4 +935,25 @@ proptest! {
             "{:?}", e
         );
     }
+}
+
+#[tokio::test]
+async fn the_fencing_epoch_travels_in_the_hello() {
+    let (mut a, mut b) = duplex(4096);
+    let mirror = tokio::spawn(async move {
+        accept_with(&mut b, SECRET, MIRROR, &Codec::ALL, |_| {
+            Some(vol("db", 1 << 20, 2))
+        })
+        .await
+    });
+    let opts = ConnectOptions {
+        purpose: Purpose::Replication,
+        compression: Codec::None,
+        epoch: 42,
+    };
+    let p = connect_with(&mut a, SECRET, &primary_hello(1 << 20), opts)
+        .await
+        .unwrap();
+    let (m, _, _) = mirror.await.unwrap().unwrap();
+    assert_eq!((p.epoch, m.epoch), (42, 42));
 }

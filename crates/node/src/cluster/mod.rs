@@ -225,7 +225,8 @@ impl Agent {
         let every = ttl / 3;
         'grant: while !shutdown.is_cancelled() {
             let sent = Instant::now();
-            let granted = tokio::time::timeout(timeout, client.lease_grant(self.ttl_secs(), None)).await;
+            let granted =
+                tokio::time::timeout(timeout, client.lease_grant(self.ttl_secs(), None)).await;
             let id = match granted {
                 Ok(Ok(r)) if r.ttl() > 0 => {
                     self.lease
@@ -253,7 +254,11 @@ impl Agent {
             if let Err(e) = put {
                 warn!(error = %e, "registering the node in etcd failed");
             }
-            info!(lease = format!("{id:x}"), ttl_ms = ttl.as_millis() as u64, "cluster lease granted");
+            info!(
+                lease = format!("{id:x}"),
+                ttl_ms = ttl.as_millis() as u64,
+                "cluster lease granted"
+            );
             self.kick.notify_one();
             // Keep it alive: one keep-alive every ttl/3; the answer to each
             // renews the clock from when it was sent.
@@ -275,10 +280,14 @@ impl Agent {
                     match answered {
                         Ok(Ok(Some(r))) if r.ttl() > 0 => {
                             self.connected.store(true, Ordering::Relaxed);
-                            self.lease.renewed(sent, Duration::from_secs(r.ttl() as u64));
+                            self.lease
+                                .renewed(sent, Duration::from_secs(r.ttl() as u64));
                         }
                         Ok(Ok(Some(_))) => {
-                            warn!(lease = format!("{id:x}"), "the cluster lease expired in etcd");
+                            warn!(
+                                lease = format!("{id:x}"),
+                                "the cluster lease expired in etcd"
+                            );
                             break;
                         }
                         _ => {
@@ -349,7 +358,10 @@ impl Agent {
     async fn reconcile(&self, client: &mut Client, v: &ClusterVolume) -> Result<(), String> {
         let name = v.volume.name();
         let got = client
-            .get(self.keys.volume(name), Some(GetOptions::new().with_prefix()))
+            .get(
+                self.keys.volume(name),
+                Some(GetOptions::new().with_prefix()),
+            )
             .await
             .map_err(|e| e.to_string())?;
         let mut record: Option<(RecordEntry, i64)> = None;
@@ -419,10 +431,23 @@ impl Agent {
             primary: primary_here,
             holds: (holds != 0).then_some(holds),
         };
+        let primary_alive = match &core_record {
+            Some(r) if r.primary != self.node && key.is_none() => {
+                !reports.iter().any(|m| m.node == r.primary)
+                    && client
+                        .get(self.keys.node(&r.primary), None)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .count()
+                        > 0
+            }
+            _ => false,
+        };
         let view = decide::View {
             record: core_record.as_ref(),
             key: key.as_ref().map(|k| (k.node.as_str(), k.epoch)),
             reports: &reports,
+            primary_alive,
         };
         let decision = decide::decide(&local, &view, self.cfg.auto_promote);
         match decision {
@@ -441,8 +466,17 @@ impl Agent {
                         Compare::version(self.keys.primary(name), CompareOp::Equal, 0),
                     ])
                     .and_then(self.take_ops(name, &rec, lease));
-                if client.txn(txn).await.map_err(|e| e.to_string())?.succeeded() {
-                    info!(volume = name, epoch = 1, "cluster: first primary of the volume");
+                if client
+                    .txn(txn)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .succeeded()
+                {
+                    info!(
+                        volume = name,
+                        epoch = 1,
+                        "cluster: first primary of the volume"
+                    );
                     self.took(v, rec);
                 }
                 Ok(())
@@ -493,12 +527,18 @@ impl Agent {
                     warn!(volume = name, old = %old.primary, epoch, published = %old.generation,
                         "cluster: the primary's lease lapsed; promoting this mirror, which may lack \
                          its last writes (auto_promote = \"any\"): that data window is given up");
-                    self.counters.lossy_promotions.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .lossy_promotions
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 match self.roles.promote(name).await {
                     Ok(msg) => {
                         self.counters.promotions.fetch_add(1, Ordering::Relaxed);
-                        info!(volume = name, ms = started.elapsed().as_millis() as u64, "{msg}");
+                        info!(
+                            volume = name,
+                            ms = started.elapsed().as_millis() as u64,
+                            "{msg}"
+                        );
                         self.publish(client, v, true).await?;
                         v.fence.hold(epoch);
                         Ok(())
@@ -611,7 +651,12 @@ impl Agent {
 
     /// Publishes this primary's generation and sync mirrors in the record
     /// if they changed (`force`: even if not), guarded by holding the key.
-    async fn publish(&self, client: &mut Client, v: &ClusterVolume, force: bool) -> Result<(), String> {
+    async fn publish(
+        &self,
+        client: &mut Client,
+        v: &ClusterVolume,
+        force: bool,
+    ) -> Result<(), String> {
         let name = v.volume.name();
         let epoch = v.fence.holds().max(v.fence.epoch());
         let gen = v.volume.meta().generations.current;
@@ -745,7 +790,6 @@ impl LabelView for blockmirror_core::MirrorLabel {
         }
     }
 }
-
 
 /// Registers cluster mode's families: the lease, the epoch each volume is
 /// known at here and whether this node holds it, and the counters.

@@ -780,12 +780,10 @@ async fn promote_volume(
                 fed.unwrap_or_default()
             )))
         }
-        Err(DriveError::Role(RoleError::Inconsistent)) => {
-            return Err(refused(
-                "its data is inconsistent (a resync did not finish); use --force to promote it anyway"
-                    .into(),
-            ))
-        }
+        Err(DriveError::Role(RoleError::Inconsistent)) => return Err(refused(
+            "its data is inconsistent (a resync did not finish); use --force to promote it anyway"
+                .into(),
+        )),
         Err(DriveError::Role(e @ RoleError::Illegal { state, .. })) => {
             return Err(refused(if state.role == roles::Role::Primary {
                 "already primary".into()
@@ -924,7 +922,10 @@ impl ClusterRoles {
 }
 
 impl crate::cluster::Roles for ClusterRoles {
-    fn promote<'a>(&'a self, volume: &'a str) -> crate::cluster::BoxFut<'a, Result<String, String>> {
+    fn promote<'a>(
+        &'a self,
+        volume: &'a str,
+    ) -> crate::cluster::BoxFut<'a, Result<String, String>> {
         Box::pin(async move {
             let (v, t) = self.find(volume)?;
             let t = t.as_ref().ok_or("no `listen`: it cannot be promoted")?;
