@@ -51,6 +51,24 @@ enum ConfigCommand {
 }
 
 #[derive(Subcommand)]
+enum ClusterCommand {
+    /// Every volume of the cluster: its primary node, fencing epoch,
+    /// published generation and mirrors; and the live nodes.
+    Status {
+        /// etcd endpoints, comma-separated (default: `[cluster] etcd` of
+        /// --config).
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// A node config to take `[cluster]` from.
+        #[arg(long, short, default_value = "blockmirror.toml")]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum CertsCommand {
     /// Make a CA and a certificate per node under DIR: ca.pem (ca.key: keep
     /// it off the nodes), NAME.pem and NAME.key per node (subject names:
@@ -127,6 +145,11 @@ enum Command {
         /// Print the current state first (`exists` lines), then the changes.
         #[arg(long)]
         now: bool,
+    },
+    /// Cluster mode (etcd): what the coordinator holds.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
     /// Node config tools.
     Config {
@@ -304,6 +327,7 @@ async fn run(cli: Cli) -> Result<Outcome> {
             | Command::Man { .. }
             | Command::Completions { .. }
             | Command::Config { .. }
+            | Command::Cluster { .. }
     ) {
         configure_admin_client(cli.token_file, cli.ca)?;
     }
@@ -334,6 +358,9 @@ async fn run(cli: Cli) -> Result<Outcome> {
         Command::Config {
             command: ConfigCommand::Check { file },
         } => ok(config_check(&file)),
+        Command::Cluster {
+            command: ClusterCommand::Status { etcd, config, json },
+        } => ok(cluster_status(etcd, &config, json).await),
         Command::Man { dir } => ok(man(&dir)),
         Command::Certs {
             command:
@@ -838,6 +865,57 @@ async fn resync(
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
+}
+
+async fn cluster_status(etcd: Vec<String>, config: &Path, json: bool) -> Result<()> {
+    let (endpoints, prefix) = if etcd.is_empty() {
+        let c = config::NodeConfig::load(config)
+            .with_context(|| format!("no --etcd given; reading {}", config.display()))?;
+        let cl = c
+            .cluster
+            .with_context(|| format!("{} has no [cluster] table", config.display()))?;
+        (cl.etcd, cl.prefix)
+    } else {
+        (etcd, "/blockmirror".to_string())
+    };
+    let view = blockmirror_node::cluster::read_view(&endpoints, &prefix)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<12} {:>6} {:<18} {:<14} MIRRORS",
+        "VOLUME", "PRIMARY", "EPOCH", "GENERATION", "SYNC"
+    );
+    for v in &view.volumes {
+        let primary = v
+            .primary
+            .clone()
+            .unwrap_or_else(|| format!("none (was {})", v.recorded_primary));
+        let mirrors: Vec<String> = v
+            .mirrors
+            .iter()
+            .map(|m| format!("{}:{}", m.node, m.data))
+            .collect();
+        println!(
+            "{:<16} {:<12} {:>6} {:<18} {:<14} {}",
+            v.volume,
+            primary,
+            v.epoch,
+            v.generation,
+            v.sync_mirrors.join(","),
+            mirrors.join(" ")
+        );
+    }
+    let nodes: Vec<String> = view
+        .nodes
+        .iter()
+        .map(|n| format!("{} (site {}, admin {})", n.node, n.site, n.admin))
+        .collect();
+    println!("nodes: {}", nodes.join(", "));
+    Ok(())
 }
 
 async fn show_status(addr: Option<SocketAddr>, json: bool, watch: bool) -> Result<()> {

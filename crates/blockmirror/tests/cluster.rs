@@ -191,6 +191,17 @@ fn the_lost_primary_is_replaced_by_one_mirror_and_rejoins_as_its_mirror() {
     );
     // Nothing acknowledged was lost.
     qemu_io_ok(&uri, &["read -P 0xab 0 8M", "read -P 0xcd 8M 1M"]);
+    // What the coordinator says, as an operator sees it.
+    let endpoints = c.etcd.endpoints().join(",");
+    let out = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_blockmirror"))
+            .args(["cluster", "status", "--etcd", &endpoints, "--json"]),
+    );
+    let view: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = &view["volumes"][0];
+    assert_eq!(v["volume"], VOL, "{out}");
+    assert_eq!(v["primary"], c.sites[new].name.as_str(), "{out}");
+    assert_eq!(v["epoch"].as_u64(), Some(e2), "{out}");
 
     // The old primary thaws: its lease is not trusted any more, so it
     // acknowledges no write; it learns the newer epoch and steps down.

@@ -857,3 +857,122 @@ pub fn register_metrics(registry: &mut crate::daemon::metrics::Registry, agent: 
         Ok(())
     }));
 }
+
+/// One volume as `blockmirror cluster status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VolumeView {
+    pub volume: String,
+    /// The node holding the primary key now (None: nobody: failover pending
+    /// or impossible by policy).
+    pub primary: Option<String>,
+    /// The record's epoch and the node that took it.
+    pub epoch: u64,
+    pub recorded_primary: String,
+    pub generation: String,
+    pub sync_mirrors: Vec<String>,
+    /// Live mirrors' reports: node -> (generation, data).
+    pub mirrors: Vec<MirrorView>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MirrorView {
+    pub node: String,
+    pub generation: String,
+    pub data: String,
+}
+
+/// One registered (live) node.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeView {
+    pub node: String,
+    pub site: String,
+    pub admin: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterView {
+    pub nodes: Vec<NodeView>,
+    pub volumes: Vec<VolumeView>,
+}
+
+/// Reads every node and volume of the deployment under `prefix`.
+pub async fn read_view(endpoints: &[String], prefix: &str) -> Result<ClusterView, String> {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(Duration::from_secs(3));
+    let mut c = Client::connect(endpoints, Some(opts))
+        .await
+        .map_err(|e| format!("etcd {endpoints:?}: {e}"))?;
+    let keys = Keys {
+        prefix: prefix.to_owned(),
+    };
+    let got = c
+        .get(format!("{prefix}/"), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut nodes = Vec::new();
+    let mut vols: std::collections::BTreeMap<String, VolumeView> = Default::default();
+    let vol = |vols: &mut std::collections::BTreeMap<String, VolumeView>, name: &str| {
+        vols.entry(name.to_owned())
+            .or_insert_with(|| VolumeView {
+                volume: name.to_owned(),
+                primary: None,
+                epoch: 0,
+                recorded_primary: String::new(),
+                generation: String::new(),
+                sync_mirrors: Vec::new(),
+                mirrors: Vec::new(),
+            })
+            .volume
+            .clone()
+    };
+    for kv in got.kvs() {
+        let Ok(k) = kv.key_str() else { continue };
+        if let Some(node) = k.strip_prefix(&keys.nodes()) {
+            if let Ok(e) = decode::<NodeEntry>(kv.value()) {
+                nodes.push(NodeView {
+                    node: node.to_owned(),
+                    site: e.site,
+                    admin: e.admin,
+                });
+            }
+            continue;
+        }
+        let Some((name, rest)) = keys.split_volume_key(k) else {
+            continue;
+        };
+        vol(&mut vols, name);
+        let v = vols.get_mut(name).expect("just made");
+        match rest {
+            "record" => {
+                if let Ok(r) = decode::<RecordEntry>(kv.value()) {
+                    v.epoch = r.epoch;
+                    v.recorded_primary = r.primary;
+                    v.generation = r.generation;
+                    v.sync_mirrors = r.sync_mirrors;
+                }
+            }
+            "primary" => {
+                if let Ok(e) = decode::<KeyEntry>(kv.value()) {
+                    v.primary = Some(e.node);
+                }
+            }
+            other => {
+                if let (Some(node), Ok(r)) = (
+                    other.strip_prefix("mirrors/"),
+                    decode::<ReportEntry>(kv.value()),
+                ) {
+                    v.mirrors.push(MirrorView {
+                        node: node.to_owned(),
+                        generation: r.generation,
+                        data: r.data,
+                    });
+                }
+            }
+        }
+    }
+    Ok(ClusterView {
+        nodes,
+        volumes: vols.into_values().collect(),
+    })
+}
