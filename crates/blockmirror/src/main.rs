@@ -12,6 +12,7 @@ use blockmirror_node::daemon::config::{self, NodeConfig};
 use blockmirror_node::daemon::node::Node;
 use blockmirror_node::daemon::{admin, status};
 
+mod cluster_demo;
 mod drill;
 
 /// mimalloc keeps large buffers (1 MiB request payloads) for reuse instead of
@@ -120,6 +121,11 @@ enum Command {
         /// "allow"`), with certificates from `certs init` under DIR/tls.
         #[arg(long)]
         tls: bool,
+        /// Cluster mode instead: a 3-member etcd and three sites (separate
+        /// processes) on loopback, roles decided through etcd; stop the
+        /// primary's process to see a mirror promoted.
+        #[arg(long, conflicts_with_all = ["drill", "tls", "mode"])]
+        cluster: bool,
     },
     /// Show what each volume is doing.
     Status {
@@ -333,6 +339,12 @@ async fn run(cli: Cli) -> Result<Outcome> {
     }
     match cli.command {
         Command::Serve { config } => ok(serve(&config).await),
+        Command::Demo {
+            dir,
+            size,
+            cluster: true,
+            ..
+        } => ok(cluster_demo::run(&dir, &size).await),
         Command::Demo {
             dir,
             size,

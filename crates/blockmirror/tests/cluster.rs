@@ -300,3 +300,55 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// `demo --cluster` as a new user runs it: three sites and etcd come up,
+/// the printed primary takes a write, `cluster status` names it, Ctrl-C
+/// stops everything.
+#[test]
+fn demo_cluster_runs_three_sites_on_etcd() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    if !have_etcd() {
+        eprintln!("SKIP: no etcd binary (install etcd-server: scripts/install-deps.sh)");
+        return;
+    }
+    require_tool("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blockmirror"))
+        .args(["demo", "--cluster", "--size", "64MiB", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut primary_uri, mut etcd) = (None, None);
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.starts_with("  etcd ") {
+            etcd = line.split_whitespace().nth(1).map(str::to_owned);
+        }
+        if line.ends_with("<- primary") {
+            primary_uri = line.split_whitespace().nth(2).map(str::to_owned);
+        }
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    let (uri, etcd) = (primary_uri.expect("a primary"), etcd.expect("etcd"));
+    qemu_io_ok(&uri, &["write -P 0x5a 0 1M", "flush"]);
+    let out = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_blockmirror"))
+            .args(["cluster", "status", "--etcd", &etcd]),
+    );
+    assert!(out.contains("site-a") && out.contains("demo"), "{out}");
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().unwrap().success(), "{rest:?}");
+    assert!(rest.iter().any(|l| l == "stopped"), "{rest:?}");
+}

@@ -408,12 +408,24 @@ impl Agent {
         v.fence.mark_synced();
         // My own report, from my state now (not what etcd has of me).
         let mine = self.local_report(v);
+        reports.retain(|r| r.node != self.node);
         if let Some(m) = &mine {
-            reports.retain(|r| r.node != self.node);
             reports.push(m.clone());
-            if lease != 0 && !primary_here {
+            if lease != 0 {
                 self.put_report(client, name, m, lease).await?;
             }
+        } else if self
+            .reported
+            .lock()
+            .expect("poisoned")
+            .remove(name)
+            .is_some()
+        {
+            // Primary here now: it is no mirror any more.
+            client
+                .delete(self.keys.report(name, &self.node), None)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         if lease == 0 || !self.lease.valid() {
             return Ok(());
