@@ -203,7 +203,14 @@ enum Command {
     },
     /// Make a mirror volume the primary (read-write export, new generation).
     Promote {
-        volume: String,
+        /// The volume (or --group).
+        #[arg(required_unless_present = "group")]
+        volume: Option<String>,
+        /// Promote every volume of this consistency group on the node, at
+        /// one point: every link of the old primary is cut before any
+        /// volume is promoted.
+        #[arg(long, conflicts_with = "volume")]
+        group: Option<String>,
         /// Admin address of the mirror's node.
         #[arg(long)]
         admin: Option<SocketAddr>,
@@ -435,11 +442,16 @@ async fn run(cli: Cli) -> Result<Outcome> {
         }
         Command::Promote {
             volume,
+            group,
             admin,
             force,
         } => {
             let addr = admin_addr(admin)?;
-            let path = format!("/volumes/{volume}/promote");
+            let path = match (volume, group) {
+                (_, Some(g)) => format!("/groups/{g}/promote"),
+                (Some(v), None) => format!("/volumes/{v}/promote"),
+                (None, None) => bail!("name a volume, or --group"),
+            };
             let msg = admin::post_control(addr, &path, &admin::PromoteRequest { force }).await?;
             println!("{msg}");
             Ok(Outcome::Success)

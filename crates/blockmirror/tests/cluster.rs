@@ -352,3 +352,136 @@ fn demo_cluster_runs_three_sites_on_etcd() {
     assert!(child.wait().unwrap().success(), "{rest:?}");
     assert!(rest.iter().any(|l| l == "stopped"), "{rest:?}");
 }
+
+/// A consistency group fails over as one: two volumes in group `g` on each
+/// of three nodes; the primary lost, one node takes the group's key and
+/// promotes both volumes, at one epoch.
+#[test]
+fn a_consistency_group_fails_over_as_one() {
+    if !have_etcd() {
+        eprintln!("SKIP: no etcd binary (install etcd-server: scripts/install-deps.sh)");
+        return;
+    }
+    require_tool("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(EtcdOpts::new(dir.path().join("etcd"), 3)).unwrap();
+    let endpoints = etcd
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let secret = new_secret();
+    let listen: Vec<SocketAddr> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+        .collect();
+    let mut nodes = Vec::new();
+    let mut uris: Vec<Vec<String>> = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let ndir = tempfile::tempdir().unwrap();
+        std::fs::write(ndir.path().join("secret.key"), format!("{secret}\n")).unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let role = if i == 0 { "primary" } else { "mirror" };
+        let mut text = format!(
+            "node = \"{name}\"\nlisten = \"{}\"\nadmin = \"{admin}\"\nsecret_file = \"secret.key\"\n\
+             [cluster]\netcd = [{endpoints}]\nlease_ttl = \"2s\"\n",
+            listen[i]
+        );
+        let mut mine = Vec::new();
+        for vol in ["v1", "v2"] {
+            let nbd = format!("127.0.0.1:{}", free_port());
+            text += &format!(
+                "[[volume]]\nname = \"{vol}\"\npath = \"{vol}.img\"\nsize = {}\nrole = \"{role}\"\n\
+                 nbd = \"{nbd}\"\nconsistency_group = \"g\"\nmirror_timeout = \"2s\"\n",
+                16 * MIB
+            );
+            for (j, l) in listen.iter().enumerate() {
+                if j != i {
+                    text += &format!("[[volume.mirror]]\npeer = \"{l}\"\n");
+                }
+            }
+            mine.push(format!("nbd://{nbd}/{vol}"));
+        }
+        let images = vec![ndir.path().join("v1.img"), ndir.path().join("v2.img")];
+        nodes.push(TestNode::from_config(
+            ndir,
+            &text,
+            admin,
+            mine.clone(),
+            images,
+            Vec::new(),
+        ));
+        uris.push(mine);
+    }
+    let vols = |n: &TestNode| n.status_json()["volumes"].as_array().unwrap().clone();
+    wait_for(
+        "a primary of both, in sync",
+        Duration::from_secs(60),
+        || {
+            let v = vols(&nodes[0]);
+            v.iter()
+                .all(|v| {
+                    v["role"] == "primary"
+                        && v["epoch"].as_u64() >= Some(1)
+                        && v["mirrors"]
+                            .as_array()
+                            .is_some_and(|m| m.iter().all(|m| m["state"] == "in_sync"))
+                })
+                .then_some(())
+        },
+    );
+    qemu_io_ok(&uris[0][0], &["write -P 0x61 0 1M"]);
+    qemu_io_ok(&uris[0][1], &["write -P 0x62 0 1M"]);
+    let pid = nodes[0].pid().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let new = wait_for(
+        "the group promoted on one node",
+        Duration::from_secs(30),
+        || (1..3).find(|&i| vols(&nodes[i]).iter().all(|v| v["role"] == "primary")),
+    );
+    let other = 3 - new;
+    let promoted = vols(&nodes[new]);
+    assert_eq!(
+        promoted[0]["epoch"], promoted[1]["epoch"],
+        "one epoch for the group"
+    );
+    assert!(
+        vols(&nodes[other]).iter().all(|v| v["role"] == "mirror"),
+        "exactly one primary of the group"
+    );
+    qemu_io_ok(&uris[new][0], &["read -P 0x61 0 1M"]);
+    qemu_io_ok(&uris[new][1], &["read -P 0x62 0 1M"]);
+    // One record for the group, none per volume.
+    let endpoints = etcd.endpoints().join(",");
+    let out = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_blockmirror"))
+            .args(["cluster", "status", "--etcd", &endpoints, "--json"]),
+    );
+    let view: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = view["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["volume"].as_str())
+        .collect();
+    assert_eq!(names, ["group:g"], "{out}");
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_for(
+        "the old primary steps down on both",
+        Duration::from_secs(30),
+        || {
+            vols(&nodes[0])
+                .iter()
+                .all(|v| v["role"] == "mirror")
+                .then_some(())
+        },
+    );
+}

@@ -349,8 +349,9 @@ fn overlapping_large_writes_keep_one_order() {
         "--bsrange=100k-2m",
         "--iodepth=8",
         "--size=4M",
-        "--time_based",
-        "--runtime=3",
+        // A fixed amount (about 45 writes per job), not a time: on a
+        // loaded machine 3 seconds brought fewer than the 50 checked below.
+        "--io_size=48M",
         "--norandommap",
         "--randrepeat=0",
         "--refill_buffers",

@@ -53,8 +53,10 @@ pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What the agent asks of the node: the role changes `promote` and
 /// `demote` perform by hand.
 pub trait Roles: Send + Sync {
-    /// Promotes `volume` here (its old primary is gone: its lease lapsed).
-    fn promote<'a>(&'a self, volume: &'a str) -> BoxFut<'a, Result<String, String>>;
+    /// Promotes `volumes` here, together (one volume, or a consistency
+    /// group's: every link of the old primary is cut before any is
+    /// promoted); their old primary is gone: its lease lapsed.
+    fn promote<'a>(&'a self, volumes: &'a [String]) -> BoxFut<'a, Result<String, String>>;
     /// Demotes `volume` here (a newer epoch is held elsewhere).
     fn demote<'a>(&'a self, volume: &'a str, why: String) -> BoxFut<'a, Result<String, String>>;
 }
@@ -62,6 +64,8 @@ pub trait Roles: Send + Sync {
 /// One volume under cluster mode.
 pub struct ClusterVolume {
     pub volume: Arc<Volume>,
+    /// `consistency_group`: the volumes of a group fail over as one.
+    pub group: Option<String>,
     pub target: Option<Arc<MirrorTarget>>,
     pub fence: Arc<Fence>,
 }
@@ -89,7 +93,9 @@ pub struct Agent {
     lease_id: AtomicI64,
     connected: AtomicBool,
     client: tokio::sync::OnceCell<Client>,
-    volumes: Vec<ClusterVolume>,
+    volumes: Vec<Arc<ClusterVolume>>,
+    /// What fails over as one: a volume, or a consistency group.
+    units: Vec<Unit>,
     roles: Arc<dyn Roles>,
     pub counters: ClusterCounters,
     /// Per volume: the report last put, so an unchanged one is not put again.
@@ -118,6 +124,8 @@ impl Agent {
         for v in &volumes {
             v.fence.clustered(lease.clone());
         }
+        let volumes: Vec<Arc<ClusterVolume>> = volumes.into_iter().map(Arc::new).collect();
+        let units = Unit::all(&volumes);
         Arc::new(Self {
             keys: Keys {
                 prefix: cfg.prefix.clone(),
@@ -135,6 +143,7 @@ impl Agent {
             connected: AtomicBool::new(false),
             client: tokio::sync::OnceCell::new(),
             volumes,
+            units,
             roles,
             counters: ClusterCounters::default(),
             reported: Mutex::new(HashMap::new()),
@@ -334,9 +343,9 @@ impl Agent {
                     watch = Some(stream);
                 }
             }
-            for v in &self.volumes {
-                if let Err(e) = self.reconcile(&mut client, v).await {
-                    debug!(volume = %v.volume.name(), error = %e, "cluster reconcile failed; retrying");
+            for u in &self.units {
+                if let Err(e) = self.reconcile(&mut client, u).await {
+                    debug!(unit = %u.name, error = %e, "cluster reconcile failed; retrying");
                 }
             }
             let changed = async {
@@ -354,12 +363,12 @@ impl Agent {
         }
     }
 
-    /// One volume: read what etcd holds of it, decide, act.
-    async fn reconcile(&self, client: &mut Client, v: &ClusterVolume) -> Result<(), String> {
-        let name = v.volume.name();
+    /// One unit (a volume or a group): read what etcd holds of it, decide, act.
+    async fn reconcile(&self, client: &mut Client, v: &Unit) -> Result<(), String> {
+        let name = v.name.as_str();
         let got = client
             .get(
-                self.keys.volume(name),
+                self.keys.unit(&v.base),
                 Some(GetOptions::new().with_prefix()),
             )
             .await
@@ -369,7 +378,7 @@ impl Agent {
         let mut reports = Vec::new();
         for kv in got.kvs() {
             let k = kv.key_str().map_err(|e| e.to_string())?;
-            let Some((_, rest)) = self.keys.split_volume_key(k) else {
+            let Some(rest) = k.strip_prefix(&self.keys.unit(&v.base)) else {
                 continue;
             };
             match rest {
@@ -396,23 +405,19 @@ impl Agent {
             }
         }
         let lease = self.lease_id.load(Ordering::SeqCst);
-        let primary_here = v.volume.role() == Role::Primary;
+        let primary_here = v.primary_here();
         // A mirror learns the newest epoch (and cuts an older primary).
         if let Some((r, _)) = &record {
-            if v.fence.raise(r.epoch) {
-                if let Some(t) = &v.target {
-                    t.epoch_raised(r.epoch);
-                }
-            }
+            v.raise(r.epoch);
         }
-        v.fence.mark_synced();
+        v.mark_synced();
         // My own report, from my state now (not what etcd has of me).
         let mine = self.local_report(v);
         reports.retain(|r| r.node != self.node);
         if let Some(m) = &mine {
             reports.push(m.clone());
             if lease != 0 {
-                self.put_report(client, name, m, lease).await?;
+                self.put_report(client, name, &v.base, m, lease).await?;
             }
         } else if self
             .reported
@@ -423,7 +428,7 @@ impl Agent {
         {
             // Primary here now: it is no mirror any more.
             client
-                .delete(self.keys.report(name, &self.node), None)
+                .delete(self.keys.report(&v.base, &self.node), None)
                 .await
                 .map_err(|e| e.to_string())?;
         }
@@ -437,7 +442,7 @@ impl Agent {
             ),
             None => None,
         };
-        let holds = v.fence.holds();
+        let holds = v.holds();
         let local = decide::Local {
             node: &self.node,
             primary: primary_here,
@@ -474,10 +479,10 @@ impl Agent {
                 let rec = self.new_record(v, 1, &[]);
                 let txn = Txn::new()
                     .when([
-                        Compare::version(self.keys.record(name), CompareOp::Equal, 0),
-                        Compare::version(self.keys.primary(name), CompareOp::Equal, 0),
+                        Compare::version(self.keys.record(&v.base), CompareOp::Equal, 0),
+                        Compare::version(self.keys.primary(&v.base), CompareOp::Equal, 0),
                     ])
-                    .and_then(self.take_ops(name, &rec, lease));
+                    .and_then(self.take_ops(&v.base, &rec, lease));
                 if client
                     .txn(txn)
                     .await
@@ -495,25 +500,30 @@ impl Agent {
             }
             Decision::Reacquire { epoch } => {
                 let (old, rev) = record.clone().expect("decided on a record");
-                let gen = v.volume.meta().generations.current;
+                let gen = v.generation();
                 let keep: Vec<String> = if gen_hex(gen) == old.generation {
                     old.sync_mirrors.clone()
                 } else {
                     Vec::new()
                 };
                 let rec = self.new_record(v, epoch, &keep);
-                if self.take(client, name, &rec, rev, lease).await? {
+                if self.take(client, &v.base, &rec, rev, lease).await? {
                     info!(volume = name, epoch, "cluster: primary key taken again");
                     self.took(v, rec);
                 }
                 Ok(())
             }
             Decision::StepDown { by, epoch } => {
-                v.fence.release();
+                v.release();
                 self.counters.step_downs.fetch_add(1, Ordering::Relaxed);
                 let why = format!("cluster: {by} holds epoch {epoch}");
                 warn!(volume = name, %by, epoch, "a newer primary holds the volume: demoting here");
-                self.roles.demote(name, why).await.map(|_| ())
+                for m in &v.members {
+                    if m.volume.role() == Role::Primary {
+                        self.roles.demote(m.volume.name(), why.clone()).await?;
+                    }
+                }
+                Ok(())
             }
             Decision::Promote { epoch, lossless } => {
                 let (old, rev) = record.clone().expect("decided on a record");
@@ -527,11 +537,11 @@ impl Agent {
                     .collect();
                 let mut rec = self.new_record(v, epoch, &others);
                 rec.generation = old.generation.clone();
-                if !self.take(client, name, &rec, rev, lease).await? {
+                if !self.take(client, &v.base, &rec, rev, lease).await? {
                     return Ok(());
                 }
                 let started = Instant::now();
-                v.fence.raise(epoch);
+                v.raise(epoch);
                 if lossless {
                     warn!(volume = name, old = %old.primary, epoch,
                         "cluster: the primary's lease lapsed; promoting this in-step sync mirror");
@@ -543,7 +553,7 @@ impl Agent {
                         .lossy_promotions
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                match self.roles.promote(name).await {
+                match self.roles.promote(&v.volume_names()).await {
                     Ok(msg) => {
                         self.counters.promotions.fetch_add(1, Ordering::Relaxed);
                         info!(
@@ -552,12 +562,12 @@ impl Agent {
                             "{msg}"
                         );
                         self.publish(client, v, true).await?;
-                        v.fence.hold(epoch);
+                        v.hold(epoch);
                         Ok(())
                     }
                     Err(e) => {
                         // Give the key back, so that another mirror may try.
-                        let _ = client.delete(self.keys.primary(name), None).await;
+                        let _ = client.delete(self.keys.primary(&v.base), None).await;
                         Err(format!("promotion failed: {e}"))
                     }
                 }
@@ -580,26 +590,26 @@ impl Agent {
     }
 
     /// The record this node would publish as primary at `epoch`.
-    fn new_record(&self, v: &ClusterVolume, epoch: u64, sync: &[String]) -> RecordEntry {
+    fn new_record(&self, v: &Unit, epoch: u64, sync: &[String]) -> RecordEntry {
         RecordEntry {
             v: FORMAT,
             epoch,
             primary: self.node.clone(),
-            generation: gen_hex(v.volume.meta().generations.current),
+            generation: gen_hex(v.generation()),
             sync_mirrors: sync.to_vec(),
         }
     }
 
-    fn take_ops(&self, name: &str, rec: &RecordEntry, lease: i64) -> Vec<TxnOp> {
+    fn take_ops(&self, base: &str, rec: &RecordEntry, lease: i64) -> Vec<TxnOp> {
         let key = KeyEntry {
             v: FORMAT,
             node: self.node.clone(),
             epoch: rec.epoch,
         };
         vec![
-            TxnOp::put(self.keys.record(name), encode(rec), None),
+            TxnOp::put(self.keys.record(base), encode(rec), None),
             TxnOp::put(
-                self.keys.primary(name),
+                self.keys.primary(base),
                 encode(&key),
                 Some(PutOptions::new().with_lease(lease)),
             ),
@@ -611,17 +621,17 @@ impl Agent {
     async fn take(
         &self,
         client: &mut Client,
-        name: &str,
+        base: &str,
         rec: &RecordEntry,
         record_rev: i64,
         lease: i64,
     ) -> Result<bool, String> {
         let txn = Txn::new()
             .when([
-                Compare::version(self.keys.primary(name), CompareOp::Equal, 0),
-                Compare::mod_revision(self.keys.record(name), CompareOp::Equal, record_rev),
+                Compare::version(self.keys.primary(base), CompareOp::Equal, 0),
+                Compare::mod_revision(self.keys.record(base), CompareOp::Equal, record_rev),
             ])
-            .and_then(self.take_ops(name, rec, lease));
+            .and_then(self.take_ops(base, rec, lease));
         Ok(client
             .txn(txn)
             .await
@@ -629,55 +639,28 @@ impl Agent {
             .succeeded())
     }
 
-    fn took(&self, v: &ClusterVolume, rec: RecordEntry) {
+    fn took(&self, v: &Unit, rec: RecordEntry) {
         let epoch = rec.epoch;
         self.published
             .lock()
             .expect("poisoned")
-            .insert(v.volume.name().to_owned(), rec);
-        v.fence.hold(epoch);
-        if let Some(r) = v.volume.replicator() {
-            r.gen.published(v.volume.meta().generations.current);
-        }
-    }
-
-    /// The sync mirrors live and in step now, by node name.
-    fn in_step(v: &ClusterVolume) -> Vec<String> {
-        let Some(r) = v.volume.replicator() else {
-            return Vec::new();
-        };
-        let mut n: Vec<String> = r
-            .links
-            .iter()
-            .map(|l| l.snapshot())
-            .filter(|s| {
-                s.mode == MirrorMode::Sync
-                    && s.state == crate::primary::link::SyncState::InSync
-                    && s.connection == crate::primary::link::Connection::Connected
-            })
-            .filter_map(|s| s.peer_node)
-            .collect();
-        n.sort();
-        n
+            .insert(v.name.clone(), rec);
+        v.hold(epoch);
+        v.published();
     }
 
     /// Publishes this primary's generation and sync mirrors in the record
     /// if they changed (`force`: even if not), guarded by holding the key.
-    async fn publish(
-        &self,
-        client: &mut Client,
-        v: &ClusterVolume,
-        force: bool,
-    ) -> Result<(), String> {
-        let name = v.volume.name();
-        let epoch = v.fence.holds().max(v.fence.epoch());
-        let gen = v.volume.meta().generations.current;
+    async fn publish(&self, client: &mut Client, v: &Unit, force: bool) -> Result<(), String> {
+        let name = v.name.as_str();
+        let epoch = v.holds().max(v.epoch());
+        let gen = v.generation();
         let rec = RecordEntry {
             v: FORMAT,
             epoch,
             primary: self.node.clone(),
             generation: gen_hex(gen),
-            sync_mirrors: Self::in_step(v),
+            sync_mirrors: v.in_step(),
         };
         if !force && self.published.lock().expect("poisoned").get(name) == Some(&rec) {
             return Ok(());
@@ -689,11 +672,11 @@ impl Agent {
         };
         let txn = Txn::new()
             .when([Compare::value(
-                self.keys.primary(name),
+                self.keys.primary(&v.base),
                 CompareOp::Equal,
                 encode(&key),
             )])
-            .and_then([TxnOp::put(self.keys.record(name), encode(&rec), None)]);
+            .and_then([TxnOp::put(self.keys.record(&v.base), encode(&rec), None)]);
         let ok = tokio::time::timeout(request_timeout(self.cfg.lease_ttl), client.txn(txn))
             .await
             .map_err(|_| "timed out".to_string())?
@@ -707,29 +690,21 @@ impl Agent {
             .lock()
             .expect("poisoned")
             .insert(name.to_owned(), rec);
-        if let Some(r) = v.volume.replicator() {
-            r.gen.published(gen);
-        }
+        let _ = gen;
+        v.published();
         Ok(())
     }
 
     /// What this node says of its copy of `v` while it is a mirror.
-    fn local_report(&self, v: &ClusterVolume) -> Option<decide::MirrorReport> {
-        if v.volume.role() == Role::Primary {
-            return None;
-        }
-        let m = v.volume.meta();
-        Some(decide::MirrorReport {
-            node: self.node.clone(),
-            generation: m.generations.current,
-            data: m.label.view(),
-        })
+    fn local_report(&self, v: &Unit) -> Option<decide::MirrorReport> {
+        v.report(&self.node)
     }
 
     async fn put_report(
         &self,
         client: &mut Client,
         name: &str,
+        base: &str,
         m: &decide::MirrorReport,
         lease: i64,
     ) -> Result<(), String> {
@@ -743,7 +718,7 @@ impl Agent {
         }
         client
             .put(
-                self.keys.report(name, &self.node),
+                self.keys.report(base, &self.node),
                 encode(&entry),
                 Some(PutOptions::new().with_lease(lease)),
             )
@@ -760,7 +735,11 @@ impl Agent {
     /// acknowledged (called by the write path through
     /// [`crate::primary::GenState`]).
     pub async fn publish_now(&self, volume: &str) -> Result<(), String> {
-        let Some(v) = self.volumes.iter().find(|v| v.volume.name() == volume) else {
+        let Some(v) = self
+            .units
+            .iter()
+            .find(|u| u.members.iter().any(|m| m.volume.name() == volume))
+        else {
             return Err(format!("{volume}: not a cluster volume"));
         };
         let Some(client) = self.client.get() else {
@@ -950,12 +929,12 @@ pub async fn read_view(endpoints: &[String], prefix: &str) -> Result<ClusterView
             }
             continue;
         }
-        let Some((name, rest)) = keys.split_volume_key(k) else {
+        let Some((name, rest)) = keys.split_unit_key(k) else {
             continue;
         };
-        vol(&mut vols, name);
-        let v = vols.get_mut(name).expect("just made");
-        match rest {
+        vol(&mut vols, &name);
+        let v = vols.get_mut(&name).expect("just made");
+        match rest.as_str() {
             "record" => {
                 if let Ok(r) = decode::<RecordEntry>(kv.value()) {
                     v.epoch = r.epoch;
@@ -987,4 +966,189 @@ pub async fn read_view(endpoints: &[String], prefix: &str) -> Result<ClusterView
         nodes,
         volumes: vols.into_values().collect(),
     })
+}
+
+/// What fails over as one: a volume, or the volumes of a consistency group
+/// on this node. A group is one key, one epoch and one record in etcd: its
+/// generation is a digest of every member's, so a mirror is "in step" only
+/// if it is in step on every volume of the group, and the decisions of
+/// `blockmirror_core::cluster` apply to it unchanged.
+pub struct Unit {
+    /// For logs and the agent's caches: the volume, or `group:NAME`.
+    pub name: String,
+    /// Its keys' folder under the prefix: `volumes/NAME` or `groups/NAME`.
+    pub base: String,
+    pub members: Vec<Arc<ClusterVolume>>,
+}
+
+impl Unit {
+    fn all(volumes: &[Arc<ClusterVolume>]) -> Vec<Unit> {
+        let mut units: Vec<Unit> = Vec::new();
+        for v in volumes {
+            match &v.group {
+                None => units.push(Unit {
+                    name: v.volume.name().to_owned(),
+                    base: format!("volumes/{}", v.volume.name()),
+                    members: vec![v.clone()],
+                }),
+                Some(g) => {
+                    let base = format!("groups/{g}");
+                    match units.iter_mut().find(|u| u.base == base) {
+                        Some(u) => u.members.push(v.clone()),
+                        None => units.push(Unit {
+                            name: format!("group:{g}"),
+                            base,
+                            members: vec![v.clone()],
+                        }),
+                    }
+                }
+            }
+        }
+        units
+    }
+
+    fn volume_names(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| m.volume.name().to_owned())
+            .collect()
+    }
+
+    /// Primary here if any member is (a group half promoted steps down, or
+    /// takes the key, as a whole).
+    fn primary_here(&self) -> bool {
+        self.members
+            .iter()
+            .any(|m| m.volume.role() == Role::Primary)
+    }
+
+    /// The generation the unit publishes and is judged by: the volume's, or
+    /// for a group a digest of every member's (0 while any member is blank).
+    fn generation(&self) -> u64 {
+        if let [one] = self.members.as_slice() {
+            return one.volume.meta().generations.current;
+        }
+        let mut gens: Vec<(String, u64)> = self
+            .members
+            .iter()
+            .map(|m| {
+                (
+                    m.volume.name().to_owned(),
+                    m.volume.meta().generations.current,
+                )
+            })
+            .collect();
+        if gens.iter().any(|(_, g)| *g == 0) {
+            return 0;
+        }
+        gens.sort();
+        let mut h = blake3::Hasher::new();
+        for (n, g) in &gens {
+            h.update(n.as_bytes());
+            h.update(&[0]);
+            h.update(&g.to_be_bytes());
+        }
+        u64::from_be_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes")).max(1)
+    }
+
+    fn report(&self, node: &str) -> Option<decide::MirrorReport> {
+        if self.primary_here() {
+            return None;
+        }
+        let worst = self
+            .members
+            .iter()
+            .map(|m| m.volume.meta().label.view())
+            .max_by_key(|d| match d {
+                DataState::InSync => 0,
+                DataState::Consistent => 1,
+                DataState::Inconsistent => 2,
+            })
+            .unwrap_or(DataState::Inconsistent);
+        Some(decide::MirrorReport {
+            node: node.to_owned(),
+            generation: self.generation(),
+            data: worst,
+        })
+    }
+
+    /// The sync mirrors live and in step on every member, by node name.
+    fn in_step(&self) -> Vec<String> {
+        let mut common: Option<Vec<String>> = None;
+        for m in &self.members {
+            let mut n: Vec<String> = match m.volume.replicator() {
+                None => Vec::new(),
+                Some(r) => r
+                    .links
+                    .iter()
+                    .map(|l| l.snapshot())
+                    .filter(|s| {
+                        s.mode == MirrorMode::Sync
+                            && s.state == crate::primary::link::SyncState::InSync
+                            && s.connection == crate::primary::link::Connection::Connected
+                    })
+                    .filter_map(|s| s.peer_node)
+                    .collect(),
+            };
+            n.sort();
+            common = Some(match common {
+                None => n,
+                Some(c) => c.into_iter().filter(|x| n.contains(x)).collect(),
+            });
+        }
+        common.unwrap_or_default()
+    }
+
+    fn raise(&self, epoch: u64) {
+        for m in &self.members {
+            if m.fence.raise(epoch) {
+                if let Some(t) = &m.target {
+                    t.epoch_raised(epoch);
+                }
+            }
+        }
+    }
+
+    fn hold(&self, epoch: u64) {
+        for m in &self.members {
+            m.fence.hold(epoch);
+        }
+    }
+
+    fn release(&self) {
+        for m in &self.members {
+            m.fence.release();
+        }
+    }
+
+    fn holds(&self) -> u64 {
+        self.members
+            .iter()
+            .map(|m| m.fence.holds())
+            .min()
+            .unwrap_or(0)
+    }
+
+    fn epoch(&self) -> u64 {
+        self.members
+            .iter()
+            .map(|m| m.fence.epoch())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn mark_synced(&self) {
+        for m in &self.members {
+            m.fence.mark_synced();
+        }
+    }
+
+    /// The coordinator holds every member's current generation now.
+    fn published(&self) {
+        for m in &self.members {
+            if let Some(r) = m.volume.replicator() {
+                r.gen.published(m.volume.meta().generations.current);
+            }
+        }
+    }
 }

@@ -5,7 +5,7 @@
 //! | key (under `prefix`) | value | lease |
 //! |---|---|---|
 //! | `/nodes/<node>` | [`NodeEntry`]: site, admin and replication addresses | the node's |
-//! | `/volumes/<volume>/record` | [`RecordEntry`]: epoch, primary, published generation, sync mirrors in step | none: it outlives its primary |
+//! | `/volumes/<volume>/record` (a consistency group: `/groups/<group>/...`, one record for all its volumes) | [`RecordEntry`]: epoch, primary, published generation, sync mirrors in step | none: it outlives its primary |
 //! | `/volumes/<volume>/primary` | [`KeyEntry`]: the node holding the epoch | the primary's |
 //! | `/volumes/<volume>/mirrors/<node>` | [`ReportEntry`]: a mirror's generation and data state | that mirror's |
 
@@ -66,23 +66,34 @@ impl Keys {
     pub fn volumes(&self) -> String {
         format!("{}/volumes/", self.prefix)
     }
-    pub fn volume(&self, v: &str) -> String {
-        format!("{}/volumes/{v}/", self.prefix)
+    pub fn groups(&self) -> String {
+        format!("{}/groups/", self.prefix)
     }
-    pub fn record(&self, v: &str) -> String {
-        format!("{}/volumes/{v}/record", self.prefix)
+    /// The folder of a unit: `base` is `volumes/NAME` or `groups/NAME`.
+    pub fn unit(&self, base: &str) -> String {
+        format!("{}/{base}/", self.prefix)
     }
-    pub fn primary(&self, v: &str) -> String {
-        format!("{}/volumes/{v}/primary", self.prefix)
+    pub fn record(&self, base: &str) -> String {
+        format!("{}/{base}/record", self.prefix)
     }
-    pub fn report(&self, v: &str, node: &str) -> String {
-        format!("{}/volumes/{v}/mirrors/{node}", self.prefix)
+    pub fn primary(&self, base: &str) -> String {
+        format!("{}/{base}/primary", self.prefix)
+    }
+    pub fn report(&self, base: &str, node: &str) -> String {
+        format!("{}/{base}/mirrors/{node}", self.prefix)
     }
 
-    /// Splits a key under `/volumes/` into (volume, rest).
-    pub fn split_volume_key<'a>(&self, key: &'a str) -> Option<(&'a str, &'a str)> {
-        let rest = key.strip_prefix(&self.prefix)?.strip_prefix("/volumes/")?;
-        rest.split_once('/')
+    /// Splits a key under `/volumes/` or `/groups/` into (unit name: the
+    /// volume, or `group:NAME`; the rest).
+    pub fn split_unit_key(&self, key: &str) -> Option<(String, String)> {
+        let rest = key.strip_prefix(&self.prefix)?;
+        if let Some(r) = rest.strip_prefix("/volumes/") {
+            let (n, rest) = r.split_once('/')?;
+            return Some((n.to_owned(), rest.to_owned()));
+        }
+        let r = rest.strip_prefix("/groups/")?;
+        let (n, rest) = r.split_once('/')?;
+        Some((format!("group:{n}"), rest.to_owned()))
     }
 }
 
@@ -175,11 +186,12 @@ mod tests {
         let k = Keys {
             prefix: "/bm".into(),
         };
-        assert_eq!(k.split_volume_key(&k.record("db")), Some(("db", "record")));
+        let s = |a: &str, b: &str| Some((a.to_string(), b.to_string()));
+        assert_eq!(k.split_unit_key(&k.record("volumes/db")), s("db", "record"));
         assert_eq!(
-            k.split_volume_key(&k.report("db", "n2")),
-            Some(("db", "mirrors/n2"))
+            k.split_unit_key(&k.report("groups/g", "n2")),
+            s("group:g", "mirrors/n2")
         );
-        assert_eq!(k.split_volume_key("/other/volumes/db/record"), None);
+        assert_eq!(k.split_unit_key("/other/volumes/db/record"), None);
     }
 }

@@ -119,6 +119,15 @@ pub trait AdminSource: Send + Sync + 'static {
             reason: "promote is not supported by this node".into(),
         })
     }
+    /// Makes every mirror volume of consistency group `group` the primary,
+    /// together: every link of the old primary is cut before any volume is
+    /// promoted. Called on the blocking pool.
+    fn promote_group(&self, group: &str, _req: &PromoteRequest) -> Result<String, ControlError> {
+        Err(ControlError::Refused {
+            volume: format!("group {group}"),
+            reason: "group promote is not supported by this node".into(),
+        })
+    }
     /// Makes a primary volume a mirror (read-only export, waits for a
     /// primary). Called on the blocking pool.
     fn demote(&self, volume: &str, _req: &DemoteRequest) -> Result<String, ControlError> {
@@ -185,6 +194,7 @@ pub fn router(source: Arc<dyn AdminSource>) -> Router {
         .route("/verify/{volume}", axum::routing::post(post_verify))
         .route("/mode/{volume}", axum::routing::post(post_mode))
         .route("/volumes/{name}/promote", post(post_promote))
+        .route("/groups/{name}/promote", post(post_promote_group))
         .route("/volumes/{name}/demote", post(post_demote))
         .route("/volumes/{name}/resync", post(post_resync))
         .route("/volumes/{name}/faults", post(post_faults))
@@ -370,6 +380,20 @@ async fn post_promote(
 ) -> impl IntoResponse {
     let r = match parse_body::<PromoteRequest>(&body) {
         Ok(req) => tokio::task::spawn_blocking(move || source.promote(&name, &req))
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    control_reply(r)
+}
+
+async fn post_promote_group(
+    State(source): State<Arc<dyn AdminSource>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> impl IntoResponse {
+    let r = match parse_body::<PromoteRequest>(&body) {
+        Ok(req) => tokio::task::spawn_blocking(move || source.promote_group(&name, &req))
             .await
             .map_err(|e| e.to_string()),
         Err(e) => Err(e),

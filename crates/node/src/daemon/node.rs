@@ -76,6 +76,8 @@ pub enum NodeError {
 
 struct OpenVolume {
     volume: Arc<Volume>,
+    /// `consistency_group`.
+    group: Option<String>,
     /// The volume's fencing state, shared by its write path, links and
     /// receiver (inert without `[cluster]`).
     fence: Arc<crate::cluster::fence::Fence>,
@@ -361,6 +363,7 @@ impl Node {
                 })
             };
             volumes.push(OpenVolume {
+                group: vc.consistency_group.clone(),
                 fence,
                 volume,
                 nbd: vc.nbd.clone(),
@@ -545,6 +548,7 @@ impl Node {
             .iter()
             .zip(&exports)
             .map(|(v, (_, uri))| Served {
+                group: v.group.clone(),
                 volume: v.volume.clone(),
                 uri: uri.clone(),
                 target: v.target.clone(),
@@ -562,6 +566,7 @@ impl Node {
                 self.volumes
                     .iter()
                     .map(|v| crate::cluster::ClusterVolume {
+                        group: v.group.clone(),
                         volume: v.volume.clone(),
                         target: v.target.clone(),
                         fence: v.fence.clone(),
@@ -823,6 +828,49 @@ async fn promote_volume(
     ))
 }
 
+/// Promotes several volumes at one point (a consistency group): first every
+/// one refuses its old primary and cuts that link, so no volume takes a
+/// write of the old primary after another stopped taking them; then each
+/// is promoted. One volume: [`promote_volume`].
+async fn promote_together(
+    members: &[(Arc<Volume>, Arc<MirrorTarget>)],
+    force: bool,
+    primary_gone: bool,
+) -> Result<String, ControlError> {
+    if let [(v, t)] = members {
+        return promote_volume(v, t, force, primary_gone).await;
+    }
+    for (v, t) in members {
+        if v.role() == Role::Mirror {
+            t.cut_link();
+        }
+    }
+    let mut done = Vec::new();
+    for (v, t) in members {
+        if v.role() == Role::Primary {
+            done.push(format!("{}: already primary", v.name()));
+            continue;
+        }
+        match promote_volume(v, t, force, primary_gone).await {
+            Ok(m) => done.push(m),
+            Err(e) => {
+                return Err(ControlError::Failed {
+                    volume: v.name().to_owned(),
+                    reason: format!(
+                        "{e}; promoted before it: {}",
+                        if done.is_empty() {
+                            "none".into()
+                        } else {
+                            done.join("; ")
+                        }
+                    ),
+                })
+            }
+        }
+    }
+    Ok(done.join("\n"))
+}
+
 /// Makes `volume` a mirror on this node: `demote` (`event` Demote), and
 /// `resync --discard-local` on a primary (DiscardLocal). New host writes get
 /// EPERM at once; the writes in progress finish; every live mirror is
@@ -890,6 +938,8 @@ struct Served {
     volume: Arc<Volume>,
     uri: String,
     target: Option<Arc<MirrorTarget>>,
+    /// `consistency_group`.
+    group: Option<String>,
 }
 
 struct StatusSource {
@@ -924,12 +974,16 @@ impl ClusterRoles {
 impl crate::cluster::Roles for ClusterRoles {
     fn promote<'a>(
         &'a self,
-        volume: &'a str,
+        volumes: &'a [String],
     ) -> crate::cluster::BoxFut<'a, Result<String, String>> {
         Box::pin(async move {
-            let (v, t) = self.find(volume)?;
-            let t = t.as_ref().ok_or("no `listen`: it cannot be promoted")?;
-            promote_volume(v, t, false, true)
+            let mut members = Vec::new();
+            for name in volumes {
+                let (v, t) = self.find(name)?;
+                let t = t.as_ref().ok_or("no `listen`: it cannot be promoted")?;
+                members.push((v.clone(), t.clone()));
+            }
+            promote_together(&members, false, true)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -1071,7 +1125,9 @@ impl AdminSource for StatusSource {
                          volume: v,
                          uri,
                          target,
+                         group,
                      }| VolumeStatus {
+                        consistency_group: group.clone(),
                         name: v.name().to_owned(),
                         role: v.role().as_str().to_owned(),
                         size_bytes: v.metrics().size_bytes(),
@@ -1147,6 +1203,19 @@ impl AdminSource for StatusSource {
             }));
         };
         tokio::runtime::Handle::current().block_on(promote_volume(&s.volume, t, req.force, false))
+    }
+
+    fn promote_group(&self, group: &str, req: &PromoteRequest) -> Result<String, ControlError> {
+        let members: Vec<(Arc<Volume>, Arc<MirrorTarget>)> = self
+            .volumes
+            .iter()
+            .filter(|s| s.group.as_deref() == Some(group))
+            .filter_map(|s| s.target.clone().map(|t| (s.volume.clone(), t)))
+            .collect();
+        if members.is_empty() {
+            return Err(ControlError::UnknownVolume(format!("group {group}")));
+        }
+        tokio::runtime::Handle::current().block_on(promote_together(&members, req.force, false))
     }
 
     fn demote(&self, volume: &str, _req: &DemoteRequest) -> Result<String, ControlError> {

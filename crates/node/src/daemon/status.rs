@@ -81,6 +81,9 @@ pub struct VolumeStatus {
     /// one it holds as primary, or the newest seen as a mirror).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
+    /// `consistency_group`, if the volume is in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency_group: Option<String>,
 }
 
 /// One replication link.
