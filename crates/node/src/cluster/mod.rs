@@ -104,6 +104,10 @@ pub struct Agent {
     published: Mutex<HashMap<String, RecordEntry>>,
     /// Wakes the reconcile loop (a lease change, a publish).
     kick: tokio::sync::Notify,
+    /// Held while a record is published, and across a switch to async
+    /// ([`Agent::switch_to_async`]), so no publish lists a mirror in step
+    /// that is switching.
+    publishing: tokio::sync::Mutex<()>,
 }
 
 /// How long one etcd request may take.
@@ -149,6 +153,7 @@ impl Agent {
             reported: Mutex::new(HashMap::new()),
             published: Mutex::new(HashMap::new()),
             kick: tokio::sync::Notify::new(),
+            publishing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -652,6 +657,19 @@ impl Agent {
     /// Publishes this primary's generation and sync mirrors in the record
     /// if they changed (`force`: even if not), guarded by holding the key.
     async fn publish(&self, client: &mut Client, v: &Unit, force: bool) -> Result<(), String> {
+        let _one = self.publishing.lock().await;
+        self.publish_without(client, v, force, &[]).await
+    }
+
+    /// [`Agent::publish`], leaving the mirrors `exclude` out of the sync
+    /// mirrors in step.
+    async fn publish_without(
+        &self,
+        client: &mut Client,
+        v: &Unit,
+        force: bool,
+        exclude: &[String],
+    ) -> Result<(), String> {
         let name = v.name.as_str();
         let epoch = v.holds().max(v.epoch());
         let gen = v.generation();
@@ -660,7 +678,11 @@ impl Agent {
             epoch,
             primary: self.node.clone(),
             generation: gen_hex(gen),
-            sync_mirrors: v.in_step(),
+            sync_mirrors: v
+                .in_step()
+                .into_iter()
+                .filter(|n| !exclude.contains(n))
+                .collect(),
         };
         if !force && self.published.lock().expect("poisoned").get(name) == Some(&rec) {
             return Ok(());
@@ -728,6 +750,36 @@ impl Agent {
             .lock()
             .expect("poisoned")
             .insert(name.to_owned(), (lease, entry));
+        Ok(())
+    }
+
+    /// Before mirrors of `volume` switch to async: the record stops listing
+    /// them as sync mirrors in step, so none of them is taken as holding
+    /// every acknowledged write once it may lag. Err: the switch must not
+    /// happen (this node does not hold the key, or etcd is unreachable).
+    pub async fn switch_to_async(
+        &self,
+        volume: &str,
+        nodes: &[String],
+        switch: impl FnOnce(),
+    ) -> Result<(), String> {
+        let _one = self.publishing.lock().await;
+        let Some(v) = self
+            .units
+            .iter()
+            .find(|u| u.members.iter().any(|m| m.volume.name() == volume))
+        else {
+            return Err(format!("{volume}: not a cluster volume"));
+        };
+        if v.holds() != 0 {
+            let Some(client) = self.client.get() else {
+                return Err("not connected to etcd".into());
+            };
+            self.publish_without(&mut client.clone(), v, true, nodes)
+                .await?;
+        }
+        // (Not the primary here: nothing is acknowledged under this node.)
+        switch();
         Ok(())
     }
 

@@ -1321,6 +1321,30 @@ impl AdminSource for StatusSource {
         if links.is_empty() {
             return Err((404, format!("volume {volume} has no mirror {:?}", req.peer)));
         }
+        // Cluster mode: a mirror about to lag is first taken off the
+        // record's sync mirrors in step (it could not be promoted without
+        // loss any more).
+        if let (Some(agent), crate::daemon::config::MirrorMode::Async) = (&self.cluster, mode) {
+            let nodes: Vec<String> = links
+                .iter()
+                .filter_map(|l| l.snapshot().peer_node)
+                .collect();
+            let handle = tokio::runtime::Handle::current();
+            let switch = || {
+                for l in &links {
+                    l.set_mode(mode);
+                }
+            };
+            tokio::task::block_in_place(|| {
+                handle.block_on(agent.switch_to_async(volume, &nodes, switch))
+            })
+            .map_err(|e| {
+                (
+                    409,
+                    format!("volume {volume}: the cluster record could not be updated first: {e}"),
+                )
+            })?;
+        }
         Ok(links
             .into_iter()
             .map(|l| {
