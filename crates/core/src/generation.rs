@@ -105,6 +105,22 @@ impl Generations {
         self.current = id;
     }
 
+    /// Goes back to the generation before `rotate` (cluster mode: a
+    /// generation this node started but never published, under which no
+    /// write was acknowledged, is undone when the node steps down, so that
+    /// the new primary, promoted from the published one, sees this node as
+    /// behind it rather than as a split brain). Returns false, changing
+    /// nothing, when there is no earlier generation.
+    pub fn unrotate(&mut self) -> bool {
+        if self.history[0] == 0 {
+            return false;
+        }
+        self.current = self.history[0];
+        self.history.copy_within(1..HISTORY_LEN, 0);
+        self.history[HISTORY_LEN - 1] = 0;
+        true
+    }
+
     /// Drops this side's lineage (its data is about to be overwritten by a
     /// full copy). The old current id is kept in the history for the record.
     pub fn discard(&mut self) {

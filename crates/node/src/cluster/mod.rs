@@ -116,15 +116,17 @@ fn request_timeout(ttl: Duration) -> Duration {
 }
 
 impl Agent {
+    /// `lease`: the clock every volume's fence was put under at open
+    /// ([`Fence::clustered`]), before any link could start.
     pub fn new(
         cfg: ClusterConfig,
+        lease: Arc<LeaseClock>,
         node: &str,
         admin: std::net::SocketAddr,
         listen: Option<std::net::SocketAddr>,
         volumes: Vec<ClusterVolume>,
         roles: Arc<dyn Roles>,
     ) -> Arc<Self> {
-        let lease = Arc::new(LeaseClock::new());
         for v in &volumes {
             v.fence.clustered(lease.clone());
         }
@@ -511,7 +513,8 @@ impl Agent {
                 } else {
                     Vec::new()
                 };
-                let rec = self.new_record(v, epoch, &keep);
+                let mut rec = self.new_record(v, epoch, &keep);
+                rec.parents = old.volumes.clone();
                 if self.take(client, &v.base, &rec, rev, lease).await? {
                     info!(volume = name, epoch, "cluster: primary key taken again");
                     self.took(v, rec);
@@ -523,8 +526,18 @@ impl Agent {
                 self.counters.step_downs.fetch_add(1, Ordering::Relaxed);
                 let why = format!("cluster: {by} holds epoch {epoch}");
                 warn!(volume = name, %by, epoch, "a newer primary holds the volume: demoting here");
+                let parents = record
+                    .as_ref()
+                    .map(|(r, _)| r.parents.clone())
+                    .unwrap_or_default();
                 for m in &v.members {
                     if m.volume.role() == Role::Primary {
+                        if let Some(p) = parents
+                            .get(m.volume.name())
+                            .and_then(|g| records::parse_gen(g))
+                        {
+                            roll_back(m, p).await;
+                        }
                         self.roles.demote(m.volume.name(), why.clone()).await?;
                     }
                 }
@@ -542,6 +555,7 @@ impl Agent {
                     .collect();
                 let mut rec = self.new_record(v, epoch, &others);
                 rec.generation = old.generation.clone();
+                rec.parents = old.volumes.clone();
                 if !self.take(client, &v.base, &rec, rev, lease).await? {
                     return Ok(());
                 }
@@ -602,6 +616,8 @@ impl Agent {
             primary: self.node.clone(),
             generation: gen_hex(v.generation()),
             sync_mirrors: sync.to_vec(),
+            volumes: v.volume_generations(),
+            parents: Default::default(),
         }
     }
 
@@ -683,6 +699,16 @@ impl Agent {
                 .into_iter()
                 .filter(|n| !exclude.contains(n))
                 .collect(),
+            volumes: v.volume_generations(),
+            // The epoch's starting point stays as it was taken.
+            parents: self
+                .published
+                .lock()
+                .expect("poisoned")
+                .get(name)
+                .filter(|r| r.epoch == epoch)
+                .map(|r| r.parents.clone())
+                .unwrap_or_default(),
         };
         if !force && self.published.lock().expect("poisoned").get(name) == Some(&rec) {
             return Ok(());
@@ -799,6 +825,37 @@ impl Agent {
         };
         let mut client = client.clone();
         self.publish(&mut client, v, true).await
+    }
+}
+
+/// A node stepping down undoes the generations it started after `parent`
+/// (the one the new primary took over from) and never published: no write
+/// was acknowledged under them (every acknowledgement waits for the
+/// publish), and the regions written under them are still marked in its
+/// links' bitmaps, which it reports to the new primary, which copies them
+/// over. Without this the new primary would see a split brain.
+async fn roll_back(m: &ClusterVolume, parent: u64) {
+    let name = m.volume.name().to_owned();
+    let cell = m.volume.meta_cell().clone();
+    let before = m.volume.meta().generations;
+    if before.current == parent || !before.history.contains(&parent) {
+        return;
+    }
+    let done = tokio::task::spawn_blocking(move || {
+        cell.update(|meta| {
+            while meta.generations.current != parent && meta.generations.unrotate() {}
+            meta.primary_at = meta.generations.current;
+        })
+    })
+    .await;
+    match done {
+        Ok(Ok(after)) => warn!(volume = %name, undone = %before.to_display(),
+            now = %after.generations.to_display(),
+            "stepping down: generations started here after the new primary's starting point \
+             were never published (no write under them was acknowledged); undone, and the \
+             regions written under them are reported to the new primary to copy over"),
+        Ok(Err(e)) => warn!(volume = %name, error = %e, "undoing unpublished generations failed"),
+        Err(e) => warn!(volume = %name, error = %e, "undoing unpublished generations failed"),
     }
 }
 
@@ -1057,6 +1114,18 @@ impl Unit {
             }
         }
         units
+    }
+
+    fn volume_generations(&self) -> std::collections::BTreeMap<String, String> {
+        self.members
+            .iter()
+            .map(|m| {
+                (
+                    m.volume.name().to_owned(),
+                    gen_hex(m.volume.meta().generations.current),
+                )
+            })
+            .collect()
     }
 
     fn volume_names(&self) -> Vec<String> {

@@ -33,6 +33,15 @@ pub struct RecordEntry {
     pub generation: String,
     #[serde(default)]
     pub sync_mirrors: Vec<String>,
+    /// Each volume's own generation (for a group, `generation` is their
+    /// digest).
+    #[serde(default)]
+    pub volumes: std::collections::BTreeMap<String, String>,
+    /// Each volume's generation when this epoch began (what its primary
+    /// took over from): a node that steps down undoes any generation it
+    /// started after that and never published.
+    #[serde(default)]
+    pub parents: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +180,8 @@ mod tests {
             primary: "a".into(),
             generation: gen_hex(0xabc),
             sync_mirrors: vec!["b".into()],
+            volumes: [("db".to_string(), gen_hex(0xabc))].into(),
+            parents: Default::default(),
         };
         let back: RecordEntry = decode(&encode(&r)).unwrap();
         assert_eq!(back, r);

@@ -89,6 +89,8 @@ struct OpenVolume {
 
 /// A node whose volumes are open but not yet served.
 pub struct Node {
+    /// Cluster mode: the node's lease clock.
+    lease: Option<Arc<crate::cluster::fence::LeaseClock>>,
     config: NodeConfig,
     volumes: Vec<OpenVolume>,
     secret: Option<Arc<[u8]>>,
@@ -154,6 +156,10 @@ impl Node {
                 a.open_reads,
             ))),
         };
+        let lease = config
+            .cluster
+            .as_ref()
+            .map(|_| Arc::new(crate::cluster::fence::LeaseClock::new()));
         let mut volumes = Vec::new();
         for vc in &config.volumes {
             if let Some(parent) = vc.path.parent() {
@@ -246,6 +252,11 @@ impl Node {
                 label = meta.label.as_str(), "volume metadata");
             let meta_cell = Arc::new(MetaCell::new(meta_path.clone(), meta));
             let fence = Arc::new(crate::cluster::fence::Fence::new());
+            if let Some(l) = &lease {
+                // Before any link exists: none connects, nor takes a
+                // primary's link, until the agent has read etcd.
+                fence.clustered(l.clone());
+            }
             let replicator = if vc.mirrors.is_empty() {
                 None
             } else {
@@ -391,6 +402,7 @@ impl Node {
             info!(group = %g.name, site = %g.site, volumes = g.size(), "consistency group");
         }
         Ok(Node {
+            lease,
             config,
             volumes,
             secret,
@@ -560,6 +572,7 @@ impl Node {
         let cluster = self.config.cluster.clone().map(|cfg| {
             let agent = crate::cluster::Agent::new(
                 cfg,
+                self.lease.clone().expect("made at open with [cluster]"),
                 &self.config.node,
                 admin_addr,
                 self.config.listen,

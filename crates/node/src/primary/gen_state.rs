@@ -41,6 +41,10 @@ pub struct GenState {
     publisher: std::sync::OnceLock<Arc<dyn Publish>>,
     /// A generation was stored that the coordinator has not been told of.
     unpublished: AtomicBool,
+    /// Rotations under way: a write that finds no mirror holding the
+    /// current generation (they forget it as a rotation starts) still waits
+    /// for the rotation to be durable before it is answered.
+    in_progress: std::sync::atomic::AtomicUsize,
     pub volume: String,
     pub meta: Arc<MetaCell>,
     rotating: tokio::sync::Mutex<()>,
@@ -65,6 +69,7 @@ impl GenState {
             fence: Arc::new(crate::cluster::fence::Fence::new()),
             publisher: std::sync::OnceLock::new(),
             unpublished: AtomicBool::new(false),
+            in_progress: std::sync::atomic::AtomicUsize::new(0),
             volume: volume.to_owned(),
             meta,
             rotating: tokio::sync::Mutex::new(()),
@@ -90,7 +95,9 @@ impl GenState {
 
     /// The coordinator holds `generation` now.
     pub fn published(&self, generation: u64) {
-        if self.meta.get().generations.current == generation {
+        if self.meta.get().generations.current == generation
+            && self.in_progress.load(Ordering::SeqCst) == 0
+        {
             self.unpublished.store(false, Ordering::SeqCst);
         }
     }
@@ -174,12 +181,34 @@ impl GenState {
     /// rotation ran is taken as holding the new one (an extra rotation
     /// later, never a missed one).
     pub async fn diverge(&self, needed: impl Fn() -> bool) -> Result<(), MetaFileError> {
-        if !needed() {
+        // Not needed, and no rotation under way (one under way makes every
+        // link forget the current generation before it is durable: a write
+        // that sees that must wait for it, not take it as done).
+        if !needed() && self.in_progress.load(Ordering::SeqCst) == 0 {
             return Ok(());
         }
         let _one = self.rotating.lock().await;
         if !needed() {
             return Ok(());
+        }
+        // Cluster mode: a node that may not acknowledge writes (its lease
+        // lapsed, it holds no key) starts no generation; the write fails
+        // as it would have at its answer. A generation started here that
+        // nobody learns of would look like a split brain to the next
+        // primary.
+        if self.fence.is_clustered() && !self.fence.may_ack() {
+            return Err(MetaFileError::Io {
+                path: self.meta.path().to_owned(),
+                source: std::io::Error::other(
+                    "cluster mode: not holding the primary key under a live lease; no new generation",
+                ),
+            });
+        }
+        self.in_progress.fetch_add(1, Ordering::SeqCst);
+        if self.publisher.get().is_some() {
+            // Before any link forgets the current generation: a write that
+            // finds them forgotten finds this set too.
+            self.unpublished.store(true, Ordering::SeqCst);
         }
         let links: Vec<Arc<dyn Reannounce>> = self
             .links
@@ -206,11 +235,9 @@ impl GenState {
                 source: std::io::Error::other(e.to_string()),
             })
         });
+        self.in_progress.fetch_sub(1, Ordering::SeqCst);
         match stored {
             Ok(m) => {
-                if self.publisher.get().is_some() {
-                    self.unpublished.store(true, Ordering::SeqCst);
-                }
                 info!(volume = %self.volume, generations = %m.generations.to_display(),
                     "a mirror misses writes: new generation");
                 for l in links {
