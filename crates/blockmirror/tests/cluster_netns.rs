@@ -230,12 +230,26 @@ fn wait_primary_in_sync(c: &Cluster, i: usize, min_epoch: u64, timeout: Duration
 }
 
 /// Whether node `i` is a primary that may acknowledge writes: role
-/// primary under a trusted lease. (A cut-off old primary still says
-/// "primary" until it learns the newer epoch; it is fenced: `lease_ok`
-/// false, every write refused.)
+/// primary, its lease trusted, and holding the volume's primary key
+/// (`blockmirror_volume_epoch_held`). A cut-off old primary still says
+/// "primary" until it learns the newer epoch, but fenced; a restarted one
+/// says "primary" (its last role) with a fresh lease before it has read
+/// the cluster, but holds no key: neither acknowledges a write.
 fn acting_primary(c: &Cluster, i: usize) -> bool {
-    c.status_in_site(i)
-        .is_some_and(|s| s["volumes"][0]["role"] == "primary" && s["cluster"]["lease_ok"] == true)
+    let primary_with_lease = c
+        .status_in_site(i)
+        .is_some_and(|s| s["volumes"][0]["role"] == "primary" && s["cluster"]["lease_ok"] == true);
+    primary_with_lease && {
+        let admin = c.nodes[i].admin;
+        let body = c
+            .sites
+            .in_ns(i, || http_get(admin, "/metrics"))
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        metric(&body, "blockmirror_volume_epoch_held") == Some(1.0)
+    }
 }
 
 /// Asserts that, for `span`, at most one node acts as primary (`up`: the
@@ -272,24 +286,25 @@ fn history_problem(image: &std::path::Path, log: &std::path::Path, whose: &str) 
     ))
 }
 
-#[test]
-fn a_partitioned_primary_is_replaced_by_one_site_and_rejoins_as_its_mirror() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(sites) = sites_or_skip() else {
-        return;
-    };
-    require_tool("qemu-io");
-    let t0 = Instant::now();
-    let mut c = start_cluster(sites);
-    let e1 = wait_primary_in_sync(&c, 0, 1, Duration::from_secs(60));
-    eprintln!("cluster up, a primary at epoch {e1}: {:?}", t0.elapsed());
+/// What [`partition_the_primary`] leaves: the new primary, its epoch, and
+/// what the history checker found missing on it.
+struct Failover {
+    new: usize,
+    e2: u64,
+    problems: Vec<String>,
+}
 
-    // The history writer, in site a, writes to a through a's own address.
-    let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("history.log");
+/// The history writer, in site a, writes to a (primary at `e1`) through
+/// a's own address; site a's link goes down. a must stop acknowledging
+/// within its lease (its late writes refused), exactly one of b, c must
+/// take a newer epoch and be promoted, never two primaries at once, and
+/// every write a ever acknowledged must be on the new primary (collected
+/// in `problems`, not asserted at once: the heal has its own story to
+/// tell). The new primary then takes a write from outside.
+fn partition_the_primary(c: &Cluster, e1: u64, log: &std::path::Path) -> Failover {
     let mut cfg = WriterConfig::new(
         &c.nodes[0].nbd,
-        &log,
+        log,
         HISTORY_BLOCKS,
         Duration::from_secs(120),
     );
@@ -327,8 +342,11 @@ fn a_partitioned_primary_is_replaced_by_one_site_and_rejoins_as_its_mirror() {
             "the partitioned old primary acknowledged a write: {out}"
         );
 
-        // Exactly one of b, c takes the next epoch and is promoted.
+        // Exactly one of b, c takes the next epoch and is promoted; at no
+        // poll do two nodes act as primary.
         let (new, e2) = wait_for("one of b, c promoted", Duration::from_secs(30), || {
+            let acting: Vec<usize> = (0..3).filter(|&i| acting_primary(c, i)).collect();
+            assert!(acting.len() <= 1, "two primaries at once: {acting:?}");
             (1..3).find_map(|i| {
                 let v = c.status_in_site(i)?["volumes"][0].clone();
                 (v["role"] == "primary").then(|| (i, v["epoch"].as_u64().unwrap_or(0)))
@@ -339,15 +357,14 @@ fn a_partitioned_primary_is_replaced_by_one_site_and_rejoins_as_its_mirror() {
         let other = 3 - new;
         assert_eq!(c.volume(other)["role"], "mirror", "exactly one primary");
         assert_eq!(c.volume(other)["epoch"].as_u64(), Some(e2));
-        // Still cut off, a acknowledges nothing (nor any write it had in
-        // flight: the writer's count stays where the fence put it).
+        // Still cut off, a acknowledges nothing.
         assert_eq!(c.volume(0)["epoch"].as_u64(), Some(e1));
         let (ok, out) = c.qemu_io_in_site(0, &["write -P 0xee 48M 64k"]);
         assert!(!ok, "the deposed primary acknowledged a write: {out}");
         eprintln!(
-            "partition: a fenced after {fenced:?} ({} writes acknowledged at the cut, {} when \
-             fenced), {} promoted at epoch {e2} after {promoted:?}",
-            acked_at_cut, acked_fenced, c.nodes[new].name
+            "partition: a fenced after {fenced:?} ({acked_at_cut} writes acknowledged at the \
+             cut, {acked_fenced} when fenced), {} promoted at epoch {e2} after {promoted:?}",
+            c.nodes[new].name
         );
         progress.stop.store(true, Relaxed);
         let summary = w
@@ -362,14 +379,9 @@ fn a_partitioned_primary_is_replaced_by_one_site_and_rejoins_as_its_mirror() {
         summary.writes_failed > 0 || summary.unanswered > 0,
         "the writer saw no refusal from the partitioned primary: {summary:?}"
     );
-    // Every write a acknowledged, ever, is on the new primary. (Collected,
-    // not asserted at once: the heal below has its own story to tell.)
-    let mut problems: Vec<String> = Vec::new();
-    problems.extend(history_problem(
-        &c.nodes[new].image,
-        &log,
-        "the new primary",
-    ));
+    let problems: Vec<String> = history_problem(&c.nodes[new].image, log, "the new primary")
+        .into_iter()
+        .collect();
 
     // The new primary serves, reached from outside (the root namespace).
     let uri = c.nodes[new].nbd.clone();
@@ -393,25 +405,21 @@ fn a_partitioned_primary_is_replaced_by_one_site_and_rejoins_as_its_mirror() {
         "{out}"
     );
     assert_eq!(view["volumes"][0]["epoch"].as_u64(), Some(e2), "{out}");
-    at_most_one_primary_for(&c, &[0, 1, 2], Duration::from_millis(500));
+    Failover { new, e2, problems }
+}
 
-    // Heal: a learns the newer epoch, steps down, and is resynced.
-    let applied_before = c.volume(0)["applied_bytes"].as_u64().unwrap_or(0);
-    c.sites.heal(0).unwrap();
+/// a is back as a mirror at `f.e2`: the new primary must resync it (the
+/// divergence only: `applied_before` is a's applied-bytes count before it
+/// came back) until every mirror is in sync; then all three images must be
+/// identical, hold every acknowledged write and not a's refused one.
+fn failback_and_compare(
+    c: &mut Cluster,
+    mut f: Failover,
+    applied_before: u64,
+    log: &std::path::Path,
+) {
+    let new = f.new;
     let healed = Instant::now();
-    wait_for(
-        "a steps down at the new epoch",
-        Duration::from_secs(30),
-        || {
-            let v = c.status_in_site(0)?["volumes"][0].clone();
-            (v["role"] == "mirror" && v["epoch"].as_u64() == Some(e2)).then_some(())
-        },
-    );
-    assert!(
-        c.nodes[0].node.log().contains("demoting here"),
-        "{}",
-        c.nodes[0].node.log()
-    );
     // The new primary's link to a must be taken: a wrote nothing it
     // acknowledged under any generation it did not publish, so the two are
     // not split, a is resynced from its last published generation plus the
@@ -420,36 +428,51 @@ fn a_partitioned_primary_is_replaced_by_one_site_and_rejoins_as_its_mirror() {
         "a resynced by the new primary",
         Duration::from_secs(60),
         || {
-            let log = c.nodes[0].node.log();
-            if let Some(line) = log.lines().find(|l| l.contains("split_brain")) {
+            let alog = c.nodes[0].node.log();
+            if let Some(line) = alog.lines().find(|l| l.contains("split_brain")) {
                 panic!(
-                    "the healed old primary refuses its new primary as a split brain: it rotated \
-                 to a generation while fenced (\"a mirror misses writes: new generation\" after \
-                 \"cluster lease not renewed in time\") that it never published nor \
-                 acknowledged a write under, and that generation now splits it from the new \
-                 primary's:\n{line}"
+                    "{}the old primary refuses its new primary as a split brain: it rotated to \
+                     a generation while fenced (\"a mirror misses writes: new generation\" \
+                     after its links failed in the partition) that it never published nor \
+                     acknowledged a write under, and that generation now splits it from the \
+                     new primary's:\n{line}",
+                    f.problems
+                        .iter()
+                        .map(|p| format!("{p}\n\n"))
+                        .collect::<String>()
                 );
             }
+            assert!(
+                !acting_primary(c, 0),
+                "the old primary acts as primary again"
+            );
             let v = c.status_in_site(new)?["volumes"][0].clone();
             let mirrors = v["mirrors"].as_array()?;
             (mirrors.len() == 2 && mirrors.iter().all(|m| m["state"] == "in_sync")).then_some(())
         },
     );
-    eprintln!("heal: a in sync as a mirror after {:?}", healed.elapsed());
+    eprintln!(
+        "failback: a in sync as a mirror after {:?}",
+        healed.elapsed()
+    );
     let roles = c.roles();
     assert_eq!(
         roles.iter().filter(|r| *r == "primary").count(),
         1,
         "roles after the heal: {roles:?}"
     );
-    // Only the divergence travelled: far less than the volume.
+    assert_eq!(c.volume(0)["epoch"].as_u64(), Some(f.e2));
+    // Only the divergence travelled: the new primary's 1 MiB and a's
+    // reported regions (its unacknowledged late writes, at the bitmap's
+    // 64 KiB grain), a few MiB at most. A copy of everything ever written
+    // (the 16 MiB history region and more) is not failback.
     let resynced = c.volume(0)["applied_bytes"].as_u64().unwrap_or(0) - applied_before;
-    eprintln!("heal: {resynced} bytes applied on a ({SIZE} in the volume)");
+    eprintln!("failback: {resynced} bytes applied on a ({SIZE} in the volume)");
     assert!(
-        resynced < SIZE / 4,
+        resynced < 8 * MIB,
         "a was sent {resynced} bytes of a {SIZE}-byte volume: more than its divergence"
     );
-    qemu_io_ok(&uri, &["flush"]);
+    qemu_io_ok(&c.nodes[new].nbd, &["flush"]);
     for n in c.nodes.iter_mut() {
         n.node.stop_with("TERM");
     }
@@ -472,12 +495,85 @@ fn a_partitioned_primary_is_replaced_by_one_site_and_rejoins_as_its_mirror() {
             .all(|&b| b == 0),
         "the old primary's refused write survived"
     );
-    problems.extend(history_problem(
+    f.problems.extend(history_problem(
         &c.nodes[0].image,
-        &log,
+        log,
         "the resynced old primary",
     ));
-    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+    assert!(f.problems.is_empty(), "{}", f.problems.join("\n\n"));
+}
+
+#[test]
+fn a_partitioned_primary_is_replaced_by_one_site_and_rejoins_as_its_mirror() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(sites) = sites_or_skip() else {
+        return;
+    };
+    require_tool("qemu-io");
+    let t0 = Instant::now();
+    let mut c = start_cluster(sites);
+    let e1 = wait_primary_in_sync(&c, 0, 1, Duration::from_secs(60));
+    eprintln!("cluster up, a primary at epoch {e1}: {:?}", t0.elapsed());
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("history.log");
+    let f = partition_the_primary(&c, e1, &log);
+    at_most_one_primary_for(&c, &[0, 1, 2], Duration::from_millis(500));
+
+    // Heal: a, still running, learns the newer epoch and steps down.
+    let applied_before = c.volume(0)["applied_bytes"].as_u64().unwrap_or(0);
+    c.sites.heal(0).unwrap();
+    wait_for(
+        "a steps down at the new epoch",
+        Duration::from_secs(30),
+        || {
+            let v = c.status_in_site(0)?["volumes"][0].clone();
+            (v["role"] == "mirror" && v["epoch"].as_u64() == Some(f.e2)).then_some(())
+        },
+    );
+    assert!(
+        c.nodes[0].node.log().contains("demoting here"),
+        "{}",
+        c.nodes[0].node.log()
+    );
+    failback_and_compare(&mut c, f, applied_before, &log);
+    eprintln!("total: {:?}", t0.elapsed());
+}
+
+#[test]
+fn a_partitioned_primary_killed_while_cut_off_returns_as_a_mirror() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(sites) = sites_or_skip() else {
+        return;
+    };
+    require_tool("qemu-io");
+    let t0 = Instant::now();
+    let mut c = start_cluster(sites);
+    let e1 = wait_primary_in_sync(&c, 0, 1, Duration::from_secs(60));
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("history.log");
+    let f = partition_the_primary(&c, e1, &log);
+
+    // The old primary dies while cut off (SIGKILL: nothing flushed, no
+    // clean record), the site heals, and it starts again: from its first
+    // answer on it must never act as primary, and it comes back as a mirror
+    // of the new one.
+    c.nodes[0].node.stop_with("KILL");
+    c.sites.heal(0).unwrap();
+    c.nodes[0].node.restart();
+    wait_for(
+        "the restarted old primary is a mirror at the new epoch",
+        Duration::from_secs(30),
+        || {
+            assert!(
+                !acting_primary(&c, 0),
+                "the restarted old primary acts as primary"
+            );
+            let v = c.status_in_site(0)?["volumes"][0].clone();
+            (v["role"] == "mirror" && v["epoch"].as_u64() == Some(f.e2)).then_some(())
+        },
+    );
+    // Its applied-bytes count started at 0 with the process.
+    failback_and_compare(&mut c, f, 0, &log);
     eprintln!("total: {:?}", t0.elapsed());
 }
 
