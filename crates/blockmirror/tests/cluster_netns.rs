@@ -274,8 +274,13 @@ fn history_problem(image: &std::path::Path, log: &std::path::Path, whose: &str) 
     if report.holds(Require::Acked) {
         return None;
     }
-    let keep =
-        std::env::temp_dir().join(format!("cluster_netns-{}-history.log", std::process::id()));
+    // Named after the test's own temp dir: tests of one run do not collide.
+    let tag = log
+        .parent()
+        .and_then(|d| d.file_name())
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let keep = std::env::temp_dir().join(format!("cluster_netns-{tag}-history.log"));
     let kept = match std::fs::copy(log, &keep) {
         Ok(_) => format!(" (history log kept in {})", keep.display()),
         Err(_) => String::new(),
@@ -455,6 +460,18 @@ fn failback_and_compare(
         "failback: a in sync as a mirror after {:?}",
         healed.elapsed()
     );
+    // Whether a's links reached a mirror before a stepped down, and were
+    // refused for their old epoch (a race: reported, not required).
+    for i in 1..3 {
+        if let Some(line) = c.nodes[i]
+            .node
+            .log()
+            .lines()
+            .find(|l| l.contains("primary a comes with fencing epoch"))
+        {
+            eprintln!("refused by epoch on {}: {line}", c.nodes[i].name);
+        }
+    }
     let roles = c.roles();
     assert_eq!(
         roles.iter().filter(|r| *r == "primary").count(),
@@ -707,7 +724,7 @@ impl Drop for Cluster {
                 // The whole log outlives the temp dir, for the post-mortem.
                 let keep = std::env::temp_dir().join(format!(
                     "cluster_netns-{}-{}.log",
-                    std::process::id(),
+                    self.sites.ns(0),
                     n.name
                 ));
                 if std::fs::write(&keep, &log).is_ok() {
