@@ -108,6 +108,8 @@ pub struct Agent {
     /// ([`Agent::switch_to_async`]), so no publish lists a mirror in step
     /// that is switching.
     publishing: tokio::sync::Mutex<()>,
+    /// Per unit: the last reconcile error, logged once.
+    last_error: Mutex<HashMap<String, String>>,
 }
 
 /// How long one etcd request may take.
@@ -156,6 +158,7 @@ impl Agent {
             published: Mutex::new(HashMap::new()),
             kick: tokio::sync::Notify::new(),
             publishing: tokio::sync::Mutex::new(()),
+            last_error: Mutex::new(HashMap::new()),
         })
     }
 
@@ -351,8 +354,18 @@ impl Agent {
                 }
             }
             for u in &self.units {
-                if let Err(e) = self.reconcile(&mut client, u).await {
-                    debug!(unit = %u.name, error = %e, "cluster reconcile failed; retrying");
+                let r = self.reconcile(&mut client, u).await;
+                let mut last = self.last_error.lock().expect("poisoned");
+                match r {
+                    // Once per distinct error, not every tick of an outage.
+                    Err(e) if last.get(&u.name) != Some(&e) => {
+                        warn!(unit = %u.name, error = %e, "cluster reconcile failed; retrying");
+                        last.insert(u.name.clone(), e);
+                    }
+                    Err(e) => debug!(unit = %u.name, error = %e, "cluster reconcile failed again"),
+                    Ok(()) => {
+                        last.remove(&u.name);
+                    }
                 }
             }
             let changed = async {
@@ -382,6 +395,7 @@ impl Agent {
             .map_err(|e| e.to_string())?;
         let mut record: Option<(RecordEntry, i64)> = None;
         let mut key: Option<KeyEntry> = None;
+        let mut key_lease = 0;
         let mut reports = Vec::new();
         for kv in got.kvs() {
             let k = kv.key_str().map_err(|e| e.to_string())?;
@@ -394,7 +408,10 @@ impl Agent {
                     Err(e) => return Err(format!("{k}: {e}")),
                 },
                 "primary" => match decode::<KeyEntry>(kv.value()) {
-                    Ok(e) => key = Some(e),
+                    Ok(e) => {
+                        key_lease = kv.lease();
+                        key = Some(e)
+                    }
                     Err(e) => return Err(format!("{k}: {e}")),
                 },
                 other => {
@@ -479,6 +496,18 @@ impl Agent {
                 if primary_here && holds != 0 {
                     // Publish what changed (a mirror came into step).
                     self.publish(client, v, false).await?;
+                } else if let Some(k) = key.as_ref().filter(|k| {
+                    primary_here && holds == 0 && k.node == self.node && key_lease == lease
+                }) {
+                    // The key is ours under this lease but the fence was not
+                    // lifted (the publish after taking it failed): finish.
+                    self.publish(client, v, true).await?;
+                    info!(
+                        volume = name,
+                        epoch = k.epoch,
+                        "cluster: primary key held; host writes acknowledged again"
+                    );
+                    v.hold(k.epoch);
                 }
                 Ok(())
             }
@@ -559,6 +588,11 @@ impl Agent {
                 if !self.take(client, &v.base, &rec, rev, lease).await? {
                     return Ok(());
                 }
+                // What later publishes keep of this epoch (its parents).
+                self.published
+                    .lock()
+                    .expect("poisoned")
+                    .insert(name.to_owned(), rec.clone());
                 let started = Instant::now();
                 v.raise(epoch);
                 if lossless {
