@@ -6,7 +6,8 @@ with 1 volume in the same run, in cluster mode on a 3-member loopback etcd.
     bench/many_volumes.py [--volumes 100] [--size-mib 64] [--no-cluster]
 
 For each configuration: both nodes started, every volume's link in sync,
-then /proc/PID/status (VmRSS, Threads) and the open descriptors of each
+then, after 12 s idle (tokio lets an idle blocking-pool thread go after
+10 s), /proc/PID/status (VmRSS, Threads) and the open descriptors of each
 process. Printed: the figures per configuration and the cost per extra
 volume ((N-volume figure - 1-volume figure) / (N - 1)). Images are sparse
 files, so the volume size costs no disk.
@@ -24,6 +25,18 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import ROOT, build_release, free_port, need  # noqa: E402
+
+_USED = set()
+
+
+def unique_port():
+    """free_port, never the same one twice in a run (hundreds are taken at once)."""
+    while True:
+        p = free_port()
+        if p not in _USED and p + 1 not in _USED and p - 1 not in _USED:
+            _USED.add(p)
+            return p
+
 
 BIN = os.environ.get("BLOCKMIRROR_BIN", os.path.join(ROOT, "target/release/blockmirror"))
 
@@ -46,7 +59,7 @@ def status(admin):
 
 
 def start_etcd(d):
-    ports = [free_port() for _ in range(3)]
+    ports = [unique_port() for _ in range(3)]
     # Peer ports are client + 1 in scripts/etcd.sh; pick ports whose + 1 is free too.
     env = dict(os.environ, BM_ETCD_PORTS=" ".join(str(p) for p in ports))
     subprocess.run([os.path.join(ROOT, "scripts/etcd.sh"), "start", d], env=env, check=True,
@@ -59,17 +72,18 @@ def run_pair(n, size_mib, etcd, work):
     with open(secret, "w") as f:
         f.write(os.urandom(32).hex() + "\n")
     nodes = {}
-    listen = {name: f"127.0.0.1:{free_port()}" for name in ("p", "m")}
+    listen = {name: f"127.0.0.1:{unique_port()}" for name in ("p", "m")}
     for name, other, role in (("p", "m", "primary"), ("m", "p", "mirror")):
-        admin = f"127.0.0.1:{free_port()}"
+        admin = f"127.0.0.1:{unique_port()}"
         text = [f'node = "{name}"', f'listen = "{listen[name]}"', f'admin = "{admin}"',
                 f'secret_file = "{secret}"']
         if etcd:
             eps = ", ".join(f'"{e}"' for e in etcd)
-            text += ["[cluster]", f"etcd = [{eps}]", 'lease_ttl = "5s"']
+            # A prefix per configuration: each starts from an empty cluster.
+            text += ["[cluster]", f"etcd = [{eps}]", 'lease_ttl = "5s"', f'prefix = "/bm-n{n}"']
         for i in range(n):
             text += ["[[volume]]", f'name = "v{i}"', f'path = "{work}/{name}/v{i}.img"',
-                     f"size = {size_mib << 20}", f'role = "{role}"', f'nbd = "127.0.0.1:{free_port()}"',
+                     f"size = {size_mib << 20}", f'role = "{role}"', f'nbd = "127.0.0.1:{unique_port()}"',
                      "[[volume.mirror]]", f'peer = "{listen[other]}"']
         cfg = os.path.join(work, f"{name}.toml")
         with open(cfg, "w") as f:
@@ -87,9 +101,12 @@ def run_pair(n, size_mib, etcd, work):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                sys.exit(f"{n} volumes: not all in sync within 300 s (see {work}/p.log)")
+                with open(os.path.join(work, "p.log")) as f:
+                    tail = f.readlines()[-15:]
+                sys.exit(f"{n} volumes: not all in sync within 300 s; the primary's log ends:\n" + "".join(tail))
             time.sleep(0.2)
-        time.sleep(1)  # let the initial copy's buffers go back
+        # Idle in sync: tokio's blocking pool lets an idle thread go after 10 s.
+        time.sleep(12)
         return {name: proc_figures(proc.pid) for name, (proc, _) in nodes.items()}
     finally:
         for proc, _ in nodes.values():
@@ -133,7 +150,8 @@ def main():
         if etcd:
             subprocess.run([os.path.join(ROOT, "scripts/etcd.sh"), "stop", os.path.join(top, "etcd")],
                            stdout=subprocess.DEVNULL)
-        shutil.rmtree(top, ignore_errors=True)
+        if not os.environ.get("BM_KEEP"):
+            shutil.rmtree(top, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ fuzz_target!(|data: &[u8]| {
             let opts = ConnectOptions {
                 purpose: if mode & 4 == 0 { Purpose::Replication } else { Purpose::Jobs },
                 compression: Codec::Lz4,
+                epoch: u64::from(mode >> 3),
             };
             let _ = connect_with(&mut s, SECRET, &hello, opts).await;
         }

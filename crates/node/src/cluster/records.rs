@@ -192,6 +192,21 @@ mod tests {
         assert!(decode::<KeyEntry>(br#"{"v":1}"#).is_err());
     }
 
+    proptest::proptest! {
+        /// Whatever a value in etcd holds (another build's, a hand-edit,
+        /// garbage), decoding answers Ok or Err and never panics; a decoded
+        /// record round-trips.
+        #[test]
+        fn decoding_any_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = decode::<KeyEntry>(&bytes);
+            let _ = decode::<ReportEntry>(&bytes);
+            if let Ok(r) = decode::<RecordEntry>(&bytes) {
+                let _ = r.to_core();
+                proptest::prop_assert_eq!(decode::<RecordEntry>(&encode(&r)).unwrap(), r);
+            }
+        }
+    }
+
     #[test]
     fn keys_split() {
         let k = Keys {

@@ -145,7 +145,8 @@ struct Shared {
 /// The pipeline of one primary volume; see the module documentation.
 pub struct Pipeline {
     shared: Arc<Shared>,
-    jobs: SyncSender<Job>,
+    /// The node-wide pool's queue ([`pool`]).
+    jobs: SyncSender<PoolJob>,
     track_size: u64,
     next_ctx: AtomicU64,
     workers: usize,
@@ -204,23 +205,15 @@ impl Pipeline {
             room: Notify::new(),
             links,
         });
-        let (jobs, rx) = sync_channel(limits.max_subtasks);
-        let rx = Arc::new(Mutex::new(rx));
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let workers = cpus.min(MAX_WORKERS);
-        for i in 0..workers {
-            let (rx, shared) = (rx.clone(), shared.clone());
-            std::thread::Builder::new()
-                .name(format!("bm-pipe-{i}"))
-                .spawn(move || worker(rx, shared))
-                .expect("spawning a pipeline worker thread");
-        }
+        let (jobs, workers) = pool();
+        let jobs = jobs.clone();
         Pipeline {
             shared,
             jobs,
             track_size,
             next_ctx: AtomicU64::new(1),
-            workers,
+            workers: *workers,
             inline_plain: cpus == 1,
             counters: PipelineCounters::default(),
         }
@@ -320,11 +313,15 @@ impl OpenContext<'_> {
             self.pipeline.shared.prepare(job);
             return;
         }
-        match self.pipeline.jobs.try_send(job) {
+        match self
+            .pipeline
+            .jobs
+            .try_send((self.pipeline.shared.clone(), job))
+        {
             Ok(()) => {}
-            // Cannot happen while the queue is as long as the admission
-            // bound; prepare it here rather than lose it.
-            Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
+            // The node-wide queue is full (many volumes' large writes at
+            // once): prepare it here rather than wait.
+            Err(TrySendError::Full((_, job))) | Err(TrySendError::Disconnected((_, job))) => {
                 warn!(volume = %self.pipeline.shared.volume, ctx = self.ctx, "pipeline job queue unavailable; preparing inline");
                 self.pipeline.shared.prepare(job);
             }
@@ -463,15 +460,43 @@ fn placeholder() -> EncodedWrite {
     }
 }
 
-fn worker(rx: Arc<Mutex<Receiver<Job>>>, shared: Arc<Shared>) {
+/// A track to prepare, with the pipeline it belongs to.
+type PoolJob = (Arc<Shared>, Job);
+
+/// Tracks the node-wide queue holds before a write prepares its own.
+const POOL_QUEUE: usize = 4096;
+
+/// The node-wide pool of track-preparing threads, shared by every volume's
+/// pipeline (one per CPU, at most [`MAX_WORKERS`]): a node with a hundred
+/// volumes runs as many of these threads as a node with one. Its queue and
+/// its worker count.
+fn pool() -> &'static (SyncSender<PoolJob>, usize) {
+    static POOL: std::sync::OnceLock<(SyncSender<PoolJob>, usize)> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = cpus.min(MAX_WORKERS);
+        let (tx, rx) = sync_channel::<PoolJob>(POOL_QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..workers {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("bm-pipe-{i}"))
+                .spawn(move || worker(rx))
+                .expect("spawning a pipeline worker thread");
+        }
+        (tx, workers)
+    })
+}
+
+fn worker(rx: Arc<Mutex<Receiver<PoolJob>>>) {
     loop {
         let job = {
             let rx = rx.lock().expect("pipeline job queue poisoned");
             rx.recv()
         };
         match job {
-            Ok(job) => shared.prepare(job),
-            // The pipeline was dropped.
+            Ok((shared, job)) => shared.prepare(job),
+            // Never: the pool's sender lives as long as the process.
             Err(_) => return,
         }
     }

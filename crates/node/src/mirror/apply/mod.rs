@@ -6,10 +6,14 @@
 //! counter; see its module docs for why the result equals a one-by-one
 //! apply). This module is the I/O around it:
 //!
-//! - One worker thread per scheduler task, each fed by its own channel. A
-//!   backend call is synchronous and may sleep (O_DIRECT, a slow device, a
-//!   full page cache), so each task needs a thread of its own to overlap
-//!   with the others.
+//! - Operations the scheduler dispatches run on a node-wide pool of worker
+//!   threads ([`APPLY_THREADS`]), shared by every volume's engine. A backend
+//!   call is synchronous and may sleep (O_DIRECT, a slow device, a full
+//!   page cache), so operations of different tasks need threads to overlap;
+//!   a task runs one operation at a time (the scheduler gives it the next
+//!   only when the last completed), so any thread may run any task's
+//!   operation. A node with a hundred mirror volumes runs as many apply
+//!   threads as a node with one.
 //! - The engine is owned by the link's receive loop, the scheduler's only
 //!   user: no lock around it, and no memory-model questions to model-check
 //!   (the workers share nothing with it but two channels).
@@ -238,7 +242,9 @@ pub struct ApplyEngine {
     barrier: Option<Barrier>,
     deferred: std::collections::VecDeque<(u64, ApplyOp)>,
     max_ops: usize,
-    workers: Vec<std::sync::mpsc::Sender<Job>>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    /// The node-wide pool's queue.
+    pool: std::sync::mpsc::Sender<PoolTask>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     next_seq: Seq,
     /// Dispatched to a worker and not yet back.
@@ -256,7 +262,7 @@ pub struct ApplyEngine {
 }
 
 impl ApplyEngine {
-    /// Starts `groups * tasks_per_group` worker threads over `backend`.
+    /// An engine of `groups * tasks_per_group` tasks over `backend`.
     pub fn new(
         backend: Arc<dyn Backend>,
         cfg: ApplyConfig,
@@ -272,19 +278,12 @@ impl ApplyEngine {
             source,
         })?;
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let mut workers = Vec::with_capacity(sched.tasks());
-        for task in 0..sched.tasks() {
-            let (tx, rx) = std::sync::mpsc::channel::<Job>();
-            let (b, done) = (backend.clone(), done_tx.clone());
-            std::thread::Builder::new()
-                .name(format!("apply-{volume}-{task}"))
-                .spawn(move || worker(b.as_ref(), rx, done))
-                .map_err(|source| ApplyError::Spawn {
-                    volume: volume.clone(),
-                    source,
-                })?;
-            workers.push(tx);
-        }
+        let pool = pool()
+            .map_err(|source| ApplyError::Spawn {
+                volume: volume.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            })?
+            .clone();
         let inline_max = if backend.is_fast() {
             cfg.inline_max as u64
         } else {
@@ -297,7 +296,8 @@ impl ApplyEngine {
             barrier: None,
             deferred: std::collections::VecDeque::new(),
             max_ops: cfg.max_ops.max(1),
-            workers,
+            done_tx,
+            pool,
             done_rx,
             next_seq: 0,
             running: 0,
@@ -548,11 +548,10 @@ impl ApplyEngine {
                     tag,
                     op: aop,
                 };
-                // A worker only stops when its sender is dropped, which
-                // happens with the engine.
-                self.workers[task]
-                    .send(job)
-                    .expect("apply worker thread is alive");
+                let (b, done) = (self.backend.clone(), self.done_tx.clone());
+                self.pool
+                    .send(Box::new(move || run_job(b.as_ref(), job, &done)))
+                    .expect("the apply pool lives as long as the process");
             }
         }
         todo.clear();
@@ -564,20 +563,44 @@ impl ApplyEngine {
     }
 }
 
-fn worker(b: &dyn Backend, rx: std::sync::mpsc::Receiver<Job>, done: mpsc::UnboundedSender<Done>) {
-    while let Ok(job) = rx.recv() {
-        let result = job.op.run(b);
-        let d = Done {
-            task: job.task,
-            seq: job.seq,
-            tag: job.tag,
-            written: job.op.data_len(),
-            result,
-        };
-        if done.send(d).is_err() {
-            return;
+/// Threads of the node-wide apply pool.
+pub const APPLY_THREADS: usize = 16;
+
+type PoolTask = Box<dyn FnOnce() + Send>;
+
+/// The node-wide apply pool's queue, started on first use.
+fn pool() -> Result<&'static std::sync::mpsc::Sender<PoolTask>, &'static std::io::Error> {
+    static POOL: std::sync::OnceLock<Result<std::sync::mpsc::Sender<PoolTask>, std::io::Error>> =
+        std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<PoolTask>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..APPLY_THREADS {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("bm-apply-{i}"))
+                .spawn(move || loop {
+                    let task = rx.lock().expect("apply pool poisoned").recv();
+                    match task {
+                        Ok(t) => t(),
+                        Err(_) => return,
+                    }
+                })?;
         }
-    }
+        Ok(tx)
+    })
+    .as_ref()
+}
+
+fn run_job(b: &dyn Backend, job: Job, done: &mpsc::UnboundedSender<Done>) {
+    let result = job.op.run(b);
+    let _ = done.send(Done {
+        task: job.task,
+        seq: job.seq,
+        tag: job.tag,
+        written: job.op.data_len(),
+        result,
+    });
 }
 
 /// Registers the apply engines' families of `targets` (volume name, its
