@@ -342,6 +342,10 @@ impl Agent {
     async fn reconcile_loop(&self, mut client: Client, shutdown: CancellationToken) {
         let tick = (self.cfg.lease_ttl / 10).max(Duration::from_millis(100));
         let mut watch = None;
+        // A link, role or mirror state moved here: reconcile now, so that a
+        // mirror coming into step is in the record at once (until then it
+        // cannot be promoted without loss).
+        let mut pokes = crate::daemon::events::pokes();
         loop {
             if watch.is_none() {
                 let w = tokio::time::timeout(
@@ -378,6 +382,7 @@ impl Agent {
                 _ = shutdown.cancelled() => return,
                 r = changed => if r.is_err() { watch = None },
                 _ = self.kick.notified() => {}
+                _ = pokes.changed() => {}
                 _ = tokio::time::sleep(tick) => {}
             }
         }

@@ -46,6 +46,12 @@ static CHANGES: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
 pub fn poke() {
     CHANGES.send_modify(|n| *n = n.wrapping_add(1));
 }
+/// A receiver of [`poke`]s (the cluster agent republishes which mirrors are
+/// in step as soon as a link moves).
+pub fn pokes() -> tokio::sync::watch::Receiver<u64> {
+    CHANGES.subscribe()
+}
+
 /// Samples kept for the charts: one a second for ten minutes.
 pub const HISTORY_LEN: usize = 600;
 /// Events kept for `GET /events/recent` (the status page's event log).
