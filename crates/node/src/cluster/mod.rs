@@ -92,7 +92,7 @@ pub struct Agent {
     pub lease: Arc<LeaseClock>,
     lease_id: AtomicI64,
     connected: AtomicBool,
-    client: tokio::sync::OnceCell<Client>,
+    etcd: Endpoints,
     volumes: Vec<Arc<ClusterVolume>>,
     /// What fails over as one: a volume, or a consistency group.
     units: Vec<Unit>,
@@ -133,6 +133,7 @@ impl Agent {
             v.fence.clustered(lease.clone());
         }
         let volumes: Vec<Arc<ClusterVolume>> = volumes.into_iter().map(Arc::new).collect();
+        let etcd = Endpoints::new(&cfg.etcd, request_timeout(cfg.lease_ttl));
         let units = Unit::all(&volumes);
         Arc::new(Self {
             keys: Keys {
@@ -149,7 +150,7 @@ impl Agent {
             lease,
             lease_id: AtomicI64::new(0),
             connected: AtomicBool::new(false),
-            client: tokio::sync::OnceCell::new(),
+            etcd,
             volumes,
             units,
             roles,
@@ -183,46 +184,31 @@ impl Agent {
         self.cfg.lease_ttl.as_secs().max(2) as i64
     }
 
-    async fn client(&self, shutdown: &CancellationToken) -> Option<Client> {
-        if let Some(c) = self.client.get() {
-            return Some(c.clone());
-        }
-        let timeout = request_timeout(self.cfg.lease_ttl);
+    /// A client of a member that answered last (waits until one does).
+    async fn client(&self, shutdown: &CancellationToken) -> Option<(usize, Client)> {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let opts = ConnectOptions::new()
-                .with_connect_timeout(timeout)
-                .with_timeout(timeout)
-                .with_require_leader(true)
-                .with_keep_alive(Duration::from_secs(1), timeout);
-            match Client::connect(&self.cfg.etcd, Some(opts)).await {
-                Ok(c) => {
-                    info!(endpoints = ?self.cfg.etcd, "connected to etcd");
-                    let _ = self.client.set(c);
-                    return self.client.get().cloned();
-                }
-                Err(e) => {
-                    warn!(endpoints = ?self.cfg.etcd, error = %e, "cannot reach etcd; retrying")
-                }
+            if let Some(c) = self.etcd.get().await {
+                return Some(c);
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return None,
                 _ = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 
     /// Runs until `shutdown`: the lease, and the reconcile loop.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let Some(client) = self.client(&shutdown).await else {
+        if self.client(&shutdown).await.is_none() {
             return;
-        };
+        }
         let lease = {
-            let (a, c, sd) = (self.clone(), client.clone(), shutdown.clone());
-            tokio::spawn(async move { a.keep_lease(c, sd).await })
+            let (a, sd) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move { a.keep_lease(sd).await })
         };
-        self.reconcile_loop(client.clone(), shutdown.clone()).await;
+        self.reconcile_loop(shutdown.clone()).await;
         let _ = lease.await;
         // A clean stop: give the keys up at once, so that a mirror need not
         // wait for the lease to lapse.
@@ -230,19 +216,21 @@ impl Agent {
         for v in &self.volumes {
             v.fence.release();
         }
-        if id != 0 {
-            let mut c = client;
+        if let (true, Some((_, mut c))) = (id != 0, self.etcd.get().await) {
             let _ = tokio::time::timeout(Duration::from_secs(1), c.lease_revoke(id)).await;
             info!("cluster lease revoked on shutdown");
         }
     }
 
     /// Grants the lease, keeps it alive, grants a new one when it is lost.
-    async fn keep_lease(&self, mut client: Client, shutdown: CancellationToken) {
+    async fn keep_lease(&self, shutdown: CancellationToken) {
         let ttl = self.cfg.lease_ttl;
         let timeout = request_timeout(ttl);
         let every = ttl / 3;
         'grant: while !shutdown.is_cancelled() {
+            let Some((mut at, mut client)) = self.client(&shutdown).await else {
+                return;
+            };
             let sent = Instant::now();
             let granted =
                 tokio::time::timeout(timeout, client.lease_grant(self.ttl_secs(), None)).await;
@@ -254,6 +242,7 @@ impl Agent {
                 }
                 other => {
                     self.connected.store(false, Ordering::Relaxed);
+                    self.etcd.failed(at);
                     debug!(result = ?other.map(|r| r.map(|_| ())), "lease grant failed");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -284,9 +273,16 @@ impl Agent {
             let mut stream = None;
             loop {
                 if stream.is_none() {
+                    // Another member than the one that failed, if any.
+                    if let Some((i, c)) = self.etcd.get().await {
+                        (at, client) = (i, c);
+                    }
                     match tokio::time::timeout(timeout, client.lease_keep_alive(id)).await {
                         Ok(Ok(s)) => stream = Some(s),
-                        _ => self.connected.store(false, Ordering::Relaxed),
+                        _ => {
+                            self.connected.store(false, Ordering::Relaxed);
+                            self.etcd.failed(at);
+                        }
                     }
                 }
                 if let Some((keeper, answers)) = &mut stream {
@@ -311,6 +307,7 @@ impl Agent {
                         }
                         _ => {
                             self.connected.store(false, Ordering::Relaxed);
+                            self.etcd.failed(at);
                             stream = None;
                         }
                     }
@@ -339,7 +336,7 @@ impl Agent {
         }
     }
 
-    async fn reconcile_loop(&self, mut client: Client, shutdown: CancellationToken) {
+    async fn reconcile_loop(&self, shutdown: CancellationToken) {
         let tick = (self.cfg.lease_ttl / 10).max(Duration::from_millis(100));
         let mut watch = None;
         // A link, role or mirror state moved here: reconcile now, so that a
@@ -347,6 +344,9 @@ impl Agent {
         // cannot be promoted without loss).
         let mut pokes = crate::daemon::events::pokes();
         loop {
+            let Some((at, mut client)) = self.client(&shutdown).await else {
+                return;
+            };
             if watch.is_none() {
                 let w = tokio::time::timeout(
                     request_timeout(self.cfg.lease_ttl),
@@ -359,6 +359,10 @@ impl Agent {
             }
             for u in &self.units {
                 let r = self.reconcile(&mut client, u).await;
+                if r.is_err() {
+                    // Perhaps this member is down or cut off: ask the next.
+                    self.etcd.failed(at);
+                }
                 let mut last = self.last_error.lock().expect("poisoned");
                 match r {
                     // Once per distinct error, not every tick of an outage.
@@ -837,11 +841,10 @@ impl Agent {
             return Err(format!("{volume}: not a cluster volume"));
         };
         if v.holds() != 0 {
-            let Some(client) = self.client.get() else {
-                return Err("not connected to etcd".into());
+            let Some((_, mut client)) = self.etcd.get().await else {
+                return Err("no etcd member answers".into());
             };
-            self.publish_without(&mut client.clone(), v, true, nodes)
-                .await?;
+            self.publish_without(&mut client, v, true, nodes).await?;
         }
         // (Not the primary here: nothing is acknowledged under this node.)
         switch();
@@ -859,11 +862,14 @@ impl Agent {
         else {
             return Err(format!("{volume}: not a cluster volume"));
         };
-        let Some(client) = self.client.get() else {
-            return Err("not connected to etcd".into());
+        let Some((at, mut client)) = self.etcd.get().await else {
+            return Err("no etcd member answers".into());
         };
-        let mut client = client.clone();
-        self.publish(&mut client, v, true).await
+        let r = self.publish(&mut client, v, true).await;
+        if r.is_err() {
+            self.etcd.failed(at);
+        }
+        r
     }
 }
 
@@ -1310,5 +1316,74 @@ impl Unit {
                 r.gen.published(m.volume.meta().generations.current);
             }
         }
+    }
+}
+
+/// The etcd members, one client each, and the one in use. A request that
+/// fails moves to the next member: a balanced channel over all of them
+/// kept sending some requests (and a lease's keep-alive stream) to a dead
+/// member, and lost the lease with two members of three alive.
+struct Endpoints {
+    urls: Vec<String>,
+    clients: tokio::sync::Mutex<Vec<Option<Client>>>,
+    current: std::sync::atomic::AtomicUsize,
+    timeout: Duration,
+}
+
+impl Endpoints {
+    fn new(urls: &[String], timeout: Duration) -> Self {
+        Self {
+            urls: urls.to_vec(),
+            clients: tokio::sync::Mutex::new(vec![None; urls.len()]),
+            current: std::sync::atomic::AtomicUsize::new(0),
+            timeout,
+        }
+    }
+
+    /// The member in use (connecting on first use), or the next that
+    /// connects; None if none does.
+    async fn get(&self) -> Option<(usize, Client)> {
+        let n = self.urls.len();
+        let start = self.current.load(Ordering::SeqCst);
+        for k in 0..n {
+            let i = (start + k) % n;
+            if let Some(c) = self.clients.lock().await[i].clone() {
+                if k > 0 {
+                    self.current.store(i, Ordering::SeqCst);
+                }
+                return Some((i, c));
+            }
+            let opts = ConnectOptions::new()
+                .with_connect_timeout(self.timeout)
+                .with_timeout(self.timeout)
+                .with_require_leader(true)
+                .with_keep_alive(Duration::from_secs(1), self.timeout);
+            match tokio::time::timeout(
+                self.timeout * 2,
+                Client::connect([&self.urls[i]], Some(opts)),
+            )
+            .await
+            {
+                Ok(Ok(c)) => {
+                    info!(endpoint = %self.urls[i], "connected to etcd");
+                    self.clients.lock().await[i] = Some(c.clone());
+                    self.current.store(i, Ordering::SeqCst);
+                    return Some((i, c));
+                }
+                Ok(Err(e)) => {
+                    debug!(endpoint = %self.urls[i], error = %e, "cannot reach etcd member")
+                }
+                Err(_) => debug!(endpoint = %self.urls[i], "etcd member does not answer"),
+            }
+        }
+        None
+    }
+
+    /// A request to member `i` failed: the next request goes to the next.
+    fn failed(&self, i: usize) {
+        let n = self.urls.len();
+        let _ = self
+            .current
+            .compare_exchange(i, (i + 1) % n, Ordering::SeqCst, Ordering::SeqCst);
     }
 }

@@ -114,7 +114,8 @@ impl Volume {
 
     /// Runs a host write (or flush) under the fence: it starts only once
     /// this node may acknowledge (waiting at most [`FENCE_WAIT`]), and its
-    /// success is reported only if it still may when the write is done; a
+    /// success is reported only if it still may when the write is done (or
+    /// may again within [`FENCE_WAIT`], at the same epoch); a
     /// write done but not acknowledged is a write the host may or may not
     /// find later, which is allowed.
     async fn fenced<F: std::future::Future<Output = Result<(), Errno>>>(
@@ -129,8 +130,13 @@ impl Volume {
                 "host write refused: this node does not hold the volume's primary key under a live lease");
             return Err(Errno::Io);
         }
+        let held = fence.holds();
         f.await?;
-        if !fence.may_ack() {
+        // The lease may have lapsed meanwhile (an etcd leader election can
+        // hold renewals up for longer than the margin): the write is
+        // acknowledged only if this node is trusted again, at the same
+        // epoch, within the wait; a lease that was lost releases the epoch.
+        if !fence.may_ack() && !(fence.wait_writable(FENCE_WAIT).await && fence.holds() == held) {
             warn!(volume = %self.name,
                 "host write done but not acknowledged: the cluster lease lapsed meanwhile");
             return Err(Errno::Io);
