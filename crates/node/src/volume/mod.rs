@@ -136,7 +136,9 @@ impl Volume {
         // hold renewals up for longer than the margin): the write is
         // acknowledged only if this node is trusted again, at the same
         // epoch, within the wait; a lease that was lost releases the epoch.
-        if !fence.may_ack() && !(fence.wait_writable(FENCE_WAIT).await && fence.holds() == held) {
+        let trusted =
+            fence.may_ack() || (fence.wait_writable(FENCE_WAIT).await && fence.holds() == held);
+        if !trusted {
             warn!(volume = %self.name,
                 "host write done but not acknowledged: the cluster lease lapsed meanwhile");
             return Err(Errno::Io);
