@@ -610,8 +610,13 @@ fn etcd_member_loss_changes_nothing_and_quorum_loss_fences_the_primary() {
     let writes = |c: &Cluster, cmd: &str| c.qemu_io_in_site(0, &[cmd]).0;
     assert!(writes(&c, "write -P 0x11 0 1M"));
 
-    // One member lost (site c's): nothing changes.
-    c.etcd.kill(2);
+    // One member lost, a follower: nothing changes. (Losing the leader
+    // costs an election, ~0.5-1 s here, with renewals failing meanwhile;
+    // with this test's 2 s lease that can exceed the fence's margin and
+    // refuse writes briefly. With the default 5 s lease it fits.)
+    let leader = c.etcd.leader_seen_by(0, Duration::from_secs(2));
+    let victim = (0..3).rev().find(|&i| Some(i) != leader).unwrap();
+    c.etcd.kill(victim);
     let lost_one = Instant::now();
     // A whole lease period: renewals go on with two members of three.
     while lost_one.elapsed() < TTL {
@@ -633,7 +638,8 @@ fn etcd_member_loss_changes_nothing_and_quorum_loss_fences_the_primary() {
     // quorum round and steps down only at its next quorum check (up to two
     // election timeouts). So the bound is a TTL after the last moment the
     // surviving member knew a leader, as the fence's docs count it.
-    c.etcd.kill(1);
+    // (The victim above is 1 or 2; the other of the two goes now.)
+    c.etcd.kill(3 - victim);
     let lost = Instant::now();
     let watching = std::sync::atomic::AtomicBool::new(true);
     let (tries, last_ack, last_leader) = std::thread::scope(|s| {

@@ -114,8 +114,7 @@ impl Volume {
 
     /// Runs a host write (or flush) under the fence: it starts only once
     /// this node may acknowledge (waiting at most [`FENCE_WAIT`]), and its
-    /// success is reported only if it still may when the write is done (or
-    /// may again within [`FENCE_WAIT`], at the same epoch); a
+    /// success is reported only if it still may when the write is done; a
     /// write done but not acknowledged is a write the host may or may not
     /// find later, which is allowed.
     async fn fenced<F: std::future::Future<Output = Result<(), Errno>>>(
@@ -130,15 +129,11 @@ impl Volume {
                 "host write refused: this node does not hold the volume's primary key under a live lease");
             return Err(Errno::Io);
         }
-        let held = fence.holds();
         f.await?;
-        // The lease may have lapsed meanwhile (an etcd leader election can
-        // hold renewals up for longer than the margin): the write is
-        // acknowledged only if this node is trusted again, at the same
-        // epoch, within the wait; a lease that was lost releases the epoch.
-        let trusted =
-            fence.may_ack() || (fence.wait_writable(FENCE_WAIT).await && fence.holds() == held);
-        if !trusted {
+        // Never acknowledged once the lease's trust lapsed, even if a later
+        // renewal restores it: the bound on acknowledgements after losing
+        // etcd is the lease, not the lease plus a wait.
+        if !fence.may_ack() {
             warn!(volume = %self.name,
                 "host write done but not acknowledged: the cluster lease lapsed meanwhile");
             return Err(Errno::Io);
