@@ -34,15 +34,7 @@ pub async fn run(dir: &Path, size: &str) -> Result<()> {
     {
         bail!("demo --cluster needs etcd: install Debian's etcd-server (scripts/install-deps.sh)");
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = dir.canonicalize()?;
-    let secret = dir.join("secret.key");
-    if !secret.exists() {
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("random secret: {e}"))?;
-        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        std::fs::write(&secret, hex + "\n")?;
-    }
+    let dir = crate::demo_dir(dir)?;
     println!("starting a 3-member etcd on loopback ...");
     let etcd = EtcdCluster::start(EtcdOpts::new(dir.join("etcd"), 3))
         .map_err(|e| anyhow::anyhow!("etcd: {e}"))?;

@@ -628,13 +628,9 @@ fn free_port(preferred: u16) -> Result<u16> {
     Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
 
-async fn demo(dir: &Path, size: &str, mode: Option<&str>, tls: bool) -> Result<()> {
-    let mode = match mode {
-        None | Some("sync") => "sync",
-        Some("async") => "async",
-        Some(other) => bail!("--mode {other}: expected sync or async"),
-    };
-    let size_bytes = config::parse_size(size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
+/// Creates a demo's folder and, the first time, its shared secret
+/// (`secret.key`, 32 random bytes in hex); returns the folder, absolute.
+fn demo_dir(dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let secret = dir.join("secret.key");
@@ -645,6 +641,17 @@ async fn demo(dir: &Path, size: &str, mode: Option<&str>, tls: bool) -> Result<(
         std::fs::write(&secret, hex + "\n")
             .with_context(|| format!("writing {}", secret.display()))?;
     }
+    Ok(dir)
+}
+
+async fn demo(dir: &Path, size: &str, mode: Option<&str>, tls: bool) -> Result<()> {
+    let mode = match mode {
+        None | Some("sync") => "sync",
+        Some("async") => "async",
+        Some(other) => bail!("--mode {other}: expected sync or async"),
+    };
+    let size_bytes = config::parse_size(size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
+    let dir = demo_dir(dir)?;
     let certs = dir.join("tls");
     if tls && !certs.join("ca.pem").exists() {
         let nodes = ["demo-primary".to_string(), "demo-mirror".to_string()];
