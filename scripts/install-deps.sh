@@ -15,7 +15,8 @@ PACKAGES=(
   prometheus      # promtool, which checks deploy/*.rules.yml (tests/deploy.rs)
   systemd         # systemd-analyze, which verifies deploy/blockmirror@.service
   etcd-server     # the coordinator of cluster mode (tests/cluster*.rs, demo --cluster)
-  protobuf-compiler # protoc, should the etcd-client crate's build need it
+  protobuf-compiler # protoc, which the etcd-client crate's build runs
+  libprotobuf-dev   # the well-known .proto files protoc needs (google/protobuf/descriptor.proto)
 )
 
 missing=()
