@@ -12,6 +12,7 @@ use blockmirror_node::daemon::config::{self, NodeConfig};
 use blockmirror_node::daemon::node::Node;
 use blockmirror_node::daemon::{admin, status};
 
+mod cluster_cli;
 mod cluster_demo;
 mod drill;
 
@@ -48,24 +49,6 @@ enum ConfigCommand {
     Check {
         /// The node config (TOML).
         file: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-enum ClusterCommand {
-    /// Every volume of the cluster: its primary node, fencing epoch,
-    /// published generation and mirrors; and the live nodes.
-    Status {
-        /// etcd endpoints, comma-separated (default: `[cluster] etcd` of
-        /// --config).
-        #[arg(long, value_delimiter = ',')]
-        etcd: Vec<String>,
-        /// A node config to take `[cluster]` from.
-        #[arg(long, short, default_value = "blockmirror.toml")]
-        config: PathBuf,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -155,7 +138,7 @@ enum Command {
     /// Cluster mode (etcd): what the coordinator holds.
     Cluster {
         #[command(subcommand)]
-        command: ClusterCommand,
+        command: cluster_cli::ClusterCommand,
     },
     /// Node config tools.
     Config {
@@ -377,9 +360,7 @@ async fn run(cli: Cli) -> Result<Outcome> {
         Command::Config {
             command: ConfigCommand::Check { file },
         } => ok(config_check(&file)),
-        Command::Cluster {
-            command: ClusterCommand::Status { etcd, config, json },
-        } => ok(cluster_status(etcd, &config, json).await),
+        Command::Cluster { command } => ok(cluster_cli::run(command).await),
         Command::Man { dir } => ok(man(&dir)),
         Command::Certs {
             command:
@@ -896,57 +877,6 @@ async fn resync(
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
-}
-
-async fn cluster_status(etcd: Vec<String>, config: &Path, json: bool) -> Result<()> {
-    let (endpoints, prefix) = if etcd.is_empty() {
-        let c = config::NodeConfig::load(config)
-            .with_context(|| format!("no --etcd given; reading {}", config.display()))?;
-        let cl = c
-            .cluster
-            .with_context(|| format!("{} has no [cluster] table", config.display()))?;
-        (cl.etcd, cl.prefix)
-    } else {
-        (etcd, "/blockmirror".to_string())
-    };
-    let view = blockmirror_node::cluster::read_view(&endpoints, &prefix)
-        .await
-        .map_err(|e| anyhow::anyhow!(e))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&view)?);
-        return Ok(());
-    }
-    println!(
-        "{:<16} {:<12} {:>6} {:<18} {:<14} MIRRORS",
-        "VOLUME", "PRIMARY", "EPOCH", "GENERATION", "SYNC"
-    );
-    for v in &view.volumes {
-        let primary = v
-            .primary
-            .clone()
-            .unwrap_or_else(|| format!("none (was {})", v.recorded_primary));
-        let mirrors: Vec<String> = v
-            .mirrors
-            .iter()
-            .map(|m| format!("{}:{}", m.node, m.data))
-            .collect();
-        println!(
-            "{:<16} {:<12} {:>6} {:<18} {:<14} {}",
-            v.volume,
-            primary,
-            v.epoch,
-            v.generation,
-            v.sync_mirrors.join(","),
-            mirrors.join(" ")
-        );
-    }
-    let nodes: Vec<String> = view
-        .nodes
-        .iter()
-        .map(|n| format!("{} (site {}, admin {})", n.node, n.site, n.admin))
-        .collect();
-    println!("nodes: {}", nodes.join(", "));
-    Ok(())
 }
 
 async fn show_status(addr: Option<SocketAddr>, json: bool, watch: bool) -> Result<()> {

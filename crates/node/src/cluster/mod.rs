@@ -20,8 +20,13 @@
 //! The decisions are pure (`blockmirror_core::cluster`); this module reads
 //! etcd, runs them and applies them.
 
+mod assign;
+pub mod client;
 pub mod fence;
 pub mod records;
+pub mod spec;
+
+pub use client::{read_view, ClusterView};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -61,6 +66,18 @@ pub trait Roles: Send + Sync {
     fn demote<'a>(&'a self, volume: &'a str, why: String) -> BoxFut<'a, Result<String, String>>;
 }
 
+/// What the agent asks of the node for volumes declared in etcd.
+pub trait Host: Send + Sync {
+    /// Every volume the node serves, with its consistency group.
+    fn served(&self) -> Vec<(String, Option<String>)>;
+    /// Opens and serves these volumes (name, `[[volume]]` table), all or
+    /// none; Ok: their names.
+    fn open(
+        self: Arc<Self>,
+        tables: Vec<(String, String)>,
+    ) -> BoxFut<'static, Result<Vec<String>, String>>;
+}
+
 /// One volume under cluster mode.
 pub struct ClusterVolume {
     pub volume: Arc<Volume>,
@@ -93,10 +110,12 @@ pub struct Agent {
     lease_id: AtomicI64,
     connected: AtomicBool,
     etcd: Endpoints,
-    volumes: Vec<Arc<ClusterVolume>>,
+    volumes: std::sync::RwLock<Vec<Arc<ClusterVolume>>>,
     /// What fails over as one: a volume, or a consistency group.
-    units: Vec<Unit>,
+    units: std::sync::RwLock<Vec<Arc<Unit>>>,
     roles: Arc<dyn Roles>,
+    /// The node, for volumes declared in etcd.
+    host: std::sync::OnceLock<std::sync::Weak<dyn Host>>,
     pub counters: ClusterCounters,
     /// Per volume: the report last put, so an unchanged one is not put again.
     reported: Mutex<HashMap<String, (i64, ReportEntry)>>,
@@ -134,7 +153,7 @@ impl Agent {
         }
         let volumes: Vec<Arc<ClusterVolume>> = volumes.into_iter().map(Arc::new).collect();
         let etcd = Endpoints::new(&cfg.etcd, request_timeout(cfg.lease_ttl));
-        let units = Unit::all(&volumes);
+        let units = Unit::all(&volumes).into_iter().map(Arc::new).collect();
         Arc::new(Self {
             keys: Keys {
                 prefix: cfg.prefix.clone(),
@@ -151,9 +170,10 @@ impl Agent {
             lease_id: AtomicI64::new(0),
             connected: AtomicBool::new(false),
             etcd,
-            volumes,
-            units,
+            volumes: std::sync::RwLock::new(volumes),
+            units: std::sync::RwLock::new(units),
             roles,
+            host: std::sync::OnceLock::new(),
             counters: ClusterCounters::default(),
             reported: Mutex::new(HashMap::new()),
             published: Mutex::new(HashMap::new()),
@@ -161,6 +181,50 @@ impl Agent {
             publishing: tokio::sync::Mutex::new(()),
             last_error: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The node, for the volumes etcd declares here.
+    pub fn set_host(&self, host: std::sync::Weak<dyn Host>) {
+        let _ = self.host.set(host);
+    }
+
+    /// Puts volumes opened while the node runs under the agent (a
+    /// consistency group's volumes come together: they make one unit).
+    pub fn add_volumes(&self, volumes: Vec<ClusterVolume>) {
+        if volumes.is_empty() {
+            return;
+        }
+        let volumes: Vec<Arc<ClusterVolume>> = volumes
+            .into_iter()
+            .map(|v| {
+                v.fence.clustered(self.lease.clone());
+                Arc::new(v)
+            })
+            .collect();
+        let units = Unit::all(&volumes);
+        self.volumes.write().expect("poisoned").extend(volumes);
+        self.units
+            .write()
+            .expect("poisoned")
+            .extend(units.into_iter().map(Arc::new));
+        self.kick.notify_one();
+    }
+
+    fn volumes(&self) -> Vec<Arc<ClusterVolume>> {
+        self.volumes.read().expect("poisoned").clone()
+    }
+
+    fn units(&self) -> Vec<Arc<Unit>> {
+        self.units.read().expect("poisoned").clone()
+    }
+
+    fn unit_of(&self, volume: &str) -> Option<Arc<Unit>> {
+        self.units
+            .read()
+            .expect("poisoned")
+            .iter()
+            .find(|u| u.members.iter().any(|m| m.volume.name() == volume))
+            .cloned()
     }
 
     /// The node-wide part of /status.
@@ -208,12 +272,17 @@ impl Agent {
             let (a, sd) = (self.clone(), shutdown.clone());
             tokio::spawn(async move { a.keep_lease(sd).await })
         };
+        let assign = {
+            let (a, sd) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move { a.assign_loop(sd).await })
+        };
         self.reconcile_loop(shutdown.clone()).await;
         let _ = lease.await;
+        let _ = assign.await;
         // A clean stop: give the keys up at once, so that a mirror need not
         // wait for the lease to lapse.
         let id = self.lease_id.load(Ordering::SeqCst);
-        for v in &self.volumes {
+        for v in &self.volumes() {
             v.fence.release();
         }
         if let (true, Some((_, mut c))) = (id != 0, self.etcd.get().await) {
@@ -261,6 +330,14 @@ impl Agent {
                 .await;
             if let Err(e) = put {
                 warn!(error = %e, "registering the node in etcd failed");
+            }
+            // The address book of declared volumes (no lease: a node that
+            // is down is still their peer).
+            if let Err(e) = client
+                .put(self.keys.member(&self.node), encode(&self.entry), None)
+                .await
+            {
+                warn!(error = %e, "registering the node's address in etcd failed");
             }
             info!(
                 lease = format!("{id:x}"),
@@ -325,7 +402,7 @@ impl Agent {
             self.lease.expire();
             self.lease_id.store(0, Ordering::SeqCst);
             self.counters.lease_losses.fetch_add(1, Ordering::Relaxed);
-            for v in &self.volumes {
+            for v in &self.volumes() {
                 if v.fence.holds() != 0 {
                     warn!(volume = %v.volume.name(), epoch = v.fence.holds(),
                         "cluster lease not renewed in time: host writes are no longer acknowledged here");
@@ -357,7 +434,7 @@ impl Agent {
                     watch = Some(stream);
                 }
             }
-            for u in &self.units {
+            for u in &self.units() {
                 let r = self.reconcile(&mut client, u).await;
                 if r.is_err() {
                     // Perhaps this member is down or cut off: ask the next.
@@ -833,18 +910,14 @@ impl Agent {
         switch: impl FnOnce(),
     ) -> Result<(), String> {
         let _one = self.publishing.lock().await;
-        let Some(v) = self
-            .units
-            .iter()
-            .find(|u| u.members.iter().any(|m| m.volume.name() == volume))
-        else {
+        let Some(v) = self.unit_of(volume) else {
             return Err(format!("{volume}: not a cluster volume"));
         };
         if v.holds() != 0 {
             let Some((_, mut client)) = self.etcd.get().await else {
                 return Err("no etcd member answers".into());
             };
-            self.publish_without(&mut client, v, true, nodes).await?;
+            self.publish_without(&mut client, &v, true, nodes).await?;
         }
         // (Not the primary here: nothing is acknowledged under this node.)
         switch();
@@ -855,17 +928,13 @@ impl Agent {
     /// acknowledged (called by the write path through
     /// [`crate::primary::GenState`]).
     pub async fn publish_now(&self, volume: &str) -> Result<(), String> {
-        let Some(v) = self
-            .units
-            .iter()
-            .find(|u| u.members.iter().any(|m| m.volume.name() == volume))
-        else {
+        let Some(v) = self.unit_of(volume) else {
             return Err(format!("{volume}: not a cluster volume"));
         };
         let Some((at, mut client)) = self.etcd.get().await else {
             return Err("no etcd member answers".into());
         };
-        let r = self.publish(&mut client, v, true).await;
+        let r = self.publish(&mut client, &v, true).await;
         if r.is_err() {
             self.etcd.failed(at);
         }
@@ -962,7 +1031,8 @@ pub fn register_metrics(registry: &mut crate::daemon::metrics::Registry, agent: 
             MetricType::Gauge,
             "The volume's fencing epoch as known here: held as primary, or the newest seen as a mirror.",
         )?;
-        for v in &agent.volumes {
+        let volumes = agent.volumes();
+        for v in &volumes {
             f.sample(&[("volume", v.volume.name())], v.fence.epoch())?;
         }
         let mut f = m::family(
@@ -971,7 +1041,7 @@ pub fn register_metrics(registry: &mut crate::daemon::metrics::Registry, agent: 
             MetricType::Gauge,
             "1 while this node holds the volume's primary key.",
         )?;
-        for v in &agent.volumes {
+        for v in &volumes {
             f.sample(&[("volume", v.volume.name())], u64::from(v.fence.holds() != 0))?;
         }
         for (name, help, value) in [
@@ -1001,125 +1071,6 @@ pub fn register_metrics(registry: &mut crate::daemon::metrics::Registry, agent: 
         }
         Ok(())
     }));
-}
-
-/// One volume as `blockmirror cluster status` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct VolumeView {
-    pub volume: String,
-    /// The node holding the primary key now (None: nobody: failover pending
-    /// or impossible by policy).
-    pub primary: Option<String>,
-    /// The record's epoch and the node that took it.
-    pub epoch: u64,
-    pub recorded_primary: String,
-    pub generation: String,
-    pub sync_mirrors: Vec<String>,
-    /// Live mirrors' reports: node -> (generation, data).
-    pub mirrors: Vec<MirrorView>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct MirrorView {
-    pub node: String,
-    pub generation: String,
-    pub data: String,
-}
-
-/// One registered (live) node.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct NodeView {
-    pub node: String,
-    pub site: String,
-    pub admin: String,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ClusterView {
-    pub nodes: Vec<NodeView>,
-    pub volumes: Vec<VolumeView>,
-}
-
-/// Reads every node and volume of the deployment under `prefix`.
-pub async fn read_view(endpoints: &[String], prefix: &str) -> Result<ClusterView, String> {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(3))
-        .with_timeout(Duration::from_secs(3));
-    let mut c = Client::connect(endpoints, Some(opts))
-        .await
-        .map_err(|e| format!("etcd {endpoints:?}: {e}"))?;
-    let keys = Keys {
-        prefix: prefix.to_owned(),
-    };
-    let got = c
-        .get(format!("{prefix}/"), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut nodes = Vec::new();
-    let mut vols: std::collections::BTreeMap<String, VolumeView> = Default::default();
-    let vol = |vols: &mut std::collections::BTreeMap<String, VolumeView>, name: &str| {
-        vols.entry(name.to_owned())
-            .or_insert_with(|| VolumeView {
-                volume: name.to_owned(),
-                primary: None,
-                epoch: 0,
-                recorded_primary: String::new(),
-                generation: String::new(),
-                sync_mirrors: Vec::new(),
-                mirrors: Vec::new(),
-            })
-            .volume
-            .clone()
-    };
-    for kv in got.kvs() {
-        let Ok(k) = kv.key_str() else { continue };
-        if let Some(node) = k.strip_prefix(&keys.nodes()) {
-            if let Ok(e) = decode::<NodeEntry>(kv.value()) {
-                nodes.push(NodeView {
-                    node: node.to_owned(),
-                    site: e.site,
-                    admin: e.admin,
-                });
-            }
-            continue;
-        }
-        let Some((name, rest)) = keys.split_unit_key(k) else {
-            continue;
-        };
-        vol(&mut vols, &name);
-        let v = vols.get_mut(&name).expect("just made");
-        match rest.as_str() {
-            "record" => {
-                if let Ok(r) = decode::<RecordEntry>(kv.value()) {
-                    v.epoch = r.epoch;
-                    v.recorded_primary = r.primary;
-                    v.generation = r.generation;
-                    v.sync_mirrors = r.sync_mirrors;
-                }
-            }
-            "primary" => {
-                if let Ok(e) = decode::<KeyEntry>(kv.value()) {
-                    v.primary = Some(e.node);
-                }
-            }
-            other => {
-                if let (Some(node), Ok(r)) = (
-                    other.strip_prefix("mirrors/"),
-                    decode::<ReportEntry>(kv.value()),
-                ) {
-                    v.mirrors.push(MirrorView {
-                        node: node.to_owned(),
-                        generation: r.generation,
-                        data: r.data,
-                    });
-                }
-            }
-        }
-    }
-    Ok(ClusterView {
-        nodes,
-        volumes: vols.into_values().collect(),
-    })
 }
 
 /// What fails over as one: a volume, or the volumes of a consistency group

@@ -8,6 +8,8 @@
 //! | `/volumes/<volume>/record` (a consistency group: `/groups/<group>/...`, one record for all its volumes) | [`RecordEntry`]: epoch, primary, published generation, sync mirrors in step | none: it outlives its primary |
 //! | `/volumes/<volume>/primary` | [`KeyEntry`]: the node holding the epoch | the primary's |
 //! | `/volumes/<volume>/mirrors/<node>` | [`ReportEntry`]: a mirror's generation and data state | that mirror's |
+//! | `/members/<node>` | [`NodeEntry`] again: the address book of declared volumes' peers | none: a node that is down is still a peer |
+//! | `/spec/<volume>` | [`super::spec::VolumeSpec`]: a volume declared by `blockmirror cluster apply` | none |
 
 use blockmirror_core::cluster::{DataState, MirrorReport, Record};
 use serde::{Deserialize, Serialize};
@@ -71,6 +73,18 @@ impl Keys {
     }
     pub fn nodes(&self) -> String {
         format!("{}/nodes/", self.prefix)
+    }
+    pub fn member(&self, node: &str) -> String {
+        format!("{}/members/{node}", self.prefix)
+    }
+    pub fn members(&self) -> String {
+        format!("{}/members/", self.prefix)
+    }
+    pub fn spec(&self, volume: &str) -> String {
+        format!("{}/spec/{volume}", self.prefix)
+    }
+    pub fn specs(&self) -> String {
+        format!("{}/spec/", self.prefix)
     }
     pub fn volumes(&self) -> String {
         format!("{}/volumes/", self.prefix)

@@ -395,8 +395,13 @@ fn seconds(ns: u64) -> f64 {
 }
 
 /// Registers the request families of `volumes` (read at each scrape).
-pub fn register(registry: &mut Registry, volumes: Vec<Arc<crate::volume::Volume>>) {
+/// The node's volumes as each scrape sees them (cluster mode adds volumes
+/// while the node runs).
+pub type VolumeList = Arc<dyn Fn() -> Vec<Arc<crate::volume::Volume>> + Send + Sync>;
+
+pub fn register(registry: &mut Registry, volumes: VolumeList) {
     registry.register_collector(FnCollector::boxed("requests", move |enc| {
+        let volumes = volumes();
         let all: Vec<&VolumeMetrics> = volumes.iter().map(|v| v.metrics()).collect();
         encode_volumes(enc, &all)
     }));

@@ -15,6 +15,7 @@ use blockmirror_storage::{Backend, FileBackend, FileOptions, StorageError};
 use thiserror::Error;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ use crate::daemon::admin::{
     self, AdminSource, ControlError, DemoteRequest, PromoteRequest, ResyncRequest, VerifyRequest,
 };
 use crate::daemon::admin_auth::{read_token, AdminAuth, AdminListener};
-use crate::daemon::config::{NbdListen, NodeConfig, Role};
+use crate::daemon::config::{NbdListen, NodeConfig, Role, VolumeConfig};
 use crate::daemon::metrics::{self};
 use crate::daemon::role_driver::{DriveError, RoleDriver};
 use crate::daemon::status::{MirrorStatus, NodeStatus, VolumeStatus};
@@ -87,15 +88,23 @@ struct OpenVolume {
     target: Option<Arc<MirrorTarget>>,
 }
 
-/// A node whose volumes are open but not yet served.
-pub struct Node {
+/// What opening a volume needs of its node: at start, or when etcd assigns
+/// one to it at run time (cluster mode).
+struct NodeCtx {
     /// Cluster mode: the node's lease clock.
     lease: Option<Arc<crate::cluster::fence::LeaseClock>>,
     config: NodeConfig,
-    volumes: Vec<OpenVolume>,
+    state_dir: PathBuf,
     secret: Option<Arc<[u8]>>,
     /// `[tls]`, loaded.
     tls: Option<Arc<TlsStore>>,
+}
+
+/// A node whose volumes are open but not yet served.
+pub struct Node {
+    cx: Arc<NodeCtx>,
+    volumes: Vec<OpenVolume>,
+    groups: HashMap<(String, SocketAddr), Arc<SiteGroup>>,
     /// `[admin_auth]`, its token read.
     admin_auth: Option<Arc<AdminAuth>>,
 }
@@ -133,11 +142,7 @@ pub struct Endpoints {
 pub struct Running {
     pub endpoints: Endpoints,
     tasks: JoinSet<std::io::Result<()>>,
-    /// The mirror links: stopped only after the servers, so that a last
-    /// FLUSH can reach every mirror.
-    link_tasks: JoinSet<()>,
-    link_stop: CancellationToken,
-    volumes: Vec<OpenVolume>,
+    live: Arc<Live>,
 }
 
 impl Node {
@@ -160,288 +165,52 @@ impl Node {
             .cluster
             .as_ref()
             .map(|_| Arc::new(crate::cluster::fence::LeaseClock::new()));
+        let cx = Arc::new(NodeCtx {
+            lease,
+            config,
+            state_dir,
+            secret,
+            tls,
+        });
         let mut volumes = Vec::new();
-        for vc in &config.volumes {
-            if let Some(parent) = vc.path.parent() {
-                std::fs::create_dir_all(parent).map_err(|source| NodeError::Io {
-                    what: format!("volume {}: creating {}", vc.name, parent.display()),
-                    source,
-                })?;
-            }
-            let opts = FileOptions {
-                path: vc.path.clone(),
-                size: vc.size,
-                direct: vc.direct_io,
-                create: true,
-                read_only: false,
-            };
-            let role_cell = RoleCell::new(&vc.name);
-            let (disk, failed_before) = LocalDisk::open(
-                vc,
-                FileBackend::open(&vc.name, &opts)?,
-                &state_dir,
-                role_cell.clone(),
-            )?;
-            let backend: Arc<dyn Backend> = disk.clone();
-            let meta_path = state_dir.join(format!("{}.meta", vc.name));
-            let (mut meta, created) =
-                meta_file::load_or_create(&meta_path, vc.size, vc.role == Role::Mirror)?;
-            if created {
-                info!(volume = %vc.name, id = %meta.id_hex(), "new volume");
-            } else if !meta.clean {
-                warn!(volume = %vc.name, "volume was not shut down cleanly");
-            }
-            // From here until a clean shutdown, the record says "not clean".
-            if meta.clean {
-                meta.clean = false;
-                meta_file::store(&meta_path, &meta)?;
-            }
-            if let Some(why) = &failed_before {
-                // The local disk failed in an earlier run and was then
-                // bypassed (`serve_from_mirror`): it is stale. It comes back
-                // as a blank mirror, so whichever node is primary (promote
-                // the mirror that took the writes) copies the whole volume
-                // to it, as to a replaced disk. The record says blank before
-                // the marker goes, so a crash between the two is harmless.
-                warn!(volume = %vc.name, reason = %why,
-                    "the local disk was marked failed in an earlier run: it is stale; starting as \
-                     a blank mirror (promote the mirror that holds the data; it copies the whole \
-                     volume here)");
-            }
-            // The role it starts in: the record decides (no label: primary;
-            // a new volume's record has its configured role), because
-            // `promote` and `demote` (and a returning old primary that found
-            // its mirror promoted past it) change roles at run time and a
-            // reboot must not undo that: a demoted node never comes back as
-            // a second primary, a promoted one stays primary.
-            let opened = role_cell
-                .feed(Event::Open {
-                    label: meta.label,
-                    stale_disk: failed_before.is_some(),
-                })
-                .expect("a new role cell takes Open");
-            let mut park_links = false;
-            for a in opened {
-                match a {
-                    Action::StoreDiscard => {
-                        roles::discard_record(&mut meta);
-                        meta_file::store(&meta_path, &meta)?;
-                    }
-                    Action::ForgetDiskFailure => {
-                        disk.forget_failure().map_err(|source| NodeError::Io {
-                            what: format!("volume {}: removing the disk-failed marker", vc.name),
-                            source,
-                        })?
-                    }
-                    // Once the links exist, below.
-                    Action::ParkLinks => park_links = true,
-                    other => unreachable!("opening a volume asks for {other:?}"),
-                }
-            }
-            let role = role_cell.role();
-            if role != vc.role {
-                warn!(volume = %vc.name, configured = vc.role.as_str(), role = role.as_str(),
-                    "the role changed at run time (promote or demote) and stays: starting as {}",
-                    role.as_str());
-            }
-            if role == Role::Mirror && config.listen.is_none() {
-                warn!(volume = %vc.name,
-                    "a mirror on a node without `listen`: no primary can feed it; add `listen`");
-            }
-            info!(volume = %vc.name, generations = %meta.generations.to_display(),
-                label = meta.label.as_str(), "volume metadata");
-            let meta_cell = Arc::new(MetaCell::new(meta_path.clone(), meta));
-            let fence = Arc::new(crate::cluster::fence::Fence::new());
-            if let Some(l) = &lease {
-                // Before any link exists: none connects, nor takes a
-                // primary's link, until the agent has read etcd.
-                fence.clustered(l.clone());
-            }
-            let replicator = if vc.mirrors.is_empty() {
-                None
-            } else {
-                let mut links = Vec::new();
-                for m in &vc.mirrors {
-                    let (store, recovery) = OosStore::open(
-                        &state_dir,
-                        &vc.name,
-                        &m.peer,
-                        vc.size,
-                        vc.bitmap_granularity,
-                        DEFAULT_EXTENT_SIZE,
-                    )?;
-                    let oos = recovery.bitmap.dirty_bytes();
-                    match &recovery.outcome {
-                        RecoveryOutcome::Clean => {
-                            info!(volume = %vc.name, peer = %m.peer, out_of_sync = oos, "mirror state recovered")
-                        }
-                        RecoveryOutcome::New => {
-                            info!(volume = %vc.name, peer = %m.peer, "new mirror: the whole volume will be copied")
-                        }
-                        RecoveryOutcome::Crash { replayed_extents } => warn!(
-                            volume = %vc.name, peer = %m.peer, replayed_extents, out_of_sync = oos,
-                            "last run did not shut down cleanly: active extents marked for resync"
-                        ),
-                        RecoveryOutcome::FullResync(why) => warn!(
-                            volume = %vc.name, peer = %m.peer, reason = ?why,
-                            "mirror state unusable: the whole volume will be copied"
-                        ),
-                    }
-                    let al = ActivityLog::new(DEFAULT_EXTENT_SIZE, DEFAULT_CAPACITY)
-                        .expect("default activity log settings are valid");
-                    links.push(Arc::new(MirrorLink::new(
-                        &vc.name,
-                        m,
-                        LinkTuning {
-                            timeout: vc.mirror_timeout,
-                            resync: vc.resync,
-                        },
-                        recovery.bitmap,
-                        al,
-                        Arc::new(store),
-                        backend.clone(),
-                    )));
-                }
-                Some(Arc::new(Replicator::new(
-                    &vc.name,
-                    links,
-                    vc.on_mirror_failure,
-                    vc.track_size,
-                    {
-                        let gen = Arc::new(
-                            GenState::new(&vc.name, meta_cell.clone()).with_fence(fence.clone()),
-                        );
-                        gen.hold_writes_at_start(vc.start_wait);
-                        gen
-                    },
-                    role_cell.clone(),
-                )))
-            };
-            // Every volume of a node with a replication listener can be fed
-            // by a primary: a mirror now, a primary after a demote.
-            let target = config.listen.is_some().then(|| {
-                Arc::new(
-                    MirrorTarget::new(
-                        &vc.name,
-                        meta_cell.clone(),
-                        backend.clone(),
-                        ApplyConfig {
-                            groups: vc.apply_groups,
-                            tasks_per_group: vc.apply_tasks_per_group,
-                            ..ApplyConfig::default()
-                        },
-                        role_cell.clone(),
-                    )
-                    .with_primary_silence(config.primary_silence)
-                    .with_fence(fence.clone()),
-                )
-            });
-            if let (Some(t), Some(r)) = (&target, &replicator) {
-                t.set_own_links(r.links.clone());
-            }
-            if park_links {
-                if let Some(r) = &replicator {
-                    // Dormant until the volume is promoted here.
-                    r.start_parked();
-                }
-            }
-            let reads = replicator.as_ref().map(|r| {
-                ReadRouter::new(
-                    &vc.name,
-                    vc.size,
-                    vc.read_policy,
-                    r.links.clone(),
-                    vc.mirror_timeout,
-                )
-            });
-            let volume = {
-                let v = Volume::new(
-                    &vc.name,
-                    role_cell,
-                    backend,
-                    // `read_only` as it applies to a primary (the config sets
-                    // it for every mirror-role volume).
-                    vc.read_only && vc.role == Role::Primary,
-                    meta_cell.clone(),
-                    replicator,
-                )
-                .with_disk(disk, reads)
-                .with_tls(vc.tls);
-                Arc::new(if config.cluster.is_some() {
-                    v.with_fence(fence.clone())
-                } else {
-                    v
-                })
-            };
-            volumes.push(OpenVolume {
-                group: vc.consistency_group.clone(),
-                fence,
-                volume,
-                nbd: vc.nbd.clone(),
-                meta: meta_cell,
-                target,
-            });
+        for vc in &cx.config.volumes {
+            volumes.push(open_volume(&cx, vc)?);
         }
-        // Consistency groups: the links of a group's volumes to one site.
-        let mut groups: HashMap<(String, SocketAddr), Arc<SiteGroup>> = HashMap::new();
-        for (vc, v) in config.volumes.iter().zip(&volumes) {
-            let (Some(name), Some(r)) = (&vc.consistency_group, v.volume.replicator()) else {
-                continue;
-            };
-            for (m, link) in vc.mirrors.iter().zip(&r.links) {
-                let g = groups
-                    .entry((name.clone(), m.addr))
-                    .or_insert_with(|| SiteGroup::new(name, m.addr));
-                let idx = g
-                    .join(Arc::downgrade(link)
-                        as std::sync::Weak<dyn crate::primary::group::GroupMember>);
-                link.set_group(g.clone(), idx);
-            }
-        }
+        let mut groups = HashMap::new();
+        join_groups(&mut groups, cx.config.volumes.iter().zip(&volumes));
         for g in groups.values() {
             info!(group = %g.name, site = %g.site, volumes = g.size(), "consistency group");
         }
         Ok(Node {
-            lease,
-            config,
+            cx,
             volumes,
-            secret,
-            tls,
+            groups,
             admin_auth,
         })
     }
 
     /// Binds every listener and starts serving; `shutdown` stops it all.
     pub async fn start(self, shutdown: CancellationToken) -> Result<Running, NodeError> {
+        let cx = self.cx.clone();
+        let config = &cx.config;
         let mut tasks = JoinSet::new();
-        let mut exports = Vec::new();
-        let mut listeners = Vec::new();
-        for v in &self.volumes {
-            let addr = match &v.nbd {
-                NbdListen::Tcp(a) => ListenAddr::Tcp(*a),
-                NbdListen::Unix(p) => ListenAddr::Unix(p.clone()),
-            };
-            let listener = Listener::bind(&addr)
+        let mut batch = Vec::new();
+        for v in self.volumes {
+            let (listener, uri) = bind_nbd(&v).await?;
+            batch.push((v, listener, uri));
+        }
+        let exports: Vec<(String, String)> = batch
+            .iter()
+            .map(|(v, _, uri)| (v.volume.name().to_owned(), uri.clone()))
+            .collect();
+        let admin_listener =
+            tokio::net::TcpListener::bind(config.admin)
                 .await
                 .map_err(|source| NodeError::Bind {
-                    what: format!("volume {} NBD", v.volume.name()),
-                    addr: v.nbd.to_string(),
+                    what: "admin HTTP".into(),
+                    addr: config.admin.to_string(),
                     source,
                 })?;
-            let uri = match listener.local_addr() {
-                Ok(ListenAddr::Tcp(a)) => NbdListen::Tcp(a).uri(v.volume.name()),
-                _ => v.nbd.uri(v.volume.name()),
-            };
-            exports.push((v.volume.name().to_owned(), uri));
-            listeners.push((listener, v.volume.clone()));
-        }
-        let admin_listener = tokio::net::TcpListener::bind(self.config.admin)
-            .await
-            .map_err(|source| NodeError::Bind {
-                what: "admin HTTP".into(),
-                addr: self.config.admin.to_string(),
-                source,
-            })?;
         let admin_addr = admin_listener
             .local_addr()
             .map_err(|source| NodeError::Io {
@@ -449,171 +218,102 @@ impl Node {
                 source,
             })?;
 
-        for (listener, volume) in listeners {
-            let sd = shutdown.clone();
-            let mut exports = Exports::new([volume]);
-            if let Some(tls) = &self.tls {
-                exports = exports.with_tls(tls.clone() as Arc<dyn blockmirror_nbd::TlsSource>);
-            }
-            let exports = Arc::new(exports);
-            tasks.spawn(blockmirror_nbd::serve(listener, exports, sd));
-        }
-
-        // Mirror volumes: the replication listener.
-        let targets: HashMap<String, Arc<MirrorTarget>> = self
-            .volumes
-            .iter()
-            .filter_map(|v| v.target.clone().map(|t| (t.name.clone(), t)))
-            .collect();
+        // The replication listener: every volume of a node with `listen`
+        // can be fed by a primary (a mirror now, a primary after a demote),
+        // and so can volumes etcd assigns here later.
+        let targets: Arc<receiver::Targets> = Arc::default();
         let mut job_service = None;
-        if !targets.is_empty() {
-            let addr = self.config.listen.expect("validated: mirrors need listen");
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| NodeError::Bind {
-                    what: "replication".into(),
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            info!(%addr, volumes = targets.len(), "accepting replication links");
-            let secret = self
-                .secret
-                .clone()
-                .expect("validated: mirrors need a secret");
-            let jobs = Arc::new(
-                JobService::new(
-                    JobService::mirror_id_for(&self.config.node),
-                    MAX_JOBS,
-                    self.config.job_timeout,
-                    targets.values().map(|t| DeviceConstants {
-                        volume: t.name.clone(),
-                        size: t.identity().size,
-                        backend: t.backend.clone(),
-                    }),
-                )
-                .with_idle_timeout(self.config.job_idle_timeout),
-            );
-            job_service = Some(jobs.clone());
-            tasks.spawn(receiver::serve(
-                l,
-                self.config.node.clone(),
-                secret,
-                self.tls.clone(),
-                Arc::new(targets),
-                jobs,
-                shutdown.clone(),
-            ));
-        }
-        // Primary volumes: one task per mirror link.
-        let mut link_tasks = JoinSet::new();
-        let link_stop = CancellationToken::new();
-        let mut verifiable = Vec::new();
-        for v in &self.volumes {
-            let Some(r) = v.volume.replicator() else {
-                continue;
-            };
-            let ctx = LinkContext {
-                tls: self.tls.clone(),
-                secret: self
-                    .secret
-                    .clone()
-                    .expect("validated: mirrors need a secret"),
-                node: self.config.node.clone(),
-                volume: v.volume.name().to_owned(),
-                backend: v.volume.backend().clone(),
-                locks: r.locks.clone(),
-                gen: r.gen.clone(),
-                on_peer_ahead: v.target.clone().map(|t| {
-                    let vol = v.volume.clone();
-                    Arc::new(move |why: String| {
-                        // Host writes stop here (the role is demoting now),
-                        // before the link reports back; the rest of the
-                        // demote runs on its own. Not a primary: nothing.
-                        let Ok(actions) = vol.role_cell().feed(Event::PeerAhead) else {
-                            return;
-                        };
-                        let (vol, t) = (vol.clone(), t.clone());
-                        tokio::spawn(async move {
-                            if let Err(e) = finish_demote(&vol, &t, actions, &why).await {
-                                warn!(volume = %vol.name(), error = %e, "demote after finding a newer primary failed");
-                            }
-                        });
-                    }) as Arc<dyn Fn(String) + Send + Sync>
-                }),
-            };
-            verifiable.push(VerifyVolume {
-                name: v.volume.name().to_owned(),
-                size: v.meta.get().size,
-                links: r.links.clone(),
-                ctx: ctx.clone(),
-            });
-            for link in &r.links {
-                let (l, ctx, sd) = (link.clone(), ctx.clone(), link_stop.clone());
-                link_tasks.spawn(async move { l.run(ctx, sd).await });
-                let (l, sd) = (link.clone(), link_stop.clone());
-                link_tasks.spawn(async move { l.persist_periodically(sd).await });
-            }
-        }
-        let observer = crate::daemon::events::Observer::new(&self.config.node, shutdown.clone());
-        let volumes: Vec<Served> = self
-            .volumes
-            .iter()
-            .zip(&exports)
-            .map(|(v, (_, uri))| Served {
-                group: v.group.clone(),
-                volume: v.volume.clone(),
-                uri: uri.clone(),
-                target: v.target.clone(),
-            })
-            .collect();
-        let verify = Arc::new(VerifyService::new(verifiable, shutdown.clone()));
-        // Cluster mode: the agent that takes and watches the volumes' keys
-        // in etcd, and performs the role changes they call for.
-        let cluster = self.config.cluster.clone().map(|cfg| {
-            let agent = crate::cluster::Agent::new(
-                cfg,
-                self.lease.clone().expect("made at open with [cluster]"),
-                &self.config.node,
-                admin_addr,
-                self.config.listen,
-                self.volumes
-                    .iter()
-                    .map(|v| crate::cluster::ClusterVolume {
-                        group: v.group.clone(),
-                        volume: v.volume.clone(),
-                        target: v.target.clone(),
-                        fence: v.fence.clone(),
-                    })
-                    .collect(),
-                Arc::new(ClusterRoles {
-                    volumes: volumes
-                        .iter()
-                        .map(|s| (s.volume.clone(), s.target.clone()))
-                        .collect(),
-                }),
-            );
-            for v in &self.volumes {
-                if let Some(r) = v.volume.replicator() {
-                    r.gen.set_publisher(Arc::new(crate::cluster::Publisher {
-                        agent: Arc::downgrade(&agent),
-                        volume: v.volume.name().to_owned(),
-                    }));
+        if let Some(addr) = config.listen {
+            match cx.secret.clone() {
+                None => warn!(%addr,
+                    "`listen` without `secret_file`: no replication link can be authenticated, \
+                     so none is accepted"),
+                Some(secret) => {
+                    let l = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| NodeError::Bind {
+                            what: "replication".into(),
+                            addr: addr.to_string(),
+                            source,
+                        })?;
+                    info!(%addr, "accepting replication links");
+                    let jobs = Arc::new(
+                        JobService::new(
+                            JobService::mirror_id_for(&config.node),
+                            MAX_JOBS,
+                            config.job_timeout,
+                            std::iter::empty(),
+                        )
+                        .with_idle_timeout(config.job_idle_timeout),
+                    );
+                    job_service = Some(jobs.clone());
+                    tasks.spawn(receiver::serve(
+                        l,
+                        config.node.clone(),
+                        secret,
+                        cx.tls.clone(),
+                        targets.clone(),
+                        jobs,
+                        shutdown.clone(),
+                    ));
                 }
             }
+        }
+        let live = Arc::new(Live {
+            cx: cx.clone(),
+            served: Arc::default(),
+            targets,
+            jobs: job_service.clone(),
+            verify: Arc::new(VerifyService::new(Vec::new(), shutdown.clone())),
+            links: TaskTracker::new(),
+            link_stop: CancellationToken::new(),
+            servers: TaskTracker::new(),
+            server_error: std::sync::Mutex::new(None),
+            shutdown: shutdown.clone(),
+            cluster: std::sync::OnceLock::new(),
+            groups: std::sync::Mutex::new(self.groups),
+            declared: tokio::sync::Mutex::new(Vec::new()),
+        });
+        // Cluster mode: the agent that takes and watches the volumes' keys
+        // in etcd, performs the role changes they call for, and opens the
+        // volumes declared there for this node.
+        let cluster = config.cluster.clone().map(|cfg| {
+            let agent = crate::cluster::Agent::new(
+                cfg,
+                cx.lease.clone().expect("made at open with [cluster]"),
+                &config.node,
+                admin_addr,
+                config.listen,
+                Vec::new(),
+                Arc::new(ClusterRoles {
+                    volumes: live.served.clone(),
+                }),
+            );
+            agent.set_host(Arc::downgrade(&live) as std::sync::Weak<dyn crate::cluster::Host>);
+            let _ = live.cluster.set(agent.clone());
+            agent
+        });
+        live.serve(batch);
+        if let Some(agent) = &cluster {
             let (a, sd) = (agent.clone(), shutdown.clone());
             tasks.spawn(async move {
                 a.run(sd).await;
                 Ok(())
             });
-            agent
-        });
-        let metrics = metrics_registry(&volumes, &verify, job_service.as_ref(), cluster.as_ref());
+        }
+        let observer = crate::daemon::events::Observer::new(&config.node, shutdown.clone());
+        let metrics = metrics_registry(
+            &live.served,
+            &live.verify,
+            job_service.as_ref(),
+            cluster.as_ref(),
+        );
         let source = Arc::new(StatusSource {
             observer: observer.clone(),
-            verify,
-            node: self.config.node.clone(),
-            tls: self.tls.clone(),
-            volumes,
+            verify: live.verify.clone(),
+            node: config.node.clone(),
+            tls: cx.tls.clone(),
+            volumes: live.served.clone(),
             metrics,
             cluster,
         });
@@ -626,7 +326,7 @@ impl Node {
         }
         // SIGHUP: read the TLS files again (new connections use them).
         {
-            let (tls, sd) = (self.tls.clone(), shutdown.clone());
+            let (tls, sd) = (cx.tls.clone(), shutdown.clone());
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
                 .map_err(|source| NodeError::Io {
                     what: "installing the SIGHUP handler".into(),
@@ -653,7 +353,7 @@ impl Node {
             what: "admin listener".into(),
             source,
         };
-        let (admin_listener, https) = match &self.tls {
+        let (admin_listener, https) = match &cx.tls {
             Some(t) if t.settings().admin_https => (
                 AdminListener::tls(admin_listener, t.clone()).map_err(admin_io)?,
                 true,
@@ -675,17 +375,487 @@ impl Node {
         for (name, uri) in &exports {
             info!(volume = %name, %uri, "serving NBD export");
         }
-        info!(admin = %admin_addr, node = %self.config.node, "node running");
+        info!(admin = %admin_addr, node = %config.node, "node running");
         Ok(Running {
             endpoints: Endpoints {
                 admin: admin_addr,
                 exports,
             },
             tasks,
-            link_tasks,
-            link_stop,
-            volumes: self.volumes,
+            live,
         })
+    }
+}
+
+/// Binds a volume's NBD listener; returns it with the export's URI.
+async fn bind_nbd(v: &OpenVolume) -> Result<(Listener, String), NodeError> {
+    let listener = bind_addr(&v.nbd, v.volume.name()).await?;
+    let uri = export_uri(&listener, &v.nbd, v.volume.name());
+    Ok((listener, uri))
+}
+
+async fn bind_addr(nbd: &NbdListen, volume: &str) -> Result<Listener, NodeError> {
+    let addr = match nbd {
+        NbdListen::Tcp(a) => ListenAddr::Tcp(*a),
+        NbdListen::Unix(p) => ListenAddr::Unix(p.clone()),
+    };
+    Listener::bind(&addr)
+        .await
+        .map_err(|source| NodeError::Bind {
+            what: format!("volume {volume} NBD"),
+            addr: nbd.to_string(),
+            source,
+        })
+}
+
+/// The export's URI (the port the listener got, if it asked for 0).
+fn export_uri(listener: &Listener, nbd: &NbdListen, volume: &str) -> String {
+    match listener.local_addr() {
+        Ok(ListenAddr::Tcp(a)) => NbdListen::Tcp(a).uri(volume),
+        _ => nbd.uri(volume),
+    }
+}
+
+/// A serving node's parts that grow when a volume is added at run time
+/// (cluster mode: etcd assigns it here).
+struct Live {
+    cx: Arc<NodeCtx>,
+    served: Arc<ServedSet>,
+    /// What the replication receiver applies to, by volume.
+    targets: Arc<receiver::Targets>,
+    jobs: Option<Arc<JobService>>,
+    verify: Arc<VerifyService>,
+    /// The mirror links' tasks: stopped only after the NBD servers, so that
+    /// a last FLUSH can reach every mirror.
+    links: TaskTracker,
+    link_stop: CancellationToken,
+    /// The NBD servers, and the first error one stopped with.
+    servers: TaskTracker,
+    server_error: std::sync::Mutex<Option<std::io::Error>>,
+    shutdown: CancellationToken,
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Agent>>,
+    /// Consistency groups' links to one site.
+    groups: std::sync::Mutex<HashMap<(String, SocketAddr), Arc<SiteGroup>>>,
+    /// The `[[volume]]` tables of the volumes opened because etcd declares
+    /// them here (name, table), in the order they were opened.
+    declared: tokio::sync::Mutex<Vec<(String, String)>>,
+}
+
+impl Live {
+    /// Serves `batch`: each volume's NBD export, replication target, job
+    /// device, verify entry and mirror links; a consistency group's volumes
+    /// come in one batch (the cluster agent makes one unit of them).
+    fn serve(self: &Arc<Self>, batch: Vec<(OpenVolume, Listener, String)>) {
+        let cx = &self.cx;
+        let mut clustered = Vec::new();
+        for (v, listener, uri) in batch {
+            let mut exports = Exports::new([v.volume.clone()]);
+            if let Some(tls) = &cx.tls {
+                exports = exports.with_tls(tls.clone() as Arc<dyn blockmirror_nbd::TlsSource>);
+            }
+            let (sd, live) = (self.shutdown.clone(), Arc::downgrade(self));
+            let name = v.volume.name().to_owned();
+            self.servers.spawn(async move {
+                if let Err(e) = blockmirror_nbd::serve(listener, Arc::new(exports), sd).await {
+                    warn!(volume = %name, error = %e, "NBD server stopped with an error");
+                    if let Some(l) = live.upgrade() {
+                        l.server_error.lock().expect("poisoned").get_or_insert(e);
+                    }
+                }
+            });
+            if let Some(t) = &v.target {
+                self.targets.insert(t.clone());
+                if let Some(j) = &self.jobs {
+                    j.add_device(DeviceConstants {
+                        volume: t.name.clone(),
+                        size: t.identity().size,
+                        backend: t.backend.clone(),
+                    });
+                }
+            }
+            if let Some(r) = v.volume.replicator() {
+                let ctx = LinkContext {
+                    tls: cx.tls.clone(),
+                    secret: cx
+                        .secret
+                        .clone()
+                        .expect("validated: mirrors need a secret"),
+                    node: cx.config.node.clone(),
+                    volume: v.volume.name().to_owned(),
+                    backend: v.volume.backend().clone(),
+                    locks: r.locks.clone(),
+                    gen: r.gen.clone(),
+                    on_peer_ahead: v.target.clone().map(|t| {
+                        let vol = v.volume.clone();
+                        Arc::new(move |why: String| {
+                            // Host writes stop here (the role is demoting
+                            // now), before the link reports back; the rest
+                            // of the demote runs on its own. Not a primary:
+                            // nothing.
+                            let Ok(actions) = vol.role_cell().feed(Event::PeerAhead) else {
+                                return;
+                            };
+                            let (vol, t) = (vol.clone(), t.clone());
+                            tokio::spawn(async move {
+                                if let Err(e) = finish_demote(&vol, &t, actions, &why).await {
+                                    warn!(volume = %vol.name(), error = %e, "demote after finding a newer primary failed");
+                                }
+                            });
+                        }) as Arc<dyn Fn(String) + Send + Sync>
+                    }),
+                };
+                self.verify.add(VerifyVolume {
+                    name: v.volume.name().to_owned(),
+                    size: v.meta.get().size,
+                    links: r.links.clone(),
+                    ctx: ctx.clone(),
+                });
+                if let Some(agent) = self.cluster.get() {
+                    r.gen.set_publisher(Arc::new(crate::cluster::Publisher {
+                        agent: Arc::downgrade(agent),
+                        volume: v.volume.name().to_owned(),
+                    }));
+                }
+                for link in &r.links {
+                    let (l, ctx, sd) = (link.clone(), ctx.clone(), self.link_stop.clone());
+                    self.links.spawn(async move { l.run(ctx, sd).await });
+                    let (l, sd) = (link.clone(), self.link_stop.clone());
+                    self.links
+                        .spawn(async move { l.persist_periodically(sd).await });
+                }
+            }
+            clustered.push(crate::cluster::ClusterVolume {
+                group: v.group.clone(),
+                volume: v.volume.clone(),
+                target: v.target.clone(),
+                fence: v.fence.clone(),
+            });
+            self.served.push(Served {
+                group: v.group,
+                volume: v.volume,
+                uri,
+                target: v.target,
+            });
+        }
+        if let Some(agent) = self.cluster.get() {
+            agent.add_volumes(clustered);
+        }
+    }
+
+    /// Opens and serves the volumes of `tables` (name, `[[volume]]`
+    /// table), validated with the node's own config and every volume
+    /// declared before them; all or none.
+    async fn open_declared(
+        self: Arc<Self>,
+        tables: Vec<(String, String)>,
+    ) -> Result<Vec<String>, String> {
+        let mut declared = self.declared.lock().await;
+        if self.shutdown.is_cancelled() {
+            return Err("the node is shutting down".into());
+        }
+        let all: String = declared
+            .iter()
+            .chain(&tables)
+            .map(|(_, t)| t.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = self
+            .cx
+            .config
+            .with_volumes(&all)
+            .map_err(|e| e.to_string())?;
+        let mut batch = Vec::new();
+        let mut vcs = Vec::new();
+        for (name, _) in &tables {
+            let vc = config
+                .volume(name)
+                .cloned()
+                .ok_or_else(|| format!("{name}: not in its own table"))?;
+            // The export's address first: a port taken fails the volume
+            // before anything is opened.
+            let listener = bind_addr(&vc.nbd, name).await.map_err(|e| e.to_string())?;
+            let cx = self.cx.clone();
+            let opened = {
+                let vc = vc.clone();
+                tokio::task::spawn_blocking(move || open_volume(&cx, &vc))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?
+            };
+            let uri = export_uri(&listener, &opened.nbd, name);
+            info!(volume = %name, %uri, "serving NBD export (declared in etcd)");
+            vcs.push(vc);
+            batch.push((opened, listener, uri));
+        }
+        {
+            let mut groups = self.groups.lock().expect("poisoned");
+            join_groups(&mut groups, vcs.iter().zip(batch.iter().map(|(v, _, _)| v)));
+        }
+        self.serve(batch);
+        let names = tables.iter().map(|(n, _)| n.clone()).collect();
+        declared.extend(tables);
+        Ok(names)
+    }
+}
+
+impl crate::cluster::Host for Live {
+    fn served(&self) -> Vec<(String, Option<String>)> {
+        self.served
+            .all()
+            .iter()
+            .map(|s| (s.volume.name().to_owned(), s.group.clone()))
+            .collect()
+    }
+
+    fn open(
+        self: Arc<Self>,
+        tables: Vec<(String, String)>,
+    ) -> crate::cluster::BoxFut<'static, Result<Vec<String>, String>> {
+        Box::pin(self.open_declared(tables))
+    }
+}
+
+/// Opens one volume: its backend, metadata (marked not clean), mirror
+/// states, generation record and replication target.
+fn open_volume(cx: &NodeCtx, vc: &VolumeConfig) -> Result<OpenVolume, NodeError> {
+    let (config, state_dir, lease) = (&cx.config, &cx.state_dir, &cx.lease);
+    if let Some(parent) = vc.path.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| NodeError::Io {
+            what: format!("volume {}: creating {}", vc.name, parent.display()),
+            source,
+        })?;
+    }
+    let opts = FileOptions {
+        path: vc.path.clone(),
+        size: vc.size,
+        direct: vc.direct_io,
+        create: true,
+        read_only: false,
+    };
+    let role_cell = RoleCell::new(&vc.name);
+    let (disk, failed_before) = LocalDisk::open(
+        vc,
+        FileBackend::open(&vc.name, &opts)?,
+        state_dir,
+        role_cell.clone(),
+    )?;
+    let backend: Arc<dyn Backend> = disk.clone();
+    let meta_path = state_dir.join(format!("{}.meta", vc.name));
+    let (mut meta, created) =
+        meta_file::load_or_create(&meta_path, vc.size, vc.role == Role::Mirror)?;
+    if created {
+        info!(volume = %vc.name, id = %meta.id_hex(), "new volume");
+    } else if !meta.clean {
+        warn!(volume = %vc.name, "volume was not shut down cleanly");
+    }
+    // From here until a clean shutdown, the record says "not clean".
+    if meta.clean {
+        meta.clean = false;
+        meta_file::store(&meta_path, &meta)?;
+    }
+    if let Some(why) = &failed_before {
+        // The local disk failed in an earlier run and was then
+        // bypassed (`serve_from_mirror`): it is stale. It comes back
+        // as a blank mirror, so whichever node is primary (promote
+        // the mirror that took the writes) copies the whole volume
+        // to it, as to a replaced disk. The record says blank before
+        // the marker goes, so a crash between the two is harmless.
+        warn!(volume = %vc.name, reason = %why,
+                "the local disk was marked failed in an earlier run: it is stale; starting as \
+                 a blank mirror (promote the mirror that holds the data; it copies the whole \
+                 volume here)");
+    }
+    // The role it starts in: the record decides (no label: primary;
+    // a new volume's record has its configured role), because
+    // `promote` and `demote` (and a returning old primary that found
+    // its mirror promoted past it) change roles at run time and a
+    // reboot must not undo that: a demoted node never comes back as
+    // a second primary, a promoted one stays primary.
+    let opened = role_cell
+        .feed(Event::Open {
+            label: meta.label,
+            stale_disk: failed_before.is_some(),
+        })
+        .expect("a new role cell takes Open");
+    let mut park_links = false;
+    for a in opened {
+        match a {
+            Action::StoreDiscard => {
+                roles::discard_record(&mut meta);
+                meta_file::store(&meta_path, &meta)?;
+            }
+            Action::ForgetDiskFailure => disk.forget_failure().map_err(|source| NodeError::Io {
+                what: format!("volume {}: removing the disk-failed marker", vc.name),
+                source,
+            })?,
+            // Once the links exist, below.
+            Action::ParkLinks => park_links = true,
+            other => unreachable!("opening a volume asks for {other:?}"),
+        }
+    }
+    let role = role_cell.role();
+    if role != vc.role {
+        warn!(volume = %vc.name, configured = vc.role.as_str(), role = role.as_str(),
+                "the role changed at run time (promote or demote) and stays: starting as {}",
+                role.as_str());
+    }
+    if role == Role::Mirror && config.listen.is_none() {
+        warn!(volume = %vc.name,
+                "a mirror on a node without `listen`: no primary can feed it; add `listen`");
+    }
+    info!(volume = %vc.name, generations = %meta.generations.to_display(),
+            label = meta.label.as_str(), "volume metadata");
+    let meta_cell = Arc::new(MetaCell::new(meta_path.clone(), meta));
+    let fence = Arc::new(crate::cluster::fence::Fence::new());
+    if let Some(l) = &lease {
+        // Before any link exists: none connects, nor takes a
+        // primary's link, until the agent has read etcd.
+        fence.clustered(l.clone());
+    }
+    let replicator = if vc.mirrors.is_empty() {
+        None
+    } else {
+        let mut links = Vec::new();
+        for m in &vc.mirrors {
+            let (store, recovery) = OosStore::open(
+                state_dir,
+                &vc.name,
+                &m.peer,
+                vc.size,
+                vc.bitmap_granularity,
+                DEFAULT_EXTENT_SIZE,
+            )?;
+            let oos = recovery.bitmap.dirty_bytes();
+            match &recovery.outcome {
+                RecoveryOutcome::Clean => {
+                    info!(volume = %vc.name, peer = %m.peer, out_of_sync = oos, "mirror state recovered")
+                }
+                RecoveryOutcome::New => {
+                    info!(volume = %vc.name, peer = %m.peer, "new mirror: the whole volume will be copied")
+                }
+                RecoveryOutcome::Crash { replayed_extents } => warn!(
+                    volume = %vc.name, peer = %m.peer, replayed_extents, out_of_sync = oos,
+                    "last run did not shut down cleanly: active extents marked for resync"
+                ),
+                RecoveryOutcome::FullResync(why) => warn!(
+                    volume = %vc.name, peer = %m.peer, reason = ?why,
+                    "mirror state unusable: the whole volume will be copied"
+                ),
+            }
+            let al = ActivityLog::new(DEFAULT_EXTENT_SIZE, DEFAULT_CAPACITY)
+                .expect("default activity log settings are valid");
+            links.push(Arc::new(MirrorLink::new(
+                &vc.name,
+                m,
+                LinkTuning {
+                    timeout: vc.mirror_timeout,
+                    resync: vc.resync,
+                },
+                recovery.bitmap,
+                al,
+                Arc::new(store),
+                backend.clone(),
+            )));
+        }
+        Some(Arc::new(Replicator::new(
+            &vc.name,
+            links,
+            vc.on_mirror_failure,
+            vc.track_size,
+            {
+                let gen =
+                    Arc::new(GenState::new(&vc.name, meta_cell.clone()).with_fence(fence.clone()));
+                gen.hold_writes_at_start(vc.start_wait);
+                gen
+            },
+            role_cell.clone(),
+        )))
+    };
+    // Every volume of a node with a replication listener can be fed
+    // by a primary: a mirror now, a primary after a demote.
+    let target = config.listen.is_some().then(|| {
+        Arc::new(
+            MirrorTarget::new(
+                &vc.name,
+                meta_cell.clone(),
+                backend.clone(),
+                ApplyConfig {
+                    groups: vc.apply_groups,
+                    tasks_per_group: vc.apply_tasks_per_group,
+                    ..ApplyConfig::default()
+                },
+                role_cell.clone(),
+            )
+            .with_primary_silence(config.primary_silence)
+            .with_fence(fence.clone()),
+        )
+    });
+    if let (Some(t), Some(r)) = (&target, &replicator) {
+        t.set_own_links(r.links.clone());
+    }
+    if park_links {
+        if let Some(r) = &replicator {
+            // Dormant until the volume is promoted here.
+            r.start_parked();
+        }
+    }
+    let reads = replicator.as_ref().map(|r| {
+        ReadRouter::new(
+            &vc.name,
+            vc.size,
+            vc.read_policy,
+            r.links.clone(),
+            vc.mirror_timeout,
+        )
+    });
+    let volume = {
+        let v = Volume::new(
+            &vc.name,
+            role_cell,
+            backend,
+            // `read_only` as it applies to a primary (the config sets
+            // it for every mirror-role volume).
+            vc.read_only && vc.role == Role::Primary,
+            meta_cell.clone(),
+            replicator,
+        )
+        .with_disk(disk, reads)
+        .with_tls(vc.tls);
+        Arc::new(if config.cluster.is_some() {
+            v.with_fence(fence.clone())
+        } else {
+            v
+        })
+    };
+    Ok(OpenVolume {
+        group: vc.consistency_group.clone(),
+        fence,
+        volume,
+        nbd: vc.nbd.clone(),
+        meta: meta_cell,
+        target,
+    })
+}
+
+/// Joins the links of each consistency group's volumes to one site into
+/// that site's group (made on first use).
+fn join_groups<'a>(
+    groups: &mut HashMap<(String, SocketAddr), Arc<SiteGroup>>,
+    volumes: impl Iterator<Item = (&'a VolumeConfig, &'a OpenVolume)>,
+) {
+    for (vc, v) in volumes {
+        let (Some(name), Some(r)) = (&vc.consistency_group, v.volume.replicator()) else {
+            continue;
+        };
+        for (m, link) in vc.mirrors.iter().zip(&r.links) {
+            let g = groups
+                .entry((name.clone(), m.addr))
+                .or_insert_with(|| SiteGroup::new(name, m.addr));
+            let idx = g.join(
+                Arc::downgrade(link) as std::sync::Weak<dyn crate::primary::group::GroupMember>
+            );
+            link.set_group(g.clone(), idx);
+        }
     }
 }
 
@@ -704,19 +874,32 @@ impl Running {
                 });
             }
         }
+        // The agent has stopped (no volume is opened any more): the NBD
+        // servers finish their connections.
+        let live = &self.live;
+        live.servers.close();
+        live.servers.wait().await;
+        if let Some(e) = live.server_error.lock().expect("poisoned").take() {
+            first_err.get_or_insert(NodeError::Io {
+                what: "NBD server".into(),
+                source: e,
+            });
+        }
+        let volumes = live.served.all();
         // No host I/O any more: one last FLUSH to every live mirror, so what
         // they acknowledged is durable there and the next start copies
         // nothing; then close the links.
-        for v in &self.volumes {
+        for v in &volumes {
             if let Some(r) = v.volume.replicator() {
                 if r.flush(|| async { Ok(()) }).await.is_err() {
                     warn!(volume = %v.volume.name(), "final mirror flush failed");
                 }
             }
         }
-        self.link_stop.cancel();
-        while self.link_tasks.join_next().await.is_some() {}
-        for v in &mut self.volumes {
+        live.link_stop.cancel();
+        live.links.close();
+        live.links.wait().await;
+        for v in &volumes {
             let backend = v.volume.backend().clone();
             let flushed = tokio::task::spawn_blocking(move || backend.flush())
                 .await
@@ -746,7 +929,7 @@ impl Running {
             }
             match flushed {
                 Ok(()) => {
-                    v.meta.update(|m| m.clean = true)?;
+                    v.volume.meta_cell().update(|m| m.clean = true)?;
                     info!(volume = %v.volume.name(), "volume closed cleanly");
                 }
                 Err(e) => {
@@ -946,6 +1129,36 @@ pub fn state_dir(config: &NodeConfig) -> PathBuf {
     dir.join(format!("state-{}", config.node))
 }
 
+/// The node's served volumes (the set grows when etcd assigns one here).
+#[derive(Default)]
+pub(crate) struct ServedSet {
+    list: std::sync::RwLock<Vec<Arc<Served>>>,
+}
+
+impl ServedSet {
+    fn push(&self, s: Served) {
+        self.list.write().expect("poisoned").push(Arc::new(s));
+    }
+
+    /// Every served volume, in the order they were opened.
+    fn all(&self) -> Vec<Arc<Served>> {
+        self.list.read().expect("poisoned").clone()
+    }
+
+    fn find(&self, name: &str) -> Option<Arc<Served>> {
+        self.list
+            .read()
+            .expect("poisoned")
+            .iter()
+            .find(|s| s.volume.name() == name)
+            .cloned()
+    }
+
+    fn volumes(&self) -> Vec<Arc<Volume>> {
+        self.all().iter().map(|s| s.volume.clone()).collect()
+    }
+}
+
 /// A served volume as the admin server sees it.
 struct Served {
     volume: Arc<Volume>,
@@ -961,7 +1174,7 @@ struct StatusSource {
     tls: Option<Arc<TlsStore>>,
     /// Events and chart history, sampled from [`AdminSource::status`].
     observer: Arc<crate::daemon::events::Observer>,
-    volumes: Vec<Served>,
+    volumes: Arc<ServedSet>,
     verify: Arc<VerifyService>,
     /// Every metric family, each registered by the module that measures it.
     metrics: metrics::Registry,
@@ -972,14 +1185,14 @@ struct StatusSource {
 /// The role changes the cluster agent asks for, performed as `promote` and
 /// `demote` perform them.
 struct ClusterRoles {
-    volumes: Vec<(Arc<Volume>, Option<Arc<MirrorTarget>>)>,
+    volumes: Arc<ServedSet>,
 }
 
 impl ClusterRoles {
-    fn find(&self, name: &str) -> Result<&(Arc<Volume>, Option<Arc<MirrorTarget>>), String> {
+    fn find(&self, name: &str) -> Result<(Arc<Volume>, Option<Arc<MirrorTarget>>), String> {
         self.volumes
-            .iter()
-            .find(|(v, _)| v.name() == name)
+            .find(name)
+            .map(|s| (s.volume.clone(), s.target.clone()))
             .ok_or_else(|| format!("{name}: no such volume"))
     }
 }
@@ -993,8 +1206,8 @@ impl crate::cluster::Roles for ClusterRoles {
             let mut members = Vec::new();
             for name in volumes {
                 let (v, t) = self.find(name)?;
-                let t = t.as_ref().ok_or("no `listen`: it cannot be promoted")?;
-                members.push((v.clone(), t.clone()));
+                let t = t.ok_or("no `listen`: it cannot be promoted")?;
+                members.push((v, t));
             }
             promote_together(&members, false, true)
                 .await
@@ -1009,11 +1222,11 @@ impl crate::cluster::Roles for ClusterRoles {
     ) -> crate::cluster::BoxFut<'a, Result<String, String>> {
         Box::pin(async move {
             let (v, t) = self.find(volume)?;
-            let t = t.as_ref().ok_or("no `listen`: it cannot be a mirror")?;
+            let t = t.ok_or("no `listen`: it cannot be a mirror")?;
             if v.role() != Role::Primary {
                 return Ok(format!("{volume}: already a mirror"));
             }
-            demote_volume(v, t, Event::Demote, &why)
+            demote_volume(&v, &t, Event::Demote, &why)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -1023,7 +1236,7 @@ impl crate::cluster::Roles for ClusterRoles {
 /// The node's metric registry: the families of each part, in this order,
 /// read at each scrape.
 fn metrics_registry(
-    volumes: &[Served],
+    served: &Arc<ServedSet>,
     verify: &Arc<VerifyService>,
     jobs: Option<&Arc<JobService>>,
     cluster: Option<&Arc<crate::cluster::Agent>>,
@@ -1034,16 +1247,24 @@ fn metrics_registry(
         "1 while the node serves (the scrape reached it)",
         prometheus_client::metrics::gauge::ConstGauge::new(1i64),
     );
-    let vols: Vec<Arc<Volume>> = volumes.iter().map(|s| s.volume.clone()).collect();
+    let vols: metrics::VolumeList = {
+        let s = served.clone();
+        Arc::new(move || s.volumes())
+    };
     metrics::register(&mut reg, vols.clone());
     crate::primary::link::register_link_metrics(&mut reg, vols.clone());
-    let targets = volumes
-        .iter()
-        .filter_map(|s| {
-            let t = s.target.as_ref()?;
-            Some((s.volume.name().to_owned(), t.apply_metrics.clone()))
+    let targets = {
+        let s = served.clone();
+        Arc::new(move || {
+            s.all()
+                .iter()
+                .filter_map(|s| {
+                    let t = s.target.as_ref()?;
+                    Some((s.volume.name().to_owned(), t.apply_metrics.clone()))
+                })
+                .collect()
         })
-        .collect();
+    };
     crate::mirror::apply::register_apply_metrics(&mut reg, targets);
     crate::primary::register_metrics(&mut reg, vols.clone());
     crate::primary::reads::register_metrics(&mut reg, vols);
@@ -1103,10 +1324,9 @@ impl StatusSource {
         ))
     }
 
-    fn find(&self, volume: &str) -> Result<&Served, ControlError> {
+    fn find(&self, volume: &str) -> Result<Arc<Served>, ControlError> {
         self.volumes
-            .iter()
-            .find(|s| s.volume.name() == volume)
+            .find(volume)
             .ok_or_else(|| ControlError::UnknownVolume(volume.to_owned()))
     }
 }
@@ -1132,7 +1352,9 @@ impl AdminSource for StatusSource {
             node: self.node.clone(),
             volumes: self
                 .volumes
+                .all()
                 .iter()
+                .map(|s| &**s)
                 .map(
                     |Served {
                          volume: v,
@@ -1221,6 +1443,7 @@ impl AdminSource for StatusSource {
     fn promote_group(&self, group: &str, req: &PromoteRequest) -> Result<String, ControlError> {
         let members: Vec<(Arc<Volume>, Arc<MirrorTarget>)> = self
             .volumes
+            .all()
             .iter()
             .filter(|s| s.group.as_deref() == Some(group))
             .filter_map(|s| s.target.clone().map(|t| (s.volume.clone(), t)))
@@ -1256,7 +1479,7 @@ impl AdminSource for StatusSource {
             reason,
         };
         if req.discard_local {
-            return self.discard_local(s);
+            return self.discard_local(&s);
         }
         if s.volume.role() == Role::Primary {
             let Some(r) = s.volume.replicator() else {
@@ -1319,8 +1542,7 @@ impl AdminSource for StatusSource {
         })?;
         let served = self
             .volumes
-            .iter()
-            .find(|s| s.volume.name() == volume)
+            .find(volume)
             .ok_or_else(|| (404, format!("no volume {volume} on this node")))?;
         let r = served
             .volume
@@ -1382,7 +1604,7 @@ impl AdminSource for StatusSource {
     }
 
     fn start_verify(&self, volume: &str, req: &VerifyRequest) -> Result<u64, (u16, String)> {
-        if let Some(s) = self.volumes.iter().find(|s| s.volume.name() == volume) {
+        if let Some(s) = self.volumes.find(volume) {
             if s.volume.role() == Role::Mirror {
                 return Err((
                     409,

@@ -650,11 +650,9 @@ impl LinkWrite {
 
 /// Registers the pipeline's and the links' compression metric families of
 /// every volume among `volumes` with mirrors.
-pub fn register_metrics(
-    registry: &mut metrics::Registry,
-    volumes: Vec<Arc<crate::volume::Volume>>,
-) {
+pub fn register_metrics(registry: &mut metrics::Registry, volumes: metrics::VolumeList) {
     registry.register_collector(metrics::FnCollector::boxed("pipeline", move |enc| {
+        let volumes = volumes();
         let replicators: Vec<&Replicator> = volumes
             .iter()
             .filter_map(|v| v.replicator().map(|r| &**r))

@@ -453,12 +453,10 @@ pub struct ReadMetrics<'a> {
 
 /// Registers the read-path families of the volumes among `volumes` with
 /// mirrors.
-pub fn register_metrics(
-    registry: &mut metrics::Registry,
-    volumes: Vec<Arc<crate::volume::Volume>>,
-) {
+pub fn register_metrics(registry: &mut metrics::Registry, volumes: metrics::VolumeList) {
     use blockmirror_nbd::Export as _;
     registry.register_collector(metrics::FnCollector::boxed("reads", move |enc| {
+        let volumes = volumes();
         let reads: Vec<ReadMetrics<'_>> = volumes
             .iter()
             .filter(|v| v.replicator().is_some())

@@ -284,7 +284,7 @@ impl StartError {
 
 /// The node's verifies: starts them, keeps each mirror's last result.
 pub struct VerifyService {
-    volumes: HashMap<String, Arc<VerifyVolume>>,
+    volumes: std::sync::RwLock<HashMap<String, Arc<VerifyVolume>>>,
     runs: Mutex<HashMap<(String, String), Run>>,
     next_id: AtomicU64,
     shutdown: CancellationToken,
@@ -294,13 +294,27 @@ impl VerifyService {
     /// The service for `volumes`, each mirror's last result read back from
     /// its volume's metadata record (run ids go on from the highest).
     pub fn new(volumes: Vec<VerifyVolume>, shutdown: CancellationToken) -> Self {
-        let mut runs = HashMap::new();
-        let mut last_id = 0;
-        for v in &volumes {
-            let stored = v.ctx.gen.meta.verify();
+        let s = Self {
+            volumes: std::sync::RwLock::new(HashMap::new()),
+            runs: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            shutdown,
+        };
+        for v in volumes {
+            s.add(v);
+        }
+        s
+    }
+
+    /// Adds a volume (at start, or opened while the node runs), its
+    /// mirrors' last results read back from its metadata.
+    pub fn add(&self, v: VerifyVolume) {
+        let stored = v.ctx.gen.meta.verify();
+        {
+            let mut runs = self.runs();
             for l in &v.links {
                 if let Some(r) = stored.iter().find(|r| r.peer == l.peer) {
-                    last_id = last_id.max(r.id);
+                    self.next_id.fetch_max(r.id + 1, Relaxed);
                     runs.insert(
                         (v.name.clone(), l.peer.clone()),
                         Run {
@@ -311,15 +325,10 @@ impl VerifyService {
                 }
             }
         }
-        Self {
-            volumes: volumes
-                .into_iter()
-                .map(|v| (v.name.clone(), Arc::new(v)))
-                .collect(),
-            runs: Mutex::new(runs),
-            next_id: AtomicU64::new(last_id + 1),
-            shutdown,
-        }
+        self.volumes
+            .write()
+            .expect("poisoned")
+            .insert(v.name.clone(), Arc::new(v));
     }
 
     fn runs(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Run>> {
@@ -347,6 +356,8 @@ impl VerifyService {
         }
         let v = self
             .volumes
+            .read()
+            .expect("poisoned")
             .get(volume)
             .cloned()
             .ok_or_else(|| StartError::UnknownVolume(volume.to_owned()))?;

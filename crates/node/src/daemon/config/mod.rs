@@ -99,6 +99,10 @@ pub struct NodeConfig {
     pub cluster: Option<ClusterConfig>,
     /// The config file this was read from.
     pub path: PathBuf,
+    /// Its text: cluster mode appends the `[[volume]]` tables of the
+    /// volumes etcd assigns to this node and validates the whole again
+    /// ([`NodeConfig::with_volumes`]).
+    pub text: String,
 }
 
 /// The `[cluster]` table.
@@ -118,6 +122,14 @@ pub struct ClusterConfig {
     /// Key prefix in etcd (key `prefix`, default `/blockmirror`), so that
     /// several deployments can share one etcd.
     pub prefix: String,
+    /// Where the images of volumes declared in etcd (`blockmirror cluster
+    /// apply`) are made (key `volume_dir`, default `volumes-<node>` beside
+    /// the config file).
+    pub volume_dir: PathBuf,
+    /// The address their NBD exports listen on, each at the port its
+    /// declaration gives (key `nbd_host`, default the IP of `listen`, else
+    /// 127.0.0.1).
+    pub nbd_host: std::net::IpAddr,
 }
 
 /// Default `[cluster] lease_ttl`.
@@ -482,6 +494,15 @@ impl NodeConfig {
         NodeConfig::parse(&text, path)
     }
 
+    /// This config with `tables` (`[[volume]]` tables in the file's syntax)
+    /// appended, validated as one file: the volumes cluster mode serves
+    /// because etcd assigns them here are checked exactly as written ones.
+    pub fn with_volumes(&self, tables: &str) -> Result<NodeConfig, ConfigError> {
+        let mut c = NodeConfig::parse(&format!("{}\n{tables}", self.text), &self.path)?;
+        c.text = self.text.clone();
+        Ok(c)
+    }
+
     /// Parses and validates config `text`; `path` is where it came from (used
     /// in errors and to resolve relative paths).
     pub fn parse(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
@@ -489,7 +510,9 @@ impl NodeConfig {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        validate(raw, path)
+        let mut c = validate(raw, path)?;
+        c.text = text.to_owned();
+        Ok(c)
     }
 
     /// The volume called `name`.
@@ -539,6 +562,8 @@ struct RawCluster {
     auto_promote: Option<String>,
     site: Option<String>,
     prefix: Option<String>,
+    volume_dir: Option<String>,
+    nbd_host: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -787,18 +812,37 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
             }
             let site = c.site.unwrap_or_else(|| node.clone());
             check_name(&site).map_err(|e| cx.invalid("cluster.site", e))?;
+            let volume_dir = match c.volume_dir {
+                Some(s) if s.is_empty() => {
+                    return Err(cx.invalid("cluster.volume_dir", "empty path"))
+                }
+                Some(s) => cx.resolve(&s),
+                None => cx.resolve(&format!("volumes-{node}")),
+            };
+            let nbd_host = match c.nbd_host {
+                Some(s) => s.parse().map_err(|_| {
+                    cx.invalid("cluster.nbd_host", format!("{s:?}: expected an IP address"))
+                })?,
+                None => listen.map_or(std::net::IpAddr::from([127, 0, 0, 1]), |l| l.ip()),
+            };
             Some(ClusterConfig {
                 etcd: c.etcd,
                 lease_ttl,
                 auto_promote,
                 site,
                 prefix,
+                volume_dir,
+                nbd_host,
             })
         }
     };
 
-    if raw.volume.is_empty() {
-        return Err(cx.invalid("volume", "at least one [[volume]] table is required"));
+    if raw.volume.is_empty() && cluster.is_none() {
+        return Err(cx.invalid(
+            "volume",
+            "at least one [[volume]] table is required (or a [cluster] table, whose volumes \
+             `blockmirror cluster apply` declares in etcd)",
+        ));
     }
 
     // TCP listeners seen so far, to refuse two sockets on one address.
@@ -1185,6 +1229,7 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
         admin_auth,
         cluster,
         path: path.to_path_buf(),
+        text: String::new(),
     })
 }
 

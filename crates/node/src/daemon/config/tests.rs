@@ -796,3 +796,32 @@ fn tls_keys_are_checked() {
         "missing",
     );
 }
+
+#[test]
+fn a_cluster_node_may_start_without_volumes_and_takes_more_later() {
+    let text = "node = \"n\"\nlisten = \"10.0.0.7:7789\"\nsecret_file = \"s\"\n\
+                [cluster]\netcd = [\"http://127.0.0.1:2379\"]\n";
+    let c = parse(text).unwrap();
+    assert!(c.volumes.is_empty());
+    let cl = c.cluster.as_ref().unwrap();
+    // Declared volumes' exports listen on the replication address's IP.
+    assert_eq!(cl.nbd_host.to_string(), "10.0.0.7");
+    assert_eq!(cl.volume_dir, Path::new("/etc/blockmirror/volumes-n"));
+    let more = c
+        .with_volumes(
+            "[[volume]]\nname = \"v\"\npath = \"v.img\"\nsize = \"1MiB\"\nrole = \"mirror\"\n\
+             nbd = \"10.0.0.7:10900\"\n",
+        )
+        .unwrap();
+    assert_eq!(more.volumes.len(), 1);
+    assert_eq!(more.text, c.text, "the text stays the file's own");
+    // Validated as one file: a second volume on the same export address
+    // is refused.
+    let two = "[[volume]]\nname = \"v\"\npath = \"v.img\"\nsize = \"1MiB\"\nrole = \"mirror\"\n\
+               nbd = \"10.0.0.7:10900\"\n\
+               [[volume]]\nname = \"w\"\npath = \"w.img\"\nsize = \"1MiB\"\nrole = \"mirror\"\n\
+               nbd = \"10.0.0.7:10900\"\n";
+    assert!(c.with_volumes(two).is_err());
+    let bad = "node = \"n\"\n[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nnbd_host = \"x\"\n";
+    assert_err(bad, "cluster.nbd_host", "IP address");
+}

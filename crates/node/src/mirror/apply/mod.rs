@@ -607,9 +607,10 @@ fn run_job(b: &dyn Backend, job: Job, done: &mpsc::UnboundedSender<Done>) {
 /// engine's counters) for /metrics.
 pub fn register_apply_metrics(
     registry: &mut metrics::Registry,
-    targets: Vec<(String, Arc<ApplyMetrics>)>,
+    targets: Arc<dyn Fn() -> Vec<(String, Arc<ApplyMetrics>)> + Send + Sync>,
 ) {
     registry.register_collector(metrics::FnCollector::boxed("apply", move |enc| {
+        let targets = targets();
         let t: Vec<(&str, &ApplyMetrics)> =
             targets.iter().map(|(v, m)| (v.as_str(), &**m)).collect();
         encode_apply_metrics(enc, &t)

@@ -103,7 +103,7 @@ type Table = JobTable<DeviceConstants, DeviceShared, JobData>;
 /// The mirror node's device records and job table.
 pub struct JobService {
     table: Mutex<Table>,
-    devices: HashMap<String, DeviceId>,
+    devices: std::sync::RwLock<HashMap<String, DeviceId>>,
     next_conn: AtomicU64,
     fetch_timeout: Duration,
     idle_timeout: Duration,
@@ -132,7 +132,7 @@ impl JobService {
             .collect();
         Self {
             table: Mutex::new(table),
-            devices,
+            devices: std::sync::RwLock::new(devices),
             next_conn: AtomicU64::new(1),
             fetch_timeout,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -146,6 +146,13 @@ impl JobService {
     pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
         self.idle_timeout = idle;
         self
+    }
+
+    /// Adds a device record for a volume opened while the node runs.
+    pub fn add_device(&self, c: DeviceConstants) {
+        let name = c.volume.clone();
+        let id = self.table().add_device(c, DeviceShared::default());
+        self.devices.write().expect("poisoned").insert(name, id);
     }
 
     /// A mirror id from the node's name (link ids name their mirror).
@@ -169,9 +176,9 @@ impl JobService {
 
     /// Live jobs of one volume (its device record's job count).
     pub fn jobs_of(&self, volume: &str) -> usize {
-        self.devices
-            .get(volume)
-            .and_then(|d| self.table().device(*d).map(|r| r.job_count()))
+        let device = self.devices.read().expect("poisoned").get(volume).copied();
+        device
+            .and_then(|d| self.table().device(d).map(|r| r.job_count()))
             .unwrap_or(0)
     }
 
@@ -334,7 +341,7 @@ impl JobService {
     {
         let conn = self.next_conn.fetch_add(1, Relaxed);
         let peer = primary.node.clone();
-        let Some(&device) = self.devices.get(volume) else {
+        let Some(device) = self.devices.read().expect("poisoned").get(volume).copied() else {
             warn!(%volume, %peer, "job connection for a volume with no device record");
             return;
         };

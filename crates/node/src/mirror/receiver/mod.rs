@@ -275,6 +275,26 @@ impl MirrorTarget {
     }
 }
 
+/// The volumes a node's receiver applies to, by name (cluster mode adds
+/// volumes while the node runs).
+#[derive(Default)]
+pub struct Targets {
+    by_name: std::sync::RwLock<HashMap<String, Arc<MirrorTarget>>>,
+}
+
+impl Targets {
+    pub fn insert(&self, t: Arc<MirrorTarget>) {
+        self.by_name
+            .write()
+            .expect("poisoned")
+            .insert(t.name.clone(), t);
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<MirrorTarget>> {
+        self.by_name.read().expect("poisoned").get(name).cloned()
+    }
+}
+
 /// Accepts replication links until `shutdown`.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
@@ -282,7 +302,7 @@ pub async fn serve(
     node: String,
     secret: Arc<[u8]>,
     tls: Option<Arc<crate::tls::TlsStore>>,
-    targets: Arc<HashMap<String, Arc<MirrorTarget>>>,
+    targets: Arc<Targets>,
     jobs: Arc<super::jobs::JobService>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -333,7 +353,7 @@ async fn handle(
     node: &str,
     secret: &[u8],
     tls: Option<&crate::tls::TlsStore>,
-    targets: &HashMap<String, Arc<MirrorTarget>>,
+    targets: &Targets,
     jobs: Arc<super::jobs::JobService>,
     shutdown: CancellationToken,
 ) {
@@ -368,7 +388,7 @@ async fn handle(
     if matches!(purpose, blockmirror_repl::Purpose::Jobs) {
         return jobs.serve(stream, primary, &volume.name, shutdown).await;
     }
-    let Some(target) = targets.get(&volume.name).cloned() else {
+    let Some(target) = targets.get(&volume.name) else {
         return;
     };
     // Generations (authenticated by the handshake): a mirror takes data only

@@ -6,14 +6,15 @@ use std::sync::Arc;
 use super::{LinkSnapshot, MirrorLink};
 use crate::daemon::config::Role;
 use crate::daemon::metrics::{self, MetricType};
-use crate::volume::Volume;
+
 use blockmirror_nbd::Export as _;
 
 /// Registers the links' families of the primary volumes among `volumes`
 /// (a mirror's own links are parked and not shown: they would read as
 /// degraded mirrors).
-pub fn register_link_metrics(registry: &mut metrics::Registry, volumes: Vec<Arc<Volume>>) {
+pub fn register_link_metrics(registry: &mut metrics::Registry, volumes: metrics::VolumeList) {
     registry.register_collector(metrics::FnCollector::boxed("links", move |enc| {
+        let volumes = volumes();
         let links: Vec<(&str, &Arc<MirrorLink>)> = volumes
             .iter()
             .filter(|v| v.role() == Role::Primary)
