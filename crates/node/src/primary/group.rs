@@ -25,7 +25,17 @@ pub trait GroupMember: Send + Sync {
     /// A sibling lost its mirror: cut this member's connection too,
     /// without propagating further.
     fn suspend_for_group(&self, reason: &str);
+    /// The send sequence number of the last write this member sent (0:
+    /// none yet).
+    fn last_sent(&self) -> u64;
+    /// The lowest send sequence number not yet acknowledged by the site
+    /// (every lower one is), as it moves.
+    fn acked_low(&self) -> watch::Receiver<u64>;
 }
+
+/// What a member's sender waits for before its next write: each sibling's
+/// writes sent up to a point, acknowledged.
+pub type Gate = Vec<(watch::Receiver<u64>, u64)>;
 
 /// The links of one consistency group to one mirror site.
 pub struct SiteGroup {
@@ -35,6 +45,9 @@ pub struct SiteGroup {
     barrier: Mutex<Barrier>,
     /// Bumped whenever the barrier opens or is reset, to wake waiters.
     changed: watch::Sender<u64>,
+    /// Host answers of async writes on any member, counted: a member whose
+    /// last gate saw an older count gates its next write.
+    answered: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -56,7 +69,45 @@ impl SiteGroup {
             members: Mutex::new(Vec::new()),
             barrier: Mutex::new(Barrier::default()),
             changed: watch::channel(0).0,
+            answered: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// A host was answered for an async write on a member.
+    pub fn answered(&self) {
+        self.answered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The count of answers, for [`SiteGroup::gate`]'s caller to remember.
+    pub fn answers(&self) -> u64 {
+        self.answered.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// What member `idx` must wait for before its next write: every
+    /// sibling's writes sent so far, where some are not acknowledged yet.
+    /// Lock-free on the siblings (atomics and watch values), so it may be
+    /// called under the member's own lock. A write answered before this
+    /// call was sent before its answer, so it is covered.
+    pub fn gate(&self, idx: usize) -> Gate {
+        let members: Vec<Arc<dyn GroupMember>> = self
+            .members
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != idx)
+            .filter_map(|(_, m)| m.upgrade())
+            .collect();
+        members
+            .iter()
+            .filter_map(|m| {
+                let last = m.last_sent();
+                let low = m.acked_low();
+                let pending = *low.borrow() <= last;
+                pending.then_some((low, last))
+            })
+            .collect()
     }
 
     /// Adds a member; returns its index.

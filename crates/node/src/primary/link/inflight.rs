@@ -17,6 +17,9 @@ pub(super) struct Pending {
     /// (acknowledged, or marked on failure), not when the host is answered.
     pub(super) al_end: Option<Arc<AlEnd>>,
     pub(super) sent: Option<Instant>,
+    /// The link's send sequence number of this write (0: not sent, or not
+    /// a write), for a consistency group's gate.
+    pub(super) send_seq: u64,
     pub(super) done: oneshot::Sender<Result<(), MirrorFailure>>,
 }
 
@@ -129,6 +132,7 @@ impl MirrorLink {
                 flush: false,
                 al_end: None,
                 sent: None,
+                send_seq: 0,
                 done,
             },
         );
@@ -215,6 +219,9 @@ impl MirrorLink {
         let mut sh = self.shared();
         if sh.link.epoch() == epoch && sh.inflight.contains_key(&id) {
             if let Some(tx) = sh.tx.clone() {
+                if len > 0 && self.is_async() {
+                    self.gate_for_group(&tx);
+                }
                 if len > 0 && self.is_async() && self.completed.swap(false, SeqCst) {
                     // A write was answered since the last barrier: this one
                     // may depend on it, so it starts a new epoch (DESIGN.md
@@ -236,11 +243,20 @@ impl MirrorLink {
                         let wire = write.wire_len() as u64;
                         self.counters.wire_bytes.fetch_add(wire, Relaxed);
                     }
-                    Outgoing::Frame(_) => {}
+                    Outgoing::Frame(_) | Outgoing::Gate(_) => {}
                 }
                 let bytes = p.bytes;
                 if tx.send(out).is_ok() {
                     sh.inflight_bytes += bytes;
+                    // Send numbers only where a group's siblings wait on
+                    // them: no cost on the links of ungrouped volumes.
+                    if len > 0 && self.group.get().is_some() {
+                        sh.next_send += 1;
+                        let seq = sh.next_send;
+                        sh.inflight.get_mut(&id).expect("checked above").send_seq = seq;
+                        sh.unacked_sends.insert(seq);
+                        self.last_sent.store(seq, SeqCst);
+                    }
                     return true;
                 }
             }
@@ -257,6 +273,46 @@ impl MirrorLink {
             }
         }
         false
+    }
+
+    /// Async, in a consistency group: after a host answer on any member,
+    /// queues a gate before this write: the sender holds it until every
+    /// sibling's writes sent so far are acknowledged (see
+    /// [`crate::primary::group`]). Under this link's lock, like a barrier.
+    fn gate_for_group(&self, tx: &mpsc::UnboundedSender<Outgoing>) {
+        let Some((group, idx)) = self.group.get() else {
+            return;
+        };
+        let answers = group.answers();
+        if self.group_seen.swap(answers, SeqCst) == answers {
+            return;
+        }
+        let gate = group.gate(*idx);
+        if !gate.is_empty() && tx.send(Outgoing::Gate(gate)).is_ok() {
+            self.counters.group_gates.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// `seq` was acknowledged or failed: the lowest unacknowledged send
+    /// moves.
+    pub(super) fn settle_send(&self, sh: &mut Shared, seq: u64) {
+        if seq != 0 {
+            sh.unacked_sends.remove(&seq);
+        }
+    }
+
+    /// Publishes the lowest unacknowledged send (to siblings' gates).
+    pub(super) fn publish_acked_low(&self, sh: &Shared) {
+        let low = sh
+            .unacked_sends
+            .first()
+            .copied()
+            .unwrap_or(sh.next_send + 1);
+        self.acked_low.send_if_modified(|v| {
+            let moved = *v != low;
+            *v = low;
+            moved
+        });
     }
 
     /// Queues an epoch barrier. It has id 0: the mirror does not answer
@@ -368,6 +424,7 @@ impl MirrorLink {
                 }
                 self.counters.bytes_replicated.fetch_add(p.bytes, Relaxed);
                 sh.inflight_bytes -= p.bytes;
+                self.settle_send(&mut sh, p.send_seq);
                 freed |= Self::release_al(&mut sh, p.al_end.take());
                 if p.flush {
                     while sh.flushing.front().is_some_and(|(fid, _)| *fid <= id) {
@@ -377,6 +434,9 @@ impl MirrorLink {
                     sh.unflushed.mark(p.offset, p.len);
                 }
                 done.push(p.done);
+            }
+            if self.group.get().is_some() {
+                self.publish_acked_low(&sh);
             }
         }
         if freed {
@@ -455,6 +515,9 @@ impl MirrorLink {
         let mut freed = false;
         let mut inflight = std::mem::take(&mut sh.inflight);
         sh.inflight_bytes = 0;
+        // Failed, so no sibling waits for them any more.
+        sh.unacked_sends.clear();
+        self.publish_acked_low(sh);
         for p in inflight.values_mut() {
             sh.bitmap.mark(p.offset, p.len);
             // Marked: the async write's extent may end.

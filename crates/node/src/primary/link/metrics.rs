@@ -32,7 +32,7 @@ pub fn encode_link_metrics(
 ) -> std::fmt::Result {
     use std::sync::atomic::Ordering::Relaxed;
     type Get = fn(&MirrorLink, &LinkSnapshot) -> f64;
-    let families: [(&str, MetricType, &str, Get); 23] = [
+    let families: [(&str, MetricType, &str, Get); 24] = [
         (
             "blockmirror_mirror_lag_bytes",
             MetricType::Gauge,
@@ -50,6 +50,12 @@ pub fn encode_link_metrics(
             MetricType::Counter,
             "Async: epoch barriers sent (a write followed an answered one).",
             |l, _| l.barriers.load(Relaxed) as f64,
+        ),
+        (
+            "blockmirror_mirror_group_gates_total",
+            MetricType::Counter,
+            "Async consistency group: writes held until the other members' earlier writes were acknowledged by the site.",
+            |l, _| l.counters.group_gates.load(Relaxed) as f64,
         ),
         (
             "blockmirror_mirror_throttled_writes_total",

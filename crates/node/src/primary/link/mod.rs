@@ -217,6 +217,9 @@ impl MirrorOp {
 /// pipeline (or the caller) already made ready for the wire.
 pub(crate) enum Outgoing {
     Frame(Frame),
+    /// Consistency group: send nothing after this until each sibling's
+    /// writes up to the given send number are acknowledged.
+    Gate(crate::primary::group::Gate),
     Encoded {
         id: u64,
         offset: u64,
@@ -234,6 +237,10 @@ pub(super) struct Shared {
     /// Cancels the current connection's tasks.
     conn_cancel: Option<CancellationToken>,
     inflight: BTreeMap<u64, Pending>,
+    /// Send sequence numbers of writes sent and not yet acknowledged, and
+    /// the last one given (a consistency group's siblings wait on them).
+    unacked_sends: std::collections::BTreeSet<u64>,
+    next_send: u64,
     /// Write data of `inflight` that was sent: an async link's lag in bytes.
     inflight_bytes: u64,
     /// What the mirror may lack. Persisted lazily; the activity log covers
@@ -308,6 +315,9 @@ impl Shared {
 /// Counters for /metrics.
 #[derive(Default)]
 pub struct LinkCounters {
+    /// Consistency group: writes held until the siblings' earlier writes
+    /// were acknowledged (one per cross-volume epoch).
+    pub group_gates: AtomicU64,
     pub bytes_replicated: AtomicU64,
     pub requests_acked: AtomicU64,
     pub reconnects: AtomicU64,
@@ -382,6 +392,12 @@ pub struct MirrorLink {
     completed: AtomicBool,
     /// Barriers sent (epochs closed), for /metrics.
     pub barriers: AtomicU64,
+    /// Consistency group: the last send sequence number given, the lowest
+    /// one not yet acknowledged, and the group's answer count at this
+    /// link's last gate.
+    last_sent: AtomicU64,
+    acked_low: tokio::sync::watch::Sender<u64>,
+    group_seen: AtomicU64,
     /// What the link runs with, kept to start a catch-up from the write path.
     ctx: std::sync::OnceLock<LinkContext>,
     /// The mirror may hold the current generation as in sync: it was sent
@@ -505,6 +521,9 @@ impl MirrorLink {
             durable_barriers: cfg.durable_barriers,
             completed: AtomicBool::new(false),
             barriers: AtomicU64::new(0),
+            last_sent: AtomicU64::new(0),
+            acked_low: tokio::sync::watch::channel(1).0,
+            group_seen: AtomicU64::new(0),
             ctx: std::sync::OnceLock::new(),
             holds_current: AtomicBool::new(true),
             configured_codec: cfg.compression,
@@ -517,6 +536,8 @@ impl MirrorLink {
                 tx: None,
                 conn_cancel: None,
                 inflight: BTreeMap::new(),
+                unacked_sends: Default::default(),
+                next_send: 0,
                 inflight_bytes: 0,
                 bitmap,
                 stored_changes,
@@ -686,6 +707,9 @@ impl MirrorLink {
     /// write sent starts a new epoch.
     pub fn completed(&self) {
         self.completed.store(true, SeqCst);
+        if let Some((group, _)) = self.group.get() {
+            group.answered();
+        }
     }
 
     /// The link's state now.
@@ -807,6 +831,14 @@ impl GroupMember for MirrorLink {
             },
             Some(LinkError::Group(reason.to_owned())),
         );
+    }
+
+    fn last_sent(&self) -> u64 {
+        self.last_sent.load(SeqCst)
+    }
+
+    fn acked_low(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.acked_low.subscribe()
     }
 }
 

@@ -77,27 +77,44 @@ pub(super) async fn sender_loop(
             f = rx.recv() => f,
         };
         let Some(out) = first else { return };
-        queue(&mut w, out);
-        while w.buffered() < 4 << 20 {
+        let mut gate = None;
+        match out {
+            Outgoing::Gate(g) => gate = Some(g),
+            out => queue(&mut w, out),
+        }
+        while gate.is_none() && w.buffered() < 4 << 20 {
             match rx.try_recv() {
+                Ok(Outgoing::Gate(g)) => gate = Some(g),
                 Ok(out) => queue(&mut w, out),
                 Err(_) => break,
             }
         }
-        let flushed = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = w.flush() => r,
-        };
-        if flushed.is_err() {
-            // The receiver sees the broken connection and fails the epoch.
-            cancel.cancel();
-            return;
+        if w.buffered() > 0 {
+            let flushed = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = w.flush() => r,
+            };
+            if flushed.is_err() {
+                // The receiver sees the broken connection and fails the epoch.
+                cancel.cancel();
+                return;
+            }
+        }
+        // A consistency group's gate: what is queued behind it waits until
+        // the siblings' earlier writes are acknowledged (a sibling whose
+        // link fails settles them all, and is cut with this one anyway).
+        for (mut acked_low, sent) in gate.into_iter().flatten() {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = acked_low.wait_for(|low| *low > sent) => {}
+            }
         }
     }
 }
 
 pub(super) fn queue(w: &mut FrameWriter<LinkWrite>, out: Outgoing) {
     match out {
+        Outgoing::Gate(_) => unreachable!("gates are awaited by the sender loop, not queued"),
         Outgoing::Frame(f) => w.queue(&f),
         Outgoing::Encoded {
             id,
