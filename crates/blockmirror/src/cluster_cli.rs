@@ -181,13 +181,13 @@ async fn apply(file: &Path, etcd: EtcdArgs, prune: bool, dry_run: bool, json: bo
             v.join(", ")
         }
     };
-    let verb = if dry_run { "would be" } else { "" };
-    println!("added {verb}: {}", list(&r.added));
-    println!("changed {verb}: {}", list(&r.changed));
+    let verb = if dry_run { " (would be)" } else { "" };
+    println!("added{verb}: {}", list(&r.added));
+    println!("changed{verb}: {}", list(&r.changed));
     println!("unchanged: {}", list(&r.unchanged));
     if !r.absent.is_empty() {
         if prune {
-            println!("deleted {verb}: {}", list(&r.absent));
+            println!("deleted{verb}: {}", list(&r.absent));
         } else {
             println!(
                 "declared in etcd, not in {} (kept; --prune deletes them): {}",

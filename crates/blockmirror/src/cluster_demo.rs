@@ -68,6 +68,11 @@ etcd = [{}]
 lease_ttl = "3s"
 auto_promote = "sync_only"
 site = "{name}"
+# Volumes declared in etcd (`blockmirror cluster apply`): their images, and
+# the address their exports listen on (one loopback address per site, since
+# a declared volume has one port on every site).
+volume_dir = "site-{name}/declared"
+nbd_host = "127.0.0.{}"
 
 [[volume]]
 name = "demo"
@@ -79,6 +84,7 @@ mirror_timeout = "3s"
 {mirrors}"#,
             listen[i],
             quoted.join(", "),
+            i + 1,
             if i == 0 { "primary" } else { "mirror" },
         );
         let cfg = dir.join(format!("site-{name}.toml"));
@@ -169,6 +175,25 @@ mirror_timeout = "3s"
         p.child.id()
     );
     println!("  blockmirror status --admin {}", p.admin);
+    let more_port = free_port(10900)?;
+    let decl = dir.join("volumes.toml");
+    std::fs::write(
+        &decl,
+        format!(
+            "# Volumes declared in etcd: `blockmirror cluster apply` this file and every\n\
+             # site it names serves the volume at once.\n\
+             [[volume]]\nname = \"more\"\nsize = \"{size}\"\nprimary = \"site-b\"\n\
+             mirrors = [{{ node = \"site-a\" }}, {{ node = \"site-c\", mode = \"async\" }}]\n\
+             nbd_port = {more_port}\n"
+        ),
+    )
+    .with_context(|| format!("writing {}", decl.display()))?;
+    println!(
+        "  blockmirror cluster apply {} --etcd {eps}   # one more volume, declared in etcd",
+        decl.display()
+    );
+    println!("  nbdinfo nbd://127.0.0.2:{more_port}/more     # served by site b once applied");
+    println!("  blockmirror cluster events --etcd {eps}      # follow the changes");
     println!();
     println!("Press Ctrl-C to stop.");
     let signal = CancellationToken::new();

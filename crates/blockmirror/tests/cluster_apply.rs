@@ -113,9 +113,9 @@ fn declared_volumes_are_served_where_etcd_assigns_them_and_fail_over() {
     std::fs::write(&decl, &first).unwrap();
     let decl_s = decl.to_str().unwrap();
     let dry = cli_ok(&["cluster", "apply", decl_s, "--etcd", &etcd_arg, "--dry-run"]);
-    assert!(dry.contains("added would be: db, app1, app2"), "{dry}");
+    assert!(dry.contains("added (would be): db, app1, app2"), "{dry}");
     let out = cli_ok(&["cluster", "apply", decl_s, "--etcd", &etcd_arg]);
-    assert!(out.contains("added : db, app1, app2"), "{out}");
+    assert!(out.contains("added: db, app1, app2"), "{out}");
 
     // Served where declared: a is db's primary, b the group's; mirrors in sync.
     let in_sync = |s: &Site, vol: &str| {
@@ -148,7 +148,7 @@ fn declared_volumes_are_served_where_etcd_assigns_them_and_fail_over() {
     );
     std::fs::write(&decl, &second).unwrap();
     let out = cli_ok(&["cluster", "apply", decl_s, "--etcd", &etcd_arg]);
-    assert!(out.contains("added : late"), "{out}");
+    assert!(out.contains("added: late"), "{out}");
     assert!(out.contains("unchanged: db, app1, app2"), "{out}");
     wait_for(
         "late served by c, mirrored to a",
