@@ -446,10 +446,49 @@ consistency_group = "app"
     );
 }
 
+/// Cluster mode: a declaration file and the JSON values etcd holds.
+fn cluster() {
+    put(
+        "cluster",
+        "declaration",
+        br#"nbd_port_base = 10900
+[[volume]]
+name = "db"
+size = "1GiB"
+primary = "a"
+mirrors = [{ node = "b" }, { node = "c", mode = "async", options = { compression = "lz4" } }]
+consistency_group = "app"
+options = { track_size = "128KiB" }
+"#,
+    );
+    put(
+        "cluster",
+        "node",
+        br#"{"v":1,"site":"dc1","admin":"127.0.0.1:7780","listen":"127.0.0.1:7700"}"#,
+    );
+    put(
+        "cluster",
+        "record",
+        br#"{"v":1,"epoch":3,"primary":"b","generation":"00000000000000aa","sync_mirrors":["c"],"volumes":{"db":"00000000000000aa"},"parents":{"db":"0000000000000001"}}"#,
+    );
+    put("cluster", "key", br#"{"v":1,"node":"b","epoch":3}"#);
+    put(
+        "cluster",
+        "report",
+        br#"{"v":1,"generation":"00000000000000aa","data":"in_sync"}"#,
+    );
+    put(
+        "cluster",
+        "spec",
+        br#"{"v":1,"name":"db","size":1073741824,"primary":"a","primary_mode":"sync","mirrors":[{"node":"b","mode":"sync","options":{}}],"consistency_group":null,"nbd_port":10900,"options":{"track_size":"128KiB"}}"#,
+    );
+}
+
 fn main() {
     nbd();
     repl();
     handshake();
     files();
     config();
+    cluster();
 }

@@ -37,6 +37,11 @@ pub trait GroupMember: Send + Sync {
 /// writes sent up to a point, acknowledged.
 pub type Gate = Vec<(watch::Receiver<u64>, u64)>;
 
+/// Whether `gate` asks for nothing more (every sibling acknowledged).
+pub fn gate_open(gate: &Gate) -> bool {
+    gate.iter().all(|(low, sent)| *low.borrow() > *sent)
+}
+
 /// The links of one consistency group to one mirror site.
 pub struct SiteGroup {
     pub name: String,

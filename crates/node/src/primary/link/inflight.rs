@@ -288,8 +288,8 @@ impl MirrorLink {
             return;
         }
         let gate = group.gate(*idx);
-        if !gate.is_empty() && tx.send(Outgoing::Gate(gate)).is_ok() {
-            self.counters.group_gates.fetch_add(1, Relaxed);
+        if !gate.is_empty() {
+            let _ = tx.send(Outgoing::Gate(gate));
         }
     }
 

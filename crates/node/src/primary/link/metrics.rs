@@ -54,7 +54,7 @@ pub fn encode_link_metrics(
         (
             "blockmirror_mirror_group_gates_total",
             MetricType::Counter,
-            "Async consistency group: writes held until the other members' earlier writes were acknowledged by the site.",
+            "Async consistency group: times this link held its next writes until the other members' earlier writes were acknowledged by the site.",
             |l, _| l.counters.group_gates.load(Relaxed) as f64,
         ),
         (

@@ -66,25 +66,33 @@ pub(super) async fn read_divergence(
     Ok((was_primary, all))
 }
 
+/// `gates_waited`: counts the consistency-group gates this sender waited at.
 pub(super) async fn sender_loop(
     mut w: FrameWriter<LinkWrite>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    gates_waited: Option<Arc<MirrorLink>>,
     cancel: CancellationToken,
 ) {
+    use crate::primary::group;
+    let gates_waited = gates_waited.as_ref().map(|l| &l.counters.group_gates);
     loop {
         let first = tokio::select! {
             _ = cancel.cancelled() => return,
             f = rx.recv() => f,
         };
         let Some(out) = first else { return };
+        // A gate the siblings already satisfy costs nothing: batching goes
+        // on through it.
         let mut gate = None;
         match out {
-            Outgoing::Gate(g) => gate = Some(g),
+            Outgoing::Gate(g) if !group::gate_open(&g) => gate = Some(g),
+            Outgoing::Gate(_) => {}
             out => queue(&mut w, out),
         }
         while gate.is_none() && w.buffered() < 4 << 20 {
             match rx.try_recv() {
-                Ok(Outgoing::Gate(g)) => gate = Some(g),
+                Ok(Outgoing::Gate(g)) if !group::gate_open(&g) => gate = Some(g),
+                Ok(Outgoing::Gate(_)) => {}
                 Ok(out) => queue(&mut w, out),
                 Err(_) => break,
             }
@@ -103,10 +111,15 @@ pub(super) async fn sender_loop(
         // A consistency group's gate: what is queued behind it waits until
         // the siblings' earlier writes are acknowledged (a sibling whose
         // link fails settles them all, and is cut with this one anyway).
-        for (mut acked_low, sent) in gate.into_iter().flatten() {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = acked_low.wait_for(|low| *low > sent) => {}
+        if let Some(g) = gate {
+            for (mut acked_low, sent) in g {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = acked_low.wait_for(|low| *low > sent) => {}
+                }
+            }
+            if let Some(c) = &gates_waited {
+                c.fetch_add(1, Relaxed);
             }
         }
     }
@@ -487,7 +500,12 @@ impl MirrorLink {
                 return;
             }
         }
-        let sender = tokio::spawn(sender_loop(FrameWriter::new(wr), rx, cancel.clone()));
+        let sender = tokio::spawn(sender_loop(
+            FrameWriter::new(wr),
+            rx,
+            self.group.get().is_some().then(|| self.clone()),
+            cancel.clone(),
+        ));
         let catch_up = tokio::spawn(self.clone().catch_up(epoch, ctx.clone(), cancel.clone()));
         let watchdog = tokio::spawn(self.clone().watchdog(epoch, cancel.clone()));
         let flusher = tokio::spawn(self.clone().periodic_flush(cancel.clone()));
