@@ -246,7 +246,16 @@ impl OosStore {
             Err(e) => return Err(files.io(&files.bitmap_path, e)),
         };
         let newest = match fs::read(&files.al_path) {
-            Ok(bytes) => Some(newest_record(&bytes)),
+            Ok(bytes) => {
+                if let Some((slot, error)) = damaged_slot(&bytes) {
+                    tracing::warn!(volume, peer, slot, %error,
+                        "activity log: one slot is damaged, recovering from the other: after a \
+                         power cut this is the torn update of a write never issued (harmless); \
+                         otherwise the medium damaged it, and extents it added may be missed: \
+                         run `blockmirror verify` once the mirror is in sync");
+                }
+                Some(newest_record(&bytes))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(files.io(&files.al_path, e)),
         };
@@ -472,6 +481,26 @@ fn newest_record(
         (Ok(a), Err(_)) => Ok(a),
         (Err(_), Ok(b)) => Ok(b),
         (Err(a), Err(b)) => Err((a, b)),
+    }
+}
+
+/// A slot that holds bytes but no valid record while the other slot holds
+/// one (a slot never written is all zeroes): recovery uses the other, and
+/// says so.
+fn damaged_slot(file: &[u8]) -> Option<(u64, ActivityRecordError)> {
+    let slot = |i: u64| {
+        let start = ((i * SLOT_SIZE) as usize).min(file.len());
+        let end = (((i + 1) * SLOT_SIZE) as usize).min(file.len());
+        &file[start..end]
+    };
+    let (a, b) = (slot(0), slot(1));
+    match (
+        ActivityRecord::decode_prefix(a),
+        ActivityRecord::decode_prefix(b),
+    ) {
+        (Ok(_), Err(e)) if b.iter().any(|&x| x != 0) => Some((1, e)),
+        (Err(e), Ok(_)) if a.iter().any(|&x| x != 0) => Some((0, e)),
+        _ => None,
     }
 }
 

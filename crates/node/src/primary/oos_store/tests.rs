@@ -328,3 +328,24 @@ fn names_are_escaped_and_errors_carry_context() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_damaged_slot_is_named_and_a_blank_one_is_not() {
+    let mut file = vec![0u8; 2 * SLOT_SIZE as usize];
+    let rec = blockmirror_core::activity::ActivityRecord::new(
+        7,
+        blockmirror_core::activity::DEFAULT_EXTENT_SIZE,
+        [3, 9],
+    )
+    .unwrap();
+    let enc = rec.encode();
+    file[..enc.len()].copy_from_slice(&enc);
+    // Slot 1 never written: nothing to say.
+    assert!(damaged_slot(&file).is_none());
+    // Slot 1 holds bytes that are no record: named.
+    file[SLOT_SIZE as usize + 3] = 0x5a;
+    assert_eq!(damaged_slot(&file).map(|(s, _)| s), Some(1));
+    // Both damaged: not this function's case (a full resync).
+    file[0] ^= 0xff;
+    assert!(damaged_slot(&file).is_none());
+}
