@@ -107,6 +107,13 @@ impl GenState {
     /// coordinator does not know is never acknowledged, so a mirror that
     /// holds the published one and is listed in step holds every
     /// acknowledged write. One atomic load when nothing is pending.
+    /// Whether [`GenState::ensure_published`] has anything to do: a new
+    /// generation not yet published, in cluster mode. One atomic load.
+    #[inline]
+    pub fn publish_pending(&self) -> bool {
+        self.unpublished.load(Ordering::SeqCst) && self.publisher.get().is_some()
+    }
+
     pub async fn ensure_published(&self) -> Result<(), String> {
         if !self.unpublished.load(Ordering::SeqCst) {
             return Ok(());

@@ -316,8 +316,10 @@ impl Replicator {
         }
         // Cluster mode: the coordinator hears of a new generation before a
         // write under it is acknowledged (one atomic load otherwise).
-        if result.is_ok() {
-            if let Err(e) = self.gen.ensure_published().await {
+        if result.is_ok() && self.gen.publish_pending() {
+            // Rare (the first write under a new generation): boxed, so the
+            // future of every write stays small.
+            if let Err(e) = Box::pin(self.gen.ensure_published()).await {
                 warn!(volume = %self.gen.volume, error = %e,
                     "write not acknowledged: its generation could not be published in the cluster");
                 result = Err(Errno::Io);

@@ -498,19 +498,27 @@ impl Export for Volume {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Errno> {
         self.check_writable()?;
-        self.fenced(self.write_inner(offset, data, fua)).await
+        if self.fence.is_some() {
+            // Cluster mode, boxed: the static path's future stays the size
+            // of the write alone.
+            return Box::pin(self.fenced(self.write_inner(offset, data, fua))).await;
+        }
+        self.write_inner(offset, data, fua).await
     }
 
     async fn flush(&self) -> Result<(), Errno> {
         if self.fence.is_some() && self.role.accepts_host_writes() {
-            return self.fenced(self.flush_inner()).await;
+            return Box::pin(self.fenced(self.flush_inner())).await;
         }
         self.flush_inner().await
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {
         self.check_writable()?;
-        self.fenced(self.trim_inner(offset, len, fua)).await
+        if self.fence.is_some() {
+            return Box::pin(self.fenced(self.trim_inner(offset, len, fua))).await;
+        }
+        self.trim_inner(offset, len, fua).await
     }
 
     async fn write_zeroes(
@@ -521,8 +529,10 @@ impl Export for Volume {
         fua: bool,
     ) -> Result<(), Errno> {
         self.check_writable()?;
-        self.fenced(self.zeroes_inner(offset, len, may_trim, fua))
-            .await
+        if self.fence.is_some() {
+            return Box::pin(self.fenced(self.zeroes_inner(offset, len, may_trim, fua))).await;
+        }
+        self.zeroes_inner(offset, len, may_trim, fua).await
     }
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, Errno> {

@@ -243,8 +243,8 @@ pub struct ApplyEngine {
     deferred: std::collections::VecDeque<(u64, ApplyOp)>,
     max_ops: usize,
     done_tx: mpsc::UnboundedSender<Done>,
-    /// The node-wide pool's queue.
-    pool: std::sync::mpsc::Sender<PoolTask>,
+    /// The node-wide pool.
+    pool: &'static Pool,
     done_rx: mpsc::UnboundedReceiver<Done>,
     next_seq: Seq,
     /// Dispatched to a worker and not yet back.
@@ -278,12 +278,10 @@ impl ApplyEngine {
             source,
         })?;
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let pool = pool()
-            .map_err(|source| ApplyError::Spawn {
-                volume: volume.clone(),
-                source: std::io::Error::new(source.kind(), source.to_string()),
-            })?
-            .clone();
+        let pool = pool().map_err(|source| ApplyError::Spawn {
+            volume: volume.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        })?;
         let inline_max = if backend.is_fast() {
             cfg.inline_max as u64
         } else {
@@ -550,8 +548,7 @@ impl ApplyEngine {
                 };
                 let (b, done) = (self.backend.clone(), self.done_tx.clone());
                 self.pool
-                    .send(Box::new(move || run_job(b.as_ref(), job, &done)))
-                    .expect("the apply pool lives as long as the process");
+                    .send(Box::new(move || run_job(b.as_ref(), job, &done)));
             }
         }
         todo.clear();
@@ -568,28 +565,59 @@ pub const APPLY_THREADS: usize = 16;
 
 type PoolTask = Box<dyn FnOnce() + Send>;
 
-/// The node-wide apply pool's queue, started on first use.
-fn pool() -> Result<&'static std::sync::mpsc::Sender<PoolTask>, &'static std::io::Error> {
-    static POOL: std::sync::OnceLock<Result<std::sync::mpsc::Sender<PoolTask>, std::io::Error>> =
+/// The node-wide apply pool: a queue and the threads that wait on it. A
+/// job wakes one waiting thread (a condition variable); a shared
+/// `mpsc::Receiver` behind a mutex woke two per job (the receiver, then the
+/// next thread queued on the mutex).
+struct Pool {
+    queue: std::sync::Mutex<std::collections::VecDeque<PoolTask>>,
+    ready: std::sync::Condvar,
+}
+
+impl Pool {
+    fn send(&self, task: PoolTask) {
+        self.queue
+            .lock()
+            .expect("apply pool poisoned")
+            .push_back(task);
+        self.ready.notify_one();
+    }
+
+    fn work(&self) {
+        loop {
+            let task = {
+                let mut q = self.queue.lock().expect("apply pool poisoned");
+                loop {
+                    match q.pop_front() {
+                        Some(t) => break t,
+                        None => q = self.ready.wait(q).expect("apply pool poisoned"),
+                    }
+                }
+            };
+            task();
+        }
+    }
+}
+
+/// The node-wide apply pool, started on first use.
+fn pool() -> Result<&'static Pool, &'static std::io::Error> {
+    static POOL: std::sync::OnceLock<Result<Arc<Pool>, std::io::Error>> =
         std::sync::OnceLock::new();
     POOL.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<PoolTask>();
-        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let pool = Arc::new(Pool {
+            queue: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            ready: std::sync::Condvar::new(),
+        });
         for i in 0..APPLY_THREADS {
-            let rx = rx.clone();
+            let p = pool.clone();
             std::thread::Builder::new()
                 .name(format!("bm-apply-{i}"))
-                .spawn(move || loop {
-                    let task = rx.lock().expect("apply pool poisoned").recv();
-                    match task {
-                        Ok(t) => t(),
-                        Err(_) => return,
-                    }
-                })?;
+                .spawn(move || p.work())?;
         }
-        Ok(tx)
+        Ok(pool)
     })
     .as_ref()
+    .map(|p| &**p)
 }
 
 fn run_job(b: &dyn Backend, job: Job, done: &mpsc::UnboundedSender<Done>) {
