@@ -339,6 +339,111 @@ fn a_mirror_whose_certificate_names_another_node_is_refused_until_it_reloads_the
     assert_eq!(code, 200, "{body}");
 }
 
+/// `blockmirror verify` (quick, then full with remote reads) on the pair's
+/// primary: both must say identical.
+fn verify_identical(pair: &Pair) {
+    let admin = pair.primary.admin.to_string();
+    for mode in [&[][..], &["--full"][..]] {
+        let out = run(Command::new(BIN)
+            .args(["verify", PAIR_VOLUME, "--admin", &admin])
+            .args(mode));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "verify {mode:?}: {text}\n{}",
+            pair.logs()
+        );
+        assert!(text.contains("identical"), "{text}");
+    }
+}
+
+#[test]
+fn tls_alone_authenticates_a_link_without_a_secret_file() {
+    let certs = tempfile::tempdir().unwrap();
+    certs_init(certs.path(), "site-a,site-b", &[]);
+    let pair = tls_pair(certs.path(), "site-b", "site-b")
+        .without_secret(true, true)
+        .start();
+    for n in [&pair.primary, &pair.mirror] {
+        assert!(!std::fs::read_to_string(&n.config)
+            .unwrap()
+            .contains("secret_file"));
+    }
+    assert!(
+        pair.mirror.log().contains("auth=\"tls\"") || pair.mirror.log().contains("auth=tls"),
+        "{}",
+        pair.logs()
+    );
+    qemu_io_ok(
+        pair.primary.uri(),
+        &["write -P 0x3c 0 2M", "write -P 0xc3 8M 1M", "flush"],
+    );
+    pair.wait_in_sync(Duration::from_secs(30));
+    pair.assert_images_identical();
+    // Job connections (verify's hashes, the full verify's remote reads)
+    // authenticate the same way.
+    verify_identical(&pair);
+}
+
+#[test]
+fn a_secret_on_one_side_only_is_refused_naming_the_peer() {
+    let certs = tempfile::tempdir().unwrap();
+    certs_init(certs.path(), "site-a,site-b", &[]);
+    // (primary without a secret, mirror without one), and the modes the
+    // mirror's refusal names: its own, then the primary's.
+    for (no_secret, mirror_mode, primary_mode) in [
+        (
+            (true, false),
+            "TLS and the shared secret",
+            "TLS alone (no secret_file)",
+        ),
+        (
+            (false, true),
+            "TLS alone (no secret_file)",
+            "TLS and the shared secret",
+        ),
+    ] {
+        let pair = tls_pair(certs.path(), "site-b", "site-b")
+            .without_secret(no_secret.0, no_secret.1)
+            .no_wait()
+            .start();
+        let want = format!(
+            "mirror \"mirror\" authenticates links with {mirror_mode}, \
+             primary \"primary\" with {primary_mode}"
+        );
+        let log = wait_log(&pair.mirror, "the refusal in the mirror's log", |l| {
+            l.contains("replication peer refused") && l.contains("authenticates links with")
+        });
+        let line = log
+            .lines()
+            .find(|l| l.contains("replication peer refused"))
+            .unwrap();
+        assert!(line.contains("peer=127.0.0.1:"), "{line}");
+        assert!(
+            line.contains("\"primary\" authenticates links with"),
+            "{line}"
+        );
+        let log = wait_log(&pair.primary, "the refusal in the primary's log", |l| {
+            l.contains("mirror link connect failed") && l.contains("authenticates links with")
+        });
+        let line = log
+            .lines()
+            .find(|l| l.contains("mirror link connect failed") && l.contains("authenticates"))
+            .unwrap();
+        assert!(line.contains(&want), "{line}\nwant {want}");
+        assert!(
+            line.contains(&format!("peer={}", pair.mirror_listen)),
+            "{line}"
+        );
+        assert_ne!(pair.link()["connection"], "connected");
+        // Nothing reached the mirror's image.
+        assert!(std::fs::read(pair.mirror.image())
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
+    }
+}
+
 #[test]
 fn a_plaintext_primary_is_refused_by_a_tls_mirror() {
     let certs = tempfile::tempdir().unwrap();

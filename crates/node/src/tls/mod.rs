@@ -336,3 +336,82 @@ pub async fn accept(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockmirror_repl::{KeyMode, NodeHello, Purpose, VolumeIdentity};
+
+    fn store(dir: &Path, node: &str) -> TlsStore {
+        TlsStore::load(TlsSettings {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{node}.pem")),
+            key: dir.join(format!("{node}.key")),
+            nbd_client_certs: ClientCerts::Optional,
+            admin_https: false,
+        })
+        .unwrap()
+    }
+
+    fn vol() -> VolumeIdentity {
+        VolumeIdentity {
+            name: "db".into(),
+            volume_id: [1; 16],
+            size: 4096,
+            generation: 1,
+            history: [0; blockmirror_repl::HISTORY_LEN],
+        }
+    }
+
+    /// Over a real mutual TLS connection both ends draw the same exporter,
+    /// and a handshake keyed by it alone (no secret), or by it and a
+    /// secret, completes; each connection draws a different one.
+    #[tokio::test]
+    async fn both_ends_of_a_tls_link_derive_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        certs::init(
+            dir.path(),
+            &["site-a".into(), "site-b".into()],
+            &certs::InitOptions::default(),
+        )
+        .unwrap();
+        let (a, b) = (store(dir.path(), "site-a"), store(dir.path(), "site-b"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut seen = Vec::new();
+        for secret in [None, Some(&b"0123456789abcdef"[..])] {
+            let mirror = async {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut s = accept(tcp, Some(&b)).await.unwrap();
+                let e = s.exporter().unwrap().unwrap();
+                let key = s.link_key(secret).unwrap();
+                let r = blockmirror_repl::accept_any(&mut s, &key, "site-b", |_| Some(vol())).await;
+                (e, key.mode(), r.map(|(p, _, _)| p.node))
+            };
+            let primary = async {
+                let mut s = dial(addr, Some(&a), Some("site-b")).await.unwrap();
+                let e = s.exporter().unwrap().unwrap();
+                let key = s.link_key(secret).unwrap();
+                let hello = NodeHello {
+                    node: "site-a".into(),
+                    volume: vol(),
+                };
+                let r =
+                    blockmirror_repl::connect_for(&mut s, &key, &hello, Purpose::Replication).await;
+                (e, key.mode(), r.map(|p| p.node))
+            };
+            let ((em, mm, rm), (ep, mp, rp)) = tokio::join!(mirror, primary);
+            assert_eq!(em, ep, "one session, one exporter");
+            let want = if secret.is_some() {
+                KeyMode::TlsAndSecret
+            } else {
+                KeyMode::Tls
+            };
+            assert_eq!((mm, mp), (want, want));
+            assert_eq!(rm.unwrap(), "site-a");
+            assert_eq!(rp.unwrap(), "site-b");
+            seen.push(em);
+        }
+        assert_ne!(seen[0], seen[1], "each session has its own exporter");
+    }
+}

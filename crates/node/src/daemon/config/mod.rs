@@ -1203,10 +1203,14 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
     let replicating = volumes
         .iter()
         .any(|v| v.role == Role::Mirror || !v.mirrors.is_empty());
-    if replicating && secret_file.is_none() {
+    // What authenticates a replication link: the shared secret, TLS (its
+    // certificates, the handshake bound to the session), or both; without
+    // [tls] the secret is the only way.
+    if replicating && secret_file.is_none() && tls.is_none() {
         return Err(cx.invalid(
             "secret_file",
-            "missing: required when a volume has mirrors or is a mirror (the shared secret authenticates replication links)",
+            "missing: required when a volume has mirrors or is a mirror and there is no [tls] \
+             (the shared secret or TLS authenticates replication links)",
         ));
     }
     if volumes.iter().any(|v| v.role == Role::Mirror) && listen.is_none() {

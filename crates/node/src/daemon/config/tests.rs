@@ -825,3 +825,29 @@ fn a_cluster_node_may_start_without_volumes_and_takes_more_later() {
     let bad = "node = \"n\"\n[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nnbd_host = \"x\"\n";
     assert_err(bad, "cluster.nbd_host", "IP address");
 }
+
+#[test]
+fn tls_alone_authenticates_replication_links_and_without_it_the_secret_is_required() {
+    let tls = "[tls]\nca = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n";
+    let primary = vol("[[volume.mirror]]\npeer = \"127.0.0.1:7701\"");
+    let mirror = format!(
+        "listen = \"127.0.0.1:7701\"\n{}",
+        vol_with("role", "role = \"mirror\"")
+    );
+    for text in [&primary, &mirror] {
+        // Neither: refused, and the message says either will do.
+        let e = err(text).to_string();
+        assert!(e.contains("secret_file") && e.contains("[tls]"), "{e}");
+        // [tls] alone: valid, no secret.
+        let c = parse(&format!("{text}{tls}")).unwrap();
+        assert_eq!(c.secret_file, None);
+        assert!(c.tls.is_some());
+        // Both: valid, both kept (links then need both).
+        let c = parse(&format!("secret_file = \"s\"\n{text}{tls}")).unwrap();
+        assert_eq!(c.secret_file, Some(PathBuf::from("/etc/blockmirror/s")));
+        assert!(c.tls.is_some());
+        // The secret alone: valid, as before TLS.
+        let c = parse(&format!("secret_file = \"s\"\n{text}")).unwrap();
+        assert!(c.tls.is_none());
+    }
+}

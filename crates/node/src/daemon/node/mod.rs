@@ -103,6 +103,8 @@ struct NodeCtx {
     lease: Option<Arc<crate::cluster::fence::LeaseClock>>,
     config: NodeConfig,
     state_dir: PathBuf,
+    /// `secret_file`, read. With `[tls]` it may be absent (TLS alone
+    /// authenticates links); both present, links need both.
     secret: Option<Arc<[u8]>>,
     /// `[tls]`, loaded.
     tls: Option<Arc<TlsStore>>,
@@ -115,6 +117,17 @@ pub struct Node {
     groups: HashMap<(String, SocketAddr), Arc<SiteGroup>>,
     /// `[admin_auth]`, its token read.
     admin_auth: Option<Arc<AdminAuth>>,
+}
+
+/// How this node's links authenticate, for logs: what
+/// [`blockmirror_repl::LinkKey::derive`] will make of the config.
+fn link_auth(secret: bool, tls: bool) -> &'static str {
+    use blockmirror_repl::KeyMode;
+    match (secret, tls) {
+        (true, true) => KeyMode::TlsAndSecret.as_str(),
+        (false, true) => KeyMode::Tls.as_str(),
+        _ => KeyMode::Secret.as_str(),
+    }
 }
 
 /// Reads the shared secret: the file's bytes, without trailing whitespace.
@@ -232,11 +245,11 @@ impl Node {
         let targets: Arc<receiver::Targets> = Arc::default();
         let mut job_service = None;
         if let Some(addr) = config.listen {
-            match cx.secret.clone() {
-                None => warn!(%addr,
-                    "`listen` without `secret_file`: no replication link can be authenticated, \
-                     so none is accepted"),
-                Some(secret) => {
+            match (cx.secret.clone(), &cx.tls) {
+                (None, None) => warn!(%addr,
+                    "`listen` without `secret_file` or [tls]: no replication link can be \
+                     authenticated, so none is accepted"),
+                (secret, _) => {
                     let l = tokio::net::TcpListener::bind(addr)
                         .await
                         .map_err(|source| NodeError::Bind {
@@ -244,7 +257,8 @@ impl Node {
                             addr: addr.to_string(),
                             source,
                         })?;
-                    info!(%addr, "accepting replication links");
+                    info!(%addr, auth = link_auth(secret.is_some(), cx.tls.is_some()),
+                        "accepting replication links");
                     let jobs = Arc::new(
                         JobService::new(
                             JobService::mirror_id_for(&config.node),

@@ -300,7 +300,7 @@ impl Targets {
 pub async fn serve(
     listener: TcpListener,
     node: String,
-    secret: Arc<[u8]>,
+    secret: Option<Arc<[u8]>>,
     tls: Option<Arc<crate::tls::TlsStore>>,
     targets: Arc<Targets>,
     jobs: Arc<super::jobs::JobService>,
@@ -332,7 +332,7 @@ pub async fn serve(
                 stream,
                 peer.to_string(),
                 &node,
-                &secret,
+                secret.as_deref(),
                 tls.as_deref(),
                 &targets,
                 jobs,
@@ -351,7 +351,7 @@ async fn handle(
     tcp: TcpStream,
     peer: String,
     node: &str,
-    secret: &[u8],
+    secret: Option<&[u8]>,
     tls: Option<&crate::tls::TlsStore>,
     targets: &Targets,
     jobs: Arc<super::jobs::JobService>,
@@ -360,13 +360,15 @@ async fn handle(
     let _ = tcp.set_nodelay(true);
     let lookup = |name: &str| targets.get(name).map(|t| t.identity());
     // TLS first (with `[tls]`: the primary's certificate must chain to the
-    // CA), then the HMAC handshake inside it; one deadline for both.
+    // CA), then the HMAC handshake inside it, keyed by the secret, the TLS
+    // session, or both (`LinkStream::link_key`); one deadline for both.
     let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let mut stream = match crate::tls::accept(tcp, tls).await {
             Ok(s) => s,
             Err(e) => return Err(format!("TLS handshake failed: {e}")),
         };
-        match blockmirror_repl::accept_any(&mut stream, secret, node, lookup).await {
+        let key = stream.link_key(secret).map_err(|e| e.to_string())?;
+        match blockmirror_repl::accept_any(&mut stream, &key, node, lookup).await {
             Ok(x) => Ok((stream, x)),
             Err(e) => Err(e.to_string()),
         }
