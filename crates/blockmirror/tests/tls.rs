@@ -640,3 +640,185 @@ fn https_on_the_admin_port_with_the_node_certificate() {
             && l.contains("peer=127.0.0.1:")
     });
 }
+
+/// curl over HTTPS to `addr` trusting `ca`, with extra arguments (a client
+/// certificate, a method); returns (curl succeeded, HTTP code).
+fn curl_code(ca: &Path, addr: &str, path: &str, extra: &[&str]) -> (bool, String) {
+    let out = run(Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(ca)
+        .args(extra)
+        .arg(format!("https://{addr}{path}")));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn a_client_certificate_from_the_ca_authorizes_admin_requests_instead_of_a_token() {
+    require_tool("curl");
+    let certs = tempfile::tempdir().unwrap();
+    certs_init(certs.path(), "site-a,ops", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret.key"), format!("{}\n", new_secret())).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let port = free_port();
+    let img = dir.path().join("db.img");
+    // No token file: client certificates only, reads closed too.
+    let text = format!(
+        "node = \"site-a\"\nadmin = \"{admin}\"\nlisten = \"{listen}\"\nsecret_file = \"secret.key\"\n\
+         [admin_auth]\nclient_certs = true\nopen_reads = false\n\
+         [tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/site-a.pem\"\nkey = \"{0}/site-a.key\"\n\
+         [[volume]]\nname = \"db\"\npath = \"{1}\"\nsize = {2}\nrole = \"primary\"\nnbd = \"127.0.0.1:{port}\"\n",
+        certs.path().display(),
+        img.display(),
+        16 * MIB
+    );
+    let node = TestNode::from_config_with(
+        dir,
+        &text,
+        admin,
+        vec![format!("nbd://127.0.0.1:{port}/db")],
+        vec![img],
+        Vec::new(),
+        true,
+    );
+    assert!(node.log().contains("client_certs=true"), "{}", node.log());
+    let addr = admin.to_string();
+    let ca = certs.path().join("ca.pem");
+    let (ops_cert, ops_key) = (certs.path().join("ops.pem"), certs.path().join("ops.key"));
+    let with_ops = [
+        "--cert",
+        ops_cert.to_str().unwrap(),
+        "--key",
+        ops_key.to_str().unwrap(),
+    ];
+
+    // Without a certificate: 401 on reads and changes, logged with the peer.
+    assert_eq!(curl_code(&ca, &addr, "/status", &[]).1, "401");
+    assert_eq!(
+        curl_code(&ca, &addr, "/admin/reload-tls", &["-X", "POST"]).1,
+        "401"
+    );
+    // A token is no use to this node: 403.
+    let (_, code) = curl_code(
+        &ca,
+        &addr,
+        "/admin/reload-tls",
+        &[
+            "-X",
+            "POST",
+            "-H",
+            &format!("Authorization: Bearer {TOKEN}"),
+        ],
+    );
+    assert_eq!(code, "403");
+    let log = wait_log(&node, "the refusals in the log", |l| {
+        l.contains("admin request refused: no client certificate")
+            && l.contains("admin request refused: a token, but")
+    });
+    for l in log.lines().filter(|l| l.contains("admin request refused")) {
+        assert!(l.contains("peer=127.0.0.1:"), "{l}");
+    }
+
+    // With a certificate from the CA: through (the qemu-client one too).
+    assert_eq!(curl_code(&ca, &addr, "/status", &with_ops).1, "200");
+    let (_, code) = curl_code(
+        &ca,
+        &addr,
+        "/admin/reload-tls",
+        &[&with_ops[..], &["-X", "POST"]].concat(),
+    );
+    assert_eq!(code, "200");
+    let qc = certs.path().join("qemu-client");
+    let (qcert, qkey) = (qc.join("client-cert.pem"), qc.join("client-key.pem"));
+    let with_qemu = [
+        "--cert",
+        qcert.to_str().unwrap(),
+        "--key",
+        qkey.to_str().unwrap(),
+    ];
+    assert_eq!(curl_code(&ca, &addr, "/metrics", &with_qemu).1, "200");
+
+    // A certificate from another CA: the TLS handshake fails (curl gets no
+    // HTTP answer), logged with the peer.
+    let other = tempfile::tempdir().unwrap();
+    certs_init(other.path(), "ops", &[]);
+    let (bad_cert, bad_key) = (other.path().join("ops.pem"), other.path().join("ops.key"));
+    let (ok, code) = curl_code(
+        &ca,
+        &addr,
+        "/admin/reload-tls",
+        &[
+            "-X",
+            "POST",
+            "--cert",
+            bad_cert.to_str().unwrap(),
+            "--key",
+            bad_key.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !ok && code == "000",
+        "another CA's certificate: {ok} {code}"
+    );
+    wait_log(&node, "the stranger's refusal in the log", |l| {
+        l.lines().any(|l| {
+            l.contains("admin connection refused: TLS handshake failed")
+                && l.contains("peer=127.0.0.1:")
+        })
+    });
+
+    // The CLI: --ca with --cert/--key; refused without them.
+    let ca_s = ca.to_str().unwrap();
+    let out = cli(&["status", "--json", "--admin", &addr, "--ca", ca_s]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&[
+        &["demote", "db", "--admin", &addr, "--ca", ca_s][..],
+        &with_ops,
+    ]
+    .concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&[
+        &["status", "--json", "--admin", &addr, "--ca", ca_s][..],
+        &with_ops,
+    ]
+    .concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["volumes"][0]["role"], "mirror");
+    // --cert without --ca: a clear error before any request.
+    let out = cli(&[&["status", "--admin", &addr][..], &with_ops].concat());
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ca"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Run in the node's directory, the CLI presents the node's own
+    // certificate (client_certs, no token_file).
+    std::fs::copy(&node.config, node.dir.path().join("blockmirror.toml")).unwrap();
+    let out = run(Command::new(BIN)
+        .args(["status", "--json", "--admin", &addr])
+        .current_dir(node.dir.path()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

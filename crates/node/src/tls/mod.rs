@@ -12,7 +12,10 @@
 //! - NBD exports (STARTTLS): the node's certificate; a client certificate
 //!   is verified against the CA when presented, and required with
 //!   `[tls] nbd_client_certs = "require"`.
-//! - the admin API (HTTPS): the node's certificate, no client certificate.
+//! - the admin API (HTTPS): the node's certificate; with `[admin_auth]
+//!   client_certs = true` a client certificate is asked for and, when
+//!   presented, must chain to the CA (it then authorizes the request).
+//!   Without, none is asked for.
 
 pub mod certs;
 
@@ -84,6 +87,9 @@ pub struct TlsConfigs {
     pub repl_client: Arc<ClientConfig>,
     /// HTTPS on the admin port.
     pub admin: Arc<ServerConfig>,
+    /// HTTPS on the admin port asking for a client certificate (optional;
+    /// verified against the CA when presented): `[admin_auth] client_certs`.
+    pub admin_client_certs: Arc<ServerConfig>,
 }
 
 /// The node's TLS state: the files and the configs last read from them.
@@ -185,14 +191,13 @@ impl TlsConfigs {
         let required = WebPkiClientVerifier::builder_with_provider(roots.clone(), p.clone())
             .build()
             .map_err(verr("replication server"))?;
+        let optional = WebPkiClientVerifier::builder_with_provider(roots.clone(), p.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(verr("nbd"))?;
         let nbd_verifier = match s.nbd_client_certs {
             ClientCerts::Require => required.clone(),
-            ClientCerts::Optional => {
-                WebPkiClientVerifier::builder_with_provider(roots.clone(), p.clone())
-                    .allow_unauthenticated()
-                    .build()
-                    .map_err(verr("nbd"))?
-            }
+            ClientCerts::Optional => optional.clone(),
         };
         let repl_client = ClientConfig::builder_with_provider(p.clone())
             .with_safe_default_protocol_versions()
@@ -212,6 +217,7 @@ impl TlsConfigs {
             repl_server: server(Some(required), "replication server")?,
             repl_client: Arc::new(repl_client),
             admin: server(None, "admin")?,
+            admin_client_certs: server(Some(optional), "admin")?,
         })
     }
 }
@@ -267,12 +273,27 @@ pub fn expected_name(
 
 /// A client config that trusts `ca` (for the CLI talking HTTPS to a node).
 pub fn client_config_for_ca(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config(ca, None)
+}
+
+/// A client config that trusts `ca` and, with `identity` (certificate,
+/// key), presents that certificate: the CLI authorizing itself to a node
+/// with `[admin_auth] client_certs = true`.
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = load_roots(ca)?;
-    let c = ClientConfig::builder_with_provider(provider())
+    let b = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(config_err("admin client"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let c = match identity {
+        None => b.with_no_client_auth(),
+        Some((cert, key)) => b
+            .with_client_auth_cert(load_certs("cert", cert)?, load_key(key)?)
+            .map_err(config_err("admin client"))?,
+    };
     Ok(Arc::new(c))
 }
 

@@ -139,9 +139,13 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminAuthConfig {
     /// The file holding the bearer token (resolved; read at start).
-    pub token_file: PathBuf,
+    /// Optional with `client_certs`.
+    pub token_file: Option<PathBuf>,
     /// GET requests (status, metrics, events, the page) need no token.
     pub open_reads: bool,
+    /// A client certificate that chains to `[tls] ca`, presented over the
+    /// HTTPS admin port, authorizes a request instead of the token.
+    pub client_certs: bool,
 }
 
 /// One `[[volume]]` table, validated.
@@ -582,6 +586,8 @@ struct RawAdminAuth {
     token_file: Option<String>,
     #[serde(default)]
     open_reads: bool,
+    #[serde(default)]
+    client_certs: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -746,21 +752,32 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
     };
     let admin_auth = match raw.admin_auth {
         None => None,
-        Some(a) => match a.token_file {
-            None => {
+        Some(a) => {
+            if a.client_certs && !tls.as_ref().is_some_and(|t| t.admin_https) {
                 return Err(cx.invalid(
-                    "admin_auth.token_file",
-                    "missing (required in [admin_auth])",
-                ))
+                    "admin_auth.client_certs",
+                    "needs a [tls] table with HTTPS on the admin port (admin_https, the default)",
+                ));
             }
-            Some(s) if s.is_empty() => {
-                return Err(cx.invalid("admin_auth.token_file", "empty path"))
-            }
-            Some(s) => Some(AdminAuthConfig {
-                token_file: cx.resolve(&s),
+            let token_file = match a.token_file {
+                None if a.client_certs => None,
+                None => {
+                    return Err(cx.invalid(
+                        "admin_auth.token_file",
+                        "missing (required in [admin_auth] unless client_certs = true)",
+                    ))
+                }
+                Some(s) if s.is_empty() => {
+                    return Err(cx.invalid("admin_auth.token_file", "empty path"))
+                }
+                Some(s) => Some(cx.resolve(&s)),
+            };
+            Some(AdminAuthConfig {
+                token_file,
                 open_reads: a.open_reads,
-            }),
-        },
+                client_certs: a.client_certs,
+            })
+        }
     };
 
     let cluster = match raw.cluster {

@@ -178,8 +178,9 @@ impl Node {
         let admin_auth = match &config.admin_auth {
             None => None,
             Some(a) => Some(Arc::new(AdminAuth::new(
-                read_token(&a.token_file)?,
+                a.token_file.as_deref().map(read_token).transpose()?,
                 a.open_reads,
+                a.client_certs,
             ))),
         };
         let lease = config
@@ -376,16 +377,23 @@ impl Node {
             source,
         };
         let (admin_listener, https) = match &cx.tls {
-            Some(t) if t.settings().admin_https => (
-                AdminListener::tls(admin_listener, t.clone()).map_err(admin_io)?,
-                true,
-            ),
+            Some(t) if t.settings().admin_https => {
+                let client_certs = self.admin_auth.as_ref().is_some_and(|a| a.client_certs());
+                (
+                    AdminListener::tls(admin_listener, t.clone(), client_certs)
+                        .map_err(admin_io)?,
+                    true,
+                )
+            }
             _ => (
                 AdminListener::plain(admin_listener).map_err(admin_io)?,
                 false,
             ),
         };
-        info!(%admin_addr, https, token = self.admin_auth.is_some(), "admin API");
+        info!(%admin_addr, https,
+            token = self.admin_auth.as_ref().is_some_and(|a| a.has_token()),
+            client_certs = self.admin_auth.as_ref().is_some_and(|a| a.client_certs()),
+            "admin API");
         let sd = shutdown.clone();
         tasks.spawn(admin::serve_with(
             admin_listener,
