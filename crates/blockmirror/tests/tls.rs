@@ -176,6 +176,117 @@ fn nbd_clients_read_and_write_over_tls_and_refusals_are_logged() {
     assert!(img == img2);
 }
 
+/// fio's nbd engine over TLS. fio 3.33 cannot take `tls-certificates=` in
+/// its `--uri`: libnbd refuses it with "nbd_connect_uri: local file access
+/// (tls-certificates) is not allowed, call nbd_set_uri_allow_local_file to
+/// enable this: Operation not permitted" (fio does not call that). So fio
+/// uses libnbd's default credentials directory: `$HOME/.pki/libnbd` for a
+/// non-root user (`/etc/pki/libnbd` for root, which a test must not write):
+/// as root the test runs fio as nobody. With the export requiring client
+/// certificates, fio presents the one in that directory.
+#[test]
+fn fio_writes_and_verifies_over_tls_with_libnbds_default_credentials() {
+    require_tool("fio");
+    let certs = tempfile::tempdir().unwrap();
+    certs_init(certs.path(), "site-a", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let port = free_port();
+    let img = dir.path().join("db.img");
+    let text = format!(
+        "node = \"site-a\"\nadmin = \"{admin}\"\n{}nbd_client_certs = \"require\"\n\
+         [[volume]]\nname = \"db\"\npath = \"{}\"\nsize = {}\nrole = \"primary\"\n\
+         nbd = \"127.0.0.1:{port}\"\ntls = \"require\"\n",
+        tls_table(certs.path(), "site-a"),
+        img.display(),
+        32 * MIB
+    );
+    let node = TestNode::from_config(
+        dir,
+        &text,
+        admin,
+        vec![format!("nbd://127.0.0.1:{port}/db")],
+        vec![img],
+        Vec::new(),
+    );
+    let root = run_ok(Command::new("id").arg("-u")).trim() == "0";
+    if root {
+        require_tool("setpriv");
+    }
+    // A home whose .pki/libnbd holds `creds` (None: no such directory),
+    // readable by the user fio runs as.
+    let home = |creds: Option<&Path>| {
+        let h = tempfile::tempdir().unwrap();
+        if let Some(c) = creds {
+            let d = h.path().join(".pki/libnbd");
+            std::fs::create_dir_all(&d).unwrap();
+            for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+                std::fs::copy(c.join(f), d.join(f)).unwrap();
+            }
+        }
+        if root {
+            run_ok(
+                Command::new("chown")
+                    .args(["-R", "65534:65534"])
+                    .arg(h.path()),
+            );
+        }
+        h
+    };
+    let fio = |home: &Path, rw: &str| {
+        let mut cmd = if root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "fio"]);
+            c
+        } else {
+            Command::new("fio")
+        };
+        cmd.env("HOME", home).current_dir(home).args([
+            "--name=tls",
+            "--ioengine=nbd",
+            &format!("--uri=nbds://127.0.0.1:{port}/db"),
+            &format!("--rw={rw}"),
+            "--bs=4k",
+            "--size=8M",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--do_verify=1",
+        ]);
+        run(&mut cmd)
+    };
+    let good = home(Some(&certs.path().join("qemu-client")));
+    let out = fio(good.path(), "randwrite");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}\n{}", node.log());
+    assert!(text.contains("err= 0"), "{text}");
+    assert!(!text.contains("verify:"), "{text}");
+    // What fio wrote is in the image (not all zero).
+    let img = std::fs::read(node.image()).unwrap();
+    assert!(img[..8 * MIB as usize].iter().any(|&b| b != 0));
+
+    // Another CA's credentials: fio refuses the node's certificate.
+    let other = tempfile::tempdir().unwrap();
+    certs_init(other.path(), "x", &[]);
+    let stranger = home(Some(&other.path().join("qemu-client")));
+    let out = fio(stranger.path(), "read");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certificate verification"), "{err}");
+    // No credentials directory: libnbd presents no client certificate, and
+    // this export requires one.
+    let none = home(None);
+    let out = fio(none.path(), "read");
+    assert!(!out.status.success());
+    wait_log(&node, "the refusal in the log", |l| {
+        l.contains("TLS handshake after NBD_OPT_STARTTLS failed") && l.contains("peer=127.0.0.1:")
+    });
+    assert!(img == std::fs::read(node.image()).unwrap());
+}
+
 #[test]
 fn an_expired_client_certificate_from_the_ca_is_refused() {
     require_tool("nbdinfo");
