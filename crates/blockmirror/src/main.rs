@@ -967,6 +967,14 @@ fn config_check(file: &Path) -> Result<()> {
         Some(l) => println!("  replication listener {l}"),
         None => println!("  no replication listener (cannot be a mirror)"),
     }
+    if cfg.listen.is_some() || cfg.volumes.iter().any(|v| !v.mirrors.is_empty()) {
+        match cfg.link_auth() {
+            Some(m) => println!("  replication links authenticated with {m}"),
+            None => {
+                println!("  replication links cannot be authenticated (no secret_file, no [tls])")
+            }
+        }
+    }
     println!(
         "  admin HTTP {} (status page at http://{}/)",
         cfg.admin, cfg.admin

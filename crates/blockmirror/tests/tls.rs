@@ -519,9 +519,15 @@ fn tls_alone_authenticates_a_link_without_a_secret_file() {
         assert!(!std::fs::read_to_string(&n.config)
             .unwrap()
             .contains("secret_file"));
+        let out = run_ok(Command::new(BIN).args(["config", "check"]).arg(&n.config));
+        assert!(
+            out.contains("replication links authenticated with TLS alone (no secret_file)"),
+            "{out}"
+        );
     }
     assert!(
-        pair.mirror.log().contains("auth=\"tls\"") || pair.mirror.log().contains("auth=tls"),
+        pair.mirror.log().contains("accepting replication links")
+            && pair.mirror.log().contains("auth=\"tls\""),
         "{}",
         pair.logs()
     );

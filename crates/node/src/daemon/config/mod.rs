@@ -489,6 +489,19 @@ impl ConfigError {
 }
 
 impl NodeConfig {
+    /// How this node's replication links authenticate: what
+    /// `LinkStream::link_key` makes of `secret_file` and `[tls]`; `None`
+    /// with neither (no link can be authenticated).
+    pub fn link_auth(&self) -> Option<blockmirror_repl::KeyMode> {
+        use blockmirror_repl::KeyMode;
+        match (self.secret_file.is_some(), self.tls.is_some()) {
+            (true, true) => Some(KeyMode::TlsAndSecret),
+            (false, true) => Some(KeyMode::Tls),
+            (true, false) => Some(KeyMode::Secret),
+            (false, false) => None,
+        }
+    }
+
     /// Reads and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -119,17 +119,6 @@ pub struct Node {
     admin_auth: Option<Arc<AdminAuth>>,
 }
 
-/// How this node's links authenticate, for logs: what
-/// [`blockmirror_repl::LinkKey::derive`] will make of the config.
-fn link_auth(secret: bool, tls: bool) -> &'static str {
-    use blockmirror_repl::KeyMode;
-    match (secret, tls) {
-        (true, true) => KeyMode::TlsAndSecret.as_str(),
-        (false, true) => KeyMode::Tls.as_str(),
-        _ => KeyMode::Secret.as_str(),
-    }
-}
-
 /// Reads the shared secret: the file's bytes, without trailing whitespace.
 fn read_secret(path: &std::path::Path) -> Result<Arc<[u8]>, NodeError> {
     let raw = std::fs::read(path).map_err(|source| NodeError::Io {
@@ -258,7 +247,7 @@ impl Node {
                             addr: addr.to_string(),
                             source,
                         })?;
-                    info!(%addr, auth = link_auth(secret.is_some(), cx.tls.is_some()),
+                    info!(%addr, auth = config.link_auth().map_or("none", |m| m.as_str()),
                         "accepting replication links");
                     let jobs = Arc::new(
                         JobService::new(
