@@ -390,7 +390,8 @@ fn a_sync_mirror_over_mutual_tls_holds_every_acknowledged_write_after_a_primary_
 #[test]
 fn an_async_mirror_over_mutual_tls_is_dependency_closed_after_a_primary_kill() {
     let certs = tempfile::tempdir().unwrap();
-    certs_init(certs.path(), "site-a,site-b", &[]);
+    // Named like the harness's nodes: TLS alone requires it of the primary.
+    certs_init(certs.path(), "primary,mirror", &[]);
     common::kill::primary_kill_rounds(common::kill::kills(8), |round| {
         let mirror = if round % 2 == 0 {
             "direct_io = true\napply_groups = 4\napply_tasks_per_group = 4"
@@ -399,9 +400,9 @@ fn an_async_mirror_over_mutual_tls_is_dependency_closed_after_a_primary_kill() {
         };
         let tls_alone = (round / 2) % 2 == 1;
         PairBuilder::new(16 * MIB)
-            .primary_node(&tls_table(certs.path(), "site-a"))
-            .mirror_node(&tls_table(certs.path(), "site-b"))
-            .mirror_table("mode = \"async\"\npeer_name = \"site-b\"")
+            .primary_node(&tls_table(certs.path(), "primary"))
+            .mirror_node(&tls_table(certs.path(), "mirror"))
+            .mirror_table("mode = \"async\"\npeer_name = \"mirror\"")
             .mirror_volume(mirror)
             .without_secret(tls_alone, tls_alone)
     });
@@ -412,12 +413,12 @@ fn an_async_mirror_over_mutual_tls_is_dependency_closed_after_a_primary_kill() {
 #[test]
 fn an_async_mirror_over_mutual_tls_killed_mid_apply_catches_up() {
     let certs = tempfile::tempdir().unwrap();
-    certs_init(certs.path(), "site-a,site-b", &[]);
+    certs_init(certs.path(), "primary,mirror", &[]);
     common::kill::mirror_kill_rounds(common::kill::kills(4), |round| {
         PairBuilder::new(16 * MIB)
-            .primary_node(&tls_table(certs.path(), "site-a"))
-            .mirror_node(&tls_table(certs.path(), "site-b"))
-            .mirror_table("mode = \"async\"\npeer_name = \"site-b\"")
+            .primary_node(&tls_table(certs.path(), "primary"))
+            .mirror_node(&tls_table(certs.path(), "mirror"))
+            .mirror_table("mode = \"async\"\npeer_name = \"mirror\"")
             .mirror_volume("direct_io = true\napply_groups = 4\napply_tasks_per_group = 4")
             .without_secret(round % 2 == 1, round % 2 == 1)
     });
@@ -508,13 +509,24 @@ fn verify_identical(pair: &Pair) {
     }
 }
 
+/// A pair that TLS alone authenticates (no secret_file on either node),
+/// the mirror's certificate the files `mirror_cert`.pem/.key from `certs`.
+/// The nodes' certificates must name them (`certs init` with the harness's
+/// names, `primary,mirror`): with TLS alone the mirror requires it of the
+/// primary, and the primary expects `mirror` as `peer_name`.
+fn tls_alone_pair(certs: &Path, primary_cert: &str) -> PairBuilder {
+    PairBuilder::new(64 * MIB)
+        .primary_node(&tls_table(certs, primary_cert))
+        .mirror_node(&tls_table(certs, "mirror"))
+        .mirror_table("mode = \"sync\"\npeer_name = \"mirror\"")
+        .without_secret(true, true)
+}
+
 #[test]
 fn tls_alone_authenticates_a_link_without_a_secret_file() {
     let certs = tempfile::tempdir().unwrap();
-    certs_init(certs.path(), "site-a,site-b", &[]);
-    let pair = tls_pair(certs.path(), "site-b", "site-b")
-        .without_secret(true, true)
-        .start();
+    certs_init(certs.path(), "primary,mirror", &[]);
+    let pair = tls_alone_pair(certs.path(), "primary").start();
     for n in [&pair.primary, &pair.mirror] {
         assert!(!std::fs::read_to_string(&n.config)
             .unwrap()
@@ -540,6 +552,39 @@ fn tls_alone_authenticates_a_link_without_a_secret_file() {
     // Job connections (verify's hashes, the full verify's remote reads)
     // authenticate the same way.
     verify_identical(&pair);
+}
+
+/// With TLS alone the certificate is the primary's only credential: one
+/// from the CA that names another node is refused by the mirror (before
+/// anything is written), and the primary logs the mirror's reason.
+#[test]
+fn with_tls_alone_a_primary_whose_certificate_names_another_node_is_refused() {
+    let certs = tempfile::tempdir().unwrap();
+    certs_init(certs.path(), "primary,mirror,site-c", &[]);
+    let pair = tls_alone_pair(certs.path(), "site-c").no_wait().start();
+    let log = wait_log(&pair.mirror, "the refusal in the mirror's log", |l| {
+        l.contains("its certificate does not name")
+    });
+    let line = log
+        .lines()
+        .find(|l| l.contains("its certificate does not name"))
+        .unwrap();
+    assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    assert!(line.contains("primary=primary"), "{line}");
+    assert!(
+        line.contains("primary \"primary\" (TLS alone authenticates links here)"),
+        "{line}"
+    );
+    wait_log(
+        &pair.primary,
+        "the mirror's reason in the primary's log",
+        |l| l.contains("its certificate does not name \"primary\""),
+    );
+    assert_ne!(pair.link()["state"], "in_sync");
+    assert!(std::fs::read(pair.mirror.image())
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
 }
 
 #[test]

@@ -271,6 +271,23 @@ pub fn expected_name(
     }
 }
 
+/// Checks that the certificate the peer of `stream` presented (verified
+/// against the CA by the TLS handshake) is valid for the DNS name `node`:
+/// with TLS alone authenticating a link, the certificate is the only proof
+/// of which node a primary is, so the mirror holds it to the node name its
+/// Hello claims. The error says why, for the log and the primary.
+pub fn check_peer_is(stream: &blockmirror_repl::LinkStream, node: &str) -> Result<(), String> {
+    let Some(cert) = stream.peer_certificates().and_then(|c| c.first()) else {
+        return Err("it presented no certificate".into());
+    };
+    let name = ServerName::try_from(node.to_string())
+        .map_err(|_| format!("node name {node:?} is not a name a certificate can hold"))?;
+    let cert = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| format!("its certificate cannot be read: {e}"))?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|e| format!("its certificate does not name {node:?} ({e})"))
+}
+
 /// A client config that trusts `ca` (for the CLI talking HTTPS to a node).
 pub fn client_config_for_ca(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
     client_config(ca, None)
