@@ -326,6 +326,7 @@ fn handshake() {
             let opts = ConnectOptions {
                 purpose,
                 compression: Codec::Lz4,
+                epoch: 3,
             };
             let (c, s) = tokio::join!(
                 connect_with(&mut a, b"fuzz-secret", &hello, opts),

@@ -41,6 +41,15 @@ struct Cli {
     /// is HTTPS).
     #[arg(long, global = true)]
     ca: Option<PathBuf>,
+    /// A client certificate (PEM) to present to the admin API over HTTPS,
+    /// for a node with `[admin_auth] client_certs = true` (needs --key, and
+    /// --ca or ./blockmirror.toml's; default: with client_certs and no
+    /// token_file in ./blockmirror.toml, its `[tls] cert`).
+    #[arg(long, global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The key of --cert (PEM).
+    #[arg(long, global = true, requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -284,8 +293,13 @@ enum Outcome {
     Differ,
 }
 
-/// The admin client's token and CA: the flags, else ./blockmirror.toml.
-fn configure_admin_client(token_file: Option<PathBuf>, ca: Option<PathBuf>) -> Result<()> {
+/// The admin client's token, CA and client certificate: the flags, else
+/// ./blockmirror.toml.
+fn configure_admin_client(
+    token_file: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    identity: Option<(PathBuf, PathBuf)>,
+) -> Result<()> {
     let local = std::env::current_dir()
         .ok()
         .map(|d| d.join(config::DEFAULT_CONFIG_FILE))
@@ -294,7 +308,16 @@ fn configure_admin_client(token_file: Option<PathBuf>, ca: Option<PathBuf>) -> R
     let token_file = token_file.or_else(|| {
         local
             .as_ref()
-            .and_then(|c| c.admin_auth.as_ref().map(|a| a.token_file.clone()))
+            .and_then(|c| c.admin_auth.as_ref().and_then(|a| a.token_file.clone()))
+    });
+    // A node that takes client certificates only: run in its directory,
+    // the CLI presents the node's own certificate (it chains to the CA).
+    let identity = identity.or_else(|| {
+        let c = local.as_ref()?;
+        let a = c.admin_auth.as_ref()?;
+        let t = c.tls.as_ref()?;
+        (a.client_certs && a.token_file.is_none() && token_file.is_none())
+            .then(|| (t.cert.clone(), t.key.clone()))
     });
     let ca = ca.or_else(|| {
         local.as_ref().and_then(|c| {
@@ -307,8 +330,17 @@ fn configure_admin_client(token_file: Option<PathBuf>, ca: Option<PathBuf>) -> R
     let token = token_file
         .map(|p| blockmirror_node::daemon::admin_auth::read_token(&p))
         .transpose()?;
+    if identity.is_some() && ca.is_none() {
+        anyhow::bail!(
+            "--cert: a client certificate goes over HTTPS: give --ca (the CA that signed \
+             the node's certificate) too"
+        );
+    }
     let tls = ca
-        .map(|p| blockmirror_node::tls::client_config_for_ca(&p))
+        .map(|p| {
+            let id = identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+            blockmirror_node::tls::client_config(&p, id)
+        })
         .transpose()?;
     admin::configure_client(admin::ClientSettings { token, tls });
     Ok(())
@@ -325,7 +357,7 @@ async fn run(cli: Cli) -> Result<Outcome> {
             | Command::Config { .. }
             | Command::Cluster { .. }
     ) {
-        configure_admin_client(cli.token_file, cli.ca)?;
+        configure_admin_client(cli.token_file, cli.ca, cli.cert.zip(cli.key))?;
     }
     match cli.command {
         Command::Serve { config } => ok(serve(&config).await),
@@ -934,6 +966,14 @@ fn config_check(file: &Path) -> Result<()> {
     match cfg.listen {
         Some(l) => println!("  replication listener {l}"),
         None => println!("  no replication listener (cannot be a mirror)"),
+    }
+    if cfg.listen.is_some() || cfg.volumes.iter().any(|v| !v.mirrors.is_empty()) {
+        match cfg.link_auth() {
+            Some(m) => println!("  replication links authenticated with {m}"),
+            None => {
+                println!("  replication links cannot be authenticated (no secret_file, no [tls])")
+            }
+        }
     }
     println!(
         "  admin HTTP {} (status page at http://{}/)",

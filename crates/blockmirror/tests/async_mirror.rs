@@ -8,83 +8,17 @@
 mod common;
 
 use std::process::Command;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use blockmirror_testkit::delay::Shape;
-use blockmirror_testkit::history::{self, Require};
-use blockmirror_testkit::writer::{self, Progress, WriterConfig};
+use common::kill::{check_prefix, rng, seed, write_then_kill};
 use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// Kill points per run; `BLOCKMIRROR_ASYNC_KILLS` raises it for a soak.
-fn kills() -> usize {
-    std::env::var("BLOCKMIRROR_ASYNC_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
-}
-
-/// A small xorshift, so each run's kill points differ but can be replayed
-/// from the printed seed.
-fn rng(seed: &mut u64) -> u64 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    *seed
-}
-
-fn seed() -> u64 {
-    std::env::var("BLOCKMIRROR_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        })
-}
-
-/// Runs the history writer against the primary until `acked` writes were
-/// answered, then kills `victim` (the primary or the mirror) while it runs.
-fn write_then_kill(pair: &mut Pair, log: &std::path::Path, acked: u64, kill_primary: bool) {
-    let mut cfg = WriterConfig::new(pair.primary.uri(), log, 2048, Duration::from_secs(30));
-    cfg.queue_depth = 16;
-    cfg.flush_every = 64;
-    let progress = Progress::default();
-    std::thread::scope(|s| {
-        let w = s.spawn(|| writer::run(&cfg, &progress));
-        wait_for("acknowledged writes", Duration::from_secs(30), || {
-            assert!(!w.is_finished(), "the writer stopped early");
-            (progress.writes_acked.load(Relaxed) >= acked).then_some(())
-        });
-        if kill_primary {
-            pair.primary.stop_with("KILL");
-        } else {
-            pair.mirror.stop_with("KILL");
-            progress.stop.store(true, Relaxed);
-        }
-        let _ = w.join().unwrap();
-    });
-}
-
-fn check_prefix(image: &std::path::Path, log: &std::path::Path, what: &str) {
-    let report = history::check_image(image, log).unwrap();
-    let text = report.summary();
-    assert!(
-        report.holds(Require::Prefix),
-        "{what}: the mirror is not dependency closed:\n{text}"
-    );
-}
-
 #[test]
 fn primary_killed_at_random_points_leaves_a_dependency_closed_mirror() {
-    let mut seed = seed();
-    println!("seed {seed} (BLOCKMIRROR_SEED replays it)");
-    for round in 0..kills() {
+    kill::primary_kill_rounds(kill::kills(20), |round| {
         // Every other round the mirror uses O_DIRECT: every write then goes
         // to one of its parallel apply tasks, the case epochs are for.
         let mirror = if round % 2 == 0 {
@@ -92,61 +26,19 @@ fn primary_killed_at_random_points_leaves_a_dependency_closed_mirror() {
         } else {
             ""
         };
-        let mut pair = PairBuilder::new(16 * MIB)
+        PairBuilder::new(16 * MIB)
             .mirror_table("mode = \"async\"")
             .mirror_volume(mirror)
-            .start();
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("history.log");
-        let acked = 200 + rng(&mut seed) % 3000;
-        write_then_kill(&mut pair, &log, acked, true);
-        // The mirror applies what it received, then sees the link drop.
-        wait_for(
-            "the mirror to see the link drop",
-            Duration::from_secs(10),
-            || {
-                pair.mirror.status_json()["volumes"][0]["primary"]
-                    .is_null()
-                    .then_some(())
-            },
-        );
-        check_prefix(
-            pair.mirror.image(),
-            &log,
-            &format!("round {round}, killed after {acked} acknowledged writes"),
-        );
-    }
+    });
 }
 
 #[test]
 fn mirror_killed_mid_apply_is_dependency_closed_and_catches_up() {
-    let mut seed = seed();
-    println!("seed {seed} (BLOCKMIRROR_SEED replays it)");
-    for round in 0..kills() {
-        let mut pair = PairBuilder::new(16 * MIB)
+    kill::mirror_kill_rounds(kill::kills(20), |_| {
+        PairBuilder::new(16 * MIB)
             .mirror_table("mode = \"async\"")
             .mirror_volume("direct_io = true\napply_groups = 4\napply_tasks_per_group = 4")
-            .start();
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("history.log");
-        let acked = 500 + rng(&mut seed) % 3000;
-        write_then_kill(&mut pair, &log, acked, false);
-        // What the killed mirror had applied (its page cache survives a
-        // process kill) is a state the primary passed through.
-        check_prefix(
-            pair.mirror.image(),
-            &log,
-            &format!("round {round}, mirror killed after {acked} acknowledged writes"),
-        );
-        // Restarted, it catches up and ends identical.
-        pair.mirror.spawn();
-        pair.wait_in_sync(Duration::from_secs(30));
-        pair.flush_primary();
-        wait_for("the last writes applied", Duration::from_secs(10), || {
-            (pair.link()["lag_bytes"] == 0).then_some(())
-        });
-        pair.assert_images_identical();
-    }
+    });
 }
 
 /// Polls the link's lag while `load` runs; returns the largest seen.

@@ -1,5 +1,6 @@
 //! The start of a replication link: volume matching and mutual
-//! authentication with a shared secret.
+//! authentication with a key: a shared secret, a TLS session's exporter,
+//! or both ([`LinkKey`]).
 //!
 //! ```text
 //! primary                                              mirror
@@ -17,20 +18,43 @@
 //! With `T = SHA-256("blockmirror-v1 transcript" || u32 len || Hello payload
 //! || u32 len || Challenge payload without its proof)`:
 //!
-//! - `proof_m = HMAC-SHA256(secret, "blockmirror-v1 mirror" || Np || Nm || T)`
-//! - `proof_p = HMAC-SHA256(secret, "blockmirror-v1 primary" || Nm || Np || T)`
+//! - `proof_m = HMAC-SHA256(K, "blockmirror-v1 mirror" || Np || Nm || T)`
+//! - `proof_p = HMAC-SHA256(K, "blockmirror-v1 primary" || Nm || Np || T)`
+//!
+//! The key `K` ([`LinkKey`], its [`KeyMode`] said in both Hello and
+//! Challenge, so inside `T`):
+//!
+//! - [`KeyMode::Secret`] (no TLS): `K = secret`, the bytes of `secret_file`.
+//! - [`KeyMode::Tls`] (TLS, no secret): `K = E`, where `E` is 32 bytes of
+//!   the TLS session's keying material exporter (RFC 5705/8446,
+//!   label [`EXPORTER_LABEL`], no context). Both ends of one session, and
+//!   only they, compute the same `E`, so the proofs bind the handshake to
+//!   that session: a relay that terminates TLS on each side (even with a
+//!   certificate from the CA) holds two sessions with different exporters,
+//!   and its proofs fail.
+//! - [`KeyMode::TlsAndSecret`]: `K = HMAC-SHA256(secret, "blockmirror-v1
+//!   link key" || E)`: a peer needs both the session and the secret.
+//!
+//! Both sides must use the same mode (`secret_file` on both or on neither):
+//! the mirror compares the primary's mode with its own before anything
+//! else and refuses a mismatch with a message naming both nodes and modes
+//! ([`HandshakeError::KeyModeMismatch`] on the mirror,
+//! [`HandshakeError::Refused`] carrying that message on the primary).
 //!
 //! Each side proves it holds the secret over a fresh nonce of the other
 //! side, so a recorded proof is useless later, and the distinct labels stop a
 //! proof from being reflected back as the other role's. `T` binds both
 //! hellos, so the identities each side reports cannot be altered in flight.
-//! The secret itself never crosses the wire. Proofs are compared in constant
+//! Neither the secret nor `E` ever crosses the wire. Proofs are compared in constant
 //! time.
 //!
 //! Limits, stated plainly:
 //! - The handshake authenticates the two ends; it does not protect the frames
 //!   that follow. Run the link over TLS (both functions are generic over the
 //!   stream so it can be wrapped) where the network is not trusted.
+//! - With [`KeyMode::Tls`] the handshake proves possession of the TLS
+//!   session, nothing more: who may connect is decided by the certificates
+//!   (the CA, and the name the primary checks in the mirror's).
 //! - Anyone who can connect sees a proof made with the secret, so a guessable
 //!   secret can be attacked offline: use at least 32 random bytes.
 //! - Before authentication the mirror tells a caller whether a volume of a
@@ -47,8 +71,8 @@
 //!
 //! | frame | payload |
 //! |---|---|
-//! | Hello | node string, volume identity, 32-byte nonce Np, u8 handshake version ([`HANDSHAKE_VERSION`]), u8 purpose (0 replication, 1 jobs), u8 compression the primary wants ([`Codec::code`]), u64 fencing epoch (0: no cluster) |
-//! | Challenge | node string, volume identity, 32-byte nonce Nm, u8 handshake version, u8 codecs the mirror supports (bit `1 << code` per codec; bit 0, none, always set), 32-byte proof_m |
+//! | Hello | node string, volume identity, 32-byte nonce Np, u8 handshake version ([`HANDSHAKE_VERSION`]), u8 purpose (0 replication, 1 jobs), u8 compression the primary wants ([`Codec::code`]), u64 fencing epoch (0: no cluster), u8 key mode ([`KeyMode::code`]) |
+//! | Challenge | node string, volume identity, 32-byte nonce Nm, u8 handshake version, u8 codecs the mirror supports (bit `1 << code` per codec; bit 0, none, always set), u8 key mode, 32-byte proof_m |
 //! | Auth | 32-byte proof_p |
 //! | Welcome | empty |
 //!
@@ -89,12 +113,19 @@ pub const PROOF_LEN: usize = 32;
 /// Longest node or volume name accepted.
 pub const MAX_NAME_LEN: usize = 4096;
 /// The handshake payload version this build speaks (1: before compression
-/// was negotiated; 2: before the Hello carried the fencing epoch).
-pub const HANDSHAKE_VERSION: u8 = 3;
+/// was negotiated; 2: before the Hello carried the fencing epoch; 3: before
+/// both carried the key mode).
+pub const HANDSHAKE_VERSION: u8 = 4;
+/// The label of the TLS exporter a link's key is drawn from (RFC 5705
+/// wants exporter labels to begin with "EXPORTER").
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-blockmirror-link-v1";
+/// Bytes drawn from the TLS exporter.
+pub const EXPORTER_LEN: usize = 32;
 
 const MIRROR_LABEL: &[u8] = b"blockmirror-v1 mirror";
 const PRIMARY_LABEL: &[u8] = b"blockmirror-v1 primary";
 const TRANSCRIPT_LABEL: &[u8] = b"blockmirror-v1 transcript";
+const LINK_KEY_LABEL: &[u8] = b"blockmirror-v1 link key";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -125,6 +156,141 @@ impl Purpose {
             1 => Some(Purpose::Jobs),
             _ => None,
         }
+    }
+}
+
+/// What a link's handshake key is made of (see the module doc): the node
+/// config decides it, `secret_file` and `[tls]`, and both ends of a link
+/// must agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyMode {
+    /// The shared secret alone (no TLS).
+    Secret,
+    /// The TLS session alone (its exporter).
+    Tls,
+    /// Both: the secret and the TLS session.
+    TlsAndSecret,
+}
+
+impl KeyMode {
+    /// The byte Hello and Challenge carry.
+    pub fn code(self) -> u8 {
+        match self {
+            KeyMode::Secret => 0,
+            KeyMode::Tls => 1,
+            KeyMode::TlsAndSecret => 2,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<KeyMode> {
+        match code {
+            0 => Some(KeyMode::Secret),
+            1 => Some(KeyMode::Tls),
+            2 => Some(KeyMode::TlsAndSecret),
+            _ => None,
+        }
+    }
+
+    /// Short name, for logs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyMode::Secret => "secret",
+            KeyMode::Tls => "tls",
+            KeyMode::TlsAndSecret => "tls+secret",
+        }
+    }
+}
+
+impl std::fmt::Display for KeyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyMode::Secret => "the shared secret alone (no TLS)",
+            KeyMode::Tls => "TLS alone (no secret_file)",
+            KeyMode::TlsAndSecret => "TLS and the shared secret",
+        })
+    }
+}
+
+/// The HMAC key of a link's handshake and how it was made. Made by
+/// [`LinkKey::derive`] from what the node has (`secret_file`, the TLS
+/// session's exporter); a bare secret converts into a [`KeyMode::Secret`]
+/// key (`From<&[u8]>`), which is what a plaintext link uses.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LinkKey {
+    mode: KeyMode,
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for LinkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key itself.
+        f.debug_struct("LinkKey")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkKey {
+    /// The key for a link with `secret` (the node's `secret_file`, if any)
+    /// over a stream whose TLS exporter is `exporter` (`None`: not TLS).
+    /// Neither: [`HandshakeError::NoKey`]; an empty secret:
+    /// [`HandshakeError::EmptySecret`].
+    pub fn derive(
+        secret: Option<&[u8]>,
+        exporter: Option<&[u8; EXPORTER_LEN]>,
+    ) -> Result<LinkKey, HandshakeError> {
+        if secret.is_some_and(<[u8]>::is_empty) {
+            return Err(HandshakeError::EmptySecret);
+        }
+        match (secret, exporter) {
+            (None, None) => Err(HandshakeError::NoKey),
+            (Some(s), None) => Ok(LinkKey {
+                mode: KeyMode::Secret,
+                key: s.to_vec(),
+            }),
+            (None, Some(e)) => Ok(LinkKey {
+                mode: KeyMode::Tls,
+                key: e.to_vec(),
+            }),
+            (Some(s), Some(e)) => {
+                let mut m = HmacSha256::new_from_slice(s).expect("HMAC takes a key of any length");
+                m.update(LINK_KEY_LABEL);
+                m.update(e);
+                Ok(LinkKey {
+                    mode: KeyMode::TlsAndSecret,
+                    key: m.finalize().into_bytes().to_vec(),
+                })
+            }
+        }
+    }
+
+    pub fn mode(&self) -> KeyMode {
+        self.mode
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.key
+    }
+}
+
+impl From<&[u8]> for LinkKey {
+    fn from(secret: &[u8]) -> Self {
+        LinkKey {
+            mode: KeyMode::Secret,
+            key: secret.to_vec(),
+        }
+    }
+}
+
+impl<const N: usize> From<&[u8; N]> for LinkKey {
+    fn from(secret: &[u8; N]) -> Self {
+        LinkKey::from(&secret[..])
+    }
+}
+
+impl From<&LinkKey> for LinkKey {
+    fn from(k: &LinkKey) -> Self {
+        k.clone()
     }
 }
 
@@ -239,6 +405,8 @@ pub enum Malformation {
     UnknownPurpose(u8),
     #[error("supported codecs {0:#04x} lack uncompressed data (bit 0)")]
     NoPlainCodec(u8),
+    #[error("unknown key mode {0}")]
+    UnknownKeyMode(u8),
 }
 
 fn from_peer(peer: &Option<String>) -> String {
@@ -271,6 +439,22 @@ pub enum HandshakeError {
     },
     #[error("no replication secret configured")]
     EmptySecret,
+    #[error(
+        "no replication secret configured and the link is not TLS: nothing to \
+         authenticate it with (set secret_file, or [tls] on both nodes)"
+    )]
+    NoKey,
+    #[error("cannot draw the link key from the TLS session: {0}")]
+    Exporter(String),
+    #[error(
+        "{peer:?} authenticates links with {theirs}, this node with {ours}: \
+         give both nodes the same secret_file, or neither (TLS alone)"
+    )]
+    KeyModeMismatch {
+        peer: String,
+        ours: KeyMode,
+        theirs: KeyMode,
+    },
     #[error("{what} name of {len} bytes exceeds {MAX_NAME_LEN}")]
     NameTooLong { what: &'static str, len: usize },
     #[error("cannot draw a random nonce: {0}")]
@@ -302,20 +486,20 @@ pub enum HandshakeError {
 /// [`connect_with`] with the default [`ConnectOptions`].
 pub async fn connect<S>(
     s: &mut S,
-    secret: &[u8],
+    key: impl Into<LinkKey>,
     local: &NodeHello,
 ) -> Result<PeerInfo, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    connect_with(s, secret, local, ConnectOptions::default()).await
+    connect_with(s, key, local, ConnectOptions::default()).await
 }
 
 /// [`connect_with`] for a connection of the given purpose, asking for no
 /// compression.
 pub async fn connect_for<S>(
     s: &mut S,
-    secret: &[u8],
+    key: impl Into<LinkKey>,
     local: &NodeHello,
     purpose: Purpose,
 ) -> Result<PeerInfo, HandshakeError>
@@ -327,7 +511,7 @@ where
         compression: Codec::None,
         epoch: 0,
     };
-    connect_with(s, secret, local, opts).await
+    connect_with(s, key, local, opts).await
 }
 
 /// Primary side: announces `local` and what it asks for (`opts`), checks
@@ -340,14 +524,16 @@ where
 /// reason. Wrap the call in a timeout (see the module doc).
 pub async fn connect_with<S>(
     s: &mut S,
-    secret: &[u8],
+    key: impl Into<LinkKey>,
     local: &NodeHello,
     opts: ConnectOptions,
 ) -> Result<PeerInfo, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    check_secret(secret)?;
+    let key: LinkKey = key.into();
+    check_key(&key)?;
+    let secret = key.bytes();
     check_name("node", &local.node)?;
     check_name("volume", &local.volume.name)?;
     let np = nonce()?;
@@ -360,6 +546,7 @@ where
     hello.put_u8(opts.purpose.code());
     hello.put_u8(opts.compression.code());
     hello.put_u64(opts.epoch);
+    hello.put_u8(key.mode().code());
     let hello = hello.freeze();
     send(
         s,
@@ -388,17 +575,29 @@ where
         if supported & (1 << Codec::None.code()) == 0 {
             return Err(Malformation::NoPlainCodec(supported));
         }
+        let [mode] = c.array()?;
+        let mode = KeyMode::from_code(mode).ok_or(Malformation::UnknownKeyMode(mode))?;
         let proof: [u8; PROOF_LEN] = c.array()?;
         c.finish()?;
-        Ok((node, volume, nm, supported, proof))
+        Ok((node, volume, nm, supported, mode, proof))
     })();
-    let (node_m, volume_m, nm, supported_m, proof_m) = match decoded {
+    let (node_m, volume_m, nm, supported_m, mode_m, proof_m) = match decoded {
         Ok(d) => d,
         Err(reason) => {
             return Err(protocol_error(s, Kind::Challenge, None, reason).await);
         }
     };
 
+    // The mirror refuses a mismatch itself; one that does not is refused here.
+    if mode_m != key.mode() {
+        let e = HandshakeError::KeyModeMismatch {
+            peer: node_m,
+            ours: key.mode(),
+            theirs: mode_m,
+        };
+        send_error(s, ErrorCode::AuthFailed, &e.to_string()).await;
+        return Err(e);
+    }
     let t = transcript(&hello, &challenge[..body_len]);
     if verify(secret, MIRROR_LABEL, &np, &nm, &t, &proof_m).is_err() {
         let e = HandshakeError::AuthFailed {
@@ -474,7 +673,7 @@ where
 /// in a timeout (see the module doc).
 pub async fn accept<S, F>(
     s: &mut S,
-    secret: &[u8],
+    key: impl Into<LinkKey>,
     node: &str,
     lookup: F,
 ) -> Result<(PeerInfo, VolumeIdentity), HandshakeError>
@@ -482,7 +681,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&str) -> Option<VolumeIdentity>,
 {
-    accept_any(s, secret, node, lookup)
+    accept_any(s, key, node, lookup)
         .await
         .map(|(p, v, _)| (p, v))
 }
@@ -490,7 +689,7 @@ where
 /// [`accept`] that also says what the connection is for.
 pub async fn accept_any<S, F>(
     s: &mut S,
-    secret: &[u8],
+    key: impl Into<LinkKey>,
     node: &str,
     lookup: F,
 ) -> Result<(PeerInfo, VolumeIdentity, Purpose), HandshakeError>
@@ -498,7 +697,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&str) -> Option<VolumeIdentity>,
 {
-    accept_with(s, secret, node, &Codec::ALL, lookup).await
+    accept_with(s, key, node, &Codec::ALL, lookup).await
 }
 
 /// [`accept_any`] for a mirror that decodes only the codecs in `supported`
@@ -506,7 +705,7 @@ where
 /// them, else none ([`PeerInfo::compression`]).
 pub async fn accept_with<S, F>(
     s: &mut S,
-    secret: &[u8],
+    key: impl Into<LinkKey>,
     node: &str,
     supported: &[Codec],
     lookup: F,
@@ -515,7 +714,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&str) -> Option<VolumeIdentity>,
 {
-    check_secret(secret)?;
+    let key: LinkKey = key.into();
+    check_key(&key)?;
+    let secret = key.bytes();
     check_name("node", node)?;
 
     let hello = match read_frame(s, Kind::Hello, "waiting for Hello").await? {
@@ -539,13 +740,31 @@ where
         let [purpose, wanted] = c.array()?;
         let purpose = Purpose::from_code(purpose).ok_or(Malformation::UnknownPurpose(purpose))?;
         let epoch = c.u64()?;
+        let [mode] = c.array()?;
+        let mode = KeyMode::from_code(mode).ok_or(Malformation::UnknownKeyMode(mode))?;
         c.finish()?;
-        Ok((node, volume, np, purpose, wanted, epoch))
+        Ok((node, volume, np, purpose, wanted, epoch, mode))
     })();
-    let (node_p, volume_p, np, purpose, wanted, epoch) = match decoded {
+    let (node_p, volume_p, np, purpose, wanted, epoch, mode_p) = match decoded {
         Ok(d) => d,
         Err(reason) => return Err(protocol_error(s, Kind::Hello, None, reason).await),
     };
+    // Before anything else: with different keys the proofs could only
+    // fail, and say less.
+    if mode_p != key.mode() {
+        let message = format!(
+            "mirror {node:?} authenticates links with {}, primary {node_p:?} with {}: \
+             give both nodes the same secret_file, or neither (TLS alone)",
+            key.mode(),
+            mode_p
+        );
+        send_error(s, ErrorCode::AuthFailed, &message).await;
+        return Err(HandshakeError::KeyModeMismatch {
+            peer: node_p,
+            ours: key.mode(),
+            theirs: mode_p,
+        });
+    }
 
     let Some(volume_m) = lookup(&volume_p.name) else {
         let e = HandshakeError::UnknownVolume {
@@ -583,6 +802,7 @@ where
     challenge.put_slice(&nm);
     challenge.put_u8(HANDSHAKE_VERSION);
     challenge.put_u8(supported);
+    challenge.put_u8(key.mode().code());
     let t = transcript(&hello, &challenge);
     challenge.put_slice(&prove(secret, MIRROR_LABEL, &np, &nm, &t));
     send(
@@ -640,8 +860,8 @@ where
     ))
 }
 
-fn check_secret(secret: &[u8]) -> Result<(), HandshakeError> {
-    if secret.is_empty() {
+fn check_key(key: &LinkKey) -> Result<(), HandshakeError> {
+    if key.bytes().is_empty() {
         Err(HandshakeError::EmptySecret)
     } else {
         Ok(())
@@ -955,6 +1175,123 @@ mod tests {
             e.to_string().contains("unknown connection purpose 7"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_link_key_follows_what_the_node_has() {
+        let (e1, e2) = ([1u8; EXPORTER_LEN], [2u8; EXPORTER_LEN]);
+        let secret: &[u8] = b"0123456789abcdef";
+        assert!(matches!(
+            LinkKey::derive(None, None),
+            Err(HandshakeError::NoKey)
+        ));
+        assert!(matches!(
+            LinkKey::derive(Some(b""), Some(&e1)),
+            Err(HandshakeError::EmptySecret)
+        ));
+        // The secret alone: the key is the secret, as before TLS.
+        let k = LinkKey::derive(Some(secret), None).unwrap();
+        assert_eq!((k.mode(), k.bytes()), (KeyMode::Secret, secret));
+        assert_eq!(k, LinkKey::from(secret));
+        // TLS alone: the exporter.
+        let k = LinkKey::derive(None, Some(&e1)).unwrap();
+        assert_eq!((k.mode(), k.bytes()), (KeyMode::Tls, &e1[..]));
+        // Both: a key neither input gives alone, that changes with each.
+        let both = LinkKey::derive(Some(secret), Some(&e1)).unwrap();
+        assert_eq!(both.mode(), KeyMode::TlsAndSecret);
+        assert_eq!(both.bytes().len(), 32);
+        assert_ne!(both.bytes(), secret);
+        assert_ne!(both.bytes(), &e1[..]);
+        assert_ne!(
+            both,
+            LinkKey::derive(Some(b"0123456789abcdeX"), Some(&e1)).unwrap()
+        );
+        assert_ne!(both, LinkKey::derive(Some(secret), Some(&e2)).unwrap());
+        // Deterministic: both ends compute it alike.
+        assert_eq!(both, LinkKey::derive(Some(secret), Some(&e1)).unwrap());
+        // Debug never shows the key.
+        let text = format!("{both:?}");
+        assert!(
+            text.contains("TlsAndSecret") && !text.contains("key:"),
+            "{text}"
+        );
+        for m in [KeyMode::Secret, KeyMode::Tls, KeyMode::TlsAndSecret] {
+            assert_eq!(KeyMode::from_code(m.code()), Some(m));
+        }
+        assert_eq!(KeyMode::from_code(3), None);
+    }
+
+    async fn pair_with(
+        pk: LinkKey,
+        mk: LinkKey,
+    ) -> (
+        Result<PeerInfo, HandshakeError>,
+        Result<(PeerInfo, VolumeIdentity, Purpose), HandshakeError>,
+    ) {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let hello = NodeHello {
+            node: "site-a".into(),
+            volume: vol("db", 4096),
+        };
+        let primary = async { connect_for(&mut a, &pk, &hello, Purpose::Replication).await };
+        let mirror = async { accept_any(&mut b, &mk, "site-b", |_| Some(vol("db", 4096))).await };
+        tokio::join!(primary, mirror)
+    }
+
+    #[tokio::test]
+    async fn tls_keys_bind_the_handshake_to_the_session() {
+        let (e1, e2) = ([1u8; EXPORTER_LEN], [2u8; EXPORTER_LEN]);
+        let secret: &[u8] = b"0123456789abcdef";
+        // One session (one exporter): TLS alone, and TLS with the secret.
+        for s in [None, Some(secret)] {
+            let k = LinkKey::derive(s, Some(&e1)).unwrap();
+            let (p, m) = pair_with(k.clone(), k).await;
+            assert_eq!(p.unwrap().node, "site-b");
+            assert_eq!(m.unwrap().0.node, "site-a");
+        }
+        // Two sessions (a relay terminating TLS on each side): refused.
+        let (p, m) = pair_with(
+            LinkKey::derive(None, Some(&e1)).unwrap(),
+            LinkKey::derive(None, Some(&e2)).unwrap(),
+        )
+        .await;
+        assert!(
+            matches!(p, Err(HandshakeError::AuthFailed { ref peer, .. }) if peer == "site-b"),
+            "{p:?}"
+        );
+        assert!(m.is_err());
+        // One session, different secrets: refused.
+        let (p, _) = pair_with(
+            LinkKey::derive(Some(secret), Some(&e1)).unwrap(),
+            LinkKey::derive(Some(b"another secret!!"), Some(&e1)).unwrap(),
+        )
+        .await;
+        assert!(matches!(p, Err(HandshakeError::AuthFailed { .. })), "{p:?}");
+    }
+
+    #[tokio::test]
+    async fn a_key_mode_mismatch_is_refused_naming_both_nodes() {
+        let e = [1u8; EXPORTER_LEN];
+        let secret: &[u8] = b"0123456789abcdef";
+        let tls = LinkKey::derive(None, Some(&e)).unwrap();
+        let both = LinkKey::derive(Some(secret), Some(&e)).unwrap();
+        for (pk, mk) in [(tls.clone(), both.clone()), (both, tls)] {
+            let (p, m) = pair_with(pk.clone(), mk.clone()).await;
+            match m {
+                Err(HandshakeError::KeyModeMismatch { peer, ours, theirs }) => {
+                    assert_eq!(peer, "site-a");
+                    assert_eq!((ours, theirs), (mk.mode(), pk.mode()));
+                }
+                other => panic!("mirror: {other:?}"),
+            }
+            let text = p.unwrap_err().to_string();
+            assert!(
+                text.contains("mirror \"site-b\"") && text.contains("primary \"site-a\""),
+                "{text}"
+            );
+            assert!(text.contains(&pk.mode().to_string()), "{text}");
+            assert!(text.contains(&mk.mode().to_string()), "{text}");
+        }
     }
 
     proptest! {

@@ -53,8 +53,8 @@ pub use frame::{
 };
 pub use handshake::{
     accept, accept_any, accept_with, connect, connect_for, connect_with, AuthFailure,
-    ConnectOptions, HandshakeError, Malformation, NodeHello, PeerInfo, Purpose, VolumeIdentity,
-    HANDSHAKE_VERSION, HISTORY_LEN,
+    ConnectOptions, HandshakeError, KeyMode, LinkKey, Malformation, NodeHello, PeerInfo, Purpose,
+    VolumeIdentity, EXPORTER_LABEL, EXPORTER_LEN, HANDSHAKE_VERSION, HISTORY_LEN,
 };
 pub use link::{FrameReader, FrameWriter, LinkError};
 pub use stream::{LinkRead, LinkStream, LinkWrite};

@@ -72,6 +72,29 @@ impl LinkStream {
         }
     }
 
+    /// [`crate::handshake::EXPORTER_LEN`] bytes of the TLS session's
+    /// keying material exporter (RFC 5705) under
+    /// [`crate::handshake::EXPORTER_LABEL`]; `None` on a plain stream.
+    pub fn exporter(
+        &self,
+    ) -> Result<Option<[u8; crate::handshake::EXPORTER_LEN]>, crate::HandshakeError> {
+        let out = [0u8; crate::handshake::EXPORTER_LEN];
+        let label = crate::handshake::EXPORTER_LABEL;
+        let r = match self {
+            LinkStream::Plain(_) => return Ok(None),
+            LinkStream::Client(s) => s.get_ref().1.export_keying_material(out, label, None),
+            LinkStream::Server(s) => s.get_ref().1.export_keying_material(out, label, None),
+        };
+        r.map(Some)
+            .map_err(|e| crate::HandshakeError::Exporter(e.to_string()))
+    }
+
+    /// The handshake key for this stream and `secret` (the node's
+    /// `secret_file`, if any): see [`crate::LinkKey::derive`].
+    pub fn link_key(&self, secret: Option<&[u8]>) -> Result<crate::LinkKey, crate::HandshakeError> {
+        crate::LinkKey::derive(secret, self.exporter()?.as_ref())
+    }
+
     pub fn into_split(self) -> (LinkRead, LinkWrite) {
         match self {
             LinkStream::Plain(s) => {

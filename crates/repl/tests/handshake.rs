@@ -262,7 +262,8 @@ async fn impostor_mirror_without_the_secret_is_refused() {
         p.extend_from_slice(&1u64.to_be_bytes());
         p.extend_from_slice(&[0; 8 * HISTORY_LEN]);
         p.extend_from_slice(&[9; NONCE_LEN]);
-        p.extend_from_slice(&[HANDSHAKE_VERSION, 0b111]);
+        // Version, codecs none/lz4/zstd, key mode 0 (the secret).
+        p.extend_from_slice(&[HANDSHAKE_VERSION, 0b111, 0]);
         p.extend_from_slice(&[0xab; PROOF_LEN]);
         b.write_all(&enc(&Frame::Challenge { payload: p.into() }))
             .await
@@ -483,9 +484,10 @@ async fn malformed_hello_is_refused() {
     good.extend_from_slice(&1u64.to_be_bytes());
     good.extend_from_slice(&[0; 8 * HISTORY_LEN]);
     good.extend_from_slice(&[5; NONCE_LEN]);
-    // Version 3, replication, asking for lz4, epoch 9.
+    // This version, replication, asking for lz4, epoch 9, key mode 0 (the secret).
     good.extend_from_slice(&[HANDSHAKE_VERSION, 0, 1]);
     good.extend_from_slice(&9u64.to_be_bytes());
+    good.push(0);
     let mut trailing = good.clone();
     trailing.push(0);
     let mut bad_utf8 = good.clone();
@@ -712,6 +714,7 @@ async fn an_unknown_codec_code_negotiates_none() {
     hello.extend_from_slice(&[5; NONCE_LEN]);
     hello.extend_from_slice(&[HANDSHAKE_VERSION, 0, 200]);
     hello.extend_from_slice(&0u64.to_be_bytes());
+    hello.push(0);
     a.write_all(&enc(&Frame::Hello {
         payload: hello.into(),
     }))
@@ -720,9 +723,9 @@ async fn an_unknown_codec_code_negotiates_none() {
     let Frame::Challenge { payload } = read_one(&mut a).await else {
         panic!("expected a Challenge")
     };
-    // The mirror's supported codecs: none, lz4 and zstd.
-    let at = payload.len() - PROOF_LEN - 2;
-    assert_eq!(payload[at..at + 2], [HANDSHAKE_VERSION, 0b111]);
+    // The mirror's supported codecs: none, lz4 and zstd; then its key mode.
+    let at = payload.len() - PROOF_LEN - 3;
+    assert_eq!(payload[at..at + 3], [HANDSHAKE_VERSION, 0b111, 0]);
     // Without the secret this side cannot go on; the mirror was not refused
     // before the proof.
     drop(a);
@@ -747,14 +750,20 @@ async fn a_version_1_hello_is_refused_clearly() {
     v1_jobs.push(1);
     let mut v2 = v1.clone();
     v2.extend_from_slice(&[2, 0, 0]);
-    let mut v4 = v1.clone();
-    v4.extend_from_slice(&[4, 0, 0]);
-    v4.extend_from_slice(&0u64.to_be_bytes());
+    // Version 3: the epoch, no key mode.
+    let mut v3 = v1.clone();
+    v3.extend_from_slice(&[3, 0, 0]);
+    v3.extend_from_slice(&0u64.to_be_bytes());
+    let mut v5 = v1.clone();
+    v5.extend_from_slice(&[5, 0, 0]);
+    v5.extend_from_slice(&0u64.to_be_bytes());
+    v5.push(0);
     for (payload, needle) in [
         (v1, "handshake version 1"),
         (v1_jobs, "handshake version 1"),
         (v2, "handshake version 2"),
-        (v4, "handshake version 4"),
+        (v3, "handshake version 3"),
+        (v5, "handshake version 5"),
     ] {
         let (e, answer) = mirror_given(enc(&Frame::Hello {
             payload: payload.into(),
@@ -771,7 +780,7 @@ async fn a_version_1_hello_is_refused_clearly() {
             "{e:?}"
         );
         let text = e.to_string();
-        assert!(text.contains(needle) && text.contains("speaks 3"), "{text}");
+        assert!(text.contains(needle) && text.contains("speaks 4"), "{text}");
         match frames_of(&answer).as_slice() {
             [Frame::Error { code, message, .. }] => {
                 assert_eq!(*code, ErrorCode::Protocol);
@@ -810,16 +819,20 @@ async fn the_proofs_cover_the_compression_fields() {
     // mirror's supported set.
     type Edit = fn(&mut Vec<u8>);
     let cases: [(Kind, Edit); 3] = [
-        // The wanted codec sits before the 8-byte epoch.
+        // The wanted codec sits before the 8-byte epoch and the key mode.
         (Kind::Hello, |p| {
-            let at = p.len() - 9;
+            let at = p.len() - 10;
             p[at] = Codec::None.code();
         }),
         // The epoch itself: a man in the middle cannot make a deposed
         // primary look current.
-        (Kind::Hello, |p| *p.last_mut().unwrap() ^= 1),
+        (Kind::Hello, |p| {
+            let at = p.len() - 2;
+            p[at] ^= 1;
+        }),
+        // The supported codecs, before the key mode and the proof.
         (Kind::Challenge, |p| {
-            let at = p.len() - PROOF_LEN - 1;
+            let at = p.len() - PROOF_LEN - 2;
             p[at] = 0b001;
         }),
     ];
@@ -891,10 +904,27 @@ proptest! {
     }
 
     /// A well-formed Hello up to its nonce with an arbitrary tail: refused
-    /// as malformed unless the tail is exactly a version 2 one (version,
-    /// a known purpose, any codec code), which passes the parse.
+    /// as malformed unless the tail is exactly this version's (version, a
+    /// known purpose, any codec code, an epoch, a known key mode), which
+    /// passes the parse (and a key mode other than the mirror's is refused
+    /// as such).
     #[test]
-    fn hello_tails_are_judged_exactly(tail in proptest::collection::vec(any::<u8>(), 0..6)) {
+    fn hello_tails_are_judged_exactly(
+        tail in proptest::collection::vec(any::<u8>(), 0..14),
+        shape in 0u8..3,
+    ) {
+        // A third of the cases start as a good tail with some bytes cut or changed.
+        let tail = match shape {
+            0 => tail,
+            _ => {
+                let mut good = vec![HANDSHAKE_VERSION, tail.first().copied().unwrap_or(0) % 2, 1];
+                good.extend_from_slice(&7u64.to_be_bytes());
+                good.push(tail.get(1).copied().unwrap_or(0) % 4);
+                let cut = if shape == 1 { good.len() } else { tail.len().min(good.len()) };
+                good.truncate(cut);
+                good
+            }
+        };
         let mut p = Vec::new();
         p.extend_from_slice(&2u16.to_be_bytes());
         p.extend_from_slice(b"pa");
@@ -905,11 +935,13 @@ proptest! {
         p.extend_from_slice(&[0; 8 * (1 + HISTORY_LEN)]);
         p.extend_from_slice(&[5; NONCE_LEN]);
         p.extend_from_slice(&tail);
-        let valid = tail.len() == 3 && tail[0] == HANDSHAKE_VERSION && tail[1] <= 1;
+        let parses = tail.len() == 12 && tail[0] == HANDSHAKE_VERSION && tail[1] <= 1 && tail[11] <= 2;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let e = rt.block_on(mirror_given(enc(&Frame::Hello { payload: p.into() }))).0;
-        if valid {
+        if parses && tail[11] == 0 {
             prop_assert!(matches!(e, HandshakeError::PeerClosed { .. }), "{:?}", e);
+        } else if parses {
+            prop_assert!(matches!(e, HandshakeError::KeyModeMismatch { .. }), "{:?}", e);
         } else {
             prop_assert!(matches!(e, HandshakeError::Malformed { kind: Kind::Hello, .. }), "{:?}", e);
         }

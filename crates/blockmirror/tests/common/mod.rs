@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod kill;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -405,6 +407,8 @@ pub struct PairBuilder {
     delay: Option<blockmirror_testkit::delay::Shape>,
     faults: bool,
     wrong_secret: bool,
+    /// Which nodes get no `secret_file` (TLS alone): (primary, mirror).
+    no_secret: (bool, bool),
     wait_in_sync: bool,
     mirror_ip: String,
     mirror_launcher: Vec<String>,
@@ -424,6 +428,7 @@ impl PairBuilder {
             delay: None,
             faults: false,
             wrong_secret: false,
+            no_secret: (false, false),
             wait_in_sync: true,
             mirror_ip: "127.0.0.1".into(),
             mirror_launcher: Vec::new(),
@@ -508,6 +513,13 @@ impl PairBuilder {
         self
     }
 
+    /// Leave `secret_file` out of the primary's config (`primary`) and/or
+    /// the mirror's (`mirror`): with `[tls]`, TLS alone authenticates.
+    pub fn without_secret(mut self, primary: bool, mirror: bool) -> Self {
+        self.no_secret = (primary, mirror);
+        self
+    }
+
     /// Return once both nodes answer, without waiting for the mirror to be in sync.
     pub fn no_wait(mut self) -> Self {
         self.wait_in_sync = false;
@@ -545,8 +557,16 @@ impl PairBuilder {
                 self.mirror_timeout, self.mirror_table
             )
         });
+        let secret_line = |none: bool| {
+            if none {
+                ""
+            } else {
+                "secret_file = \"secret.key\"\n"
+            }
+        };
+        let m_secret = secret_line(self.no_secret.1);
         let mtext = format!(
-            "node = \"mirror\"\nlisten = \"{m_listen}\"\nadmin = \"{m_admin}\"\nsecret_file = \"secret.key\"\n{}\n\
+            "node = \"mirror\"\nlisten = \"{m_listen}\"\nadmin = \"{m_admin}\"\n{m_secret}{}\n\
              [[volume]]\nname = \"{PAIR_VOLUME}\"\npath = \"{}\"\nsize = {}\nrole = \"mirror\"\nnbd = \"{m_nbd}\"\n{}{back_table}",
             self.mirror_node_extra,
             mimg.display(),
@@ -593,8 +613,9 @@ impl PairBuilder {
         std::fs::write(pdir.path().join("secret.key"), format!("{psecret}\n")).unwrap();
         let pimg = pdir.path().join(format!("{PAIR_VOLUME}.img"));
         let listen_line = p_listen.map_or(String::new(), |l| format!("listen = \"{l}\"\n"));
+        let p_secret = secret_line(self.no_secret.0);
         let ptext = format!(
-            "node = \"primary\"\n{listen_line}admin = \"{p_admin}\"\nsecret_file = \"secret.key\"\n{}\n\
+            "node = \"primary\"\n{listen_line}admin = \"{p_admin}\"\n{p_secret}{}\n\
              [[volume]]\nname = \"{PAIR_VOLUME}\"\npath = \"{}\"\nsize = {}\nrole = \"primary\"\nnbd = \"{p_nbd}\"\n\
              mirror_timeout = \"{}\"\n{}\n[[volume.mirror]]\npeer = \"{peer}\"\n{}",
             self.primary_node_extra,

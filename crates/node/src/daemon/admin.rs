@@ -229,7 +229,7 @@ pub async fn serve_with(
     }
     axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<crate::daemon::admin_auth::PeerAddr>(),
+        app.into_make_service_with_connect_info::<crate::daemon::admin_auth::AdminPeer>(),
     )
     .with_graceful_shutdown(shutdown)
     .await

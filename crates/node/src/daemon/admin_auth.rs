@@ -1,8 +1,11 @@
 //! Who may use the admin API, and over what: a bearer token (`[admin_auth]
-//! token_file`; GET requests open with `open_reads = true`) checked by a
-//! middleware, and HTTPS with the node's certificate when `[tls]` is set
-//! ([`AdminListener`]). A refused request is 401 (no token) or 403 (a wrong
-//! one), logged with the peer's address.
+//! token_file`) or a client certificate from the node's CA (`client_certs
+//! = true`, over HTTPS), checked by a middleware (GET requests open with
+//! `open_reads = true`), and HTTPS with the node's certificate when `[tls]`
+//! is set ([`AdminListener`]). A refused request is 401 (no credentials)
+//! or 403 (a wrong token), logged with the peer's address; a client
+//! certificate that does not chain to the CA fails the TLS handshake,
+//! logged with the peer's address too.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -57,13 +60,29 @@ pub fn read_token(path: &Path) -> Result<String, TokenError> {
 
 /// The admin API's authorization.
 pub struct AdminAuth {
-    token: String,
+    /// `None`: no token is accepted (client certificates only).
+    token: Option<String>,
     open_reads: bool,
+    client_certs: bool,
 }
 
 impl AdminAuth {
-    pub fn new(token: String, open_reads: bool) -> Self {
-        Self { token, open_reads }
+    pub fn new(token: Option<String>, open_reads: bool, client_certs: bool) -> Self {
+        Self {
+            token,
+            open_reads,
+            client_certs,
+        }
+    }
+
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Whether a client certificate from the CA authorizes a request (the
+    /// HTTPS listener then asks for one).
+    pub fn client_certs(&self) -> bool {
+        self.client_certs
     }
 }
 
@@ -72,29 +91,60 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
-/// The peer's address, for logs (axum's connect info on [`AdminListener`]).
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
+/// Who is on the other end of an admin connection (axum's connect info on
+/// [`AdminListener`]): its address, for logs, and the client certificate
+/// it presented over TLS, if any (the handshake verified it against the CA).
+#[derive(Debug, Clone)]
+pub struct AdminPeer {
+    pub addr: SocketAddr,
+    /// The certificate's first DNS subject name (`"?"` when it has none);
+    /// `None`: no client certificate.
+    pub client_cert: Option<Arc<str>>,
+}
+
+/// The name a client certificate is logged by.
+fn cert_name(c: &rustls::pki_types::CertificateDer<'_>) -> Arc<str> {
+    webpki::EndEntityCert::try_from(c)
+        .ok()
+        .and_then(|e| e.valid_dns_names().next().map(Arc::from))
+        .unwrap_or_else(|| Arc::from("?"))
+}
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, AdminListener>>
-    for PeerAddr
+    for AdminPeer
 {
     fn connect_info(s: axum::serve::IncomingStream<'_, AdminListener>) -> Self {
-        PeerAddr(*s.remote_addr())
+        AdminPeer {
+            addr: *s.remote_addr(),
+            client_cert: s
+                .io()
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(cert_name),
+        }
     }
 }
 
 /// The middleware: reads pass when `open_reads`; everything else needs
-/// `Authorization: Bearer TOKEN`.
+/// `Authorization: Bearer TOKEN` or, with `client_certs`, a client
+/// certificate from the CA.
 pub async fn authorize(
     State(auth): State<Arc<AdminAuth>>,
-    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    ConnectInfo(who): ConnectInfo<AdminPeer>,
     req: Request,
     next: Next,
 ) -> Response {
+    let peer = who.addr;
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     if read && auth.open_reads {
         return next.run(req).await;
+    }
+    if auth.client_certs {
+        if let Some(name) = &who.client_cert {
+            debug!(%peer, cert = %name, method = %req.method(), path = %req.uri().path(),
+                "admin request authorized by client certificate");
+            return next.run(req).await;
+        }
     }
     let given = req
         .headers()
@@ -103,18 +153,44 @@ pub async fn authorize(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    match given {
-        Some(t) if same(t.as_bytes(), auth.token.as_bytes()) => next.run(req).await,
-        Some(_) => {
+    match (given, &auth.token) {
+        (Some(t), Some(token)) if same(t.as_bytes(), token.as_bytes()) => next.run(req).await,
+        (Some(_), Some(_)) => {
             warn!(%peer, %method, %path, "admin request refused: wrong token");
             (StatusCode::FORBIDDEN, "wrong token\n").into_response()
         }
-        None => {
-            warn!(%peer, %method, %path, "admin request refused: no bearer token");
+        (Some(_), None) => {
+            warn!(%peer, %method, %path,
+                "admin request refused: a token, but this node takes client certificates only");
+            (
+                StatusCode::FORBIDDEN,
+                "this node takes no token: present a client certificate from its CA \
+                 (blockmirror --cert FILE --key FILE)\n",
+            )
+                .into_response()
+        }
+        (None, _) => {
+            let (why, hint) = match (auth.token.is_some(), auth.client_certs) {
+                (true, false) => (
+                    "no bearer token",
+                    "a bearer token is required (blockmirror --token-file FILE)\n",
+                ),
+                (true, true) => (
+                    "no bearer token or client certificate",
+                    "a bearer token or a client certificate from the node's CA is required \
+                     (blockmirror --token-file FILE, or --cert FILE --key FILE)\n",
+                ),
+                (false, _) => (
+                    "no client certificate",
+                    "a client certificate from the node's CA is required \
+                     (blockmirror --cert FILE --key FILE)\n",
+                ),
+            };
+            warn!(%peer, %method, %path, "admin request refused: {why}");
             (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
-                "a bearer token is required (blockmirror --token-file FILE)\n",
+                hint,
             )
                 .into_response()
         }
@@ -152,8 +228,10 @@ impl AdminListener {
         })
     }
 
-    /// HTTPS: the current admin config of `tls` at each handshake.
-    pub fn tls(l: TcpListener, tls: Arc<TlsStore>) -> std::io::Result<Self> {
+    /// HTTPS: the current admin config of `tls` at each handshake; with
+    /// `client_certs`, one that asks for a client certificate (optional,
+    /// verified against the CA when presented).
+    pub fn tls(l: TcpListener, tls: Arc<TlsStore>, client_certs: bool) -> std::io::Result<Self> {
         let local = l.local_addr()?;
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let task = tokio::spawn(async move {
@@ -166,7 +244,13 @@ impl AdminListener {
                         continue;
                     }
                 };
-                let (tx, config) = (tx.clone(), tls.current().admin.clone());
+                let current = tls.current();
+                let config = if client_certs {
+                    current.admin_client_certs.clone()
+                } else {
+                    current.admin.clone()
+                };
+                let tx = tx.clone();
                 tokio::spawn(async move {
                     let hs = tokio::time::timeout(
                         TLS_HANDSHAKE_TIMEOUT,

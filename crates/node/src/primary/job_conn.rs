@@ -51,7 +51,10 @@ impl JobConn {
             let mut s = crate::tls::dial(addr, ctx.tls.as_deref(), peer_name)
                 .await
                 .map_err(|e| e.to_string())?;
-            connect_for(&mut s, &ctx.secret, &ctx.hello(), Purpose::Jobs)
+            let key = s
+                .link_key(ctx.secret.as_deref())
+                .map_err(|e| e.to_string())?;
+            connect_for(&mut s, &key, &ctx.hello(), Purpose::Jobs)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok::<_, String>(s)

@@ -12,7 +12,10 @@
 //! - NBD exports (STARTTLS): the node's certificate; a client certificate
 //!   is verified against the CA when presented, and required with
 //!   `[tls] nbd_client_certs = "require"`.
-//! - the admin API (HTTPS): the node's certificate, no client certificate.
+//! - the admin API (HTTPS): the node's certificate; with `[admin_auth]
+//!   client_certs = true` a client certificate is asked for and, when
+//!   presented, must chain to the CA (it then authorizes the request).
+//!   Without, none is asked for.
 
 pub mod certs;
 
@@ -84,6 +87,9 @@ pub struct TlsConfigs {
     pub repl_client: Arc<ClientConfig>,
     /// HTTPS on the admin port.
     pub admin: Arc<ServerConfig>,
+    /// HTTPS on the admin port asking for a client certificate (optional;
+    /// verified against the CA when presented): `[admin_auth] client_certs`.
+    pub admin_client_certs: Arc<ServerConfig>,
 }
 
 /// The node's TLS state: the files and the configs last read from them.
@@ -185,14 +191,13 @@ impl TlsConfigs {
         let required = WebPkiClientVerifier::builder_with_provider(roots.clone(), p.clone())
             .build()
             .map_err(verr("replication server"))?;
+        let optional = WebPkiClientVerifier::builder_with_provider(roots.clone(), p.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(verr("nbd"))?;
         let nbd_verifier = match s.nbd_client_certs {
             ClientCerts::Require => required.clone(),
-            ClientCerts::Optional => {
-                WebPkiClientVerifier::builder_with_provider(roots.clone(), p.clone())
-                    .allow_unauthenticated()
-                    .build()
-                    .map_err(verr("nbd"))?
-            }
+            ClientCerts::Optional => optional.clone(),
         };
         let repl_client = ClientConfig::builder_with_provider(p.clone())
             .with_safe_default_protocol_versions()
@@ -212,6 +217,7 @@ impl TlsConfigs {
             repl_server: server(Some(required), "replication server")?,
             repl_client: Arc::new(repl_client),
             admin: server(None, "admin")?,
+            admin_client_certs: server(Some(optional), "admin")?,
         })
     }
 }
@@ -265,14 +271,46 @@ pub fn expected_name(
     }
 }
 
+/// Checks that the certificate the peer of `stream` presented (verified
+/// against the CA by the TLS handshake) is valid for the DNS name `node`:
+/// with TLS alone authenticating a link, the certificate is the only proof
+/// of which node a primary is, so the mirror holds it to the node name its
+/// Hello claims. The error says why, for the log and the primary.
+pub fn check_peer_is(stream: &blockmirror_repl::LinkStream, node: &str) -> Result<(), String> {
+    let Some(cert) = stream.peer_certificates().and_then(|c| c.first()) else {
+        return Err("it presented no certificate".into());
+    };
+    let name = ServerName::try_from(node.to_string())
+        .map_err(|_| format!("node name {node:?} is not a name a certificate can hold"))?;
+    let cert = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| format!("its certificate cannot be read: {e}"))?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|e| format!("its certificate does not name {node:?} ({e})"))
+}
+
 /// A client config that trusts `ca` (for the CLI talking HTTPS to a node).
 pub fn client_config_for_ca(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config(ca, None)
+}
+
+/// A client config that trusts `ca` and, with `identity` (certificate,
+/// key), presents that certificate: the CLI authorizing itself to a node
+/// with `[admin_auth] client_certs = true`.
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = load_roots(ca)?;
-    let c = ClientConfig::builder_with_provider(provider())
+    let b = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(config_err("admin client"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let c = match identity {
+        None => b.with_no_client_auth(),
+        Some((cert, key)) => b
+            .with_client_auth_cert(load_certs("cert", cert)?, load_key(key)?)
+            .map_err(config_err("admin client"))?,
+    };
     Ok(Arc::new(c))
 }
 
@@ -334,5 +372,84 @@ pub async fn accept(
         Some(t) => {
             blockmirror_repl::LinkStream::accept_tls(tcp, t.current().repl_server.clone()).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockmirror_repl::{KeyMode, NodeHello, Purpose, VolumeIdentity};
+
+    fn store(dir: &Path, node: &str) -> TlsStore {
+        TlsStore::load(TlsSettings {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{node}.pem")),
+            key: dir.join(format!("{node}.key")),
+            nbd_client_certs: ClientCerts::Optional,
+            admin_https: false,
+        })
+        .unwrap()
+    }
+
+    fn vol() -> VolumeIdentity {
+        VolumeIdentity {
+            name: "db".into(),
+            volume_id: [1; 16],
+            size: 4096,
+            generation: 1,
+            history: [0; blockmirror_repl::HISTORY_LEN],
+        }
+    }
+
+    /// Over a real mutual TLS connection both ends draw the same exporter,
+    /// and a handshake keyed by it alone (no secret), or by it and a
+    /// secret, completes; each connection draws a different one.
+    #[tokio::test]
+    async fn both_ends_of_a_tls_link_derive_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        certs::init(
+            dir.path(),
+            &["site-a".into(), "site-b".into()],
+            &certs::InitOptions::default(),
+        )
+        .unwrap();
+        let (a, b) = (store(dir.path(), "site-a"), store(dir.path(), "site-b"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut seen = Vec::new();
+        for secret in [None, Some(&b"0123456789abcdef"[..])] {
+            let mirror = async {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut s = accept(tcp, Some(&b)).await.unwrap();
+                let e = s.exporter().unwrap().unwrap();
+                let key = s.link_key(secret).unwrap();
+                let r = blockmirror_repl::accept_any(&mut s, &key, "site-b", |_| Some(vol())).await;
+                (e, key.mode(), r.map(|(p, _, _)| p.node))
+            };
+            let primary = async {
+                let mut s = dial(addr, Some(&a), Some("site-b")).await.unwrap();
+                let e = s.exporter().unwrap().unwrap();
+                let key = s.link_key(secret).unwrap();
+                let hello = NodeHello {
+                    node: "site-a".into(),
+                    volume: vol(),
+                };
+                let r =
+                    blockmirror_repl::connect_for(&mut s, &key, &hello, Purpose::Replication).await;
+                (e, key.mode(), r.map(|p| p.node))
+            };
+            let ((em, mm, rm), (ep, mp, rp)) = tokio::join!(mirror, primary);
+            assert_eq!(em, ep, "one session, one exporter");
+            let want = if secret.is_some() {
+                KeyMode::TlsAndSecret
+            } else {
+                KeyMode::Tls
+            };
+            assert_eq!((mm, mp), (want, want));
+            assert_eq!(rm.unwrap(), "site-a");
+            assert_eq!(rp.unwrap(), "site-b");
+            seen.push(em);
+        }
+        assert_ne!(seen[0], seen[1], "each session has its own exporter");
     }
 }

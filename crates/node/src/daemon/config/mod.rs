@@ -139,9 +139,13 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminAuthConfig {
     /// The file holding the bearer token (resolved; read at start).
-    pub token_file: PathBuf,
+    /// Optional with `client_certs`.
+    pub token_file: Option<PathBuf>,
     /// GET requests (status, metrics, events, the page) need no token.
     pub open_reads: bool,
+    /// A client certificate that chains to `[tls] ca`, presented over the
+    /// HTTPS admin port, authorizes a request instead of the token.
+    pub client_certs: bool,
 }
 
 /// One `[[volume]]` table, validated.
@@ -485,6 +489,19 @@ impl ConfigError {
 }
 
 impl NodeConfig {
+    /// How this node's replication links authenticate: what
+    /// `LinkStream::link_key` makes of `secret_file` and `[tls]`; `None`
+    /// with neither (no link can be authenticated).
+    pub fn link_auth(&self) -> Option<blockmirror_repl::KeyMode> {
+        use blockmirror_repl::KeyMode;
+        match (self.secret_file.is_some(), self.tls.is_some()) {
+            (true, true) => Some(KeyMode::TlsAndSecret),
+            (false, true) => Some(KeyMode::Tls),
+            (true, false) => Some(KeyMode::Secret),
+            (false, false) => None,
+        }
+    }
+
     /// Reads and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -582,6 +599,8 @@ struct RawAdminAuth {
     token_file: Option<String>,
     #[serde(default)]
     open_reads: bool,
+    #[serde(default)]
+    client_certs: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -746,21 +765,32 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
     };
     let admin_auth = match raw.admin_auth {
         None => None,
-        Some(a) => match a.token_file {
-            None => {
+        Some(a) => {
+            if a.client_certs && !tls.as_ref().is_some_and(|t| t.admin_https) {
                 return Err(cx.invalid(
-                    "admin_auth.token_file",
-                    "missing (required in [admin_auth])",
-                ))
+                    "admin_auth.client_certs",
+                    "needs a [tls] table with HTTPS on the admin port (admin_https, the default)",
+                ));
             }
-            Some(s) if s.is_empty() => {
-                return Err(cx.invalid("admin_auth.token_file", "empty path"))
-            }
-            Some(s) => Some(AdminAuthConfig {
-                token_file: cx.resolve(&s),
+            let token_file = match a.token_file {
+                None if a.client_certs => None,
+                None => {
+                    return Err(cx.invalid(
+                        "admin_auth.token_file",
+                        "missing (required in [admin_auth] unless client_certs = true)",
+                    ))
+                }
+                Some(s) if s.is_empty() => {
+                    return Err(cx.invalid("admin_auth.token_file", "empty path"))
+                }
+                Some(s) => Some(cx.resolve(&s)),
+            };
+            Some(AdminAuthConfig {
+                token_file,
                 open_reads: a.open_reads,
-            }),
-        },
+                client_certs: a.client_certs,
+            })
+        }
     };
 
     let cluster = match raw.cluster {
@@ -1203,10 +1233,14 @@ fn validate(raw: RawNode, path: &Path) -> Result<NodeConfig, ConfigError> {
     let replicating = volumes
         .iter()
         .any(|v| v.role == Role::Mirror || !v.mirrors.is_empty());
-    if replicating && secret_file.is_none() {
+    // What authenticates a replication link: the shared secret, TLS (its
+    // certificates, the handshake bound to the session), or both; without
+    // [tls] the secret is the only way.
+    if replicating && secret_file.is_none() && tls.is_none() {
         return Err(cx.invalid(
             "secret_file",
-            "missing: required when a volume has mirrors or is a mirror (the shared secret authenticates replication links)",
+            "missing: required when a volume has mirrors or is a mirror and there is no [tls] \
+             (the shared secret or TLS authenticates replication links)",
         ));
     }
     if volumes.iter().any(|v| v.role == Role::Mirror) && listen.is_none() {

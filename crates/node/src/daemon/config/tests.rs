@@ -761,8 +761,12 @@ fn contract_tls_and_admin_auth_keys_parse() {
     assert_eq!(t.nbd_client_certs, ClientCerts::Optional);
     assert_eq!(c.volumes[0].tls, TlsMode::Require);
     let a = c.admin_auth.as_ref().unwrap();
-    assert_eq!(a.token_file, Path::new("/etc/blockmirror/admin.token"));
+    assert_eq!(
+        a.token_file.as_deref(),
+        Some(Path::new("/etc/blockmirror/admin.token"))
+    );
     assert!(a.open_reads);
+    assert!(!a.client_certs);
     // With [tls] the default is "allow"; without, "off".
     let text = format!("{}[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n", vol(""));
     assert_eq!(parse(&text).unwrap().volumes[0].tls, TlsMode::Allow);
@@ -824,4 +828,72 @@ fn a_cluster_node_may_start_without_volumes_and_takes_more_later() {
     assert!(c.with_volumes(two).is_err());
     let bad = "node = \"n\"\n[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nnbd_host = \"x\"\n";
     assert_err(bad, "cluster.nbd_host", "IP address");
+}
+
+#[test]
+fn tls_alone_authenticates_replication_links_and_without_it_the_secret_is_required() {
+    let tls = "[tls]\nca = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n";
+    let primary = vol("[[volume.mirror]]\npeer = \"127.0.0.1:7701\"");
+    let mirror = format!(
+        "listen = \"127.0.0.1:7701\"\n{}",
+        vol_with("role", "role = \"mirror\"")
+    );
+    for text in [&primary, &mirror] {
+        // Neither: refused, and the message says either will do.
+        let e = err(text).to_string();
+        assert!(e.contains("secret_file") && e.contains("[tls]"), "{e}");
+        // [tls] alone: valid, no secret.
+        let c = parse(&format!("{text}{tls}")).unwrap();
+        assert_eq!(c.secret_file, None);
+        assert!(c.tls.is_some());
+        // Both: valid, both kept (links then need both).
+        let c = parse(&format!("secret_file = \"s\"\n{text}{tls}")).unwrap();
+        assert_eq!(c.secret_file, Some(PathBuf::from("/etc/blockmirror/s")));
+        assert!(c.tls.is_some());
+        // The secret alone: valid, as before TLS.
+        let c = parse(&format!("secret_file = \"s\"\n{text}")).unwrap();
+        assert!(c.tls.is_none());
+    }
+}
+
+#[test]
+fn admin_client_certs_need_https_and_make_the_token_optional() {
+    let tls = "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+    // Client certificates alone.
+    let c = parse(&format!(
+        "{}{tls}[admin_auth]\nclient_certs = true\n",
+        vol("")
+    ))
+    .unwrap();
+    let a = c.admin_auth.unwrap();
+    assert!(a.client_certs);
+    assert_eq!(a.token_file, None);
+    // Both.
+    let c = parse(&format!(
+        "{}{tls}[admin_auth]\nclient_certs = true\ntoken_file = \"t\"\n",
+        vol("")
+    ))
+    .unwrap();
+    let a = c.admin_auth.unwrap();
+    assert!(a.client_certs && a.token_file.is_some());
+    // Neither: the token is missing, and the message says client_certs would do.
+    assert_err(
+        &format!("{}{tls}[admin_auth]\nclient_certs = false\n", vol("")),
+        "admin_auth.token_file",
+        "unless client_certs",
+    );
+    // Client certificates need the HTTPS admin port.
+    assert_err(
+        &format!("{}[admin_auth]\nclient_certs = true\n", vol("")),
+        "admin_auth.client_certs",
+        "needs a [tls] table",
+    );
+    assert_err(
+        &format!(
+            "{}{tls}admin_https = false\n[admin_auth]\nclient_certs = true\n",
+            vol("")
+        ),
+        "admin_auth.client_certs",
+        "admin_https",
+    );
 }

@@ -67,10 +67,7 @@ impl Live {
             if let Some(r) = v.volume.replicator() {
                 let ctx = LinkContext {
                     tls: cx.tls.clone(),
-                    secret: cx
-                        .secret
-                        .clone()
-                        .expect("validated: mirrors need a secret"),
+                    secret: cx.secret.clone(),
                     node: cx.config.node.clone(),
                     volume: v.volume.name().to_owned(),
                     backend: v.volume.backend().clone(),

@@ -103,6 +103,8 @@ struct NodeCtx {
     lease: Option<Arc<crate::cluster::fence::LeaseClock>>,
     config: NodeConfig,
     state_dir: PathBuf,
+    /// `secret_file`, read. With `[tls]` it may be absent (TLS alone
+    /// authenticates links); both present, links need both.
     secret: Option<Arc<[u8]>>,
     /// `[tls]`, loaded.
     tls: Option<Arc<TlsStore>>,
@@ -165,8 +167,9 @@ impl Node {
         let admin_auth = match &config.admin_auth {
             None => None,
             Some(a) => Some(Arc::new(AdminAuth::new(
-                read_token(&a.token_file)?,
+                a.token_file.as_deref().map(read_token).transpose()?,
                 a.open_reads,
+                a.client_certs,
             ))),
         };
         let lease = config
@@ -232,11 +235,11 @@ impl Node {
         let targets: Arc<receiver::Targets> = Arc::default();
         let mut job_service = None;
         if let Some(addr) = config.listen {
-            match cx.secret.clone() {
-                None => warn!(%addr,
-                    "`listen` without `secret_file`: no replication link can be authenticated, \
-                     so none is accepted"),
-                Some(secret) => {
+            match (cx.secret.clone(), &cx.tls) {
+                (None, None) => warn!(%addr,
+                    "`listen` without `secret_file` or [tls]: no replication link can be \
+                     authenticated, so none is accepted"),
+                (secret, _) => {
                     let l = tokio::net::TcpListener::bind(addr)
                         .await
                         .map_err(|source| NodeError::Bind {
@@ -244,7 +247,8 @@ impl Node {
                             addr: addr.to_string(),
                             source,
                         })?;
-                    info!(%addr, "accepting replication links");
+                    info!(%addr, auth = config.link_auth().map_or("none", |m| m.as_str()),
+                        "accepting replication links");
                     let jobs = Arc::new(
                         JobService::new(
                             JobService::mirror_id_for(&config.node),
@@ -362,16 +366,23 @@ impl Node {
             source,
         };
         let (admin_listener, https) = match &cx.tls {
-            Some(t) if t.settings().admin_https => (
-                AdminListener::tls(admin_listener, t.clone()).map_err(admin_io)?,
-                true,
-            ),
+            Some(t) if t.settings().admin_https => {
+                let client_certs = self.admin_auth.as_ref().is_some_and(|a| a.client_certs());
+                (
+                    AdminListener::tls(admin_listener, t.clone(), client_certs)
+                        .map_err(admin_io)?,
+                    true,
+                )
+            }
             _ => (
                 AdminListener::plain(admin_listener).map_err(admin_io)?,
                 false,
             ),
         };
-        info!(%admin_addr, https, token = self.admin_auth.is_some(), "admin API");
+        info!(%admin_addr, https,
+            token = self.admin_auth.as_ref().is_some_and(|a| a.has_token()),
+            client_certs = self.admin_auth.as_ref().is_some_and(|a| a.client_certs()),
+            "admin API");
         let sd = shutdown.clone();
         tasks.spawn(admin::serve_with(
             admin_listener,

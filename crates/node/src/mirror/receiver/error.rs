@@ -46,6 +46,13 @@ pub enum ReceiveError {
          primary {peer} is refused until it has"
     )]
     EpochUnknown { volume: String, peer: String },
+    /// TLS alone authenticates links here, and the primary's certificate
+    /// does not name the node its Hello claims.
+    #[error(
+        "primary {peer:?} (TLS alone authenticates links here): {reason}; its certificate \
+         must name its node"
+    )]
+    CertificateName { peer: String, reason: String },
     #[error("volume {volume} is already fed by primary {current}")]
     AlreadyFed {
         volume: String,
@@ -92,7 +99,8 @@ impl ReceiveError {
             | ReceiveError::Generations { .. }
             | ReceiveError::AlreadyFed { .. }
             | ReceiveError::StaleEpoch { .. }
-            | ReceiveError::EpochUnknown { .. } => Errno::Perm,
+            | ReceiveError::EpochUnknown { .. }
+            | ReceiveError::CertificateName { .. } => Errno::Perm,
             ReceiveError::UnexpectedFrame { .. } => Errno::Inval,
             ReceiveError::Storage { .. } | ReceiveError::StoreState { .. } => Errno::Io,
         }

@@ -300,7 +300,7 @@ impl Targets {
 pub async fn serve(
     listener: TcpListener,
     node: String,
-    secret: Arc<[u8]>,
+    secret: Option<Arc<[u8]>>,
     tls: Option<Arc<crate::tls::TlsStore>>,
     targets: Arc<Targets>,
     jobs: Arc<super::jobs::JobService>,
@@ -332,7 +332,7 @@ pub async fn serve(
                 stream,
                 peer.to_string(),
                 &node,
-                &secret,
+                secret.as_deref(),
                 tls.as_deref(),
                 &targets,
                 jobs,
@@ -351,7 +351,7 @@ async fn handle(
     tcp: TcpStream,
     peer: String,
     node: &str,
-    secret: &[u8],
+    secret: Option<&[u8]>,
     tls: Option<&crate::tls::TlsStore>,
     targets: &Targets,
     jobs: Arc<super::jobs::JobService>,
@@ -360,19 +360,21 @@ async fn handle(
     let _ = tcp.set_nodelay(true);
     let lookup = |name: &str| targets.get(name).map(|t| t.identity());
     // TLS first (with `[tls]`: the primary's certificate must chain to the
-    // CA), then the HMAC handshake inside it; one deadline for both.
+    // CA), then the HMAC handshake inside it, keyed by the secret, the TLS
+    // session, or both (`LinkStream::link_key`); one deadline for both.
     let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let mut stream = match crate::tls::accept(tcp, tls).await {
             Ok(s) => s,
             Err(e) => return Err(format!("TLS handshake failed: {e}")),
         };
-        match blockmirror_repl::accept_any(&mut stream, secret, node, lookup).await {
-            Ok(x) => Ok((stream, x)),
+        let key = stream.link_key(secret).map_err(|e| e.to_string())?;
+        match blockmirror_repl::accept_any(&mut stream, &key, node, lookup).await {
+            Ok(x) => Ok((stream, x, key.mode())),
             Err(e) => Err(e.to_string()),
         }
     })
     .await;
-    let (mut stream, (primary, volume, purpose)) = match hs {
+    let (mut stream, (primary, volume, purpose), key_mode) = match hs {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             warn!(%peer, error = %e, "replication peer refused");
@@ -383,6 +385,20 @@ async fn handle(
             return;
         }
     };
+    // TLS alone: the certificate is the primary's only credential, so it
+    // must name the node the Hello claims (else any node of the CA could
+    // pass for another, and replace its link). With the secret too, the
+    // secret's holders are trusted to say who they are, as without TLS.
+    if key_mode == blockmirror_repl::KeyMode::Tls {
+        if let Err(reason) = crate::tls::check_peer_is(&stream, &primary.node) {
+            let e = ReceiveError::CertificateName {
+                peer: primary.node.clone(),
+                reason,
+            };
+            refuse(stream, &peer, e).await;
+            return;
+        }
+    }
     // A job connection (verify, remote read) goes to the job handler, never
     // near the replication link's replacement logic below.
     if matches!(purpose, blockmirror_repl::Purpose::Jobs) {
@@ -815,7 +831,8 @@ async fn refuse(stream: LinkStream, addr: &str, e: ReceiveError) {
         | ReceiveError::Generations { peer, .. }
         | ReceiveError::AlreadyFed { peer, .. }
         | ReceiveError::StaleEpoch { peer, .. }
-        | ReceiveError::EpochUnknown { peer, .. } => peer.as_str(),
+        | ReceiveError::EpochUnknown { peer, .. }
+        | ReceiveError::CertificateName { peer, .. } => peer.as_str(),
         _ => "?",
     };
     if matches!(e, ReceiveError::AlreadyFed { .. }) {
@@ -823,11 +840,15 @@ async fn refuse(stream: LinkStream, addr: &str, e: ReceiveError) {
     } else {
         warn!(peer = %addr, %primary, "{e}");
     }
+    let code = match e {
+        ReceiveError::CertificateName { .. } => ErrorCode::AuthFailed,
+        _ => ErrorCode::Busy,
+    };
     let mut w = FrameWriter::new(stream);
     let _ = w
         .send(&Frame::Error {
             id: 0,
-            code: ErrorCode::Busy,
+            code,
             message: e.to_string(),
         })
         .await;

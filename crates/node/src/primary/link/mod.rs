@@ -464,7 +464,10 @@ pub(super) fn empty_like(b: &Bitmap) -> Bitmap {
 /// What a link needs from its volume and node.
 #[derive(Clone)]
 pub struct LinkContext {
-    pub secret: Arc<[u8]>,
+    /// `secret_file`; `None` with `[tls]` alone (validated: one of the two
+    /// is set). The handshake key is made from it and the TLS session
+    /// ([`blockmirror_repl::LinkStream::link_key`]).
+    pub secret: Option<Arc<[u8]>>,
     /// `[tls]`: connections to mirrors use mutual TLS.
     pub tls: Option<Arc<crate::tls::TlsStore>>,
     /// This node's name.

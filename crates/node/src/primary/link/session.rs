@@ -411,12 +411,14 @@ impl MirrorLink {
                 epoch,
                 ..Default::default()
             };
-            let peer = blockmirror_repl::connect_with(&mut s, &ctx.secret, &ctx.hello(), options)
+            let handshake = |e: blockmirror_repl::HandshakeError| LinkError::Handshake {
+                addr,
+                message: e.to_string(),
+            };
+            let key = s.link_key(ctx.secret.as_deref()).map_err(handshake)?;
+            let peer = blockmirror_repl::connect_with(&mut s, &key, &ctx.hello(), options)
                 .await
-                .map_err(|e| LinkError::Handshake {
-                    addr,
-                    message: e.to_string(),
-                })?;
+                .map_err(handshake)?;
             Ok((s, peer))
         };
         tokio::time::timeout(CONNECT_TIMEOUT, attempt)
