@@ -13,6 +13,21 @@
 //!   until every member is connected; only then do all go live. While one
 //!   member is away, the others stay suspended (their writes are recorded in
 //!   their bitmaps), so the site is not fed a mix of old and new.
+//! - **Order across volumes (async).** Within one link, a barrier before the
+//!   first write sent after a host was answered keeps dependent writes in
+//!   order. Across the group's links there is no common stream, so a write
+//!   B on one volume issued after a write A on another was answered could
+//!   be applied at the site before A. After any member's host answer, a
+//!   member's next write is therefore preceded by a gate ([`SiteGroup::gate`],
+//!   awaited by the link's sender task, never by the host): nothing behind
+//!   it is sent until every sibling's writes sent so far are acknowledged by
+//!   the site. The site then holds, at any instant, a state the group's
+//!   volumes passed through together, so they can be promoted as one at that
+//!   point. A gate the siblings already satisfy when the sender reaches it
+//!   costs nothing; the sender waits only while the site is behind, and
+//!   writes issued meanwhile join the next epoch. The snapshot is taken
+//!   when the gate is queued: taken when the sender reaches it, two members'
+//!   gates could each wait for writes queued behind the other's.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
