@@ -30,14 +30,6 @@ const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 const VOL: &str = "vol";
 
-fn have_etcd() -> bool {
-    Command::new("etcd")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 struct Site {
     name: String,
     node: TestNode,

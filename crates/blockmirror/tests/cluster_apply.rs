@@ -23,14 +23,6 @@ use std::time::Duration;
 use blockmirror_testkit::etcd::{EtcdCluster, EtcdOpts};
 use common::*;
 
-fn have_etcd() -> bool {
-    Command::new("etcd")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 struct Site {
     name: &'static str,
     node: TestNode,

@@ -48,16 +48,6 @@ const HISTORY_BLOCKS: u64 = 16 * MIB / 4096;
 /// machine at once they would starve each other's 2 s leases.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// `$BLOCKMIRROR_ETCD` (as testkit's `EtcdOpts` takes it), else `etcd`.
-fn have_etcd() -> bool {
-    let etcd = std::env::var_os("BLOCKMIRROR_ETCD").unwrap_or_else(|| "etcd".into());
-    Command::new(etcd)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 /// The sites, or why this machine cannot make them (the test then passes).
 fn sites_or_skip() -> Option<Sites> {
     if !have_etcd() {

@@ -846,3 +846,14 @@ pub fn fio_finish(child: Child) -> String {
     assert!(text.contains("err= 0"), "fio reported errors:\n{text}");
     text
 }
+
+/// Whether the etcd binary runs (`$BLOCKMIRROR_ETCD`, as testkit's
+/// `EtcdOpts` takes it, else `etcd`): cluster tests skip without it.
+pub fn have_etcd() -> bool {
+    let etcd = std::env::var_os("BLOCKMIRROR_ETCD").unwrap_or_else(|| "etcd".into());
+    Command::new(etcd)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, WatchOptions};
+use etcd_client::{Client, GetOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -48,7 +48,7 @@ impl Said {
 impl Agent {
     /// Runs until `shutdown`: opens the volumes etcd declares for this node.
     pub(super) async fn assign_loop(&self, shutdown: CancellationToken) {
-        let mut watch = None;
+        let mut watch = super::PrefixWatch::default();
         let mut said = Said::default();
         // The declaration each volume was opened with.
         let mut opened: HashMap<String, VolumeSpec> = HashMap::new();
@@ -59,16 +59,9 @@ impl Agent {
             let Some((at, mut client)) = self.client(&shutdown).await else {
                 return;
             };
-            if watch.is_none() {
-                let w = tokio::time::timeout(
-                    request_timeout(self.cfg.lease_ttl),
-                    client.watch(self.keys.specs(), Some(WatchOptions::new().with_prefix())),
-                )
+            watch
+                .ensure(&mut client, self.keys.specs(), self.cfg.lease_ttl)
                 .await;
-                if let Ok(Ok(stream)) = w {
-                    watch = Some(stream);
-                }
-            }
             if let Err(e) = self
                 .assign_once(&mut client, host, &mut said, &mut opened)
                 .await
@@ -76,15 +69,9 @@ impl Agent {
                 self.etcd.failed(at);
                 debug!(error = %e, "reading the declared volumes failed; retrying");
             }
-            let changed = async {
-                match &mut watch {
-                    Some(w) => w.message().await.map(|_| ()).map_err(|_| ()),
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = changed => if r.is_err() { watch = None },
+                _ = watch.changed() => {}
                 _ = tokio::time::sleep(REREAD) => {}
             }
         }

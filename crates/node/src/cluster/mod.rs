@@ -144,6 +144,44 @@ fn request_timeout(ttl: Duration) -> Duration {
     (ttl / 4).max(Duration::from_millis(500))
 }
 
+/// A loop's watch of every key under one prefix: opened when missing (one
+/// bounded try per turn of the loop), dropped when its stream ends.
+#[derive(Default)]
+struct PrefixWatch {
+    stream: Option<etcd_client::WatchStream>,
+}
+
+impl PrefixWatch {
+    /// Opens the watch if it is not open; etcd not answering in time leaves
+    /// it closed until the next turn.
+    async fn ensure(&mut self, client: &mut Client, prefix: String, ttl: Duration) {
+        if self.stream.is_some() {
+            return;
+        }
+        let w = tokio::time::timeout(
+            request_timeout(ttl),
+            client.watch(prefix, Some(WatchOptions::new().with_prefix())),
+        )
+        .await;
+        if let Ok(Ok(stream)) = w {
+            self.stream = Some(stream);
+        }
+    }
+
+    /// The next change; never, while closed. A failed stream is dropped
+    /// (reopened next turn).
+    async fn changed(&mut self) {
+        match &mut self.stream {
+            Some(w) => {
+                if w.message().await.is_err() {
+                    self.stream = None;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
 impl Agent {
     /// `lease`: the clock every volume's fence was put under at open
     /// ([`Fence::clustered`]), before any link could start.

@@ -7,7 +7,7 @@ use super::*;
 impl Agent {
     pub(super) async fn reconcile_loop(&self, shutdown: CancellationToken) {
         let tick = (self.cfg.lease_ttl / 10).max(Duration::from_millis(100));
-        let mut watch = None;
+        let mut watch = super::PrefixWatch::default();
         // A link, role or mirror state moved here: reconcile now, so that a
         // mirror coming into step is in the record at once (until then it
         // cannot be promoted without loss).
@@ -16,16 +16,9 @@ impl Agent {
             let Some((at, mut client)) = self.client(&shutdown).await else {
                 return;
             };
-            if watch.is_none() {
-                let w = tokio::time::timeout(
-                    request_timeout(self.cfg.lease_ttl),
-                    client.watch(self.keys.volumes(), Some(WatchOptions::new().with_prefix())),
-                )
+            watch
+                .ensure(&mut client, self.keys.volumes(), self.cfg.lease_ttl)
                 .await;
-                if let Ok(Ok(stream)) = w {
-                    watch = Some(stream);
-                }
-            }
             for u in &self.units() {
                 let r = self.reconcile(&mut client, u).await;
                 if r.is_err() {
@@ -45,15 +38,9 @@ impl Agent {
                     }
                 }
             }
-            let changed = async {
-                match &mut watch {
-                    Some(w) => w.message().await.map(|_| ()).map_err(|_| ()),
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = changed => if r.is_err() { watch = None },
+                _ = watch.changed() => {}
                 _ = self.kick.notified() => {}
                 _ = pokes.changed() => {}
                 _ = tokio::time::sleep(tick) => {}
